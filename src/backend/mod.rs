@@ -1,0 +1,11 @@
+//! Backends: their live state (shared by all workers and kept across reloads) and the
+//! published snapshot the data path reads.
+//!
+//! Ownership: the control thread owns the [`Registry`] and builds [`Snapshot`]s from it; the
+//! workers only `load()` the current snapshot and touch the atomics in [`BackendState`].
+
+mod snapshot;
+mod state;
+
+pub use snapshot::{BackendRef, FrontendSnap, Published, Snapshot};
+pub use state::{ActiveGuard, BackendState, FrontendState, Registry};

@@ -1,0 +1,106 @@
+//! The immutable snapshot that workers read: frontends, their backends and prebuilt selectors.
+//!
+//! Built on the control thread (after a reload, a health transition or a slow-start step) and
+//! published through `ArcSwap`; a worker `load()`s it once per connection. Anything costly
+//! (the Maglev table, the round-robin schedule) is built here, never on the data path.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::state::{BackendState, FrontendState, Registry};
+use crate::balance::{self, BackendSelection};
+use crate::config::{Backend, Config, Frontend};
+
+/// The handle every worker holds.
+pub type Published = Arc<ArcSwap<Snapshot>>;
+
+pub struct BackendRef {
+    pub config: Backend,
+    pub state: Arc<BackendState>,
+}
+
+pub struct FrontendSnap {
+    pub config: Frontend,
+    pub state: Arc<FrontendState>,
+    pub backends: Vec<BackendRef>,
+    primary: Box<dyn BackendSelection>,
+    backup: Box<dyn BackendSelection>,
+}
+
+impl FrontendSnap {
+    pub fn build(config: &Frontend, registry: &mut Registry) -> FrontendSnap {
+        let backends: Vec<BackendRef> = config
+            .backends
+            .iter()
+            .map(|b| BackendRef {
+                config: b.clone(),
+                state: registry.backend(&config.name, b),
+            })
+            .collect();
+        let primary: Vec<usize> = (0..backends.len())
+            .filter(|&i| !backends[i].config.backup)
+            .collect();
+        let backup: Vec<usize> = (0..backends.len())
+            .filter(|&i| backends[i].config.backup)
+            .collect();
+        FrontendSnap {
+            primary: balance::build(config, &backends, &primary),
+            backup: balance::build(config, &backends, &backup),
+            state: registry.frontend(&config.name),
+            config: config.clone(),
+            backends,
+        }
+    }
+
+    /// Picks a backend for `client`, skipping those already `tried`. Backup servers are used
+    /// only when no primary can be picked.
+    pub fn select(&self, client: &SocketAddr, tried: &[usize]) -> Option<usize> {
+        self.primary
+            .select(client, &self.backends, tried)
+            .or_else(|| self.backup.select(client, &self.backends, tried))
+    }
+
+    pub fn usable_counts(&self) -> (usize, usize) {
+        let mut primary = 0;
+        let mut backup = 0;
+        for b in &self.backends {
+            if b.state.is_usable() {
+                if b.config.backup {
+                    backup += 1;
+                } else {
+                    primary += 1;
+                }
+            }
+        }
+        (primary, backup)
+    }
+}
+
+pub struct Snapshot {
+    /// Incremented on every publish; exported as a metric.
+    pub generation: u64,
+    pub config: Arc<Config>,
+    pub frontends: HashMap<String, Arc<FrontendSnap>>,
+}
+
+impl Snapshot {
+    pub fn build(config: Arc<Config>, registry: &mut Registry, generation: u64) -> Snapshot {
+        let frontends = config
+            .frontends
+            .iter()
+            .map(|f| (f.name.clone(), Arc::new(FrontendSnap::build(f, registry))))
+            .collect();
+        Snapshot {
+            generation,
+            config,
+            frontends,
+        }
+    }
+
+    pub fn frontend(&self, name: &str) -> Option<&Arc<FrontendSnap>> {
+        self.frontends.get(name)
+    }
+}

@@ -1,0 +1,261 @@
+//! Live state of backends and frontends: health verdict, counters, the kill switch.
+//!
+//! These live in `Arc`s keyed by (frontend, backend name, address) in the [`Registry`], so a
+//! reload that keeps a backend keeps its counters and its health. Counters are atomics touched
+//! once per connection (not per packet, except the byte counts, which are added once per
+//! read of up to 64 KiB); the metrics exporter reads them on the control thread, so the data
+//! path never calls a `metrics` macro.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use crate::config::{Backend, Config};
+
+/// Full weight in the slow-start ramp, in thousandths.
+pub const FULL_RAMP: u32 = 1000;
+
+/// What the last active check found, for /status and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct CheckRecord {
+    pub last_result: Option<String>,
+    pub last_duration_ms: Option<u64>,
+}
+
+#[derive(Debug)]
+pub struct BackendState {
+    pub frontend: String,
+    pub name: String,
+    pub address: SocketAddr,
+    /// The health verdict (active and passive checks). Selection skips a backend that is down.
+    up: AtomicBool,
+    /// Set by a reload that removed this backend: no new connections, existing ones drain.
+    draining: AtomicBool,
+    /// Slow-start ramp in thousandths of the configured weight ([`FULL_RAMP`] = full).
+    ramp: AtomicU32,
+    /// Open connections through this backend, counted across all workers: least-connections
+    /// needs one number that every core sees, or each core would pick the same "idle" backend.
+    pub active: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub connect_failures_total: AtomicU64,
+    /// Connects to this backend that failed and were retried on another backend.
+    pub retries_total: AtomicU64,
+    /// Bytes from clients to this backend / from this backend to clients.
+    pub bytes_in_total: AtomicU64,
+    pub bytes_out_total: AtomicU64,
+    pub check_failures_total: AtomicU64,
+    pub state_changes_total: AtomicU64,
+    /// Consecutive failed connects seen on real traffic (passive health).
+    pub consecutive_errors: AtomicU32,
+    /// Incremented to ask every connection through this backend to close; each connection
+    /// remembers the value it started with (see `relay`).
+    kill_epoch: AtomicU64,
+    kill: Notify,
+    /// Passive health asks the control thread to mark the backend down through this.
+    pub passive_tripped: AtomicBool,
+    pub last_change: Mutex<Instant>,
+    pub check: Mutex<CheckRecord>,
+}
+
+impl BackendState {
+    pub fn new(frontend: &str, b: &Backend) -> BackendState {
+        BackendState {
+            frontend: frontend.to_string(),
+            name: b.name.clone(),
+            address: b.address,
+            up: AtomicBool::new(b.health.initial_up),
+            draining: AtomicBool::new(false),
+            ramp: AtomicU32::new(FULL_RAMP),
+            active: AtomicU64::new(0),
+            connections_total: AtomicU64::new(0),
+            connect_failures_total: AtomicU64::new(0),
+            retries_total: AtomicU64::new(0),
+            bytes_in_total: AtomicU64::new(0),
+            bytes_out_total: AtomicU64::new(0),
+            check_failures_total: AtomicU64::new(0),
+            state_changes_total: AtomicU64::new(0),
+            consecutive_errors: AtomicU32::new(0),
+            kill_epoch: AtomicU64::new(0),
+            kill: Notify::new(),
+            passive_tripped: AtomicBool::new(false),
+            last_change: Mutex::new(Instant::now()),
+            check: Mutex::new(CheckRecord::default()),
+        }
+    }
+
+    /// Up and not draining: may receive new connections.
+    #[inline]
+    pub fn is_usable(&self) -> bool {
+        self.up.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Sets the health verdict; returns true if it changed.
+    pub fn set_up(&self, up: bool) -> bool {
+        let changed = self.up.swap(up, Ordering::Relaxed) != up;
+        if changed {
+            self.state_changes_total.fetch_add(1, Ordering::Relaxed);
+            *self.last_change.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            if up {
+                self.consecutive_errors.store(0, Ordering::Relaxed);
+                self.passive_tripped.store(false, Ordering::Relaxed);
+            }
+        }
+        changed
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn ramp(&self) -> u32 {
+        self.ramp.load(Ordering::Relaxed)
+    }
+
+    pub fn set_ramp(&self, permille: u32) {
+        self.ramp
+            .store(permille.clamp(1, FULL_RAMP), Ordering::Relaxed);
+    }
+
+    /// The weight selection uses now: configured weight scaled by the slow-start ramp, in
+    /// thousandths (so a weight of 1 at 10% ramp is still a positive number).
+    #[inline]
+    pub fn effective_weight_milli(&self, weight: u32) -> u64 {
+        u64::from(weight) * u64::from(self.ramp())
+    }
+
+    pub fn kill_epoch(&self) -> u64 {
+        self.kill_epoch.load(Ordering::Acquire)
+    }
+
+    /// Asks every open connection through this backend to close.
+    pub fn kill_connections(&self) {
+        self.kill_epoch.fetch_add(1, Ordering::AcqRel);
+        self.kill.notify_waiters();
+    }
+
+    /// Resolves once `kill_connections` has been called after `epoch` was read.
+    pub async fn killed_after(&self, epoch: u64) {
+        loop {
+            let notified = self.kill.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a kill between the check and the await is not lost.
+            notified.as_mut().enable();
+            if self.kill_epoch() != epoch {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Records a failed connect from real traffic; returns true when it trips `error_limit`.
+    pub fn record_connect_failure(&self, error_limit: u32) -> bool {
+        self.connect_failures_total.fetch_add(1, Ordering::Relaxed);
+        let n = self.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        error_limit > 0
+            && n >= error_limit
+            && self.is_up()
+            && !self.passive_tripped.swap(true, Ordering::Relaxed)
+    }
+
+    pub fn record_connect_success(&self) {
+        if self.consecutive_errors.load(Ordering::Relaxed) != 0 {
+            self.consecutive_errors.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counts one open connection on a backend for as long as it lives.
+pub struct ActiveGuard {
+    state: Arc<BackendState>,
+}
+
+impl ActiveGuard {
+    pub fn new(state: Arc<BackendState>) -> ActiveGuard {
+        state.active.fetch_add(1, Ordering::Relaxed);
+        state.connections_total.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard { state }
+    }
+
+    pub fn state(&self) -> &Arc<BackendState> {
+        &self.state
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.state.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Per-frontend counters, kept across reloads like backend state.
+#[derive(Debug, Default)]
+pub struct FrontendState {
+    pub active: AtomicU64,
+    pub accepted_total: AtomicU64,
+    /// Closed at once because `max_connections` was reached.
+    pub rejected_limit_total: AtomicU64,
+    /// No backend could be reached (all down, or every attempt failed).
+    pub rejected_no_backend_total: AtomicU64,
+    /// Set once the "has no server available" line was logged, cleared when one returns.
+    pub no_server_logged: AtomicBool,
+}
+
+type BackendKey = (String, String, SocketAddr);
+
+/// All live state, owned by the control thread.
+#[derive(Default)]
+pub struct Registry {
+    backends: HashMap<BackendKey, Arc<BackendState>>,
+    frontends: HashMap<String, Arc<FrontendState>>,
+}
+
+impl Registry {
+    pub fn backend(&mut self, frontend: &str, b: &Backend) -> Arc<BackendState> {
+        self.backends
+            .entry((frontend.to_string(), b.name.clone(), b.address))
+            .or_insert_with(|| Arc::new(BackendState::new(frontend, b)))
+            .clone()
+    }
+
+    pub fn frontend(&mut self, name: &str) -> Arc<FrontendState> {
+        self.frontends.entry(name.to_string()).or_default().clone()
+    }
+
+    /// Forgets state that `config` no longer names, marking dropped backends as draining.
+    /// Connections still open on them hold their own `Arc` and finish normally.
+    pub fn retain(&mut self, config: &Config) -> Vec<Arc<BackendState>> {
+        let mut removed = Vec::new();
+        self.backends.retain(|(fe, name, addr), state| {
+            let keep = config.frontend(fe).is_some_and(|f| {
+                f.backends
+                    .iter()
+                    .any(|b| &b.name == name && &b.address == addr)
+            });
+            if !keep {
+                state.set_draining();
+                removed.push(state.clone());
+            }
+            keep
+        });
+        self.frontends
+            .retain(|name, _| config.frontend(name).is_some());
+        removed
+    }
+
+    pub fn backends(&self) -> impl Iterator<Item = &Arc<BackendState>> {
+        self.backends.values()
+    }
+}

@@ -1,0 +1,110 @@
+//! Smooth weighted round robin (the algorithm nginx uses), precomputed into a schedule.
+//!
+//! Weights 3 and 1 give `a a b a`-like interleaving rather than `a a a b` bursts. The schedule
+//! for one full cycle (sum of effective weights) is built off the data path; workers share
+//! one atomic cursor, so across all cores the counts over whole cycles are exact.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::{eligible, BackendSelection};
+use crate::backend::BackendRef;
+use std::net::SocketAddr;
+
+pub struct SmoothRoundRobin {
+    schedule: Vec<usize>,
+    cursor: AtomicUsize,
+}
+
+/// Effective weights in slow start are scaled to this resolution for the schedule.
+const RAMP_STEPS: u64 = 10;
+
+/// One cycle of smooth weighted round robin over `(index, weight)` pairs.
+pub fn smooth_schedule(weights: &[(usize, u64)]) -> Vec<usize> {
+    let total: u64 = weights.iter().map(|w| w.1).sum();
+    let mut current: Vec<i64> = vec![0; weights.len()];
+    let mut out = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, (_, w)) in weights.iter().enumerate() {
+            current[i] += *w as i64;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total as i64;
+        out.push(weights[best].0);
+    }
+    out
+}
+
+impl SmoothRoundRobin {
+    pub fn new(backends: &[BackendRef], members: &[usize]) -> SmoothRoundRobin {
+        let weights: Vec<(usize, u64)> = members
+            .iter()
+            .filter(|&&i| backends[i].state.is_usable())
+            .map(|&i| {
+                let b = &backends[i];
+                // Ramp is in thousandths; keep a tenth-of-weight resolution so that a
+                // slow-starting backend gets a small but non-zero share.
+                let w = u64::from(b.config.weight) * RAMP_STEPS * u64::from(b.state.ramp()) / 1000;
+                (i, w.max(1))
+            })
+            .collect();
+        let g = weights.iter().fold(0, |g, w| gcd(g, w.1)).max(1);
+        let reduced: Vec<(usize, u64)> = weights.iter().map(|&(i, w)| (i, w / g)).collect();
+        SmoothRoundRobin {
+            schedule: smooth_schedule(&reduced),
+            cursor: AtomicUsize::new(0),
+        }
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+impl BackendSelection for SmoothRoundRobin {
+    fn select(
+        &self,
+        _client: &SocketAddr,
+        backends: &[BackendRef],
+        tried: &[usize],
+    ) -> Option<usize> {
+        let n = self.schedule.len();
+        if n == 0 {
+            return None;
+        }
+        // Bounded walk: at most one full cycle, so a pool that is all down returns None.
+        for _ in 0..n {
+            let pos = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+            let idx = self.schedule[pos];
+            if eligible(backends, tried, idx) {
+                return Some(idx);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_three_one_one_interleave_within_one_cycle() {
+        let s = smooth_schedule(&[(0, 3), (1, 1), (2, 1)]);
+        assert_eq!(s.len(), 5);
+        assert_eq!(s.iter().filter(|&&i| i == 0).count(), 3);
+        // Smooth: never two of the minor backends in a row and never three of the major.
+        assert_eq!(s, vec![0, 1, 0, 2, 0]);
+    }
+
+    #[test]
+    fn equal_weights_alternate() {
+        assert_eq!(smooth_schedule(&[(4, 1), (7, 1)]), vec![4, 7]);
+    }
+}

@@ -1,0 +1,85 @@
+//! The config file as written: serde types that mirror the TOML one to one.
+//!
+//! Every field is optional here so that validation (in `validate.rs`) can report every missing
+//! or bad value at once with its path, instead of serde stopping at the first. Unknown keys are
+//! rejected (`deny_unknown_fields`): a misspelt key silently ignored is an outage waiting.
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub global: Option<FileGlobal>,
+    pub admin: Option<FileAdmin>,
+    #[serde(default)]
+    pub frontend: Vec<FileFrontend>,
+}
+
+/// `workers = "auto"` or `workers = 4`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum FileWorkers {
+    Count(i64),
+    Word(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileGlobal {
+    pub workers: Option<FileWorkers>,
+    pub max_connections: Option<i64>,
+    pub shutdown_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmin {
+    pub listen: Option<String>,
+    /// The admin listener refuses non-loopback addresses unless this is true.
+    pub allow_public: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileFrontend {
+    pub name: Option<String>,
+    pub listen: Option<Vec<String>>,
+    pub balance: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub retries: Option<i64>,
+    pub hash_key: Option<String>,
+    pub maglev_table_size: Option<i64>,
+    pub on_marked_down: Option<String>,
+    pub slow_start: Option<String>,
+    pub health: Option<FileHealth>,
+    #[serde(default)]
+    pub backend: Vec<FileBackend>,
+}
+
+/// Health settings; in a frontend they are the defaults, in a backend they override.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHealth {
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub rise: Option<i64>,
+    pub fall: Option<i64>,
+    pub fast_interval: Option<String>,
+    pub down_interval: Option<String>,
+    pub error_limit: Option<i64>,
+    pub initial_state: Option<String>,
+    pub spread: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBackend {
+    pub name: Option<String>,
+    pub address: Option<String>,
+    pub weight: Option<i64>,
+    pub backup: Option<bool>,
+    pub check: Option<bool>,
+    pub slow_start: Option<String>,
+    pub health: Option<FileHealth>,
+}

@@ -1,0 +1,61 @@
+//! The control thread's main loop: signals, reloads, data-path events, graceful stop.
+
+use std::path::PathBuf;
+
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::server::{Server, StartError};
+use crate::worker::DataEvent;
+
+/// Runs ringlb until SIGTERM or SIGINT, then drains and returns.
+/// `on_started` is called once every listener is bound (the demo prints its banner there).
+pub fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    on_started: impl FnOnce(&Server),
+) -> Result<(), StartError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("ringlb-control")
+        .build()
+        .map_err(StartError::Workers)?;
+    rt.block_on(async move {
+        // Signal handlers first, so a signal during start-up is not lost to the default action.
+        let mut term = signal(SignalKind::terminate()).map_err(StartError::Workers)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(StartError::Workers)?;
+        let mut hup = signal(SignalKind::hangup()).map_err(StartError::Workers)?;
+        let (mut server, mut events) = Server::start(config, config_path)?;
+        on_started(&server);
+        crate::info!("ready");
+        loop {
+            tokio::select! {
+                _ = term.recv() => { crate::info!("SIGTERM received: stopping"); break; }
+                _ = int.recv() => { crate::info!("SIGINT received: stopping"); break; }
+                _ = hup.recv() => { crate::info!("SIGHUP received: reloading"); server.reload(); }
+                Some(ev) = events.recv() => handle_event(&mut server, ev),
+            }
+        }
+        let left = server.drain().await;
+        if left > 0 {
+            crate::warn!("stopped with {left} connections still open after shutdown_timeout");
+        } else {
+            crate::info!("stopped");
+        }
+        Ok(())
+    })
+}
+
+fn handle_event(server: &mut Server, ev: DataEvent) {
+    match ev {
+        DataEvent::PassiveDown { backend, error } => {
+            crate::warn!(
+                "Server {}/{} is DOWN, reason: {} consecutive connection errors on real traffic, info: \"{error}\"",
+                backend.frontend,
+                backend.name,
+                backend.consecutive_errors.load(std::sync::atomic::Ordering::Relaxed)
+            );
+            server.publish();
+        }
+    }
+}

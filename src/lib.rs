@@ -1,0 +1,26 @@
+//! ringlb: a Layer-4 TCP load balancer for Linux on io_uring.
+//!
+//! Module map (data flows top to bottom):
+//!
+//! - [`cli`]: the `ringlb` command line (`run`, `check`, `demo`).
+//! - [`config`]: TOML file -> validated [`config::Config`]; the pure reload [`config::diff`].
+//! - [`control`]: the control thread's loop: signals, reloads, events, graceful stop.
+//! - [`server`]: owns config, registry, workers and listeners; publishes snapshots; reloads.
+//! - [`backend`]: live backend state (kept across reloads) and the published snapshot.
+//! - [`balance`]: selection behind one trait: round robin, least-connections, Maglev.
+//! - [`worker`]: per-core threads on tokio-uring; SO_REUSEPORT listeners; accept and connect.
+//! - [`relay`]: moves bytes both ways; the io_uring ops (all `unsafe` lives in `relay::ops`).
+//! - [`demo`]: the self-contained demo behind `ringlb demo`.
+//! - [`log`]: one-line operator logs on stderr, journald-aware.
+
+pub mod log;
+
+pub mod backend;
+pub mod balance;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod demo;
+pub mod relay;
+pub mod server;
+pub mod worker;

@@ -1,0 +1,124 @@
+//! The relay: bytes both ways between a client and its backend until both directions end.
+//!
+//! Each direction reads into an owned buffer and writes all of it to the other side; at EOF it
+//! shuts the other side's write half, so a half-close travels end to end. The connection ends
+//! when both directions have ended, or when the watchdog fires (idle timeout, the backend's
+//! kill switch, or a forced stop).
+//!
+//! Cancellation rule: an in-flight tokio-uring op that is dropped is not cancelled and keeps
+//! its fd. So nothing here drops a pending read or write: to end a connection early the
+//! watchdog calls `shutdown(Both)` on both sockets, which completes every pending op, and the
+//! pumps then return on their own.
+
+pub mod ops;
+
+use std::cell::Cell;
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_uring::net::TcpStream;
+
+use crate::backend::BackendState;
+
+/// Per-read buffer size: large enough that bulk transfers need few syscalls.
+const BUF_SIZE: usize = 64 * 1024;
+
+/// Why a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// Both directions reached EOF (or an error) on their own.
+    Done,
+    IdleTimeout,
+    /// The backend was marked down with `shutdown-sessions`, or drained past its limit.
+    Killed,
+}
+
+/// Moves bytes from `from` to `to` until EOF, then half-closes `to`.
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    last_activity: &Cell<Instant>,
+    bytes: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(BUF_SIZE);
+    loop {
+        let (res, b) = from.read(buf).await;
+        buf = b;
+        let n = res?;
+        if n == 0 {
+            break;
+        }
+        last_activity.set(Instant::now());
+        let (res, b) = to.write_all(buf).await;
+        buf = b;
+        res?;
+        buf.clear();
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    // Half-close: the peer sees EOF; ENOTCONN here only means it is already gone.
+    let _ = to.shutdown(Shutdown::Write);
+    Ok(())
+}
+
+/// Relays until both directions end; see the module docs for how it stops early.
+pub async fn relay(
+    client: &TcpStream,
+    server: &TcpStream,
+    backend: &BackendState,
+    kill_epoch: u64,
+    idle_timeout: Duration,
+) -> RelayEnd {
+    let last_activity = Cell::new(Instant::now());
+    let both = async {
+        let up = async {
+            if pump(client, server, &last_activity, &backend.bytes_in_total)
+                .await
+                .is_err()
+            {
+                // A reset on one side ends the other direction too.
+                let _ = client.shutdown(Shutdown::Both);
+                let _ = server.shutdown(Shutdown::Both);
+            }
+        };
+        let down = async {
+            if pump(server, client, &last_activity, &backend.bytes_out_total)
+                .await
+                .is_err()
+            {
+                let _ = client.shutdown(Shutdown::Both);
+                let _ = server.shutdown(Shutdown::Both);
+            }
+        };
+        tokio::join!(up, down);
+    };
+    tokio::pin!(both);
+
+    let watchdog = async {
+        loop {
+            let deadline = last_activity.get() + idle_timeout;
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    if last_activity.get() + idle_timeout <= Instant::now() {
+                        return RelayEnd::IdleTimeout;
+                    }
+                }
+                _ = backend.killed_after(kill_epoch) => return RelayEnd::Killed,
+            }
+        }
+    };
+
+    tokio::select! {
+        biased;
+        _ = &mut both => RelayEnd::Done,
+        why = watchdog => {
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = server.shutdown(Shutdown::Both);
+            // Every pending op completes now; wait for them rather than drop them.
+            both.await;
+            why
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The io_uring operations tokio-uring does not give us in the shape we need.
+//!
+//! All of ringlb's `unsafe` lives here. tokio-uring's own `TcpStream::connect` creates its
+//! socket inside the op, so a connect that times out cannot be aborted: dropping the future
+//! leaves the op in flight, holding the fd until the kernel gives up on the SYN (minutes).
+//! Here we own the socket, so on timeout we `shutdown()` it first: in SYN_SENT that aborts the
+//! connect, the op completes at once, and the driver drops the socket with it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use io_uring::{cqueue, opcode, types};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio_uring::net::TcpStream;
+use tokio_uring::{OneshotOutputTransform, UnsubmittedOneshot};
+
+/// Why a connect to a backend failed.
+#[derive(Debug)]
+pub enum ConnectError {
+    TimedOut,
+    Io(io::Error),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::TimedOut => f.write_str("connect timed out"),
+            ConnectError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// What the kernel reads while the op is in flight. The address is boxed so that its
+/// pointer in the SQE stays valid when this struct moves; the socket is here so that its fd
+/// lives exactly as long as the op, even if the future is dropped.
+struct ConnectData {
+    socket: Socket,
+    #[allow(dead_code)] // read by the kernel through the pointer in the SQE
+    addr: Box<SockAddr>,
+}
+
+struct ConnectDone;
+
+impl OneshotOutputTransform for ConnectDone {
+    type Output = (io::Result<()>, Socket);
+    type StoredData = ConnectData;
+
+    fn transform_oneshot_output(self, data: ConnectData, cqe: cqueue::Entry) -> Self::Output {
+        let res = cqe.result();
+        let out = if res < 0 {
+            Err(io::Error::from_raw_os_error(-res))
+        } else {
+            Ok(())
+        };
+        (out, data.socket)
+    }
+}
+
+/// Connects to `addr` on the current tokio-uring runtime within `timeout`, with TCP_NODELAY.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )
+    .map_err(ConnectError::Io)?;
+    socket.set_nodelay(true).map_err(ConnectError::Io)?;
+    let fd = socket.as_raw_fd();
+    let addr = Box::new(SockAddr::from(addr));
+    let sqe = opcode::Connect::new(types::Fd(fd), addr.as_ptr(), addr.len()).build();
+    // SAFETY: the SQE points at `addr` (boxed, so stable) and names `fd`; both are owned by
+    // the op's stable data, which tokio-uring keeps alive until the completion arrives, even
+    // if this future is dropped first.
+    let mut op = UnsubmittedOneshot::new(ConnectData { socket, addr }, ConnectDone, sqe).submit();
+    match tokio::time::timeout(timeout, &mut op).await {
+        Ok((Ok(()), socket)) => Ok(TcpStream::from_std(socket.into())),
+        Ok((Err(e), _socket)) => Err(ConnectError::Io(e)),
+        Err(_elapsed) => {
+            // The op still owns the socket, so `fd` is open. Shutting down a socket in SYN_SENT
+            // disconnects it, which completes the pending connect; dropping `op` then hands the
+            // socket to the driver, which closes it on that completion.
+            // SAFETY: plain syscall on an fd we know is open (owned by `op`, not yet dropped).
+            unsafe {
+                libc::shutdown(fd, libc::SHUT_RDWR);
+            }
+            drop(op);
+            Err(ConnectError::TimedOut)
+        }
+    }
+}

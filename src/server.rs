@@ -1,0 +1,304 @@
+//! The control side of a running ringlb: owns the config, the registry, the workers and their
+//! listeners; publishes snapshots; applies reloads; runs the graceful stop.
+//!
+//! It runs on the control thread (a plain tokio runtime). Workers never call into it; they
+//! read the published snapshot and send [`DataEvent`]s.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
+
+use crate::backend::{BackendState, Published, Registry, Snapshot};
+use crate::config::{self, Config, ConfigError};
+use crate::worker::{
+    self, listener::bind_reuseport, DataEvent, Shared, WorkerCommand, WorkerHandle,
+};
+
+/// The listeners of one (frontend, configured address): one socket per worker.
+struct ListenerGroup {
+    id: u64,
+    bound: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot start workers: {0} (is io_uring available? see docs/operations.md)")]
+    Workers(std::io::Error),
+    #[error("frontend \"{frontend}\": cannot listen on {addr}: {source}")]
+    Bind {
+        frontend: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What a reload did, for logs, metrics and tests.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    Unchanged,
+    Applied(config::ConfigDiff),
+    Failed(String),
+}
+
+pub struct Server {
+    pub config_path: Option<PathBuf>,
+    pub config: Arc<Config>,
+    pub registry: Registry,
+    pub published: Published,
+    pub shared: Arc<Shared>,
+    pub generation: u64,
+    workers: Vec<WorkerHandle>,
+    listeners: HashMap<(String, SocketAddr), ListenerGroup>,
+    next_listener_id: u64,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    pub last_reload_ok: Option<std::time::SystemTime>,
+}
+
+impl Server {
+    /// Starts workers and binds every listener. Must run inside a tokio runtime (the control
+    /// thread's) because the data path reports to it over a tokio channel.
+    pub fn start(
+        config: Config,
+        config_path: Option<PathBuf>,
+    ) -> Result<(Server, mpsc::UnboundedReceiver<DataEvent>), StartError> {
+        let config = Arc::new(config);
+        let mut registry = Registry::default();
+        let snapshot = Snapshot::build(config.clone(), &mut registry, 1);
+        let published: Published = Arc::new(ArcSwap::from_pointee(snapshot));
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            published: published.clone(),
+            active: AtomicUsize::new(0),
+            max_connections: AtomicUsize::new(config.global.max_connections),
+            events: events_tx,
+        });
+        let workers =
+            worker::spawn(config.global.workers, shared.clone()).map_err(StartError::Workers)?;
+        let mut server = Server {
+            config_path,
+            config: config.clone(),
+            registry,
+            published,
+            shared,
+            generation: 1,
+            workers,
+            listeners: HashMap::new(),
+            next_listener_id: 1,
+            reloads_ok: 0,
+            reloads_failed: 0,
+            last_reload_ok: None,
+        };
+        crate::info!(
+            "ringlb {} starting: {} workers on io_uring, {} frontends",
+            env!("CARGO_PKG_VERSION"),
+            config.global.workers,
+            config.frontends.len()
+        );
+        let mut pending = Vec::new();
+        for f in &config.frontends {
+            for &addr in &f.listen {
+                let sockets = bind_reuseport(addr, server.workers.len()).map_err(|source| {
+                    StartError::Bind {
+                        frontend: f.name.clone(),
+                        addr,
+                        source,
+                    }
+                })?;
+                pending.push((f.name.clone(), addr, sockets));
+            }
+        }
+        for (frontend, addr, sockets) in pending {
+            server.install_listeners(frontend, addr, sockets);
+        }
+        Ok((server, events_rx))
+    }
+
+    fn install_listeners(
+        &mut self,
+        frontend: String,
+        addr: SocketAddr,
+        sockets: Vec<std::net::TcpListener>,
+    ) {
+        let id = self.next_listener_id;
+        self.next_listener_id += 1;
+        let bound = sockets[0].local_addr().unwrap_or(addr);
+        for (w, socket) in self.workers.iter().zip(sockets) {
+            w.send(WorkerCommand::Listen {
+                id,
+                frontend: frontend.clone(),
+                listener: socket,
+            });
+        }
+        crate::info!("frontend {frontend} listening on {bound}");
+        self.listeners
+            .insert((frontend, addr), ListenerGroup { id, bound });
+    }
+
+    /// The addresses actually bound, by frontend (port 0 resolved).
+    pub fn bound_addresses(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .map(|((f, _), g)| (f.clone(), g.bound))
+            .collect()
+    }
+
+    /// Rebuilds the snapshot from the current config and live state and publishes it.
+    pub fn publish(&mut self) {
+        self.generation += 1;
+        let snap = Snapshot::build(self.config.clone(), &mut self.registry, self.generation);
+        self.published.store(Arc::new(snap));
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.published.load_full()
+    }
+
+    /// Re-reads the config file and applies it; on any problem nothing changes.
+    pub fn reload(&mut self) -> ReloadOutcome {
+        let Some(path) = self.config_path.clone() else {
+            return ReloadOutcome::Failed("no config file to reload".into());
+        };
+        let outcome = match Config::load(&path) {
+            Err(e) => ReloadOutcome::Failed(e.to_string()),
+            Ok(new) => self.apply(new),
+        };
+        match &outcome {
+            ReloadOutcome::Unchanged => {
+                self.reloads_ok += 1;
+                self.last_reload_ok = Some(std::time::SystemTime::now());
+                crate::info!("reload: configuration unchanged");
+            }
+            ReloadOutcome::Applied(d) => {
+                self.reloads_ok += 1;
+                self.last_reload_ok = Some(std::time::SystemTime::now());
+                crate::info!("reload: applied: {}", d.summary());
+            }
+            ReloadOutcome::Failed(why) => {
+                self.reloads_failed += 1;
+                crate::error!("reload failed, still serving the previous configuration: {why}");
+            }
+        }
+        outcome
+    }
+
+    /// Applies a validated config: binds new listeners first (all or nothing), publishes the
+    /// new snapshot, then closes removed listeners and drains removed backends.
+    pub fn apply(&mut self, new: Config) -> ReloadOutcome {
+        let d = config::diff(&self.config, &new);
+        if d.is_empty() {
+            return ReloadOutcome::Unchanged;
+        }
+        if new.global.workers != self.config.global.workers {
+            crate::warn!(
+                "reload: workers changed from {} to {}; takes effect at the next restart",
+                self.config.global.workers,
+                new.global.workers
+            );
+        }
+        // 1. Bind every new listen address before touching anything.
+        let mut bound = Vec::new();
+        for f in &new.frontends {
+            for &addr in &f.listen {
+                if self.listeners.contains_key(&(f.name.clone(), addr)) {
+                    continue;
+                }
+                match bind_reuseport(addr, self.workers.len()) {
+                    Ok(s) => bound.push((f.name.clone(), addr, s)),
+                    Err(e) => {
+                        // Dropping `bound` closes what was bound so far.
+                        return ReloadOutcome::Failed(format!(
+                            "frontend \"{}\": cannot listen on {addr}: {e}",
+                            f.name
+                        ));
+                    }
+                }
+            }
+        }
+        // 2. Publish the new topology; removed backends start draining.
+        let removed = self.registry.retain(&new);
+        self.config = Arc::new(new);
+        self.shared
+            .max_connections
+            .store(self.config.global.max_connections, Ordering::Relaxed);
+        self.publish();
+        // 3. Start the new listeners, then stop the removed ones.
+        for (frontend, addr, sockets) in bound {
+            self.install_listeners(frontend, addr, sockets);
+        }
+        let config = self.config.clone();
+        let gone: Vec<(String, SocketAddr)> = self
+            .listeners
+            .keys()
+            .filter(|(f, a)| !config.frontend(f).is_some_and(|fe| fe.listen.contains(a)))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(g) = self.listeners.remove(&key) {
+                for w in &self.workers {
+                    w.send(WorkerCommand::Unlisten { id: g.id });
+                }
+                crate::info!("frontend {} stopped listening on {}", key.0, g.bound);
+            }
+        }
+        // 4. Connections on removed backends finish on their own, up to shutdown_timeout.
+        if !removed.is_empty() {
+            spawn_drain_limit(removed, self.config.global.shutdown_timeout);
+        }
+        ReloadOutcome::Applied(d)
+    }
+
+    /// Stops accepting everywhere; open connections continue.
+    pub fn stop_accepting(&mut self) {
+        for w in &self.workers {
+            w.send(WorkerCommand::StopAccepting);
+        }
+        self.listeners.clear();
+    }
+
+    /// Graceful stop: stop accepting, wait for open connections up to `shutdown_timeout`.
+    /// Returns the number of connections still open at the deadline.
+    pub async fn drain(&mut self) -> usize {
+        self.stop_accepting();
+        let limit = self.config.global.shutdown_timeout;
+        let start = Instant::now();
+        let open = self.shared.active();
+        if open > 0 {
+            crate::info!(
+                "stopping: waiting up to {} for {open} open connections",
+                config::format_duration(limit)
+            );
+        }
+        while self.shared.active() > 0 && start.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.shared.active()
+    }
+}
+
+/// Closes whatever is still open on removed backends once `limit` has passed.
+fn spawn_drain_limit(removed: Vec<Arc<BackendState>>, limit: Duration) {
+    tokio::spawn(async move {
+        tokio::time::sleep(limit).await;
+        for b in removed {
+            let open = b.active.load(Ordering::Relaxed);
+            if open > 0 {
+                crate::warn!(
+                    "Server {}/{} removed by reload: closing {open} connections still open after {}",
+                    b.frontend,
+                    b.name,
+                    config::format_duration(limit)
+                );
+                b.kill_connections();
+            }
+        }
+    });
+}

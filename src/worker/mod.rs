@@ -1,0 +1,150 @@
+//! Workers: one thread per core, each with its own tokio-uring runtime, pinned to its core.
+//!
+//! A worker owns its SO_REUSEPORT listeners and every connection it accepts for their whole
+//! lives. The control thread talks to it only through [`WorkerCommand`]s and the published
+//! snapshot; nothing on a worker blocks on another thread.
+
+mod accept;
+pub mod listener;
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::sync::mpsc;
+
+use crate::backend::{BackendState, Published};
+
+pub use accept::ListenerSlot;
+
+/// What the data path tells the control thread.
+#[derive(Debug)]
+pub enum DataEvent {
+    /// Passive health: `error_limit` consecutive failed connects; the worker already marked
+    /// the backend down, the control thread logs it and hands it to the active checks.
+    PassiveDown {
+        backend: Arc<BackendState>,
+        error: String,
+    },
+}
+
+/// State all workers share.
+pub struct Shared {
+    pub published: Published,
+    /// Open client connections across all workers, for `max_connections`.
+    pub active: AtomicUsize,
+    pub max_connections: AtomicUsize,
+    pub events: mpsc::UnboundedSender<DataEvent>,
+}
+
+impl Shared {
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+pub enum WorkerCommand {
+    /// Start accepting on a bound listener for a frontend; `id` names it for `Unlisten`.
+    Listen {
+        id: u64,
+        frontend: String,
+        listener: std::net::TcpListener,
+    },
+    /// Stop accepting on one listener (the frontend or address was removed).
+    Unlisten { id: u64 },
+    /// Stop accepting on all listeners (graceful stop); open connections continue.
+    StopAccepting,
+}
+
+pub struct WorkerHandle {
+    pub index: usize,
+    tx: mpsc::UnboundedSender<WorkerCommand>,
+    _thread: JoinHandle<()>,
+}
+
+impl WorkerHandle {
+    pub fn send(&self, cmd: WorkerCommand) {
+        // A worker only goes away when the process does.
+        let _ = self.tx.send(cmd);
+    }
+}
+
+/// Starts `count` workers. Returns an error if a thread or an io_uring cannot be created.
+pub fn spawn(count: usize, shared: Arc<Shared>) -> std::io::Result<Vec<WorkerHandle>> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut out = Vec::with_capacity(count);
+    for index in 0..count {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = shared.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("ringlb-w{index}"))
+            .spawn(move || {
+                pin_to_core(index % cpus);
+                let mut builder = tokio_uring::builder();
+                builder.entries(1024);
+                let rt = match tokio_uring::Runtime::new(&builder) {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                rt.block_on(run(rx, shared));
+            })?;
+        ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("worker thread died at start")))?;
+        out.push(WorkerHandle {
+            index,
+            tx,
+            _thread: thread,
+        });
+    }
+    Ok(out)
+}
+
+fn pin_to_core(core: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(core).is_ok() {
+        // Pinning is an optimisation; a container that forbids it still works unpinned.
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+async fn run(mut rx: mpsc::UnboundedReceiver<WorkerCommand>, shared: Arc<Shared>) {
+    let mut listeners: HashMap<u64, Rc<ListenerSlot>> = HashMap::new();
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            WorkerCommand::Listen {
+                id,
+                frontend,
+                listener,
+            } => {
+                let slot = Rc::new(ListenerSlot::new(frontend, listener));
+                tokio_uring::spawn(accept::accept_loop(slot.clone(), shared.clone()));
+                listeners.insert(id, slot);
+            }
+            WorkerCommand::Unlisten { id } => {
+                if let Some(slot) = listeners.remove(&id) {
+                    slot.close();
+                }
+            }
+            WorkerCommand::StopAccepting => {
+                for (_, slot) in listeners.drain() {
+                    slot.close();
+                }
+            }
+        }
+    }
+}
+
+/// Shuts a listening socket: stops the kernel queueing connections on it and completes a
+/// pending accept op (with EINVAL), so the accept loop ends without dropping an op in flight.
+fn shutdown_listener(fd: RawFd) {
+    let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+}
