@@ -1,0 +1,247 @@
+//! Shared test harness: a real `ringlb` process on loopback and real backends.
+//!
+//! Every test starts the built binary with a config whose listeners use port 0; the harness
+//! reads the bound addresses from ringlb's own start-up log lines. Backends are plain std
+//! threads on 127.0.0.1:0. Nothing here mocks the network.
+
+#![allow(dead_code)]
+
+pub mod backends;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub use backends::*;
+
+/// How long a test waits for something that should happen "soon". Generous on purpose:
+/// tests assert behaviour, not speed, and CI machines are small.
+pub const SOON: Duration = Duration::from_secs(20);
+
+/// Polls `cond` until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[derive(Default)]
+struct LogLines {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+/// A running ringlb process; killed on drop.
+pub struct Ringlb {
+    child: Child,
+    pub config_path: PathBuf,
+    _dir: TempDir,
+    log: Arc<(Mutex<LogLines>, Condvar)>,
+    /// Bound listen addresses by frontend name, from the "listening on" log lines.
+    pub listeners: HashMap<String, Vec<SocketAddr>>,
+    pub admin: Option<SocketAddr>,
+}
+
+impl Ringlb {
+    /// Starts ringlb with `config` (TOML) and waits until it logs "ready".
+    pub fn start(config: &str) -> Ringlb {
+        Self::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Ringlb {
+        let dir = TempDir::new();
+        let config_path = dir.path.join("ringlb.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringlb"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start ringlb");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new((Mutex::new(LogLines::default()), Condvar::new()));
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("RINGLB_TEST_ECHO").is_some() {
+                    eprintln!("[ringlb] {line}");
+                }
+                let (m, cv) = &*log2;
+                m.lock().unwrap().lines.push(line);
+                cv.notify_all();
+            }
+            let (m, cv) = &*log2;
+            m.lock().unwrap().closed = true;
+            cv.notify_all();
+        });
+        let mut r = Ringlb {
+            child,
+            config_path,
+            _dir: dir,
+            log,
+            listeners: HashMap::new(),
+            admin: None,
+        };
+        r.wait_for_log(" ready", SOON)
+            .unwrap_or_else(|| panic!("ringlb did not start:\n{}", r.logs().join("\n")));
+        for line in r.logs() {
+            if let Some(rest) = line.split("frontend ").nth(1) {
+                if let Some((name, addr)) = rest.split_once(" listening on ") {
+                    let addr: SocketAddr = addr.trim().parse().unwrap();
+                    r.listeners.entry(name.to_string()).or_default().push(addr);
+                }
+            }
+            if let Some(addr) = line.split("admin listening on ").nth(1) {
+                r.admin = addr.split_whitespace().next().and_then(|a| a.parse().ok());
+            }
+        }
+        r
+    }
+
+    /// The first bound address of `frontend`.
+    pub fn addr(&self, frontend: &str) -> SocketAddr {
+        self.listeners
+            .get(frontend)
+            .and_then(|v| v.first().copied())
+            .unwrap_or_else(|| panic!("no listener for frontend {frontend}: {:?}", self.logs()))
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.log.0.lock().unwrap().lines.clone()
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Option<String> {
+        self.wait_for_log_after(0, needle, timeout)
+    }
+
+    /// Like `wait_for_log`, looking only at lines after the first `skip`.
+    pub fn wait_for_log_after(
+        &self,
+        skip: usize,
+        needle: &str,
+        timeout: Duration,
+    ) -> Option<String> {
+        let (m, cv) = &*self.log;
+        let deadline = Instant::now() + timeout;
+        let mut g = m.lock().unwrap();
+        loop {
+            if let Some(l) = g.lines.iter().skip(skip).find(|l| l.contains(needle)) {
+                return Some(l.clone());
+            }
+            let now = Instant::now();
+            if g.closed || now >= deadline {
+                return None;
+            }
+            g = cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn log_len(&self) -> usize {
+        self.log.0.lock().unwrap().lines.len()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// Writes a new config and sends SIGHUP; returns the log position before the reload.
+    pub fn reload(&self, config: &str) -> usize {
+        let mark = self.log_len();
+        std::fs::write(&self.config_path, config).unwrap();
+        self.signal(nix::sys::signal::Signal::SIGHUP);
+        mark
+    }
+
+    /// Number of open fds of the ringlb process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Ringlb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "ringlb-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A frontend config block with the given backends (`(name, addr, extra toml lines)`).
+pub fn frontend_toml(name: &str, settings: &str, backends: &[(&str, SocketAddr, &str)]) -> String {
+    let mut s =
+        format!("[[frontend]]\nname = \"{name}\"\nlisten = [\"127.0.0.1:0\"]\n{settings}\n");
+    for (bname, addr, extra) in backends {
+        s.push_str(&format!(
+            "\n[[frontend.backend]]\nname = \"{bname}\"\naddress = \"{addr}\"\n{extra}\n"
+        ));
+    }
+    s
+}
+
+/// The `[global]` and `[admin]` blocks tests use: 2 workers, admin on a free port.
+pub fn global_toml(extra: &str) -> String {
+    format!("[global]\nworkers = 2\nshutdown_timeout = \"5s\"\n{extra}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n")
+}
