@@ -1,0 +1,134 @@
+//! Idle timeout, max_connections, and no fd leaks on any path.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn echo_once(s: &mut TcpStream) -> std::io::Result<()> {
+    s.write_all(b"ping")?;
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf)?;
+    assert_eq!(&buf, b"ping");
+    Ok(())
+}
+
+#[test]
+fn idle_timeout_closes_a_silent_connection_but_not_an_active_one() {
+    let b = Backend::start("echo", Behaviour::Echo);
+    let cfg =
+        global_toml("") + &frontend_toml("web", "idle_timeout = \"1s\"", &[("echo", b.addr, "")]);
+    let lb = Ringlb::start(&cfg);
+    let mut silent = TcpStream::connect(lb.addr("web")).unwrap();
+    echo_once(&mut silent).unwrap();
+    silent.set_read_timeout(Some(SOON)).unwrap();
+    let mut busy = TcpStream::connect(lb.addr("web")).unwrap();
+    busy.set_read_timeout(Some(SOON)).unwrap();
+    let start = Instant::now();
+    // The silent one is closed by ringlb: read returns EOF (or a reset), not our timeout.
+    let mut buf = [0u8; 1];
+    let r = silent.read(&mut buf);
+    assert!(
+        matches!(r, Ok(0)) || r.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset)
+    );
+    assert!(start.elapsed() < SOON);
+    // The busy one, pinging every 200ms across the same time span, is still open.
+    let busy_start = Instant::now();
+    while busy_start.elapsed() < Duration::from_millis(1600) {
+        echo_once(&mut busy).unwrap();
+        std::thread::sleep(Duration::from_millis(200)); // traffic pacing, not synchronisation
+    }
+    assert!(
+        wait_until(SOON, || b.open() == 1),
+        "backend side of the idle connection stays open"
+    );
+}
+
+#[test]
+fn max_connections_rejects_the_excess_and_keeps_serving_the_rest() {
+    let b = Backend::start("echo", Behaviour::Echo);
+    let cfg =
+        global_toml("max_connections = 3") + &frontend_toml("web", "", &[("echo", b.addr, "")]);
+    let lb = Ringlb::start(&cfg);
+    let mut held: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = TcpStream::connect(lb.addr("web")).unwrap();
+            s.set_read_timeout(Some(SOON)).unwrap();
+            echo_once(&mut s).unwrap();
+            s
+        })
+        .collect();
+    // The fourth is accepted by the kernel and closed at once by ringlb.
+    let mut extra = TcpStream::connect(lb.addr("web")).unwrap();
+    extra.set_read_timeout(Some(SOON)).unwrap();
+    let mut buf = [0u8; 4];
+    let r = extra.write_all(b"ping").and_then(|_| extra.read(&mut buf));
+    assert!(
+        matches!(r, Ok(0)) || r.is_err(),
+        "excess connection was served: {r:?}"
+    );
+    // The held ones are untouched.
+    for s in &mut held {
+        echo_once(s).unwrap();
+    }
+    // Closing one frees a slot for a new client.
+    held.pop();
+    assert!(wait_until(SOON, || {
+        let Ok(mut s) = TcpStream::connect(lb.addr("web")) else {
+            return false;
+        };
+        s.set_read_timeout(Some(SOON)).unwrap();
+        echo_once(&mut s).is_ok()
+    }));
+}
+
+#[test]
+fn open_fds_return_to_baseline_after_2000_connections_to_refused_silent_and_live_backends() {
+    let good = Backend::start("good", Behaviour::Echo);
+    let hole = Blackhole::start();
+    let refused = refused_addr();
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "web",
+            "balance = \"round-robin\"\nconnect_timeout = \"100ms\"\nretries = 2\n[frontend.health]\nerror_limit = 0",
+            &[
+                ("refused", refused, "check = false"),
+                ("hole", hole.addr, "check = false"),
+                ("good", good.addr, "check = false"),
+            ],
+        );
+    let lb = Ringlb::start(&cfg);
+    let addr = lb.addr("web");
+    // Warm up: the first connections create per-worker lazily allocated resources.
+    for _ in 0..6 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(SOON)).unwrap();
+        echo_once(&mut s).unwrap();
+    }
+    assert!(wait_until(SOON, || good.open() == 0));
+    let baseline = lb.fd_count();
+    let threads: Vec<_> = (0..20)
+        .map(|i| {
+            std::thread::spawn(move || {
+                for j in 0..100 {
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    s.set_read_timeout(Some(SOON)).unwrap();
+                    if (i + j) % 4 == 0 {
+                        // Some clients leave mid-connect or mid-relay without a word.
+                        drop(s);
+                    } else {
+                        echo_once(&mut s).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let settled = wait_until(SOON, || lb.fd_count() <= baseline);
+    assert!(settled, "fds: baseline {baseline}, now {}", lb.fd_count());
+}

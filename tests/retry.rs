@@ -1,0 +1,49 @@
+//! A dead backend costs clients nothing: refused and never-answering backends are retried on
+//! another backend within the same client connection.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn refused_and_silent_backends_cause_zero_client_failures_over_200_connections() {
+    let good1 = Backend::start("good1", Behaviour::Named);
+    let good2 = Backend::start("good2", Behaviour::Named);
+    let hole = Blackhole::start();
+    let refused = refused_addr();
+    // No active checks and no passive marking: every connection meets the dead backends as
+    // often as round robin sends it there, so this exercises retries alone.
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "web",
+            "balance = \"round-robin\"\nconnect_timeout = \"300ms\"\nretries = 2\n[frontend.health]\nerror_limit = 0",
+            &[
+                ("refused", refused, "check = false"),
+                ("hole", hole.addr, "check = false"),
+                ("good1", good1.addr, "check = false"),
+                ("good2", good2.addr, "check = false"),
+            ],
+        );
+    let lb = Ringlb::start(&cfg);
+    let addr = lb.addr("web");
+    let threads: Vec<_> = (0..10)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                for _ in 0..20 {
+                    match ask_name(addr) {
+                        Ok(n) if n == "good1" || n == "good2" => {}
+                        other => failures.push(format!("{other:?}")),
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let failures: Vec<String> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert!(failures.is_empty(), "client-visible failures: {failures:?}");
+    assert_eq!(good1.accepted() + good2.accepted(), 200);
+}
