@@ -1,0 +1,100 @@
+//! Maglev consistent hashing of the client's address (Eisenbud et al., NSDI 2016, 3.4).
+//!
+//! A client keeps its backend while the pool is stable, a change in the pool moves as few
+//! clients as possible, and several ringlb nodes (behind ECMP or a floating VIP) agree without
+//! talking to each other: the table is a pure function of the config and the usable set.
+//!
+//! - [`hash`]: our own fixed hashes (never `RandomState`).
+//! - [`table`]: the weighted lookup table, built on the control thread.
+//! - [`MaglevSelector`]: the data path's side: one hash, one array read, and a deterministic
+//!   fallback order when the client's backend cannot be used.
+//!
+//! Slow start does not apply to Maglev: the table uses the configured weights, so that it
+//! changes only when the usable set or the config changes, and every node builds the same one.
+
+pub mod hash;
+pub mod table;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+
+use super::{eligible, BackendSelection};
+use crate::backend::BackendRef;
+use crate::config::{Frontend, HashKey};
+pub use table::{MaglevTable, Member};
+
+pub struct MaglevSelector {
+    table: MaglevTable,
+    key: HashKey,
+    /// The backends placed in the table (those usable when it was built), checked before a
+    /// long fallback walk so that a pool with nothing left answers at once.
+    members: Vec<usize>,
+}
+
+impl MaglevSelector {
+    /// Builds the table over the members of `members` that are usable now. Called on the
+    /// control thread whenever the snapshot is rebuilt (reload, health transition).
+    pub fn new(frontend: &Frontend, backends: &[BackendRef], members: &[usize]) -> MaglevSelector {
+        let usable: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|&i| backends[i].state.is_usable())
+            .collect();
+        let placed: Vec<Member<'_>> = usable
+            .iter()
+            .map(|&i| Member {
+                backend: i,
+                name: &backends[i].config.name,
+                weight: backends[i].config.weight,
+            })
+            .collect();
+        MaglevSelector {
+            table: MaglevTable::build(frontend.maglev_table_size, &placed),
+            key: frontend.hash_key,
+            members: usable,
+        }
+    }
+
+    pub fn table(&self) -> &MaglevTable {
+        &self.table
+    }
+
+    /// The backend the table gives `client`, ignoring health and retries.
+    pub fn lookup(&self, client: &SocketAddr) -> Option<usize> {
+        self.table.lookup(hash::hash_client(client, self.key))
+    }
+}
+
+impl BackendSelection for MaglevSelector {
+    /// The client's slot decides. If its backend went down since the table was built, or a
+    /// connect to it already failed (`tried`), the client's preference order continues with
+    /// the owners of the following slots, wrapping around: the first of those that is usable
+    /// and not tried. That order depends only on the table and the client, so retries land on
+    /// the same backend on every node, and a dead backend's clients spread over the others in
+    /// proportion to their slots. No allocation; the walk only runs when the first pick fails.
+    fn select(
+        &self,
+        client: &SocketAddr,
+        backends: &[BackendRef],
+        tried: &[usize],
+    ) -> Option<usize> {
+        if self.table.is_empty() {
+            return None;
+        }
+        let slot = self.table.slot_of(hash::hash_client(client, self.key));
+        let first = self.table.owner(slot);
+        if eligible(backends, tried, first) {
+            return Some(first);
+        }
+        // Without this check a pool whose every member is down or tried would walk all the
+        // slots on each connect until the control thread publishes the rebuilt table.
+        if !self.members.iter().any(|&i| eligible(backends, tried, i)) {
+            return None;
+        }
+        self.table
+            .owners_after(slot)
+            .find(|&i| eligible(backends, tried, i))
+    }
+}
