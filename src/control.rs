@@ -26,16 +26,28 @@ pub fn run(
         let mut int = signal(SignalKind::interrupt()).map_err(StartError::Workers)?;
         let mut hup = signal(SignalKind::hangup()).map_err(StartError::Workers)?;
         let (mut server, mut events) = Server::start(config, config_path)?;
+        let admin = crate::admin::start(&server)?;
+        let systemd = crate::systemd::start();
         on_started(&server);
         crate::info!("ready");
+        systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
         loop {
             tokio::select! {
                 _ = term.recv() => { crate::info!("SIGTERM received: stopping"); break; }
                 _ = int.recv() => { crate::info!("SIGINT received: stopping"); break; }
-                _ = hup.recv() => { crate::info!("SIGHUP received: reloading"); server.reload(); }
+                _ = hup.recv() => {
+                    crate::info!("SIGHUP received: reloading");
+                    systemd.reloading();
+                    let before = server.snapshot();
+                    let outcome = server.reload();
+                    admin.ops.record_reload(&outcome, &before, &server.snapshot(), server.bound_addresses());
+                    systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
+                }
                 Some(ev) = events.recv() => handle_event(&mut server, ev),
             }
         }
+        systemd.stopping();
+        admin.ops.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
         let left = server.drain().await;
         if left > 0 {
             crate::warn!("stopped with {left} connections still open after shutdown_timeout");

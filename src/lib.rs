@@ -10,17 +10,23 @@
 //! - [`balance`]: selection behind one trait: round robin, least-connections, Maglev.
 //! - [`worker`]: per-core threads on tokio-uring; SO_REUSEPORT listeners; accept and connect.
 //! - [`relay`]: moves bytes both ways; the io_uring ops (all `unsafe` lives in `relay::ops`).
+//! - [`admin`]: the admin listener: `/metrics`, `/status`, the status page, `/healthz`.
+//! - [`metrics`]: the Prometheus recorder, fed from the data path's atomics by a periodic task.
+//! - [`systemd`]: `sd_notify` readiness, reload and stop messages; watchdog pings.
 //! - [`demo`]: the self-contained demo behind `ringlb demo`.
 //! - [`log`]: one-line operator logs on stderr, journald-aware.
 
 pub mod log;
 
+pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod metrics;
 pub mod relay;
 pub mod server;
+pub mod systemd;
 pub mod worker;

@@ -38,6 +38,11 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("admin: cannot listen on {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// What a reload did, for logs, metrics and tests.

@@ -1,0 +1,407 @@
+//! Prometheus metrics: a `metrics-exporter-prometheus` recorder fed from the atomics the data
+//! path already keeps. Names and their HAProxy counterparts are listed in docs/metrics.md.
+//!
+//! The data path never calls a `metrics` macro (tens of nanoseconds each, contended across
+//! cores). Instead [`Exporter::update`] runs on the control thread a few times a second, and
+//! before each render, and copies every counter into a cached handle (`counter.absolute`,
+//! `gauge.set`). The recorder is built with `build_recorder()` and never installed globally,
+//! so several servers in one process (tests, the demo) do not fight over a global.
+//!
+//! A series is identified by its labels. When the state behind a series is replaced (a
+//! backend's address changed, a frontend was removed and added back) the new counters start
+//! from zero, so the exporter adds what the series had counted before: exported counters
+//! never go backwards. Series that disappear (a removed backend once drained) stop being
+//! updated and the recorder forgets them after [`IDLE_TIMEOUT`].
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Gauge, Key, KeyName, Label, Level, Metadata, Recorder, SharedString};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_util::MetricKindMask;
+
+use crate::admin::ops::OpsState;
+use crate::admin::status::state_word;
+use crate::backend::{BackendState, Published};
+use crate::config::Backend;
+use crate::worker::Shared;
+
+/// How often the upkeep task copies the atomics into the metric handles.
+pub const UPDATE_EVERY: Duration = Duration::from_millis(250);
+/// Series not updated for this long are dropped from the output.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a vanished series' last values are remembered, so a series that comes back
+/// continues from them instead of going backwards.
+const RETIRED_MEMORY: Duration = Duration::from_secs(600);
+
+const META: Metadata<'static> = Metadata::new("ringlb", Level::INFO, Some(module_path!()));
+
+/// A counter of a family, with an optional fixed extra label (e.g. `reason="limit"`).
+type CounterDef = (&'static str, Option<(&'static str, &'static str)>);
+
+struct Family {
+    counters: &'static [CounterDef],
+    gauges: &'static [&'static str],
+}
+
+const BACKEND: Family = Family {
+    counters: &[
+        ("ringlb_backend_connections_total", None),
+        ("ringlb_backend_connect_failures_total", None),
+        ("ringlb_backend_retries_total", None),
+        ("ringlb_backend_bytes_in_total", None),
+        ("ringlb_backend_bytes_out_total", None),
+        ("ringlb_backend_check_failures_total", None),
+        ("ringlb_backend_state_changes_total", None),
+    ],
+    gauges: &[
+        "ringlb_backend_up",
+        "ringlb_backend_draining",
+        "ringlb_backend_active_connections",
+        "ringlb_backend_weight",
+        "ringlb_backend_effective_weight",
+        "ringlb_backend_check_duration_seconds",
+        "ringlb_backend_last_state_change_seconds",
+    ],
+};
+
+const FRONTEND: Family = Family {
+    counters: &[
+        ("ringlb_frontend_connections_total", None),
+        (
+            "ringlb_frontend_rejected_connections_total",
+            Some(("reason", "limit")),
+        ),
+        (
+            "ringlb_frontend_rejected_connections_total",
+            Some(("reason", "no_backend")),
+        ),
+    ],
+    gauges: &["ringlb_frontend_active_connections"],
+};
+
+const PROCESS: Family = Family {
+    counters: &[
+        ("ringlb_config_reloads_total", Some(("result", "success"))),
+        ("ringlb_config_reloads_total", Some(("result", "failure"))),
+    ],
+    gauges: &[
+        "ringlb_config_generation",
+        "ringlb_config_last_reload_success_timestamp_seconds",
+        "ringlb_snapshot_generation",
+        "ringlb_active_connections",
+        "ringlb_max_connections",
+        "ringlb_start_time_seconds",
+    ],
+};
+
+/// HELP text for every name, with the HAProxy exporter counterpart where there is one.
+const HELP: &[(&str, &str)] = &[
+    ("ringlb_backend_connections_total", "Connections relayed to the backend (haproxy_server_sessions_total)."),
+    ("ringlb_backend_connect_failures_total", "Failed connects to the backend on real traffic (haproxy_server_connection_errors_total)."),
+    ("ringlb_backend_retries_total", "Failed connects to the backend that were retried on another one (haproxy_server_retry_warnings_total)."),
+    ("ringlb_backend_bytes_in_total", "Bytes from clients to the backend (haproxy_server_bytes_in_total)."),
+    ("ringlb_backend_bytes_out_total", "Bytes from the backend to clients (haproxy_server_bytes_out_total)."),
+    ("ringlb_backend_check_failures_total", "Failed health checks (haproxy_server_check_failures_total)."),
+    ("ringlb_backend_state_changes_total", "UP/DOWN transitions (haproxy_server_check_up_down_total)."),
+    ("ringlb_backend_up", "1 if the backend takes new connections (up and not draining), else 0 (haproxy_server_status)."),
+    ("ringlb_backend_draining", "1 while a backend removed by a reload still has connections open."),
+    ("ringlb_backend_active_connections", "Open connections through the backend (haproxy_server_current_sessions)."),
+    ("ringlb_backend_weight", "Configured weight (haproxy_server_weight)."),
+    ("ringlb_backend_effective_weight", "Weight after the slow-start ramp."),
+    ("ringlb_backend_check_duration_seconds", "Duration of the last health check (haproxy_server_check_duration_seconds)."),
+    ("ringlb_backend_last_state_change_seconds", "Seconds since the last UP/DOWN transition (haproxy_server_check_last_change_seconds)."),
+    ("ringlb_frontend_connections_total", "Client connections accepted (haproxy_frontend_sessions_total)."),
+    ("ringlb_frontend_rejected_connections_total", "Client connections closed without a backend, by reason: limit (max_connections reached) or no_backend (haproxy_frontend_denied_connections_total)."),
+    ("ringlb_frontend_active_connections", "Open client connections (haproxy_frontend_current_sessions)."),
+    ("ringlb_config_reloads_total", "Configuration reloads by result."),
+    ("ringlb_config_generation", "1 for the configuration ringlb started with, +1 for each reload that changed it."),
+    ("ringlb_config_last_reload_success_timestamp_seconds", "Unix time of the last successful reload, or of the start."),
+    ("ringlb_snapshot_generation", "Publications of the routing snapshot (reloads and health transitions)."),
+    ("ringlb_active_connections", "Open client connections across all frontends."),
+    ("ringlb_max_connections", "The configured max_connections."),
+    ("ringlb_start_time_seconds", "Unix time ringlb started (haproxy_process_start_time_seconds)."),
+    ("ringlb_build_info", "Always 1; the version is a label (haproxy_process_build_info)."),
+];
+
+struct Handles {
+    counters: Vec<Counter>,
+    gauges: Vec<Gauge>,
+}
+
+struct Series {
+    /// The `Arc` whose atomics feed this series now, by address (identity only).
+    owner: usize,
+    labels: Vec<Label>,
+    /// `None` while the series is retired (its owner vanished).
+    handles: Option<Handles>,
+    /// What earlier owners counted, added to the current owner's counters.
+    base: Vec<u64>,
+    /// The values last exported.
+    last: Vec<u64>,
+    seen_tick: u64,
+    retired_at: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Table {
+    tick: u64,
+    series: HashMap<String, Series>,
+}
+
+pub struct Exporter {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    published: Published,
+    shared: Arc<Shared>,
+    ops: Arc<OpsState>,
+    table: Mutex<Table>,
+}
+
+impl Exporter {
+    pub fn new(published: Published, shared: Arc<Shared>, ops: Arc<OpsState>) -> Exporter {
+        let recorder = PrometheusBuilder::new()
+            .idle_timeout(MetricKindMask::ALL, Some(IDLE_TIMEOUT))
+            .build_recorder();
+        let handle = recorder.handle();
+        for (name, help) in HELP {
+            let key = KeyName::from_const_str(name);
+            let help = SharedString::const_str(help);
+            if name.ends_with("_total") {
+                recorder.describe_counter(key, None, help);
+            } else {
+                recorder.describe_gauge(key, None, help);
+            }
+        }
+        Exporter {
+            recorder,
+            handle,
+            published,
+            shared,
+            ops,
+            table: Mutex::new(Table::default()),
+        }
+    }
+
+    /// The Prometheus text exposition, with values fresh from the atomics.
+    pub fn render(&self) -> String {
+        self.update();
+        self.handle.render()
+    }
+
+    /// Periodic maintenance the recorder needs (expiring idle series).
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// Copies every live counter into its metric handle.
+    pub fn update(&self) {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        t.tick += 1;
+        let snap = self.published.load();
+        for fc in &snap.config.frontends {
+            let Some(fe) = snap.frontend(&fc.name) else {
+                continue;
+            };
+            let s = &fe.state;
+            self.touch(
+                &mut t,
+                &FRONTEND,
+                format!("f\0{}", fc.name),
+                Arc::as_ptr(s) as usize,
+                || vec![Label::new("frontend", fc.name.clone())],
+                &[
+                    s.accepted_total.load(Ordering::Relaxed),
+                    s.rejected_limit_total.load(Ordering::Relaxed),
+                    s.rejected_no_backend_total.load(Ordering::Relaxed),
+                ],
+                &[s.active.load(Ordering::Relaxed) as f64],
+            );
+            for b in &fe.backends {
+                self.touch_backend(&mut t, &b.config, &b.state);
+            }
+        }
+        // Removed backends keep reporting while they drain, unless a live backend with the
+        // same name has taken over their series.
+        for d in self.ops.draining() {
+            let key = backend_key(&d.state.frontend, &d.config.name);
+            if t.series.get(&key).map_or(true, |s| s.seen_tick != t.tick) {
+                self.touch_backend(&mut t, &d.config, &d.state);
+            }
+        }
+        let ops = &self.ops;
+        self.touch(
+            &mut t,
+            &PROCESS,
+            "p".to_string(),
+            0,
+            Vec::new,
+            &[
+                ops.reloads_ok.load(Ordering::Relaxed),
+                ops.reloads_failed.load(Ordering::Relaxed),
+            ],
+            &[
+                ops.config_generation.load(Ordering::Relaxed) as f64,
+                ops.last_reload_ok_unix_seconds(),
+                snap.generation as f64,
+                self.shared.active() as f64,
+                self.shared.max_connections.load(Ordering::Relaxed) as f64,
+                ops.started_unix_seconds(),
+            ],
+        );
+        self.build_info();
+        // Series nobody fed this tick: stop updating them so the recorder lets them go.
+        let tick = t.tick;
+        let now = Instant::now();
+        for s in t.series.values_mut() {
+            if s.seen_tick != tick && s.retired_at.is_none() {
+                s.retired_at = Some(now);
+                s.handles = None;
+            }
+        }
+        t.series
+            .retain(|_, s| s.retired_at.map_or(true, |at| now - at < RETIRED_MEMORY));
+    }
+
+    fn build_info(&self) {
+        let key = Key::from_parts(
+            "ringlb_build_info",
+            vec![Label::new("version", env!("CARGO_PKG_VERSION"))],
+        );
+        self.recorder.register_gauge(&key, &META).set(1.0);
+    }
+
+    fn touch_backend(&self, t: &mut Table, config: &Backend, s: &Arc<BackendState>) {
+        let check_secs = s
+            .check
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_duration_ms
+            .map_or(0.0, |ms| ms as f64 / 1000.0);
+        let since_change = s
+            .last_change
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+            .as_secs_f64();
+        let word = state_word(config, s);
+        self.touch(
+            t,
+            &BACKEND,
+            backend_key(&s.frontend, &config.name),
+            Arc::as_ptr(s) as usize,
+            || {
+                vec![
+                    Label::new("frontend", s.frontend.clone()),
+                    Label::new("backend", config.name.clone()),
+                ]
+            },
+            &[
+                s.connections_total.load(Ordering::Relaxed),
+                s.connect_failures_total.load(Ordering::Relaxed),
+                s.retries_total.load(Ordering::Relaxed),
+                s.bytes_in_total.load(Ordering::Relaxed),
+                s.bytes_out_total.load(Ordering::Relaxed),
+                s.check_failures_total.load(Ordering::Relaxed),
+                s.state_changes_total.load(Ordering::Relaxed),
+            ],
+            &[
+                f64::from(u8::from(s.is_usable())),
+                f64::from(u8::from(word == "draining")),
+                s.active.load(Ordering::Relaxed) as f64,
+                f64::from(config.weight),
+                s.effective_weight_milli(config.weight) as f64 / 1000.0,
+                check_secs,
+                since_change.floor(),
+            ],
+        );
+    }
+
+    /// Feeds one series; registers its handles on first sight or after it was retired.
+    #[allow(clippy::too_many_arguments)]
+    fn touch(
+        &self,
+        t: &mut Table,
+        family: &Family,
+        key: String,
+        owner: usize,
+        labels: impl FnOnce() -> Vec<Label>,
+        counters: &[u64],
+        gauges: &[f64],
+    ) {
+        let tick = t.tick;
+        let s = t.series.entry(key).or_insert_with(|| Series {
+            owner,
+            labels: labels(),
+            handles: None,
+            base: vec![0; family.counters.len()],
+            last: vec![0; family.counters.len()],
+            seen_tick: tick,
+            retired_at: None,
+        });
+        if s.owner != owner || s.retired_at.is_some() {
+            // A new state behind a known series: continue from what was exported.
+            if s.owner != owner {
+                s.base.clone_from(&s.last);
+            }
+            s.owner = owner;
+            s.retired_at = None;
+        }
+        s.seen_tick = tick;
+        let handles = s
+            .handles
+            .get_or_insert_with(|| register(&self.recorder, family, &s.labels));
+        for (i, c) in handles.counters.iter().enumerate() {
+            let v = s.base[i] + counters[i];
+            // A counter never goes backwards, even if an atomic was read mid-update.
+            let v = v.max(s.last[i]);
+            s.last[i] = v;
+            c.absolute(v);
+        }
+        for (g, v) in handles.gauges.iter().zip(gauges) {
+            g.set(*v);
+        }
+    }
+}
+
+fn backend_key(frontend: &str, backend: &str) -> String {
+    format!("b\0{frontend}\0{backend}")
+}
+
+fn register(recorder: &PrometheusRecorder, family: &Family, labels: &[Label]) -> Handles {
+    let counters = family
+        .counters
+        .iter()
+        .map(|(name, extra)| {
+            let mut l = labels.to_vec();
+            if let Some((k, v)) = extra {
+                l.push(Label::from_static_parts(k, v));
+            }
+            recorder.register_counter(&Key::from_parts(*name, l), &META)
+        })
+        .collect();
+    let gauges = family
+        .gauges
+        .iter()
+        .map(|name| recorder.register_gauge(&Key::from_parts(*name, labels.to_vec()), &META))
+        .collect();
+    Handles { counters, gauges }
+}
+
+/// Runs on the control thread for the life of the process: keeps the handles fresh so a
+/// scrape is cheap, and lets the recorder expire idle series.
+pub async fn upkeep(exporter: Arc<Exporter>) {
+    let mut every = tokio::time::interval(UPDATE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        every.tick().await;
+        exporter.update();
+        n += 1;
+        if n % 20 == 0 {
+            exporter.run_upkeep();
+        }
+    }
+}
