@@ -41,6 +41,38 @@ fn main() {
         );
     }
 
+    println!("disruption (share of slots, so of keys, that change owner), M = {M}");
+    for n in [10usize, 100, 1000] {
+        let names: Vec<String> = (0..=n).map(|i| format!("backend-{i}")).collect();
+        let all: Vec<Member<'_>> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| Member {
+                backend: i,
+                name,
+                weight: 1,
+            })
+            .collect();
+        let base = MaglevTable::build(M, &all[..n]);
+        let grown = MaglevTable::build(M, &all);
+        let without: Vec<Member<'_>> = all[1..n].to_vec();
+        let shrunk = MaglevTable::build(M, &without);
+        let (mut extra_remove, mut extra_add) = (0, 0);
+        for s in 0..M {
+            if base.owner(s) != 0 && shrunk.owner(s) != base.owner(s) {
+                extra_remove += 1;
+            }
+            if grown.owner(s) != n && grown.owner(s) != base.owner(s) {
+                extra_add += 1;
+            }
+        }
+        println!(
+            "  N = {n:>4}: removing one moves {:.3}% of the other backends' slots; adding one moves {:.3}% of slots between old backends",
+            100.0 * extra_remove as f64 / (M - base.slot_counts(n)[0]) as f64,
+            100.0 * extra_add as f64 / M as f64
+        );
+    }
+
     let clients = clients(1 << 20);
     println!(
         "lookup per connection ({} distinct IPv4 clients)",

@@ -64,9 +64,19 @@ impl MaglevTable {
         let slots = if owners.is_empty() {
             Slots::Narrow(Box::new([]))
         } else if wide {
-            Slots::Wide(owners.iter().map(|&i| members[i].backend as u32).collect())
+            Slots::Wide(
+                owners
+                    .iter()
+                    .map(|&i| members[i as usize].backend as u32)
+                    .collect(),
+            )
         } else {
-            Slots::Narrow(owners.iter().map(|&i| members[i].backend as u16).collect())
+            Slots::Narrow(
+                owners
+                    .iter()
+                    .map(|&i| members[i as usize].backend as u16)
+                    .collect(),
+            )
         };
         MaglevTable { slots }
     }
@@ -128,7 +138,7 @@ impl MaglevTable {
 }
 
 /// The population loop; returns, for each slot, a position in `members`.
-fn populate(size: usize, members: &[Member<'_>]) -> Vec<usize> {
+fn populate(size: usize, members: &[Member<'_>]) -> Vec<u32> {
     if members.is_empty() {
         return Vec::new();
     }
@@ -149,7 +159,7 @@ fn populate(size: usize, members: &[Member<'_>]) -> Vec<usize> {
         .max()
         .unwrap_or(1);
     struct Cursor {
-        member: usize,
+        member: u32,
         next: u64,
         skip: u64,
         weight: u64,
@@ -161,7 +171,7 @@ fn populate(size: usize, members: &[Member<'_>]) -> Vec<usize> {
             let name = members[i].name.as_bytes();
             let weight = u64::from(members[i].weight.max(1));
             Cursor {
-                member: i,
+                member: i as u32,
                 next: reduce(hash_bytes(OFFSET_SEED, name), size) as u64,
                 skip: reduce(hash_bytes(SKIP_SEED, name), size - 1) as u64 + 1,
                 weight,
@@ -171,7 +181,8 @@ fn populate(size: usize, members: &[Member<'_>]) -> Vec<usize> {
         })
         .collect();
 
-    const FREE: usize = usize::MAX;
+    // u32 positions: half the memory of usize for a table that is written at random.
+    const FREE: u32 = u32::MAX;
     let mut owners = vec![FREE; size];
     let mut filled = 0;
     loop {
