@@ -55,9 +55,10 @@ pub fn hash_bytes(seed: u64, bytes: &[u8]) -> u64 {
 
 /// Hashes the part of a client's address that `key` names: the IP, or the IP and port.
 ///
-/// An IPv4-mapped IPv6 address (`::ffff:192.0.2.1`, what a dual-stack `[::]` listener sees
-/// for an IPv4 client) hashes as the IPv4 address, so nodes listening on `0.0.0.0` and on
-/// `[::]` agree. Allocation-free: one to three [`mix64`] rounds.
+/// An IPv4-mapped IPv6 address (`::ffff:192.0.2.1`, how a dual-stack IPv6 socket reports an
+/// IPv4 client) hashes as the IPv4 address, so placement does not depend on how a socket sees
+/// IPv4 clients (ringlb's own `[::]` listeners are IPv6-only today). Allocation-free: one to
+/// three [`mix64`] rounds.
 #[inline]
 pub fn hash_client(client: &SocketAddr, key: HashKey) -> u64 {
     let port = match key {

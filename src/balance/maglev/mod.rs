@@ -60,11 +60,6 @@ impl MaglevSelector {
     pub fn table(&self) -> &MaglevTable {
         &self.table
     }
-
-    /// The backend the table gives `client`, ignoring health and retries.
-    pub fn lookup(&self, client: &SocketAddr) -> Option<usize> {
-        self.table.lookup(hash::hash_client(client, self.key))
-    }
 }
 
 impl BackendSelection for MaglevSelector {
