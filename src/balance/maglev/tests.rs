@@ -497,3 +497,41 @@ fn the_ip_key_keeps_a_clients_connections_together_and_ip_port_spreads_them() {
         );
     }
 }
+
+#[test]
+fn backend_indices_beyond_u16_are_stored_in_a_wide_table_with_the_same_placement() {
+    let names = names(10);
+    let narrow = members(&names, &[]);
+    let wide: Vec<Member<'_>> = narrow
+        .iter()
+        .map(|m| Member {
+            backend: m.backend + 70_000,
+            ..*m
+        })
+        .collect();
+    let (a, b) = (MaglevTable::build(M, &narrow), MaglevTable::build(M, &wide));
+    for s in 0..M {
+        assert_eq!(a.owner(s) + 70_000, b.owner(s));
+    }
+}
+
+#[test]
+fn slow_start_does_not_change_the_table() {
+    let fe = equal(10);
+    let mut registry = Registry::default();
+    let full = FrontendSnap::build(&fe, &mut registry);
+    full.backends[4].state.set_ramp(100);
+    let ramping = FrontendSnap::build(&fe, &mut registry);
+    let mut rng = SplitMix(99);
+    for _ in 0..10_000 {
+        let c = rng.client();
+        assert_eq!(full.select(&c, &[]), ramping.select(&c, &[]));
+    }
+}
+
+#[test]
+#[should_panic(expected = "not a prime")]
+fn a_table_size_that_is_not_prime_is_refused() {
+    let names = names(3);
+    MaglevTable::build(65536, &members(&names, &[]));
+}
