@@ -21,6 +21,7 @@ table{border-collapse:collapse;margin-bottom:6px;background:#fff}
 th,td{border:1px solid #bbb;padding:3px 7px;text-align:right;white-space:nowrap}
 th{background:#5a6b7b;color:#fff;font-weight:600}
 td.l,th.l{text-align:left}
+td.chk{white-space:normal;max-width:330px;text-align:left}
 tr.up td{background:#c8f0c8}
 tr.backup td{background:#c8dcf8}
 tr.down td{background:#f6b8b8}
@@ -108,8 +109,8 @@ fn frontend(h: &mut String, f: &FrontendStatus) {
     h.push_str(
         "<table><tr><th class=\"l\">Backend</th><th class=\"l\">Address</th>\
          <th class=\"l\">State</th><th>Weight</th><th>Eff. weight</th><th>Active</th>\
-         <th>Connections</th><th>Connect errors</th><th>Retries</th><th>Bytes in</th>\
-         <th>Bytes out</th><th>Check failures</th><th>Changes</th>\
+         <th>Conns</th><th>Conn errors</th><th>Retries</th><th>Bytes in</th>\
+         <th>Bytes out</th><th>Check fails</th><th>Changes</th>\
          <th class=\"l\">Last check</th><th>Since change</th></tr>",
     );
     for b in &f.backends {
@@ -147,7 +148,7 @@ fn backend_row(h: &mut String, b: &BackendStatus) {
         h,
         "<tr class=\"{state}\"><td class=\"l\">{}</td><td class=\"l\">{}</td>\
          <td class=\"l\">{state}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-         <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"l\">{}</td>\
+         <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"chk\">{}</td>\
          <td>{}</td></tr>",
         esc(&b.name),
         esc(&b.address),

@@ -1,0 +1,439 @@
+//! SIGHUP reload: applied without cutting a connection or failing a new one, each new topology
+//! in effect once the reload is logged; a bad file changes nothing and is counted; an
+//! unchanged file is a no-op; removed backends and frontends drain within shutdown_timeout.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+
+fn get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+fn status(admin: SocketAddr) -> serde_json::Value {
+    serde_json::from_str(&get(admin, "/status")).unwrap()
+}
+
+/// The value of a metric line that starts with `series` (name and labels as exported).
+fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    get(admin, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits for the reload that `mark` started to be logged as applied (or unchanged).
+fn wait_reload(lb: &Ringlb, mark: usize, needle: &str) {
+    if lb.wait_for_log_after(mark, needle, SOON).is_none() {
+        panic!(
+            "no {needle:?} after the reload:\n{}",
+            lb.logs()[mark..].join("\n")
+        );
+    }
+}
+
+/// The (frontend "web") backend configuration at one step of the reload storm: a rotating
+/// four of the six backends, weights that change every step.
+fn web_backends(step: usize) -> Vec<(usize, u32)> {
+    (0..6)
+        .filter(|j| (step + j) % 3 != 0)
+        .map(|j| (j, 1 + ((step * (j + 1)) % 3) as u32))
+        .collect()
+}
+
+#[test]
+fn twenty_reloads_under_load_cut_no_connection_fail_no_new_one_and_each_takes_effect() {
+    let pool: Vec<Backend> = (0..6)
+        .map(|i| Backend::start(&format!("n{i}"), Behaviour::Named))
+        .collect();
+    let extra_backend = Backend::start("x0", Behaviour::Named);
+    let config = |step: usize| {
+        let members = web_backends(step);
+        let weights: Vec<String> = members
+            .iter()
+            .map(|(_, w)| format!("weight = {w}"))
+            .collect();
+        let backends: Vec<(&str, SocketAddr, &str)> = members
+            .iter()
+            .zip(&weights)
+            .map(|((j, _), w)| (pool[*j].name.as_str(), pool[*j].addr, w.as_str()))
+            .collect();
+        // Long drains, so that no connection on a removed backend is closed by the limit.
+        let mut c = "[global]\nworkers = 2\nshutdown_timeout = \"120s\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n"
+            .to_string();
+        c += &frontend_toml("web", "balance = \"round-robin\"", &backends);
+        // A second frontend comes and goes.
+        if step % 4 == 1 || step % 4 == 2 {
+            c += &frontend_toml("extra", "", &[("x0", extra_backend.addr, "")]);
+        }
+        c
+    };
+    let lb = Ringlb::start(&config(0));
+    let admin = lb.admin.unwrap();
+    let web = lb.addr("web");
+    let stop = Arc::new(AtomicBool::new(false));
+    let total_rounds = Arc::new(AtomicUsize::new(0));
+    let broken = Arc::new(Mutex::new(Vec::<String>::new()));
+
+    // Long-lived connections streaming data both ways the whole time.
+    let streams: Vec<_> = (0..6)
+        .map(|i| {
+            let (stop, broken, total) = (stop.clone(), broken.clone(), total_rounds.clone());
+            std::thread::spawn(move || -> usize {
+                let run = || -> std::io::Result<usize> {
+                    let mut s = TcpStream::connect(web)?;
+                    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+                    let mut name = [0u8; 3];
+                    s.read_exact(&mut name)?;
+                    let mut rounds = 0;
+                    let mut back = vec![0u8; 16 * 1024];
+                    while !stop.load(Ordering::SeqCst) {
+                        let chunk: Vec<u8> = (0..back.len())
+                            .map(|k| (k * 31 + rounds * 7 + i) as u8)
+                            .collect();
+                        s.write_all(&chunk)?;
+                        s.read_exact(&mut back)?;
+                        if back != chunk {
+                            return Err(std::io::Error::other("echo differs"));
+                        }
+                        rounds += 1;
+                        total.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    s.shutdown(Shutdown::Write)?;
+                    let mut rest = Vec::new();
+                    s.read_to_end(&mut rest)?;
+                    Ok(rounds)
+                };
+                run().unwrap_or_else(|e| {
+                    broken.lock().unwrap().push(format!("stream {i}: {e}"));
+                    0
+                })
+            })
+        })
+        .collect();
+    // New connections arriving the whole time.
+    let asked = Arc::new(AtomicUsize::new(0));
+    let askers: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, broken, asked) = (stop.clone(), broken.clone(), asked.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match ask_name(web) {
+                        Ok(_) => {
+                            asked.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => broken.lock().unwrap().push(format!("new connection: {e}")),
+                    }
+                }
+            })
+        })
+        .collect();
+
+    for step in 1..=20 {
+        // Every reload lands while the streams are moving data.
+        let before = total_rounds.load(Ordering::SeqCst);
+        assert!(
+            wait_until(SOON, || total_rounds.load(Ordering::SeqCst) >= before + 12),
+            "streams stalled before step {step}"
+        );
+        let mark = lb.reload(&config(step));
+        wait_reload(&lb, mark, "reload: applied");
+        // The configuration in effect is the new one, weights included...
+        let want: BTreeMap<String, u64> = web_backends(step)
+            .iter()
+            .map(|(j, w)| (format!("n{j}"), u64::from(*w)))
+            .collect();
+        let s = status(admin);
+        let fe = s["frontends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "web")
+            .unwrap();
+        let got: BTreeMap<String, u64> = fe["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["state"] != "draining")
+            .map(|b| {
+                (
+                    b["name"].as_str().unwrap().to_string(),
+                    b["weight"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(got, want, "step {step}");
+        // ...and new connections go to its backends, every one of them, and nowhere else.
+        let mut seen = HashSet::new();
+        for _ in 0..300 {
+            let name = ask_name(web).unwrap_or_else(|e| panic!("step {step}: {e}"));
+            assert!(
+                want.contains_key(&name),
+                "step {step}: {name} is not in {want:?}"
+            );
+            seen.insert(name);
+            if seen.len() == want.len() {
+                break;
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            want.len(),
+            "step {step}: only {seen:?} of {want:?}"
+        );
+        if step % 4 == 1 {
+            let line = lb
+                .wait_for_log_after(mark, "frontend extra listening on ", SOON)
+                .unwrap();
+            let addr: SocketAddr = line.rsplit(' ').next().unwrap().parse().unwrap();
+            assert_eq!(ask_name(addr).unwrap(), "x0", "step {step}");
+        }
+        if step % 4 == 3 {
+            lb.wait_for_log_after(mark, "frontend extra stopped listening", SOON)
+                .unwrap_or_else(|| panic!("step {step}: extra frontend not removed"));
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let rounds: Vec<usize> = streams.into_iter().map(|t| t.join().unwrap()).collect();
+    for a in askers {
+        a.join().unwrap();
+    }
+    let broken = broken.lock().unwrap();
+    assert!(
+        broken.is_empty(),
+        "{} failures: {:?}",
+        broken.len(),
+        &broken[..broken.len().min(10)]
+    );
+    assert!(
+        rounds.iter().all(|&r| r > 0),
+        "a stream made no progress: {rounds:?}"
+    );
+    assert!(asked.load(Ordering::SeqCst) > 0);
+    assert_eq!(
+        metric(admin, "ringlb_config_reloads_total{result=\"success\"}"),
+        Some(20.0)
+    );
+    assert_eq!(
+        metric(admin, "ringlb_config_reloads_total{result=\"failure\"}"),
+        Some(0.0)
+    );
+    assert_eq!(metric(admin, "ringlb_config_generation"), Some(21.0));
+    eprintln!(
+        "reload storm: {} echo rounds on 6 streams, {} new connections, 0 failures",
+        rounds.iter().sum::<usize>(),
+        asked.load(Ordering::SeqCst)
+    );
+}
+
+#[test]
+fn a_broken_config_is_refused_logged_and_counted_while_the_old_one_keeps_serving() {
+    let a = Backend::start("a1", Behaviour::Named);
+    let good = global_toml("") + &frontend_toml("web", "", &[("a1", a.addr, "")]);
+    let lb = Ringlb::start(&good);
+    let admin = lb.admin.unwrap();
+    let web = lb.addr("web");
+    let mut held = TcpStream::connect(web).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut name = [0u8; 3];
+    held.read_exact(&mut name).unwrap();
+
+    // A TOML syntax error, a valid file with invalid values, and a listener that cannot bind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cannot_bind = global_toml("")
+        + &frontend_toml("web", "", &[("a1", a.addr, "")])
+        + &format!(
+            "[[frontend]]\nname = \"more\"\nlisten = [\"{}\"]\n[[frontend.backend]]\nname = \"a1\"\naddress = \"{}\"\n",
+            taken.local_addr().unwrap(),
+            a.addr
+        );
+    let bad = [
+        ("[[frontend]\nname = ", "reload failed"),
+        (
+            &*(global_toml("")
+                + &frontend_toml("web", "retries = -1", &[("a1", a.addr, "weight = 0")])),
+            "reload failed",
+        ),
+        (&*cannot_bind, "cannot listen on"),
+    ];
+    for (n, (text, needle)) in bad.iter().enumerate() {
+        let mark = lb.reload(text);
+        let line = lb
+            .wait_for_log_after(mark, needle, SOON)
+            .unwrap_or_else(|| {
+                panic!("case {n}: no {needle:?}:\n{}", lb.logs()[mark..].join("\n"))
+            });
+        assert!(line.contains("ERROR"), "{line}");
+        assert!(
+            lb.wait_for_log_after(mark, "still serving the previous configuration", SOON)
+                .is_some(),
+            "case {n}"
+        );
+        assert_eq!(ask_name(web).unwrap(), "a1", "case {n}");
+        assert_eq!(
+            metric(admin, "ringlb_config_reloads_total{result=\"failure\"}"),
+            Some(n as f64 + 1.0)
+        );
+    }
+    // Every problem of the invalid file is reported, each with its path.
+    let log = lb.logs().join("\n");
+    assert!(log.contains("frontend \"web\": retries"), "{log}");
+    assert!(log.contains("weight"), "{log}");
+    let s = status(admin);
+    assert_eq!(s["reloads"]["failed"], 3);
+    assert!(s["reloads"]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("cannot listen"));
+    assert_eq!(metric(admin, "ringlb_config_generation"), Some(1.0));
+    assert_eq!(
+        metric(admin, "ringlb_config_reloads_total{result=\"success\"}"),
+        Some(0.0)
+    );
+    // The connection open all along still works; a good file then applies normally.
+    held.write_all(b"hi").unwrap();
+    let mut back = [0u8; 2];
+    held.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"hi");
+    let b = Backend::start("b1", Behaviour::Named);
+    let mark = lb.reload(
+        &(global_toml("") + &frontend_toml("web", "", &[("a1", a.addr, ""), ("b1", b.addr, "")])),
+    );
+    wait_reload(&lb, mark, "reload: applied: frontend web: +b1");
+    assert_eq!(
+        metric(admin, "ringlb_config_reloads_total{result=\"success\"}"),
+        Some(1.0)
+    );
+    assert!(status(admin)["reloads"]["last_error"].is_null());
+}
+
+#[test]
+fn an_unchanged_file_is_a_no_op_and_kept_backends_keep_their_counters() {
+    let a = Backend::start("a1", Behaviour::Named);
+    let cfg = global_toml("") + &frontend_toml("web", "", &[("a1", a.addr, "")]);
+    let lb = Ringlb::start(&cfg);
+    let admin = lb.admin.unwrap();
+    for _ in 0..3 {
+        assert_eq!(ask_name(lb.addr("web")).unwrap(), "a1");
+    }
+    let a1_total = |admin| {
+        metric(
+            admin,
+            "ringlb_backend_connections_total{frontend=\"web\",backend=\"a1\"}",
+        )
+    };
+    assert!(wait_until(SOON, || a1_total(admin) == Some(3.0)));
+    let generation = status(admin)["snapshot_generation"].as_u64().unwrap();
+
+    let mark = lb.reload(&cfg);
+    wait_reload(&lb, mark, "reload: configuration unchanged");
+    let s = status(admin);
+    assert_eq!(
+        s["snapshot_generation"].as_u64().unwrap(),
+        generation,
+        "republished"
+    );
+    assert_eq!(s["config_generation"], 1);
+    assert_eq!(s["reloads"]["ok"], 1);
+    let line = |l: &String| l.contains("listening on") || l.contains("stopped listening");
+    assert!(!lb.logs()[mark..].iter().any(line), "listeners touched");
+
+    // Adding a backend keeps a1's state and counters.
+    let b = Backend::start("b1", Behaviour::Named);
+    let mark = lb.reload(
+        &(global_toml("") + &frontend_toml("web", "", &[("a1", a.addr, ""), ("b1", b.addr, "")])),
+    );
+    wait_reload(&lb, mark, "reload: applied");
+    assert_eq!(a1_total(admin), Some(3.0));
+    let s = status(admin);
+    let a1 = &s["frontends"][0]["backends"][0];
+    assert_eq!(
+        (a1["name"].as_str(), a1["connections_total"].as_u64()),
+        (Some("a1"), Some(3))
+    );
+    assert_eq!(s["config_generation"], 2);
+}
+
+#[test]
+fn a_removed_frontend_stops_listening_and_its_open_connections_finish() {
+    let a = Backend::start("a1", Behaviour::Named);
+    let o = Backend::start("o1", Behaviour::Named);
+    let both = global_toml("")
+        + &frontend_toml("web", "", &[("a1", a.addr, "")])
+        + &frontend_toml("old", "", &[("o1", o.addr, "")]);
+    let lb = Ringlb::start(&both);
+    let old = lb.addr("old");
+    let mut held = TcpStream::connect(old).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut name = [0u8; 3];
+    held.read_exact(&mut name).unwrap();
+    assert_eq!(&name, b"o1\n");
+
+    let mark = lb.reload(&(global_toml("") + &frontend_toml("web", "", &[("a1", a.addr, "")])));
+    wait_reload(&lb, mark, "reload: applied: frontend old removed");
+    lb.wait_for_log_after(mark, "frontend old stopped listening", SOON)
+        .unwrap();
+    assert!(
+        wait_until(SOON, || TcpStream::connect(old).is_err()),
+        "the removed frontend still accepts"
+    );
+    let s = status(lb.admin.unwrap());
+    let removed = s["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "old")
+        .expect("the removed frontend is listed while it drains");
+    assert_eq!(removed["removed"], true);
+    assert_eq!(removed["backends"][0]["state"], "draining");
+    for _ in 0..3 {
+        held.write_all(b"still here").unwrap();
+        let mut back = [0u8; 10];
+        held.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"still here");
+    }
+    assert_eq!(ask_name(lb.addr("web")).unwrap(), "a1");
+}
+
+#[test]
+fn connections_on_a_removed_backend_are_closed_once_shutdown_timeout_passes() {
+    let a = Backend::start("a1", Behaviour::Named);
+    let b = Backend::start("b1", Behaviour::Named);
+    let global =
+        "[global]\nworkers = 2\nshutdown_timeout = \"1s\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n";
+    let lb =
+        Ringlb::start(&(global.to_string() + &frontend_toml("web", "", &[("b1", b.addr, "")])));
+    let mut held = TcpStream::connect(lb.addr("web")).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut name = [0u8; 3];
+    held.read_exact(&mut name).unwrap();
+
+    let mark = lb.reload(&(global.to_string() + &frontend_toml("web", "", &[("a1", a.addr, "")])));
+    wait_reload(&lb, mark, "reload: applied");
+    lb.wait_for_log_after(
+        mark,
+        "Server web/b1 removed by reload: closing 1 connections",
+        SOON,
+    )
+    .expect("the drain limit is logged");
+    let mut rest = Vec::new();
+    let _ = held.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    assert_eq!(ask_name(lb.addr("web")).unwrap(), "a1");
+}
