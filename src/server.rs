@@ -86,8 +86,9 @@ impl Server {
             max_connections: AtomicUsize::new(config.global.max_connections),
             events: events_tx,
         });
-        let workers =
-            worker::spawn(config.global.workers, shared.clone()).map_err(StartError::Workers)?;
+        let io_name = worker::choose_io(config.global.io).map_err(StartError::Workers)?;
+        let workers = worker::spawn(config.global.workers, io_name, shared.clone())
+            .map_err(StartError::Workers)?;
         let mut server = Server {
             config_path,
             config: config.clone(),
@@ -103,7 +104,7 @@ impl Server {
             last_reload_ok: None,
         };
         crate::info!(
-            "ringlb {} starting: {} workers on io_uring, {} frontends",
+            "ringlb {} starting: {} workers on {io_name}, {} frontends",
             env!("CARGO_PKG_VERSION"),
             config.global.workers,
             config.frontends.len()

@@ -27,6 +27,15 @@ fn idle_timeout_closes_a_silent_connection_but_not_an_active_one() {
     silent.set_read_timeout(Some(SOON)).unwrap();
     let mut busy = TcpStream::connect(lb.addr("web")).unwrap();
     busy.set_read_timeout(Some(SOON)).unwrap();
+    // The busy one pings every 200ms for 2.5 idle timeouts; it must never be cut.
+    let pinger = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(2500) {
+            echo_once(&mut busy)?;
+            std::thread::sleep(Duration::from_millis(200)); // traffic pacing, not synchronisation
+        }
+        Ok::<_, std::io::Error>(busy)
+    });
     let start = Instant::now();
     // The silent one is closed by ringlb: read returns EOF (or a reset), not our timeout.
     let mut buf = [0u8; 1];
@@ -35,15 +44,13 @@ fn idle_timeout_closes_a_silent_connection_but_not_an_active_one() {
         matches!(r, Ok(0)) || r.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset)
     );
     assert!(start.elapsed() < SOON);
-    // The busy one, pinging every 200ms across the same time span, is still open.
-    let busy_start = Instant::now();
-    while busy_start.elapsed() < Duration::from_millis(1600) {
-        echo_once(&mut busy).unwrap();
-        std::thread::sleep(Duration::from_millis(200)); // traffic pacing, not synchronisation
-    }
+    let _busy = pinger
+        .join()
+        .unwrap()
+        .expect("the busy connection stayed open");
     assert!(
         wait_until(SOON, || b.open() == 1),
-        "backend side of the idle connection stays open"
+        "the idle connection was closed on the backend side too; only the busy one is open"
     );
 }
 
@@ -87,10 +94,19 @@ fn max_connections_rejects_the_excess_and_keeps_serving_the_rest() {
 
 #[test]
 fn open_fds_return_to_baseline_after_2000_connections_to_refused_silent_and_live_backends() {
+    fd_scenario("io_uring");
+}
+
+#[test]
+fn the_epoll_fallback_leaks_no_fds_either() {
+    fd_scenario("epoll");
+}
+
+fn fd_scenario(io: &str) {
     let good = Backend::start("good", Behaviour::Echo);
     let hole = Blackhole::start();
     let refused = refused_addr();
-    let cfg = global_toml("")
+    let cfg = global_toml(&format!("io = \"{io}\""))
         + &frontend_toml(
             "web",
             "balance = \"round-robin\"\nconnect_timeout = \"100ms\"\nretries = 2\n[frontend.health]\nerror_limit = 0",

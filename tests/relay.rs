@@ -10,15 +10,27 @@ use common::*;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-fn echo_lb() -> (Ringlb, Backend) {
+fn echo_lb(io: &str) -> (Ringlb, Backend) {
     let b = Backend::start("echo", Behaviour::Echo);
-    let cfg = global_toml("") + &frontend_toml("web", "", &[("echo", b.addr, "")]);
-    (Ringlb::start(&cfg), b)
+    let cfg =
+        global_toml(&format!("io = \"{io}\"")) + &frontend_toml("web", "", &[("echo", b.addr, "")]);
+    let lb = Ringlb::start(&cfg);
+    assert!(lb.wait_for_log(&format!("workers on {io}"), SOON).is_some());
+    (lb, b)
 }
 
 #[test]
 fn sixteen_mebibytes_each_way_arrive_intact_on_several_connections_at_once() {
-    let (lb, _b) = echo_lb();
+    integrity("io_uring");
+}
+
+#[test]
+fn the_epoll_fallback_moves_sixteen_mebibytes_each_way_intact_too() {
+    integrity("epoll");
+}
+
+fn integrity(io: &str) {
+    let (lb, _b) = echo_lb(io);
     let addr = lb.addr("web");
     let handles: Vec<_> = (0..4)
         .map(|_| {
@@ -58,7 +70,16 @@ fn sixteen_mebibytes_each_way_arrive_intact_on_several_connections_at_once() {
 
 #[test]
 fn a_client_that_shuts_its_write_side_still_receives_the_full_reply() {
-    let (lb, _b) = echo_lb();
+    half_close("io_uring");
+}
+
+#[test]
+fn half_close_travels_through_the_epoll_fallback_too() {
+    half_close("epoll");
+}
+
+fn half_close(io: &str) {
+    let (lb, _b) = echo_lb(io);
     let mut s = TcpStream::connect(lb.addr("web")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let msg = vec![b'x'; 300_000];

@@ -7,13 +7,22 @@ use common::*;
 
 #[test]
 fn refused_and_silent_backends_cause_zero_client_failures_over_200_connections() {
+    retry_scenario("io_uring");
+}
+
+#[test]
+fn the_epoll_fallback_retries_refused_and_silent_backends_too() {
+    retry_scenario("epoll");
+}
+
+fn retry_scenario(io: &str) {
     let good1 = Backend::start("good1", Behaviour::Named);
     let good2 = Backend::start("good2", Behaviour::Named);
     let hole = Blackhole::start();
     let refused = refused_addr();
     // No active checks and no passive marking: every connection meets the dead backends as
     // often as round robin sends it there, so this exercises retries alone.
-    let cfg = global_toml("")
+    let cfg = global_toml(&format!("io = \"{io}\""))
         + &frontend_toml(
             "web",
             "balance = \"round-robin\"\nconnect_timeout = \"300ms\"\nretries = 2\n[frontend.health]\nerror_limit = 0",

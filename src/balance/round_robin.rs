@@ -78,10 +78,12 @@ impl BackendSelection for SmoothRoundRobin {
         if n == 0 {
             return None;
         }
-        // Bounded walk: at most one full cycle, so a pool that is all down returns None.
-        for _ in 0..n {
-            let pos = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
-            let idx = self.schedule[pos];
+        // One shared step per pick keeps whole cycles exact across workers. From there the walk
+        // is local: re-reading the shared cursor would let concurrent picks push this one
+        // past every eligible slot.
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        for k in 0..n {
+            let idx = self.schedule[(start + k) % n];
             if eligible(backends, tried, idx) {
                 return Some(idx);
             }

@@ -29,6 +29,7 @@ pub struct FileGlobal {
     pub workers: Option<FileWorkers>,
     pub max_connections: Option<i64>,
     pub shutdown_timeout: Option<String>,
+    pub io: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -31,6 +31,18 @@ pub struct Global {
     pub workers: usize,
     pub max_connections: usize,
     pub shutdown_timeout: Duration,
+    pub io: IoMode,
+}
+
+/// Which kernel interface the workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoMode {
+    /// io_uring when the kernel allows it, else the epoll fallback (with a warning).
+    Auto,
+    /// io_uring or refuse to start.
+    IoUring,
+    /// Always the epoll fallback.
+    Epoll,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use super::duration::parse_duration;
 use super::file::{FileBackend, FileConfig, FileFrontend, FileHealth, FileWorkers};
-use super::{Admin, Backend, Balance, Config, Frontend, Global, HashKey, Health, OnMarkedDown};
+use super::{
+    Admin, Backend, Balance, Config, Frontend, Global, HashKey, Health, IoMode, OnMarkedDown,
+};
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_MAGLEV_TABLE_SIZE: usize = 65537;
@@ -160,10 +162,23 @@ fn validate_global(file: &FileConfig, out: &mut Vec<String>) -> Global {
         &g.and_then(|g| g.shutdown_timeout.clone()),
         Duration::from_secs(30),
     );
+    let io = match g.and_then(|g| g.io.as_deref()) {
+        None | Some("auto") => IoMode::Auto,
+        Some("io_uring") => IoMode::IoUring,
+        Some("epoll") => IoMode::Epoll,
+        Some(other) => {
+            p.push(
+                "io",
+                format!("unknown mode \"{other}\": use \"auto\", \"io_uring\" or \"epoll\""),
+            );
+            IoMode::Auto
+        }
+    };
     Global {
         workers,
         max_connections,
         shutdown_timeout,
+        io,
     }
 }
 

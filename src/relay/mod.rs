@@ -10,6 +10,7 @@
 //! watchdog calls `shutdown(Both)` on both sockets, which completes every pending op, and the
 //! pumps then return on their own.
 
+pub mod epoll;
 pub mod ops;
 
 use std::cell::Cell;
@@ -24,7 +25,7 @@ use tokio_uring::net::TcpStream;
 use crate::backend::BackendState;
 
 /// Per-read buffer size: large enough that bulk transfers need few syscalls.
-const BUF_SIZE: usize = 64 * 1024;
+pub(crate) const BUF_SIZE: usize = 64 * 1024;
 
 /// Why a relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,12 +66,13 @@ async fn pump(
 
 /// Relays until both directions end; see the module docs for how it stops early.
 pub async fn relay(
-    client: &TcpStream,
-    server: &TcpStream,
+    client: TcpStream,
+    server: TcpStream,
     backend: &BackendState,
     kill_epoch: u64,
     idle_timeout: Duration,
 ) -> RelayEnd {
+    let (client, server) = (&client, &server);
     let last_activity = Cell::new(Instant::now());
     let both = async {
         let up = async {
@@ -96,29 +98,36 @@ pub async fn relay(
     };
     tokio::pin!(both);
 
-    let watchdog = async {
-        loop {
-            let deadline = last_activity.get() + idle_timeout;
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {
-                    if last_activity.get() + idle_timeout <= Instant::now() {
-                        return RelayEnd::IdleTimeout;
-                    }
-                }
-                _ = backend.killed_after(kill_epoch) => return RelayEnd::Killed,
-            }
-        }
-    };
-
     tokio::select! {
         biased;
         _ = &mut both => RelayEnd::Done,
-        why = watchdog => {
+        why = watchdog(&last_activity, idle_timeout, backend, kill_epoch) => {
             let _ = client.shutdown(Shutdown::Both);
             let _ = server.shutdown(Shutdown::Both);
             // Every pending op completes now; wait for them rather than drop them.
             both.await;
             why
+        }
+    }
+}
+
+/// Resolves when the connection must end early: silent for `idle_timeout` in both
+/// directions, or its backend's kill switch flipped after `kill_epoch`.
+pub(crate) async fn watchdog(
+    last_activity: &Cell<Instant>,
+    idle_timeout: Duration,
+    backend: &BackendState,
+    kill_epoch: u64,
+) -> RelayEnd {
+    loop {
+        let deadline = last_activity.get() + idle_timeout;
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                if last_activity.get() + idle_timeout <= Instant::now() {
+                    return RelayEnd::IdleTimeout;
+                }
+            }
+            _ = backend.killed_after(kill_epoch) => return RelayEnd::Killed,
         }
     }
 }

@@ -8,29 +8,27 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_uring::net::{TcpListener, TcpStream};
-
+use super::io::Io;
 use super::{shutdown_listener, DataEvent, Shared};
 use crate::backend::ActiveGuard;
-use crate::relay::{self, ops::connect};
 
 /// One listening socket on this worker.
-pub struct ListenerSlot {
+pub struct ListenerSlot<I: Io> {
     frontend: String,
-    listener: TcpListener,
+    listener: I::Listener,
     /// The listener's fd, kept for `shutdown()`; owned by `listener`.
     fd: RawFd,
     closed: Cell<bool>,
 }
 
-impl ListenerSlot {
-    pub fn new(frontend: String, listener: std::net::TcpListener) -> ListenerSlot {
-        ListenerSlot {
+impl<I: Io> ListenerSlot<I> {
+    pub fn new(frontend: String, listener: std::net::TcpListener) -> std::io::Result<Self> {
+        Ok(ListenerSlot {
             frontend,
             fd: listener.as_raw_fd(),
-            listener: TcpListener::from_std(listener),
+            listener: I::listener(listener)?,
             closed: Cell::new(false),
-        }
+        })
     }
 
     pub fn close(&self) {
@@ -43,10 +41,10 @@ impl ListenerSlot {
 /// Backoff after EMFILE/ENFILE/ENOBUFS: long enough not to spin, short enough to recover fast.
 const RESOURCE_BACKOFF: Duration = Duration::from_millis(50);
 
-pub async fn accept_loop(slot: Rc<ListenerSlot>, shared: Arc<Shared>) {
+pub async fn accept_loop<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shared>) {
     let mut resource_errors: u64 = 0;
     loop {
-        let accepted = slot.listener.accept().await;
+        let accepted = I::accept(&slot.listener).await;
         if slot.closed.get() {
             // Shut down for a reload or a stop; a connection accepted in the race is closed.
             return;
@@ -89,7 +87,7 @@ pub async fn accept_loop(slot: Rc<ListenerSlot>, shared: Arc<Shared>) {
             drop(stream);
             continue;
         }
-        tokio_uring::spawn(serve(stream, peer, slot.clone(), shared.clone()));
+        I::spawn(serve::<I>(stream, peer, slot.clone(), shared.clone()));
     }
 }
 
@@ -102,9 +100,14 @@ impl Drop for OpenSlot<'_> {
     }
 }
 
-async fn serve(client: TcpStream, peer: SocketAddr, slot: Rc<ListenerSlot>, shared: Arc<Shared>) {
+async fn serve<I: Io>(
+    client: I::Stream,
+    peer: SocketAddr,
+    slot: Rc<ListenerSlot<I>>,
+    shared: Arc<Shared>,
+) {
     let _open = OpenSlot(&shared);
-    let _ = client.set_nodelay(true);
+    I::set_nodelay(&client);
     let snap = shared.published.load_full();
     let Some(fe) = snap.frontend(&slot.frontend).cloned() else {
         return;
@@ -121,12 +124,12 @@ async fn serve(client: TcpStream, peer: SocketAddr, slot: Rc<ListenerSlot>, shar
             break;
         };
         let backend = &fe.backends[idx];
-        match connect(backend.config.address, cfg.connect_timeout).await {
+        match I::connect(backend.config.address, cfg.connect_timeout).await {
             Ok(server) => {
                 backend.state.record_connect_success();
                 let guard = ActiveGuard::new(backend.state.clone());
                 let epoch = guard.state().kill_epoch();
-                relay::relay(&client, &server, guard.state(), epoch, cfg.idle_timeout).await;
+                I::relay(client, server, guard.state(), epoch, cfg.idle_timeout).await;
                 return;
             }
             Err(e) => {

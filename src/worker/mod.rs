@@ -5,6 +5,7 @@
 //! snapshot; nothing on a worker blocks on another thread.
 
 mod accept;
+pub mod io;
 pub mod listener;
 
 use std::collections::HashMap;
@@ -17,6 +18,8 @@ use std::thread::JoinHandle;
 use tokio::sync::mpsc;
 
 use crate::backend::{BackendState, Published};
+use crate::config::IoMode;
+use io::{Epoll, Io, Uring};
 
 pub use accept::ListenerSlot;
 
@@ -72,8 +75,35 @@ impl WorkerHandle {
     }
 }
 
-/// Starts `count` workers. Returns an error if a thread or an io_uring cannot be created.
-pub fn spawn(count: usize, shared: Arc<Shared>) -> std::io::Result<Vec<WorkerHandle>> {
+/// Picks the runtime for `mode`: io_uring if allowed, else epoll (only in `auto`).
+pub fn choose_io(mode: IoMode) -> std::io::Result<&'static str> {
+    match mode {
+        IoMode::Epoll => Ok(Epoll::NAME),
+        IoMode::IoUring => io::io_uring_available().map(|_| Uring::NAME).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("io_uring is unavailable ({e}) and the config says io = \"io_uring\""),
+            )
+        }),
+        IoMode::Auto => Ok(match io::io_uring_available() {
+            Ok(()) => Uring::NAME,
+            Err(e) => {
+                crate::warn!(
+                    "io_uring is unavailable ({e}): using the epoll fallback; check sysctl \
+                     kernel.io_uring_disabled and the container's seccomp profile"
+                );
+                Epoll::NAME
+            }
+        }),
+    }
+}
+
+/// Starts `count` workers on the runtime named by `io_name` (from [`choose_io`]).
+pub fn spawn(
+    count: usize,
+    io_name: &'static str,
+    shared: Arc<Shared>,
+) -> std::io::Result<Vec<WorkerHandle>> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut out = Vec::with_capacity(count);
     for index in 0..count {
@@ -84,17 +114,33 @@ pub fn spawn(count: usize, shared: Arc<Shared>) -> std::io::Result<Vec<WorkerHan
             .name(format!("ringlb-w{index}"))
             .spawn(move || {
                 pin_to_core(index % cpus);
-                let mut builder = tokio_uring::builder();
-                builder.entries(1024);
-                let rt = match tokio_uring::Runtime::new(&builder) {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                rt.block_on(run(rx, shared));
+                if io_name == Uring::NAME {
+                    let mut builder = tokio_uring::builder();
+                    builder.entries(1024);
+                    let rt = match tokio_uring::Runtime::new(&builder) {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    rt.block_on(run::<Uring>(rx, shared));
+                } else {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    let local = tokio::task::LocalSet::new();
+                    rt.block_on(local.run_until(run::<Epoll>(rx, shared)));
+                }
             })?;
         ready_rx
             .recv()
@@ -116,19 +162,22 @@ fn pin_to_core(core: usize) {
     }
 }
 
-async fn run(mut rx: mpsc::UnboundedReceiver<WorkerCommand>, shared: Arc<Shared>) {
-    let mut listeners: HashMap<u64, Rc<ListenerSlot>> = HashMap::new();
+async fn run<I: Io>(mut rx: mpsc::UnboundedReceiver<WorkerCommand>, shared: Arc<Shared>) {
+    let mut listeners: HashMap<u64, Rc<ListenerSlot<I>>> = HashMap::new();
     while let Some(cmd) = rx.recv().await {
         match cmd {
             WorkerCommand::Listen {
                 id,
                 frontend,
                 listener,
-            } => {
-                let slot = Rc::new(ListenerSlot::new(frontend, listener));
-                tokio_uring::spawn(accept::accept_loop(slot.clone(), shared.clone()));
-                listeners.insert(id, slot);
-            }
+            } => match ListenerSlot::<I>::new(frontend, listener) {
+                Ok(slot) => {
+                    let slot = Rc::new(slot);
+                    I::spawn(accept::accept_loop(slot.clone(), shared.clone()));
+                    listeners.insert(id, slot);
+                }
+                Err(e) => crate::error!("worker cannot use a listener: {e}"),
+            },
             WorkerCommand::Unlisten { id } => {
                 if let Some(slot) = listeners.remove(&id) {
                     slot.close();

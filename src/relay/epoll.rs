@@ -1,0 +1,62 @@
+//! The epoll fallback's relay, for machines without io_uring (`kernel.io_uring_disabled`,
+//! container seccomp profiles, old kernels). Same contract as the io_uring relay: bytes both
+//! ways, half-close travels, idle timeout and kill switch end it. Here a dropped future is a
+//! clean cancellation (epoll has nothing in flight in the kernel), so no shutdown dance.
+
+use std::cell::Cell;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::{watchdog, RelayEnd, BUF_SIZE};
+use crate::backend::BackendState;
+
+async fn pump(
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
+    last_activity: &Cell<Instant>,
+    bytes: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        last_activity.set(Instant::now());
+        to.write_all(&buf[..n]).await?;
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    // Half-close toward the peer (shutdown(Write)).
+    let _ = to.shutdown().await;
+    Ok(())
+}
+
+pub async fn relay(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    backend: &BackendState,
+    kill_epoch: u64,
+    idle_timeout: Duration,
+) -> RelayEnd {
+    let last_activity = Cell::new(Instant::now());
+    let (mut cr, mut cw) = client.split();
+    let (mut sr, mut sw) = server.split();
+    let both = async {
+        // try_join: an error in one direction (a reset) ends the other too.
+        let _ = tokio::try_join!(
+            pump(&mut cr, &mut sw, &last_activity, &backend.bytes_in_total),
+            pump(&mut sr, &mut cw, &last_activity, &backend.bytes_out_total),
+        );
+    };
+    tokio::select! {
+        biased;
+        _ = both => RelayEnd::Done,
+        why = watchdog(&last_activity, idle_timeout, backend, kill_epoch) => why,
+    }
+}
