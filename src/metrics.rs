@@ -70,12 +70,9 @@ const BACKEND: Family = Family {
 const FRONTEND: Family = Family {
     counters: &[
         ("ringlb_frontend_connections_total", None),
+        ("ringlb_frontend_rejected_total", Some(("reason", "limit"))),
         (
-            "ringlb_frontend_rejected_connections_total",
-            Some(("reason", "limit")),
-        ),
-        (
-            "ringlb_frontend_rejected_connections_total",
+            "ringlb_frontend_rejected_total",
             Some(("reason", "no_backend")),
         ),
     ],
@@ -114,7 +111,7 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_backend_check_duration_seconds", "Duration of the last health check (haproxy_server_check_duration_seconds)."),
     ("ringlb_backend_last_state_change_seconds", "Seconds since the last UP/DOWN transition (haproxy_server_check_last_change_seconds)."),
     ("ringlb_frontend_connections_total", "Client connections accepted (haproxy_frontend_sessions_total)."),
-    ("ringlb_frontend_rejected_connections_total", "Client connections closed without a backend, by reason: limit (max_connections reached) or no_backend (haproxy_frontend_denied_connections_total)."),
+    ("ringlb_frontend_rejected_total", "Client connections closed without a backend, by reason: limit (max_connections reached) or no_backend (haproxy_frontend_denied_connections_total)."),
     ("ringlb_frontend_active_connections", "Open client connections (haproxy_frontend_current_sessions)."),
     ("ringlb_config_reloads_total", "Configuration reloads by result."),
     ("ringlb_config_generation", "1 for the configuration ringlb started with, +1 for each reload that changed it."),

@@ -234,11 +234,11 @@ fn metrics_are_valid_prometheus_text_and_move_as_traffic_flows() {
             vec![("frontend", "web")],
         ),
         (
-            "ringlb_frontend_rejected_connections_total",
+            "ringlb_frontend_rejected_total",
             vec![("frontend", "web"), ("reason", "limit")],
         ),
         (
-            "ringlb_frontend_rejected_connections_total",
+            "ringlb_frontend_rejected_total",
             vec![("frontend", "web"), ("reason", "no_backend")],
         ),
         ("ringlb_config_reloads_total", vec![("result", "success")]),
@@ -666,4 +666,31 @@ fn the_status_page_renders_in_headless_chromium_with_a_row_per_backend_coloured_
         std::fs::write(docs, &bytes).unwrap();
     }
     drop(held);
+}
+
+#[test]
+fn every_metric_in_docs_metrics_md_is_exported_and_every_exported_one_is_documented() {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md"),
+    )
+    .unwrap();
+    // Names in the tables: the first backticked cell of each row.
+    let documented: std::collections::BTreeSet<String> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `ringlb_"))
+        .map(|rest| {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            format!("ringlb_{name}")
+        })
+        .collect();
+    let b = Backend::start("a1", Behaviour::Echo);
+    let lb = Ringlb::start(&(global_toml("") + &frontend_toml("web", "", &[("a1", b.addr, "")])));
+    let exported: std::collections::BTreeSet<String> = scrape(lb.admin.unwrap())
+        .keys()
+        .map(|series| series.split('{').next().unwrap().to_string())
+        .collect();
+    assert_eq!(documented, exported);
 }
