@@ -296,7 +296,8 @@ fn spawn_drain_limit(removed: Vec<Arc<BackendState>>, limit: Duration) {
         tokio::time::sleep(limit).await;
         for b in removed {
             let open = b.active.load(Ordering::Relaxed);
-            if open > 0 {
+            // Not draining any more: a later reload added it back.
+            if open > 0 && b.is_draining() {
                 crate::warn!(
                     "Server {}/{} removed by reload: closing {open} connections still open after {}",
                     b.frontend,

@@ -437,3 +437,49 @@ fn connections_on_a_removed_backend_are_closed_once_shutdown_timeout_passes() {
     assert!(rest.is_empty());
     assert_eq!(ask_name(lb.addr("web")).unwrap(), "a1");
 }
+
+#[test]
+fn a_backend_added_back_before_its_drain_limit_keeps_its_connections_and_counters() {
+    let a = Backend::start("a1", Behaviour::Named);
+    let b = Backend::start("b1", Behaviour::Named);
+    let global =
+        "[global]\nworkers = 2\nshutdown_timeout = \"1s\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n";
+    let with_b = global.to_string() + &frontend_toml("web", "", &[("b1", b.addr, "")]);
+    let lb = Ringlb::start(&with_b);
+    let admin = lb.admin.unwrap();
+    let mut held = TcpStream::connect(lb.addr("web")).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut name = [0u8; 3];
+    held.read_exact(&mut name).unwrap();
+    assert_eq!(&name, b"b1\n");
+
+    // Removed, then back (say, an edit undone) well within the 1 s drain limit.
+    let mark = lb.reload(&(global.to_string() + &frontend_toml("web", "", &[("a1", a.addr, "")])));
+    wait_reload(&lb, mark, "reload: applied");
+    let mark = lb.reload(&with_b);
+    wait_reload(&lb, mark, "reload: applied");
+    let s = status(admin);
+    let rows = s["frontends"][0]["backends"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{s}");
+    assert_eq!(rows[0]["state"], "up");
+    assert_eq!(
+        rows[0]["active"], 1,
+        "the open connection is counted on the re-added backend"
+    );
+    assert_eq!(rows[0]["connections_total"], 1);
+
+    // Past the drain limit, the connection is still open and working.
+    std::thread::sleep(Duration::from_millis(2500));
+    held.write_all(b"ok?").unwrap();
+    let mut back = [0u8; 3];
+    held.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"ok?");
+    assert!(
+        !lb.logs()[mark..]
+            .iter()
+            .any(|l| l.contains("removed by reload: closing")),
+        "{:?}",
+        lb.logs()
+    );
+}

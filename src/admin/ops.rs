@@ -120,7 +120,8 @@ impl OpsState {
     /// Removed backends that still have connections open. Forgets those that have none left.
     pub fn draining(&self) -> Vec<Draining> {
         let mut d = lock(&self.draining);
-        d.retain(|b| b.state.active.load(Ordering::Relaxed) > 0);
+        // Gone once closed, or once a later reload added the backend back.
+        d.retain(|b| b.state.is_draining() && b.state.active.load(Ordering::Relaxed) > 0);
         d.clone()
     }
 

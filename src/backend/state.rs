@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use tokio::sync::Notify;
@@ -119,6 +119,11 @@ impl BackendState {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// A reload added the backend back while it was draining: it takes connections again.
+    pub fn clear_draining(&self) {
+        self.draining.store(false, Ordering::Relaxed);
+    }
+
     #[inline]
     pub fn ramp(&self) -> u32 {
         self.ramp.load(Ordering::Relaxed)
@@ -220,14 +225,27 @@ type BackendKey = (String, String, SocketAddr);
 pub struct Registry {
     backends: HashMap<BackendKey, Arc<BackendState>>,
     frontends: HashMap<String, Arc<FrontendState>>,
+    /// Backends removed by a reload, while anything (an open connection, the drain limit)
+    /// still holds them. A reload that adds one back adopts it, so its open connections are
+    /// not closed by the drain limit and its counters and health carry on.
+    removed: HashMap<BackendKey, Weak<BackendState>>,
 }
 
 impl Registry {
     pub fn backend(&mut self, frontend: &str, b: &Backend) -> Arc<BackendState> {
-        self.backends
-            .entry((frontend.to_string(), b.name.clone(), b.address))
-            .or_insert_with(|| Arc::new(BackendState::new(frontend, b)))
-            .clone()
+        let key = (frontend.to_string(), b.name.clone(), b.address);
+        if let Some(state) = self.backends.get(&key) {
+            return state.clone();
+        }
+        let state = match self.removed.remove(&key).and_then(|w| w.upgrade()) {
+            Some(state) => {
+                state.clear_draining();
+                state
+            }
+            None => Arc::new(BackendState::new(frontend, b)),
+        };
+        self.backends.insert(key, state.clone());
+        state
     }
 
     pub fn frontend(&mut self, name: &str) -> Arc<FrontendState> {
@@ -250,6 +268,11 @@ impl Registry {
             }
             keep
         });
+        self.removed.retain(|_, w| w.strong_count() > 0);
+        for state in &removed {
+            let key = (state.frontend.clone(), state.name.clone(), state.address);
+            self.removed.insert(key, Arc::downgrade(state));
+        }
         self.frontends
             .retain(|name, _| config.frontend(name).is_some());
         removed
