@@ -244,3 +244,78 @@ fn the_unit_file_passes_systemd_analyze_verify_and_its_commands_work() {
     std::fs::write(&broken, "[[frontend]]\nname = \"web\"\n").unwrap();
     assert_eq!(check(&broken).status.code(), Some(1));
 }
+
+#[test]
+fn under_journald_each_reload_is_one_line_with_a_priority() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::mpsc;
+
+    let a = Backend::start("a1", Behaviour::Named);
+    let b = Backend::start("b1", Behaviour::Named);
+    let dir = TempDir::new();
+    let path = dir.path.join("ringlb.toml");
+    std::fs::write(&path, config(&a)).unwrap();
+    // JOURNAL_STREAM is how systemd tells a service its stderr goes to the journal.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringlb"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("JOURNAL_STREAM", "8:12345")
+        .env_remove("NOTIFY_SOCKET")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    /// Kills ringlb if the test fails half-way.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = child.stderr.take().unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let mut child = Reap(child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |needle: &str| -> Vec<String> {
+        let deadline = Instant::now() + SOON;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Ok(line) = rx.recv_timeout(left) else {
+                break;
+            };
+            let done = line.contains(needle);
+            seen.push(line);
+            if done {
+                return seen;
+            }
+        }
+        panic!("no {needle:?} in {seen:?}");
+    };
+    let start = wait_for("<6>ready");
+    assert!(
+        start.iter().all(|l| l.starts_with('<')),
+        "lines without a priority: {start:?}"
+    );
+    std::fs::write(
+        &path,
+        global_toml("") + &frontend_toml("web", "", &[("a1", a.addr, ""), ("b1", b.addr, "")]),
+    )
+    .unwrap();
+    nix::sys::signal::kill(pid, Signal::SIGHUP).unwrap();
+    let lines = wait_for("reload: applied");
+    assert_eq!(
+        lines.last().unwrap(),
+        "<6>reload: applied: frontend web: +b1",
+        "{lines:?}"
+    );
+    nix::sys::signal::kill(pid, Signal::SIGTERM).unwrap();
+    wait_for("<6>stopped");
+    assert!(child.0.wait().unwrap().success());
+}
