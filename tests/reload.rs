@@ -483,3 +483,48 @@ fn a_backend_added_back_before_its_drain_limit_keeps_its_connections_and_counter
         lb.logs()
     );
 }
+
+#[test]
+fn a_frontend_moved_to_another_address_serves_there_and_its_open_connections_finish() {
+    let a = Backend::start("a1", Behaviour::Named);
+    let lb = Ringlb::start(&(global_toml("") + &frontend_toml("web", "", &[("a1", a.addr, "")])));
+    let old = lb.addr("web");
+    let mut held = TcpStream::connect(old).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut name = [0u8; 3];
+    held.read_exact(&mut name).unwrap();
+
+    // Same frontend, now on 127.0.0.2 (still loopback) instead of 127.0.0.1.
+    let moved = global_toml("")
+        + &frontend_toml("web", "", &[("a1", a.addr, "")])
+            .replace("listen = [\"127.0.0.1:0\"]", "listen = [\"127.0.0.2:0\"]");
+    let mark = lb.reload(&moved);
+    let applied = lb
+        .wait_for_log_after(mark, "reload: applied", SOON)
+        .unwrap();
+    assert!(
+        applied.contains("+listen 127.0.0.2:0") && applied.contains("-listen 127.0.0.1:0"),
+        "{applied}"
+    );
+    let line = lb
+        .wait_for_log_after(mark, "frontend web listening on ", SOON)
+        .unwrap();
+    let new: SocketAddr = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert_eq!(new.ip().to_string(), "127.0.0.2");
+    // The new listener was bound before the old one was closed.
+    let logs = lb.logs();
+    let pos = |needle: &str| {
+        logs.iter()
+            .skip(mark)
+            .position(|l| l.contains(needle))
+            .unwrap()
+    };
+    assert!(pos("frontend web listening on 127.0.0.2") < pos("frontend web stopped listening on"));
+    assert_eq!(ask_name(new).unwrap(), "a1");
+    assert!(wait_until(SOON, || TcpStream::connect(old).is_err()));
+    held.write_all(b"abc").unwrap();
+    let mut back = [0u8; 3];
+    held.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"abc");
+}
