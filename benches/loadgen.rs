@@ -211,12 +211,13 @@ fn spawn_proxy(name: &'static str, backend: SocketAddr) -> Option<Proxy> {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut cmd = match name {
-        "ringlb" => {
+        "ringlb" | "ringlb-splice" => {
+            let relay = if name == "ringlb" { "copy" } else { "splice" };
             let cfg = dir.join("ringlb.toml");
             std::fs::write(
                 &cfg,
                 format!(
-                    "[global]\nworkers = 1\n[admin]\nlisten = \"\"\n[[frontend]]\nname = \"bench\"\nlisten = [\"{addr}\"]\n\
+                    "[global]\nworkers = 1\nrelay = \"{relay}\"\n[admin]\nlisten = \"\"\n[[frontend]]\nname = \"bench\"\nlisten = [\"{addr}\"]\n\
                      balance = \"round-robin\"\n[[frontend.backend]]\nname = \"b\"\naddress = \"{backend}\"\ncheck = false\n"
                 ),
             )
@@ -317,7 +318,10 @@ fn main() {
         }
     };
     let backend = start_backend();
-    let mut proxies = vec![spawn_proxy("ringlb", backend).expect("ringlb starts")];
+    let mut proxies = vec![
+        spawn_proxy("ringlb", backend).expect("ringlb starts"),
+        spawn_proxy("ringlb-splice", backend).expect("ringlb starts"),
+    ];
     for other in ["haproxy", "nginx"] {
         if have(other) {
             if let Some(p) = spawn_proxy(other, backend) {
@@ -334,14 +338,14 @@ fn main() {
     let mut targets: Vec<(&str, SocketAddr)> = vec![("direct", backend)];
     targets.extend(proxies.iter().map(|p| (p.name, p.addr)));
 
-    println!("\n{:<10} {:>12} {:>8}", "bulk", "Gbit/s", "ratio");
+    println!("\n{:<14} {:>12} {:>8}", "bulk", "Gbit/s", "ratio");
     let mut base = 0.0;
     for (name, addr) in &targets {
         let g = bulk(*addr, &o);
         if *name == "direct" {
             base = g;
         }
-        println!("{name:<10} {g:>12.2} {:>8.2}", g / base);
+        println!("{name:<14} {g:>12.2} {:>8.2}", g / base);
         let _ = std::io::stdout().flush();
     }
 
@@ -354,7 +358,7 @@ fn main() {
         if *name == "direct" {
             base = c;
         }
-        println!("{name:<10} {c:>12.0} {:>8.2} {e:>8}", c / base);
+        println!("{name:<14} {c:>12.0} {:>8.2} {e:>8}", c / base);
         let _ = std::io::stdout().flush();
     }
 
@@ -367,6 +371,6 @@ fn main() {
         if *name == "direct" {
             base = p50;
         }
-        println!("{name:<10} {p50:>12.1} {p99:>12.1} {:>8.2}", p50 / base);
+        println!("{name:<14} {p50:>12.1} {p99:>12.1} {:>8.2}", p50 / base);
     }
 }

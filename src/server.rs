@@ -84,6 +84,7 @@ impl Server {
             published: published.clone(),
             active: AtomicUsize::new(0),
             max_connections: AtomicUsize::new(config.global.max_connections),
+            relay_mode: config.global.relay,
             events: events_tx,
         });
         let io_name = worker::choose_io(config.global.io).map_err(StartError::Workers)?;
@@ -104,9 +105,14 @@ impl Server {
             last_reload_ok: None,
         };
         crate::info!(
-            "ringlb {} starting: {} workers on {io_name}, {} frontends",
+            "ringlb {} starting: {} workers on {io_name} ({} relay), {} frontends",
             env!("CARGO_PKG_VERSION"),
             config.global.workers,
+            if io_name == "io_uring" && config.global.relay == crate::config::RelayMode::Splice {
+                "splice"
+            } else {
+                "copy"
+            },
             config.frontends.len()
         );
         let mut pending = Vec::new();

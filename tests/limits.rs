@@ -18,9 +18,18 @@ fn echo_once(s: &mut TcpStream) -> std::io::Result<()> {
 
 #[test]
 fn idle_timeout_closes_a_silent_connection_but_not_an_active_one() {
+    idle_scenario("");
+}
+
+#[test]
+fn idle_timeout_ends_a_silent_splice_relay_too() {
+    idle_scenario("relay = \"splice\"");
+}
+
+fn idle_scenario(global: &str) {
     let b = Backend::start("echo", Behaviour::Echo);
-    let cfg =
-        global_toml("") + &frontend_toml("web", "idle_timeout = \"1s\"", &[("echo", b.addr, "")]);
+    let cfg = global_toml(global)
+        + &frontend_toml("web", "idle_timeout = \"1s\"", &[("echo", b.addr, "")]);
     let lb = Ringlb::start(&cfg);
     let mut silent = TcpStream::connect(lb.addr("web")).unwrap();
     echo_once(&mut silent).unwrap();
@@ -94,19 +103,24 @@ fn max_connections_rejects_the_excess_and_keeps_serving_the_rest() {
 
 #[test]
 fn open_fds_return_to_baseline_after_2000_connections_to_refused_silent_and_live_backends() {
-    fd_scenario("io_uring");
+    fd_scenario("io = \"io_uring\"");
 }
 
 #[test]
 fn the_epoll_fallback_leaks_no_fds_either() {
-    fd_scenario("epoll");
+    fd_scenario("io = \"epoll\"");
 }
 
-fn fd_scenario(io: &str) {
+#[test]
+fn the_splice_relay_leaks_no_fds_either() {
+    fd_scenario("relay = \"splice\"");
+}
+
+fn fd_scenario(global: &str) {
     let good = Backend::start("good", Behaviour::Echo);
     let hole = Blackhole::start();
     let refused = refused_addr();
-    let cfg = global_toml(&format!("io = \"{io}\""))
+    let cfg = global_toml(global)
         + &frontend_toml(
             "web",
             "balance = \"round-robin\"\nconnect_timeout = \"100ms\"\nretries = 2\n[frontend.health]\nerror_limit = 0",
@@ -118,32 +132,49 @@ fn fd_scenario(io: &str) {
         );
     let lb = Ringlb::start(&cfg);
     let addr = lb.addr("web");
-    // Warm up: the first connections create per-worker lazily allocated resources.
-    for _ in 0..6 {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(SOON)).unwrap();
-        echo_once(&mut s).unwrap();
-    }
+    let load = |connections: usize| {
+        let threads: Vec<_> = (0..20)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    for j in 0..connections / 20 {
+                        let mut s = TcpStream::connect(addr).unwrap();
+                        s.set_read_timeout(Some(SOON)).unwrap();
+                        if (i + j) % 4 == 0 {
+                            // Some clients leave mid-connect or mid-relay without a word.
+                            drop(s);
+                        } else {
+                            echo_once(&mut s).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    };
+    // Warm up with the same concurrency: per-worker resources that are created lazily and
+    // kept (io_uring rings, the splice relay's bounded pipe pool) reach their size here.
+    load(200);
     assert!(wait_until(SOON, || good.open() == 0));
     let baseline = lb.fd_count();
-    let threads: Vec<_> = (0..20)
-        .map(|i| {
-            std::thread::spawn(move || {
-                for j in 0..100 {
-                    let mut s = TcpStream::connect(addr).unwrap();
-                    s.set_read_timeout(Some(SOON)).unwrap();
-                    if (i + j) % 4 == 0 {
-                        // Some clients leave mid-connect or mid-relay without a word.
-                        drop(s);
-                    } else {
-                        echo_once(&mut s).unwrap();
-                    }
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
+    let baseline_by_kind = lb.fd_count_by_kind();
+    load(2000);
+    if global.contains("splice") {
+        // The splice relay keeps a pool of empty pipes per worker whose size follows peak
+        // concurrency (at most 256 per worker, 2 fds each): sockets must return to baseline
+        // exactly, pipes must stay within the pool's bound.
+        let (base_pipes, base_others) = baseline_by_kind;
+        let ok = wait_until(SOON, || {
+            let (pipes, others) = lb.fd_count_by_kind();
+            others <= base_others && pipes <= 2 * 2 * 256
+        });
+        let now = lb.fd_count_by_kind();
+        assert!(
+            ok,
+            "fds (pipes, others): baseline ({base_pipes}, {base_others}), now {now:?}"
+        );
+        return;
     }
     let settled = wait_until(SOON, || lb.fd_count() <= baseline);
     assert!(settled, "fds: baseline {baseline}, now {}", lb.fd_count());

@@ -10,12 +10,18 @@ use common::*;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-fn echo_lb(io: &str) -> (Ringlb, Backend) {
+/// `mode` is "io_uring", "epoll" or "splice" (io_uring with the splice relay).
+fn echo_lb(mode: &str) -> (Ringlb, Backend) {
     let b = Backend::start("echo", Behaviour::Echo);
-    let cfg =
-        global_toml(&format!("io = \"{io}\"")) + &frontend_toml("web", "", &[("echo", b.addr, "")]);
+    let (io, relay) = match mode {
+        "splice" => ("io_uring", "splice"),
+        io => (io, "copy"),
+    };
+    let cfg = global_toml(&format!("io = \"{io}\"\nrelay = \"{relay}\""))
+        + &frontend_toml("web", "", &[("echo", b.addr, "")]);
     let lb = Ringlb::start(&cfg);
-    assert!(lb.wait_for_log(&format!("workers on {io}"), SOON).is_some());
+    let started = format!("workers on {io} ({relay} relay)");
+    assert!(lb.wait_for_log(&started, SOON).is_some(), "{:?}", lb.logs());
     (lb, b)
 }
 
@@ -27,6 +33,11 @@ fn sixteen_mebibytes_each_way_arrive_intact_on_several_connections_at_once() {
 #[test]
 fn the_epoll_fallback_moves_sixteen_mebibytes_each_way_intact_too() {
     integrity("epoll");
+}
+
+#[test]
+fn the_splice_relay_moves_sixteen_mebibytes_each_way_intact_too() {
+    integrity("splice");
 }
 
 fn integrity(io: &str) {
@@ -78,6 +89,11 @@ fn half_close_travels_through_the_epoll_fallback_too() {
     half_close("epoll");
 }
 
+#[test]
+fn half_close_travels_through_the_splice_relay_too() {
+    half_close("splice");
+}
+
 fn half_close(io: &str) {
     let (lb, _b) = echo_lb(io);
     let mut s = TcpStream::connect(lb.addr("web")).unwrap();
@@ -105,4 +121,34 @@ fn a_backend_that_half_closes_first_still_receives_what_the_client_sends_after()
     let mut got = String::new();
     s.read_to_string(&mut got).unwrap();
     assert_eq!(got, "named\nafter\n");
+}
+
+/// Kernel threads of the ringlb process named like io_uring's io-wq workers.
+fn io_wq_threads(lb: &Ringlb) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", lb.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("iou-wrk"))
+        .count()
+}
+
+#[test]
+fn fifty_idle_splice_connections_hold_no_kernel_worker_threads() {
+    // A splice op waiting on a socket would park an io-wq thread per direction (100 here);
+    // the splice relay waits with POLL_ADD instead and splices only when data is there.
+    let (lb, _b) = echo_lb("splice");
+    let mut held = Vec::new();
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(lb.addr("web")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        s.read_exact(&mut buf).unwrap();
+        held.push(s);
+    }
+    let threads = io_wq_threads(&lb);
+    assert!(
+        threads <= 4,
+        "{threads} io-wq threads for 50 idle connections"
+    );
 }

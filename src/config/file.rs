@@ -30,6 +30,7 @@ pub struct FileGlobal {
     pub max_connections: Option<i64>,
     pub shutdown_timeout: Option<String>,
     pub io: Option<String>,
+    pub relay: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -32,6 +32,16 @@ pub struct Global {
     pub max_connections: usize,
     pub shutdown_timeout: Duration,
     pub io: IoMode,
+    pub relay: RelayMode,
+}
+
+/// How the io_uring workers move bytes (the epoll fallback always copies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayMode {
+    /// read/write through a user-space buffer.
+    Copy,
+    /// splice(2) through a pipe pair: the bytes never enter user space.
+    Splice,
 }
 
 /// Which kernel interface the workers use.

@@ -11,6 +11,7 @@ use super::duration::parse_duration;
 use super::file::{FileBackend, FileConfig, FileFrontend, FileHealth, FileWorkers};
 use super::{
     Admin, Backend, Balance, Config, Frontend, Global, HashKey, Health, IoMode, OnMarkedDown,
+    RelayMode,
 };
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -174,11 +175,23 @@ fn validate_global(file: &FileConfig, out: &mut Vec<String>) -> Global {
             IoMode::Auto
         }
     };
+    let relay = match g.and_then(|g| g.relay.as_deref()) {
+        None | Some("copy") => RelayMode::Copy,
+        Some("splice") => RelayMode::Splice,
+        Some(other) => {
+            p.push(
+                "relay",
+                format!("unknown mode \"{other}\": use \"copy\" or \"splice\""),
+            );
+            RelayMode::Copy
+        }
+    };
     Global {
         workers,
         max_connections,
         shutdown_timeout,
         io,
+        relay,
     }
 }
 

@@ -12,6 +12,7 @@
 
 pub mod epoll;
 pub mod ops;
+pub mod splice;
 
 use std::cell::Cell;
 use std::io;

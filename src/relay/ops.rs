@@ -90,3 +90,70 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
         }
     }
 }
+
+/// Keeps the polled socket open for as long as the kernel may look at it.
+struct PollData<T> {
+    _fd_owner: std::rc::Rc<T>,
+}
+
+struct PollDone<T>(std::marker::PhantomData<fn() -> T>);
+
+impl<T> OneshotOutputTransform for PollDone<T> {
+    type Output = io::Result<u32>;
+    type StoredData = PollData<T>;
+
+    fn transform_oneshot_output(self, _data: PollData<T>, cqe: cqueue::Entry) -> Self::Output {
+        let res = cqe.result();
+        if res < 0 {
+            Err(io::Error::from_raw_os_error(-res))
+        } else {
+            Ok(res as u32)
+        }
+    }
+}
+
+/// Waits on io_uring until `owner`'s socket is ready for `mask` (libc::POLLIN, POLLOUT...);
+/// returns the ready events. The op holds a clone of `owner`, so the fd outlives the op even
+/// if this future is dropped. To end a wait early, shut the socket down: that wakes the poll.
+pub async fn poll_ready<T: AsRawFd + 'static>(
+    owner: &std::rc::Rc<T>,
+    mask: u32,
+) -> io::Result<u32> {
+    let fd = owner.as_raw_fd();
+    let sqe = opcode::PollAdd::new(types::Fd(fd), mask).build();
+    let data = PollData {
+        _fd_owner: owner.clone(),
+    };
+    UnsubmittedOneshot::new(data, PollDone(std::marker::PhantomData), sqe)
+        .submit()
+        .await
+}
+
+/// One non-blocking splice(2) between two fds, one of which is a pipe.
+pub fn splice_nonblocking(from: i32, to: i32, len: usize) -> io::Result<usize> {
+    // SAFETY: splice with null offsets only reads the two fds, which the caller keeps open;
+    // no memory of ours is passed to the kernel.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Sets O_NONBLOCK on a socket the caller owns.
+pub fn set_nonblocking(fd: i32) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}

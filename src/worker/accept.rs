@@ -129,7 +129,15 @@ async fn serve<I: Io>(
                 backend.state.record_connect_success();
                 let guard = ActiveGuard::new(backend.state.clone());
                 let epoch = guard.state().kill_epoch();
-                I::relay(client, server, guard.state(), epoch, cfg.idle_timeout).await;
+                I::relay(
+                    client,
+                    server,
+                    guard.state(),
+                    epoch,
+                    cfg.idle_timeout,
+                    shared.relay_mode,
+                )
+                .await;
                 return;
             }
             Err(e) => {

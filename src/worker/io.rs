@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::backend::BackendState;
+use crate::config::RelayMode;
 use crate::relay::ops::ConnectError;
 use crate::relay::{self, RelayEnd};
 
@@ -31,6 +32,7 @@ pub trait Io: 'static {
         backend: &BackendState,
         kill_epoch: u64,
         idle_timeout: Duration,
+        mode: RelayMode,
     ) -> impl Future<Output = RelayEnd>;
     fn spawn(f: impl Future<Output = ()> + 'static);
 }
@@ -65,8 +67,16 @@ impl Io for Uring {
         backend: &BackendState,
         kill_epoch: u64,
         idle_timeout: Duration,
+        mode: RelayMode,
     ) -> RelayEnd {
-        relay::relay(client, server, backend, kill_epoch, idle_timeout).await
+        match mode {
+            RelayMode::Copy => {
+                relay::relay(client, server, backend, kill_epoch, idle_timeout).await
+            }
+            RelayMode::Splice => {
+                relay::splice::relay(client, server, backend, kill_epoch, idle_timeout).await
+            }
+        }
     }
 
     fn spawn(f: impl Future<Output = ()> + 'static) {
@@ -117,6 +127,7 @@ impl Io for Epoll {
         backend: &BackendState,
         kill_epoch: u64,
         idle_timeout: Duration,
+        _mode: RelayMode,
     ) -> RelayEnd {
         relay::epoll::relay(client, server, backend, kill_epoch, idle_timeout).await
     }

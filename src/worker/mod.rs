@@ -40,6 +40,8 @@ pub struct Shared {
     /// Open client connections across all workers, for `max_connections`.
     pub active: AtomicUsize,
     pub max_connections: AtomicUsize,
+    /// Copy or splice; read at start (a change needs a restart).
+    pub relay_mode: crate::config::RelayMode,
     pub events: mpsc::UnboundedSender<DataEvent>,
 }
 

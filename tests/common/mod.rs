@@ -183,6 +183,20 @@ impl Ringlb {
             .count()
     }
 
+    /// Open fds of the ringlb process that are pipes, and the rest.
+    pub fn fd_count_by_kind(&self) -> (usize, usize) {
+        let mut pipes = 0;
+        let mut others = 0;
+        for e in std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap() {
+            let Ok(e) = e else { continue };
+            match std::fs::read_link(e.path()) {
+                Ok(t) if t.to_string_lossy().starts_with("pipe:") => pipes += 1,
+                _ => others += 1,
+            }
+        }
+        (pipes, others)
+    }
+
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
