@@ -152,3 +152,30 @@ fn fifty_idle_splice_connections_hold_no_kernel_worker_threads() {
         "{threads} io-wq threads for 50 idle connections"
     );
 }
+
+#[test]
+fn ipv6_clients_reach_ipv4_backends_and_ipv6_backends() {
+    let v4 = Backend::start("v4", Behaviour::Named);
+    let v6 = std::net::TcpListener::bind("[::1]:0").expect("IPv6 loopback");
+    let v6_addr = v6.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in v6.incoming() {
+            let Ok(mut s) = s else { break };
+            let _ = s.write_all(b"v6\n");
+        }
+    });
+    let cfg = global_toml("")
+        + &"[[frontend]]\nname = \"web\"\nlisten = [\"[::1]:0\"]\nbalance = \"round-robin\"\n"
+            .to_string()
+        + &format!(
+            "[[frontend.backend]]\nname = \"v4\"\naddress = \"{}\"\n",
+            v4.addr
+        )
+        + &format!("[[frontend.backend]]\nname = \"v6\"\naddress = \"{v6_addr}\"\n");
+    let lb = Ringlb::start(&cfg);
+    let addr = lb.addr("web");
+    assert!(addr.is_ipv6());
+    let mut names: Vec<String> = (0..4).map(|_| ask_name(addr).unwrap()).collect();
+    names.sort();
+    assert_eq!(names, vec!["v4", "v4", "v6", "v6"]);
+}
