@@ -165,8 +165,7 @@ fn ipv6_clients_reach_ipv4_backends_and_ipv6_backends() {
         }
     });
     let cfg = global_toml("")
-        + &"[[frontend]]\nname = \"web\"\nlisten = [\"[::1]:0\"]\nbalance = \"round-robin\"\n"
-            .to_string()
+        + "[[frontend]]\nname = \"web\"\nlisten = [\"[::1]:0\"]\nbalance = \"round-robin\"\n"
         + &format!(
             "[[frontend.backend]]\nname = \"v4\"\naddress = \"{}\"\n",
             v4.addr
