@@ -250,21 +250,27 @@ fn is_prime(n: i64) -> bool {
     true
 }
 
-fn validate_frontend(ff: &FileFrontend, p: &mut Problems<'_>) -> Option<Frontend> {
-    let name = match &ff.name {
+/// A frontend's or backend's name: present, short, and safe in logs and metric labels.
+fn checked_name(name: &Option<String>, kind: &str, p: &mut Problems<'_>) -> String {
+    match name {
         None => {
-            p.push("name", "missing: every frontend needs a name");
+            p.push("name", format!("missing: every {kind} needs a name"));
             String::new()
         }
-        Some(n) if !valid_name(n) => {
-            p.push(
-                "name",
-                format!("\"{n}\" must be 1-64 letters, digits, '-', '_' or '.'"),
-            );
+        Some(n) => {
+            if !valid_name(n) {
+                p.push(
+                    "name",
+                    format!("\"{n}\" must be 1-64 letters, digits, '-', '_' or '.'"),
+                );
+            }
             n.clone()
         }
-        Some(n) => n.clone(),
-    };
+    }
+}
+
+fn validate_frontend(ff: &FileFrontend, p: &mut Problems<'_>) -> Option<Frontend> {
+    let name = checked_name(&ff.name, "frontend", p);
 
     let mut listen = Vec::new();
     match &ff.listen {
@@ -426,20 +432,7 @@ fn validate_backend(
     fe_slow_start: Duration,
     p: &mut Problems<'_>,
 ) -> Option<Backend> {
-    let name = match &fb.name {
-        None => {
-            p.push("name", "missing: every backend needs a name");
-            String::new()
-        }
-        Some(n) if !valid_name(n) => {
-            p.push(
-                "name",
-                format!("\"{n}\" must be 1-64 letters, digits, '-', '_' or '.'"),
-            );
-            n.clone()
-        }
-        Some(n) => n.clone(),
-    };
+    let name = checked_name(&fb.name, "backend", p);
     let address = match &fb.address {
         None => {
             p.push(
