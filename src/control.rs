@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
-use crate::server::{Server, StartError};
+use crate::health::HealthChecks;
+use crate::server::{ReloadOutcome, Server, StartError};
 use crate::worker::DataEvent;
 
 /// Runs ringlb until SIGTERM or SIGINT, then drains and returns.
@@ -26,6 +27,8 @@ pub fn run(
         let mut int = signal(SignalKind::interrupt()).map_err(StartError::Workers)?;
         let mut hup = signal(SignalKind::hangup()).map_err(StartError::Workers)?;
         let (mut server, mut events) = Server::start(config, config_path)?;
+        let (mut health, mut health_events) = HealthChecks::new();
+        health.sync(&mut server);
         let admin = crate::admin::start(&server)?;
         let systemd = crate::systemd::start();
         on_started(&server);
@@ -40,10 +43,14 @@ pub fn run(
                     systemd.reloading();
                     let before = server.snapshot();
                     let outcome = server.reload();
+                    if let ReloadOutcome::Applied(_) = outcome {
+                        health.sync(&mut server);
+                    }
                     admin.ops.record_reload(&outcome, &before, &server.snapshot(), server.bound_addresses());
                     systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
                 }
-                Some(ev) = events.recv() => handle_event(&mut server, ev),
+                Some(ev) = events.recv() => handle_event(&mut server, &mut health, ev),
+                Some(ev) = health_events.recv() => health.handle(&mut server, ev),
             }
         }
         systemd.stopping();
@@ -58,16 +65,8 @@ pub fn run(
     })
 }
 
-fn handle_event(server: &mut Server, ev: DataEvent) {
+fn handle_event(server: &mut Server, health: &mut HealthChecks, ev: DataEvent) {
     match ev {
-        DataEvent::PassiveDown { backend, error } => {
-            crate::warn!(
-                "Server {}/{} is DOWN, reason: {} consecutive connection errors on real traffic, info: \"{error}\"",
-                backend.frontend,
-                backend.name,
-                backend.consecutive_errors.load(std::sync::atomic::Ordering::Relaxed)
-            );
-            server.publish();
-        }
+        DataEvent::PassiveDown { backend, error } => health.passive_down(server, backend, &error),
     }
 }

@@ -8,6 +8,7 @@
 //! - [`server`]: owns config, registry, workers and listeners; publishes snapshots; reloads.
 //! - [`backend`]: live backend state (kept across reloads) and the published snapshot.
 //! - [`balance`]: selection behind one trait: round robin, least-connections, Maglev.
+//! - [`health`]: Layer4 checks on the control thread, passive health, slow start, the logs.
 //! - [`worker`]: per-core threads on tokio-uring; SO_REUSEPORT listeners; accept and connect.
 //! - [`relay`]: moves bytes both ways; the io_uring ops (all `unsafe` lives in `relay::ops`).
 //! - [`admin`]: the admin listener: `/metrics`, `/status`, the status page, `/healthz`.
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod health;
 pub mod metrics;
 pub mod relay;
 pub mod server;

@@ -1,0 +1,361 @@
+//! Health: active Layer4 checks, passive health from real traffic, slow start.
+//!
+//! Where it sits: [`HealthChecks`] lives in the control loop next to the `Server`. It runs one
+//! tokio task per backend ([`checker`]) on the control thread's runtime; the tasks send
+//! [`HealthEvent`]s back to the loop, which calls [`HealthChecks::handle`] to flip the
+//! backend's verdict, log HAProxy's line ([`report`]), republish the snapshot, close sessions
+//! if `on_marked_down = "shutdown-sessions"`, and start a slow-start ramp. Passive mark-downs
+//! from the data path arrive as `DataEvent::PassiveDown` and go to
+//! [`HealthChecks::passive_down`].
+//!
+//! - [`machine`]: the pure counter state machine (rise, fall, interval choice).
+//! - [`probe`]: the TCP connect check on `tokio::net`.
+//! - [`checker`]: the per-backend task and the spread.
+//! - [`report`]: the log lines.
+
+pub mod checker;
+pub mod machine;
+pub mod probe;
+pub mod report;
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+
+pub use checker::HealthEvent;
+pub use machine::Transition;
+
+use crate::backend::{BackendRef, BackendState, FrontendSnap, Snapshot};
+use crate::config::{Health, OnMarkedDown};
+use crate::server::Server;
+use checker::{Controls, Jitter};
+use probe::TcpCheck;
+use report::{Remaining, Subject, Why};
+
+/// Backends are identified as the registry identifies them: a reload that keeps all three
+/// keeps the checker (and its counter); a changed address is a different server.
+type Key = (String, String, SocketAddr);
+
+struct Task {
+    state: Arc<BackendState>,
+    settings: watch::Sender<Health>,
+    forced_down: Arc<Notify>,
+    handle: JoinHandle<()>,
+}
+
+/// The health checks of every configured backend, owned by the control loop.
+pub struct HealthChecks {
+    tasks: HashMap<Key, Task>,
+    /// Slow-start ramps in progress, by backend.
+    ramps: HashMap<Key, JoinHandle<()>>,
+    events: mpsc::UnboundedSender<HealthEvent>,
+}
+
+fn key_of(state: &BackendState) -> Key {
+    (state.frontend.clone(), state.name.clone(), state.address)
+}
+
+impl HealthChecks {
+    /// A manager with no checks yet; call [`HealthChecks::sync`] once the server started.
+    /// The receiver is for the control loop to `select!` on.
+    pub fn new() -> (HealthChecks, mpsc::UnboundedReceiver<HealthEvent>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let me = HealthChecks {
+            tasks: HashMap::new(),
+            ramps: HashMap::new(),
+            events,
+        };
+        (me, rx)
+    }
+
+    /// Starts checkers for new backends, retunes kept ones whose settings changed and stops
+    /// those of removed backends. Call after start and after every applied reload.
+    pub fn sync(&mut self, server: &mut Server) {
+        let config = server.config.clone();
+        let mut seen = HashSet::new();
+        for f in &config.frontends {
+            for b in &f.backends {
+                let key: Key = (f.name.clone(), b.name.clone(), b.address);
+                let state = server.registry.backend(&f.name, b);
+                seen.insert(key.clone());
+                match self.tasks.get(&key) {
+                    Some(t) if Arc::ptr_eq(&t.state, &state) => {
+                        t.settings.send_if_modified(|h| {
+                            let changed = *h != b.health;
+                            if changed {
+                                *h = b.health.clone();
+                            }
+                            changed
+                        });
+                    }
+                    _ => {
+                        let task = self.spawn(&key, state, b.health.clone());
+                        if let Some(old) = self.tasks.insert(key, task) {
+                            old.handle.abort();
+                        }
+                    }
+                }
+            }
+        }
+        self.tasks.retain(|k, t| {
+            let keep = seen.contains(k);
+            if !keep {
+                t.handle.abort();
+            }
+            keep
+        });
+        self.ramps.retain(|k, r| {
+            let keep = seen.contains(k);
+            if !keep {
+                r.abort();
+            }
+            keep
+        });
+    }
+
+    fn spawn(&self, key: &Key, state: Arc<BackendState>, health: Health) -> Task {
+        let (settings, settings_rx) = watch::channel(health);
+        let forced_down = Arc::new(Notify::new());
+        let mut hasher = DefaultHasher::new();
+        key.hash(&mut hasher);
+        let handle = tokio::spawn(checker::run(
+            TcpCheck,
+            state.clone(),
+            Controls {
+                settings: settings_rx,
+                forced_down: forced_down.clone(),
+            },
+            self.events.clone(),
+            Jitter::new(hasher.finish()),
+        ));
+        Task {
+            state,
+            settings,
+            forced_down,
+            handle,
+        }
+    }
+
+    /// Applies what a checker or a ramp reported.
+    pub fn handle(&mut self, server: &mut Server, ev: HealthEvent) {
+        match ev {
+            HealthEvent::Transition { state, to, outcome } => {
+                let snap = server.snapshot();
+                // Gone from the config (a reload raced the check): nothing to do.
+                let Some((fe, b)) = find(&snap, &state) else {
+                    return;
+                };
+                let up = to == Transition::Up;
+                if state.is_up() == up {
+                    // Passive health got there first.
+                    return;
+                }
+                let slow_start = b.config.slow_start;
+                let backup = b.config.backup;
+                let on_marked_down = fe.config.on_marked_down;
+                drop(snap);
+                if up && !slow_start.is_zero() {
+                    // Lower the weight before the backend becomes selectable.
+                    state.set_ramp(ramp_step(slow_start).1);
+                }
+                state.set_up(up);
+                server.publish();
+                let reason = outcome.result.to_string();
+                let why = Why {
+                    reason: &reason,
+                    check_duration: Some(outcome.duration),
+                };
+                if up {
+                    self.log_up(server, &state, backup, &why);
+                    if !slow_start.is_zero() {
+                        self.start_ramp(state, slow_start);
+                    }
+                } else {
+                    self.marked_down(server, &state, backup, on_marked_down, &why);
+                }
+            }
+            HealthEvent::RampStep { state } => {
+                if state.is_usable() && find(&server.snapshot(), &state).is_some() {
+                    server.publish();
+                }
+            }
+        }
+    }
+
+    /// The data path tripped `error_limit` on `backend` and already marked it down: log it,
+    /// republish, and hand the backend to its checker, which brings it back after `rise`
+    /// successful checks.
+    pub fn passive_down(&mut self, server: &mut Server, backend: Arc<BackendState>, error: &str) {
+        let key = key_of(&backend);
+        if let Some(t) = self.tasks.get(&key) {
+            if Arc::ptr_eq(&t.state, &backend) {
+                t.forced_down.notify_one();
+            }
+        }
+        server.publish();
+        let snap = server.snapshot();
+        let Some((fe, b)) = find(&snap, &backend) else {
+            return;
+        };
+        let backup = b.config.backup;
+        let on_marked_down = fe.config.on_marked_down;
+        drop(snap);
+        let reason =
+            report::passive_reason(backend.consecutive_errors.load(Ordering::Relaxed), error);
+        let why = Why {
+            reason: &reason,
+            check_duration: None,
+        };
+        self.marked_down(server, &backend, backup, on_marked_down, &why);
+    }
+
+    fn log_up(&mut self, server: &Server, state: &BackendState, backup: bool, why: &Why<'_>) {
+        let snap = server.snapshot();
+        let Some(fe) = snap.frontend(&state.frontend) else {
+            return;
+        };
+        fe.state.no_server_logged.store(false, Ordering::Relaxed);
+        crate::info!(
+            "{}",
+            report::up_line(&subject(state, backup), why, remaining(fe))
+        );
+    }
+
+    /// Everything a mark-down does after the verdict flipped, whoever flipped it.
+    fn marked_down(
+        &mut self,
+        server: &Server,
+        state: &BackendState,
+        backup: bool,
+        on_marked_down: OnMarkedDown,
+        why: &Why<'_>,
+    ) {
+        if let Some(r) = self.ramps.remove(&key_of(state)) {
+            r.abort();
+        }
+        let snap = server.snapshot();
+        let Some(fe) = snap.frontend(&state.frontend) else {
+            return;
+        };
+        let left = remaining(fe);
+        let sessions = state.active.load(Ordering::Relaxed);
+        crate::warn!(
+            "{}",
+            report::down_line(&subject(state, backup), why, left, sessions)
+        );
+        if on_marked_down == OnMarkedDown::ShutdownSessions && sessions > 0 {
+            state.kill_connections();
+        }
+        if left.active + left.backup == 0
+            && !fe.state.no_server_logged.swap(true, Ordering::Relaxed)
+        {
+            crate::error!("{}", report::no_server_line(&state.frontend));
+        }
+    }
+
+    /// Raises `state`'s weight from a small share to full over `slow_start`, republishing at
+    /// each step (round robin's schedule is built at publish; least-connections reads the
+    /// ramp live).
+    fn start_ramp(&mut self, state: Arc<BackendState>, slow_start: Duration) {
+        let key = key_of(&state);
+        let events = self.events.clone();
+        let (step, _) = ramp_step(slow_start);
+        let handle = tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(step).await;
+                let permille = ramp_at(start.elapsed(), slow_start);
+                state.set_ramp(permille);
+                if events
+                    .send(HealthEvent::RampStep {
+                        state: state.clone(),
+                    })
+                    .is_err()
+                    || permille >= FULL_RAMP
+                {
+                    return;
+                }
+            }
+        });
+        if let Some(old) = self.ramps.insert(key, handle) {
+            old.abort();
+        }
+    }
+}
+
+impl Drop for HealthChecks {
+    fn drop(&mut self) {
+        for t in self.tasks.values() {
+            t.handle.abort();
+        }
+        for r in self.ramps.values() {
+            r.abort();
+        }
+    }
+}
+
+/// Full weight in thousandths, as `backend::state::FULL_RAMP` (which `backend` does not
+/// re-export).
+const FULL_RAMP: u32 = 1000;
+
+/// The ramp's tick (a twentieth of `slow_start`, 100 ms to 1 s) and its first value.
+fn ramp_step(slow_start: Duration) -> (Duration, u32) {
+    let step = (slow_start / 20).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    (step, ramp_at(step, slow_start))
+}
+
+/// Thousandths of full weight after `elapsed` of `slow_start`: linear, never zero.
+fn ramp_at(elapsed: Duration, slow_start: Duration) -> u32 {
+    let total = slow_start.as_millis().max(1);
+    let permille = elapsed.as_millis() * 1000 / total;
+    permille.clamp(1, u128::from(FULL_RAMP)) as u32
+}
+
+fn find<'a>(
+    snap: &'a Snapshot,
+    state: &Arc<BackendState>,
+) -> Option<(&'a Arc<FrontendSnap>, &'a BackendRef)> {
+    let fe = snap.frontend(&state.frontend)?;
+    let b = fe.backends.iter().find(|b| Arc::ptr_eq(&b.state, state))?;
+    Some((fe, b))
+}
+
+fn remaining(fe: &FrontendSnap) -> Remaining {
+    let (active, backup) = fe.usable_counts();
+    Remaining { active, backup }
+}
+
+fn subject(state: &BackendState, backup: bool) -> Subject<'_> {
+    Subject {
+        frontend: &state.frontend,
+        backend: &state.name,
+        backup,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_start_ramps_linearly_from_a_small_share_to_full() {
+        let s = Duration::from_secs(30);
+        let (step, first) = ramp_step(s);
+        assert_eq!(step, Duration::from_secs(1));
+        assert_eq!(first, 33);
+        assert_eq!(ramp_at(Duration::from_secs(15), s), 500);
+        assert_eq!(ramp_at(Duration::from_secs(31), s), 1000);
+        assert_eq!(ramp_at(Duration::ZERO, s), 1);
+        assert_eq!(
+            ramp_step(Duration::from_secs(1)).0,
+            Duration::from_millis(100)
+        );
+    }
+}
