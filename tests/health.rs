@@ -362,3 +362,62 @@ fn metric_sum(admin: SocketAddr, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+#[test]
+fn a_backend_without_checks_that_passive_health_takes_out_is_checked_until_it_returns() {
+    let b1 = Backend::start("b1", Behaviour::Named);
+    let dead = refused_addr();
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "web",
+            "[frontend.health]\ninterval = \"200ms\"\nerror_limit = 3",
+            &[("b1", b1.addr, ""), ("b2", dead, "check = false")],
+        );
+    let lb = Ringlb::start(&cfg);
+    let addr = lb.addr("web");
+    assert!(
+        wait_until(SOON, || {
+            assert_eq!(ask_name(addr).unwrap(), "b1");
+            lb.logs()
+                .iter()
+                .any(|l| l.contains("Server web/b2 is DOWN, reason: Health analyze"))
+        }),
+        "{}",
+        lb.logs().join("\n")
+    );
+    let mark = lb.log_len();
+    let _b2 = Backend::start_on(dead, "b2", Behaviour::Named);
+    lb.wait_for_log_after(
+        mark,
+        "Server web/b2 is UP, reason: Layer4 check passed",
+        SOON,
+    )
+    .unwrap_or_else(|| panic!("no UP line:\n{}", lb.logs().join("\n")));
+}
+
+#[test]
+fn a_backend_added_by_a_reload_is_checked_and_one_removed_is_forgotten() {
+    let b1 = Backend::start("b1", Behaviour::Named);
+    let dead = refused_addr();
+    let one = global_toml("") + &frontend_toml("web", FAST_CHECKS, &[("b1", b1.addr, "")]);
+    let two = global_toml("")
+        + &frontend_toml("web", FAST_CHECKS, &[("b1", b1.addr, ""), ("b2", dead, "")]);
+    let lb = Ringlb::start(&one);
+    let mark = lb.reload(&two);
+    lb.wait_for_log_after(
+        mark,
+        "Server web/b2 is DOWN, reason: Layer4 connection problem",
+        SOON,
+    )
+    .unwrap_or_else(|| panic!("added backend not checked:\n{}", lb.logs().join("\n")));
+    let mark = lb.reload(&one);
+    lb.wait_for_log_after(mark, "reload: applied", SOON)
+        .expect("reload applied");
+    assert!(names(lb.addr("web"), 10).iter().all(|n| n == "b1"));
+    // Something listens on the removed backend's port now; b1's own checks (which land in
+    // its accept count) show that several check rounds pass without one reaching it.
+    let b2 = Backend::start_on(dead, "b2", Behaviour::Named);
+    let b1_seen = b1.accepted();
+    assert!(wait_until(SOON, || b1.accepted() >= b1_seen + 8));
+    assert_eq!(b2.accepted(), 0, "a removed backend is still checked");
+}
