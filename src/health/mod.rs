@@ -118,6 +118,12 @@ impl HealthChecks {
             }
             keep
         });
+        // A reload may have added usable backends to a frontend that had none left.
+        for fe in server.snapshot().frontends.values() {
+            if fe.usable_counts() != (0, 0) {
+                fe.state.no_server_logged.store(false, Ordering::Relaxed);
+            }
+        }
     }
 
     fn spawn(&self, key: &Key, state: Arc<BackendState>, health: Health) -> Task {
@@ -161,9 +167,14 @@ impl HealthChecks {
                 let backup = b.config.backup;
                 let on_marked_down = fe.config.on_marked_down;
                 drop(snap);
-                if up && !slow_start.is_zero() {
-                    // Lower the weight before the backend becomes selectable.
-                    state.set_ramp(ramp_step(slow_start).1);
+                if up {
+                    // Set the weight before the backend becomes selectable; a ramp cut short
+                    // by an earlier mark-down must not linger once slow_start is off.
+                    state.set_ramp(if slow_start.is_zero() {
+                        FULL_RAMP
+                    } else {
+                        ramp_step(slow_start).1
+                    });
                 }
                 state.set_up(up);
                 server.publish();
@@ -250,7 +261,9 @@ impl HealthChecks {
             "{}",
             report::down_line(&subject(state, backup), why, left, sessions)
         );
-        if on_marked_down == OnMarkedDown::ShutdownSessions && sessions > 0 {
+        // Even with no session counted yet: one whose connect is completing may count itself
+        // in a moment, and a kill with nothing to kill costs nothing.
+        if on_marked_down == OnMarkedDown::ShutdownSessions {
             state.kill_connections();
         }
         if left.active + left.backup == 0
