@@ -20,6 +20,16 @@ struct Tally {
 
 #[test]
 fn killing_one_backend_and_blackholing_another_under_load_costs_clients_nothing() {
+    failover_scenario("", "Health analyze");
+}
+
+#[test]
+fn with_passive_health_off_the_active_checks_alone_take_dead_backends_out_without_client_errors() {
+    failover_scenario("error_limit = 0", "reason: Layer4 ");
+}
+
+/// `health` is extra `[frontend.health]` settings; `reason` is expected in both DOWN lines.
+fn failover_scenario(health: &str, reason: &str) {
     let backends: Vec<Backend> = (1..=5)
         .map(|i| Backend::start(&format!("b{i}"), Behaviour::Named))
         .collect();
@@ -30,7 +40,9 @@ fn killing_one_backend_and_blackholing_another_under_load_costs_clients_nothing(
     let cfg = global_toml("")
         + &frontend_toml(
             "web",
-            "connect_timeout = \"500ms\"\n[frontend.health]\ninterval = \"300ms\"\nrise = 2\nfall = 2",
+            &format!(
+                "connect_timeout = \"500ms\"\n[frontend.health]\ninterval = \"300ms\"\nrise = 2\nfall = 2\n{health}"
+            ),
             &list,
         );
     let lb = Ringlb::start(&cfg);
@@ -69,8 +81,10 @@ fn killing_one_backend_and_blackholing_another_under_load_costs_clients_nothing(
 
     // b1 dies: its port refuses.
     backends[0].stop();
-    lb.wait_for_log("Server web/b1 is DOWN", SOON)
+    let down = lb
+        .wait_for_log("Server web/b1 is DOWN", SOON)
         .unwrap_or_else(|| panic!("b1 not marked down:\n{}", lb.logs().join("\n")));
+    assert!(down.contains(reason), "{down}");
     let served = answered("b2") + answered("b3");
     assert!(wait_until(SOON, || answered("b2") + answered("b3") > served + 1000));
 
@@ -78,8 +92,10 @@ fn killing_one_backend_and_blackholing_another_under_load_costs_clients_nothing(
     let b3_addr = backends[2].addr;
     backends[2].stop();
     let _hole = blackhole_on(b3_addr);
-    lb.wait_for_log("Server web/b3 is DOWN", SOON)
+    let down = lb
+        .wait_for_log("Server web/b3 is DOWN", SOON)
         .unwrap_or_else(|| panic!("b3 not marked down:\n{}", lb.logs().join("\n")));
+    assert!(down.contains(reason), "{down}");
 
     // Once attempts begun before detection have ended (one connect timeout), ringlb makes no
     // new attempts on either dead backend while traffic keeps flowing.
