@@ -1,6 +1,9 @@
 //! Weighted least-connections over the active counts that all workers share.
 //!
-//! Score is active / effective weight, compared by cross-multiplication to stay in integers.
+//! Score is (active + 1) / effective weight, HAProxy's choice, compared by cross-multiplication
+//! to stay in integers. The "+ 1" is the connection being placed: without it every idle
+//! backend scores 0 whatever its weight, so weights and slow start would not count until
+//! connections pile up.
 //! Ties are broken by a rotating start so that an idle pool is not filled in config order.
 
 use std::net::SocketAddr;
@@ -42,11 +45,11 @@ impl BackendSelection for LeastConnections {
                 continue;
             }
             let b = &backends[idx];
-            let active = b.state.active.load(Ordering::Relaxed);
+            let active = b.state.active.load(Ordering::Relaxed) + 1;
             let weight = b.state.effective_weight_milli(b.config.weight);
             let better = match best {
                 None => true,
-                // active/weight < best_active/best_weight
+                // (active+1)/weight < (best_active+1)/best_weight
                 Some((_, ba, bw)) => {
                     u128::from(active) * u128::from(bw) < u128::from(ba) * u128::from(weight)
                 }
@@ -56,5 +59,56 @@ impl BackendSelection for LeastConnections {
             }
         }
         best.map(|b| b.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::backend::BackendState;
+    use crate::config::Config;
+
+    fn pool(weights: &[u32]) -> Vec<BackendRef> {
+        let mut toml = "[[frontend]]\nname = \"f\"\nlisten = [\"127.0.0.1:1\"]\n".to_string();
+        for (i, w) in weights.iter().enumerate() {
+            toml += &format!(
+                "[[frontend.backend]]\nname = \"b{i}\"\naddress = \"127.0.0.1:{}\"\nweight = {w}\n",
+                1000 + i
+            );
+        }
+        let c = Config::parse(&toml, "t").unwrap();
+        c.frontends[0]
+            .backends
+            .iter()
+            .map(|b| BackendRef {
+                config: b.clone(),
+                state: Arc::new(BackendState::new("f", b)),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn while_all_are_idle_a_slow_starting_backend_loses_every_tie_on_weight() {
+        let backends = pool(&[1, 1]);
+        backends[1].state.set_ramp(100); // 10% into slow start
+        let lc = LeastConnections::new(&[0, 1]);
+        let client = "127.0.0.1:5".parse().unwrap();
+        // Sequential short connections: nothing is ever open when the next one is placed.
+        let picks: Vec<usize> = (0..100)
+            .map(|_| lc.select(&client, &backends, &[]).unwrap())
+            .collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 100);
+    }
+
+    #[test]
+    fn open_connections_are_weighed_against_weight() {
+        let backends = pool(&[3, 1]);
+        backends[0].state.active.store(1, Ordering::Relaxed); // (1+1)/3 < (0+1)/1
+        let lc = LeastConnections::new(&[0, 1]);
+        let client = "127.0.0.1:5".parse().unwrap();
+        assert_eq!(lc.select(&client, &backends, &[]), Some(0));
+        assert_eq!(lc.select(&client, &backends, &[0]), Some(1));
     }
 }
