@@ -694,3 +694,70 @@ fn every_metric_in_docs_metrics_md_is_exported_and_every_exported_one_is_documen
         .collect();
     assert_eq!(documented, exported);
 }
+
+#[test]
+fn status_and_metrics_follow_a_backend_going_down_and_coming_back() {
+    let a = Backend::start("a1", Behaviour::Echo);
+    let b = Backend::start("b1", Behaviour::Echo);
+    let fast = "health = { interval = \"100ms\", timeout = \"1s\", rise = 1, fall = 1 }";
+    let cfg =
+        global_toml("") + &frontend_toml("web", "", &[("a1", a.addr, fast), ("b1", b.addr, fast)]);
+    let lb = Ringlb::start(&cfg);
+    let admin = lb.admin.unwrap();
+    let web_b1 = [("frontend", "web"), ("backend", "b1")];
+    let b1 = |s: &serde_json::Value| backend(s, "web", "b1").unwrap().clone();
+
+    let addr = b.addr;
+    b.stop();
+    let mut s = serde_json::Value::Null;
+    assert!(
+        wait_until(SOON, || {
+            s = status(admin);
+            b1(&s)["state"] == "down"
+        }),
+        "b1 never went down: {s}"
+    );
+    let down = b1(&s);
+    assert_eq!(down["state_changes_total"], 1);
+    assert!(
+        down["check_failures_total"].as_u64().unwrap() >= 1,
+        "{down}"
+    );
+    let result = down["last_check"]["result"].as_str().unwrap_or_default();
+    assert!(result.contains("Layer4"), "{down}");
+    assert!(down["last_check"]["duration_ms"].is_u64(), "{down}");
+    let m = scrape(admin);
+    assert_eq!(metric(&m, "ringlb_backend_up", &web_b1), Some(0.0));
+    assert_eq!(
+        metric(&m, "ringlb_backend_state_changes_total", &web_b1),
+        Some(1.0)
+    );
+    assert!(metric(&m, "ringlb_backend_check_failures_total", &web_b1).unwrap() >= 1.0);
+    // Traffic still flows, to a1.
+    drop(open_echo(lb.addr("web")));
+
+    let _back = Backend::start_on(addr, "b1", Behaviour::Echo);
+    assert!(
+        wait_until(SOON, || {
+            s = status(admin);
+            b1(&s)["state"] == "up"
+        }),
+        "b1 never came back: {s}"
+    );
+    let up = b1(&s);
+    assert_eq!(up["state_changes_total"], 2);
+    assert!(up["seconds_since_change"].as_f64().unwrap() < 10.0, "{up}");
+    assert!(
+        up["last_check"]["result"]
+            .as_str()
+            .unwrap()
+            .contains("passed"),
+        "{up}"
+    );
+    let m = scrape(admin);
+    assert_eq!(metric(&m, "ringlb_backend_up", &web_b1), Some(1.0));
+    assert_eq!(
+        metric(&m, "ringlb_backend_state_changes_total", &web_b1),
+        Some(2.0)
+    );
+}
