@@ -528,3 +528,40 @@ fn a_frontend_moved_to_another_address_serves_there_and_its_open_connections_fin
     held.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"abc");
 }
+
+#[test]
+fn a_backend_marked_down_by_checks_stays_down_across_a_reload_that_keeps_it() {
+    let a = Backend::start("a1", Behaviour::Named);
+    let dead = refused_addr();
+    let fast = "health = { interval = \"100ms\", rise = 1, fall = 1 }";
+    let cfg = |extra: &[(&str, SocketAddr, &str)]| {
+        let mut backends = vec![("a1", a.addr, fast), ("d1", dead, fast)];
+        backends.extend_from_slice(extra);
+        global_toml("") + &frontend_toml("web", "", &backends)
+    };
+    let lb = Ringlb::start(&cfg(&[]));
+    let admin = lb.admin.unwrap();
+    let d1 = |s: &serde_json::Value| {
+        s["frontends"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == "d1")
+            .unwrap()
+            .clone()
+    };
+    assert!(wait_until(SOON, || d1(&status(admin))["state"] == "down"));
+    let changes = d1(&status(admin))["state_changes_total"].clone();
+
+    let b = Backend::start("b1", Behaviour::Named);
+    let mark = lb.reload(&cfg(&[("b1", b.addr, "")]));
+    wait_reload(&lb, mark, "reload: applied: frontend web: +b1");
+    // Right after the reload: still down, same history, and no traffic sent to it.
+    let s = d1(&status(admin));
+    assert_eq!(s["state"], "down", "{s}");
+    assert_eq!(s["state_changes_total"], changes);
+    for _ in 0..10 {
+        assert_ne!(ask_name(lb.addr("web")).unwrap(), "d1");
+    }
+    assert_eq!(d1(&status(admin))["connect_failures_total"], 0);
+}
