@@ -761,3 +761,34 @@ fn status_and_metrics_follow_a_backend_going_down_and_coming_back() {
         Some(2.0)
     );
 }
+
+#[test]
+fn status_shows_the_slow_start_ramp_as_effective_weight() {
+    let a = Backend::start("a1", Behaviour::Echo);
+    let ramp = "weight = 4\nslow_start = \"60s\"\nhealth = { initial_state = \"down\", interval = \"100ms\", rise = 1 }";
+    let lb = Ringlb::start(&(global_toml("") + &frontend_toml("web", "", &[("a1", a.addr, ramp)])));
+    let admin = lb.admin.unwrap();
+    let mut s = serde_json::Value::Null;
+    assert!(
+        wait_until(SOON, || {
+            s = status(admin);
+            backend(&s, "web", "a1").unwrap()["state"] == "up"
+        }),
+        "{s}"
+    );
+    let a1 = backend(&s, "web", "a1").unwrap();
+    assert_eq!(a1["weight"], 4);
+    let eff = a1["effective_weight"].as_f64().unwrap();
+    assert!(
+        eff > 0.0 && eff < 4.0,
+        "coming up from down ramps its weight: {a1}"
+    );
+    let m = scrape(admin);
+    let got = metric(
+        &m,
+        "ringlb_backend_effective_weight",
+        &[("frontend", "web"), ("backend", "a1")],
+    )
+    .unwrap();
+    assert!(got > 0.0 && got < 4.0, "{got}");
+}
