@@ -66,7 +66,14 @@ pub fn write(level: Level, args: fmt::Arguments<'_>) {
         return;
     }
     let line = if s.journald {
-        format!("<{}>{}\n", level.syslog_priority(), args)
+        // journald reads the priority per line: a multi-line message (a reload's list of
+        // config problems) carries it on every line, so none falls to the default level.
+        let text = args.to_string();
+        let mut out = String::with_capacity(text.len() + 8);
+        for l in text.lines() {
+            out.push_str(&format!("<{}>{l}\n", level.syslog_priority()));
+        }
+        out
     } else {
         format!("{} {} {}\n", utc_now(), level.word(), args)
     };
