@@ -56,3 +56,29 @@ fn retry_scenario(io: &str) {
     assert!(failures.is_empty(), "client-visible failures: {failures:?}");
     assert_eq!(good1.accepted() + good2.accepted(), 200);
 }
+
+#[test]
+fn a_backend_that_resets_connections_before_a_byte_is_sent_costs_clients_nothing() {
+    // Like a backend killed with connections still in its accept queue: the connect
+    // succeeded, then the connection is reset. Nothing was relayed yet, so ringlb retries.
+    let slam = Backend::start("slam", Behaviour::Slam);
+    let good = Backend::start("good", Behaviour::Named);
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "web",
+            "balance = \"round-robin\"\n[frontend.health]\nerror_limit = 0",
+            &[
+                ("slam", slam.addr, "check = false"),
+                ("good", good.addr, "check = false"),
+            ],
+        );
+    let lb = Ringlb::start(&cfg);
+    for _ in 0..100 {
+        assert_eq!(ask_name(lb.addr("web")).unwrap(), "good");
+    }
+    assert!(
+        slam.accepted() >= 40,
+        "the resetting backend was tried: {}",
+        slam.accepted()
+    );
+}

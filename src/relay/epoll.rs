@@ -60,3 +60,34 @@ pub async fn relay(
         why = watchdog(&last_activity, idle_timeout, backend, kill_epoch) => why,
     }
 }
+
+/// The epoll fallback's [`super::first_move`]: the same decision with tokio readiness, which
+/// is cancel-safe, so the loser's wait is simply dropped.
+pub async fn first_move(
+    client: &TcpStream,
+    server: &TcpStream,
+    limit: Duration,
+) -> super::FirstMove {
+    use super::FirstMove;
+    tokio::select! {
+        biased;
+        _ = client.readable() => FirstMove::Relay,
+        r = server.readable() => match r {
+            Err(e) => FirstMove::BackendFailed(e),
+            Ok(()) => {
+                let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                // tokio's sockets are non-blocking: this never waits.
+                match socket2::SockRef::from(server).peek(&mut byte) {
+                    Ok(0) => FirstMove::BackendFailed(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "backend closed the connection before sending anything",
+                    )),
+                    Ok(_) => FirstMove::Relay,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => FirstMove::Relay,
+                    Err(e) => FirstMove::BackendFailed(e),
+                }
+            }
+        },
+        _ = tokio::time::sleep(limit) => FirstMove::Relay,
+    }
+}

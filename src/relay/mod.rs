@@ -17,6 +17,8 @@ pub mod splice;
 use std::cell::Cell;
 use std::io;
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -67,13 +69,13 @@ async fn pump(
 
 /// Relays until both directions end; see the module docs for how it stops early.
 pub async fn relay(
-    client: TcpStream,
-    server: TcpStream,
+    client: Rc<TcpStream>,
+    server: Rc<TcpStream>,
     backend: &BackendState,
     kill_epoch: u64,
     idle_timeout: Duration,
 ) -> RelayEnd {
-    let (client, server) = (&client, &server);
+    let (client, server) = (&*client, &*server);
     let last_activity = Cell::new(Instant::now());
     let both = async {
         let up = async {
@@ -109,6 +111,41 @@ pub async fn relay(
             both.await;
             why
         }
+    }
+}
+
+/// What happened first on a freshly connected pair, before any byte was relayed.
+#[derive(Debug)]
+pub enum FirstMove {
+    /// The client spoke first, or the backend sent data, or the wait ran out: relay.
+    Relay,
+    /// The backend closed or reset the connection before either side sent a byte. Nothing
+    /// reached the backend's application, so the client can safely be retried elsewhere
+    /// (a backend that died with this connection still in its accept queue looks like this).
+    BackendFailed(io::Error),
+}
+
+/// Waits, up to `limit`, for the first sign of life on a new connection (io_uring).
+///
+/// Both waits are readiness polls that consume nothing. The loser's poll stays in flight,
+/// holding its own `Rc` of the stream, until that socket becomes readable or is shut down,
+/// which every way a relay ends brings about; so nothing leaks.
+pub async fn first_move(
+    client: &Rc<TcpStream>,
+    server: &Rc<TcpStream>,
+    limit: Duration,
+) -> FirstMove {
+    let readable = (libc::POLLIN | libc::POLLRDHUP) as u32;
+    let from_client = ops::poll_ready(client, readable);
+    let from_server = ops::poll_ready(server, readable);
+    tokio::select! {
+        biased;
+        _ = from_client => FirstMove::Relay,
+        r = from_server => match r {
+            Err(e) => FirstMove::BackendFailed(e),
+            Ok(_) => ops::peek_first_byte(server.as_raw_fd()),
+        },
+        _ = tokio::time::sleep(limit) => FirstMove::Relay,
     }
 }
 

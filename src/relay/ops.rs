@@ -157,3 +157,33 @@ pub fn set_nonblocking(fd: i32) -> io::Result<()> {
     fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     Ok(())
 }
+
+/// After a socket polled readable before anything was sent on it: is it data, or a close?
+pub fn peek_first_byte(fd: i32) -> crate::relay::FirstMove {
+    use crate::relay::FirstMove;
+    let mut byte = [0u8; 1];
+    // SAFETY: recv into a 1-byte buffer we own, on an fd the caller keeps open.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            byte.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => FirstMove::BackendFailed(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "backend closed the connection before sending anything",
+        )),
+        n if n > 0 => FirstMove::Relay,
+        _ => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                FirstMove::Relay
+            } else {
+                FirstMove::BackendFailed(e)
+            }
+        }
+    }
+}

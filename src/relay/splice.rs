@@ -106,22 +106,17 @@ async fn pump(
 
 /// Relays with splice until both directions end; same contract as [`super::relay`].
 pub async fn relay(
-    client: TcpStream,
-    server: TcpStream,
+    client: Rc<TcpStream>,
+    server: Rc<TcpStream>,
     backend: &BackendState,
     kill_epoch: u64,
     idle_timeout: Duration,
 ) -> RelayEnd {
-    let client = Rc::new(client);
-    let server = Rc::new(server);
     let pipes = (take_pipe(), take_pipe());
     let (Ok(up_pipe), Ok(down_pipe)) = pipes else {
         // Out of fds for pipes: fall back to copying rather than failing the client.
         drop(pipes);
-        let (Ok(c), Ok(s)) = (Rc::try_unwrap(client), Rc::try_unwrap(server)) else {
-            return RelayEnd::Done;
-        };
-        return super::relay(c, s, backend, kill_epoch, idle_timeout).await;
+        return super::relay(client, server, backend, kill_epoch, idle_timeout).await;
     };
     if set_nonblocking(client.as_raw_fd())
         .and_then(|_| set_nonblocking(server.as_raw_fd()))

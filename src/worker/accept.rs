@@ -11,6 +11,7 @@ use std::time::Duration;
 use super::io::Io;
 use super::{shutdown_listener, DataEvent, Shared};
 use crate::backend::ActiveGuard;
+use crate::relay::FirstMove;
 
 /// One listening socket on this worker.
 pub struct ListenerSlot<I: Io> {
@@ -124,45 +125,49 @@ async fn serve<I: Io>(
             break;
         };
         let backend = &fe.backends[idx];
-        match I::connect(backend.config.address, cfg.connect_timeout).await {
-            Ok(server) => {
-                backend.state.record_connect_success();
-                let guard = ActiveGuard::new(backend.state.clone());
-                let epoch = guard.state().kill_epoch();
-                I::relay(
-                    client,
-                    server,
-                    guard.state(),
-                    epoch,
-                    cfg.idle_timeout,
-                    shared.relay_mode,
-                )
-                .await;
-                return;
-            }
-            Err(e) => {
-                crate::debug!(
-                    "frontend {}: connect to {} ({}) failed: {e}",
-                    cfg.name,
-                    backend.config.name,
-                    backend.config.address
-                );
-                if attempt < cfg.retries {
-                    backend.state.retries_total.fetch_add(1, Ordering::Relaxed);
+        let failure = match I::connect(backend.config.address, cfg.connect_timeout).await {
+            Ok(server) => match I::first_move(&client, &server, cfg.connect_timeout).await {
+                FirstMove::Relay => {
+                    backend.state.record_connect_success();
+                    let guard = ActiveGuard::new(backend.state.clone());
+                    let epoch = guard.state().kill_epoch();
+                    I::relay(
+                        client,
+                        server,
+                        guard.state(),
+                        epoch,
+                        cfg.idle_timeout,
+                        shared.relay_mode,
+                    )
+                    .await;
+                    return;
                 }
-                if backend
-                    .state
-                    .record_connect_failure(backend.config.health.error_limit)
-                {
-                    backend.state.set_up(false);
-                    let _ = shared.events.send(DataEvent::PassiveDown {
-                        backend: backend.state.clone(),
-                        error: e.to_string(),
-                    });
-                }
-                tried.push(idx);
-            }
+                // Nothing was relayed yet, so this counts as a failed connect and the client
+                // is retried on another backend like any other.
+                FirstMove::BackendFailed(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        crate::debug!(
+            "frontend {}: connect to {} ({}) failed: {failure}",
+            cfg.name,
+            backend.config.name,
+            backend.config.address
+        );
+        if attempt < cfg.retries {
+            backend.state.retries_total.fetch_add(1, Ordering::Relaxed);
         }
+        if backend
+            .state
+            .record_connect_failure(backend.config.health.error_limit)
+        {
+            backend.state.set_up(false);
+            let _ = shared.events.send(DataEvent::PassiveDown {
+                backend: backend.state.clone(),
+                error: failure,
+            });
+        }
+        tried.push(idx);
     }
     fe.state
         .rejected_no_backend_total

@@ -7,12 +7,13 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::Duration;
 
 use crate::backend::BackendState;
 use crate::config::RelayMode;
 use crate::relay::ops::ConnectError;
-use crate::relay::{self, RelayEnd};
+use crate::relay::{self, FirstMove, RelayEnd};
 
 pub trait Io: 'static {
     type Listener: 'static;
@@ -26,6 +27,12 @@ pub trait Io: 'static {
         timeout: Duration,
     ) -> impl Future<Output = Result<Self::Stream, ConnectError>>;
     fn set_nodelay(s: &Self::Stream);
+    /// See [`relay::first_move`]: did the backend fail before anything was relayed?
+    fn first_move(
+        client: &Self::Stream,
+        server: &Self::Stream,
+        limit: Duration,
+    ) -> impl Future<Output = FirstMove>;
     fn relay(
         client: Self::Stream,
         server: Self::Stream,
@@ -42,7 +49,8 @@ pub struct Uring;
 
 impl Io for Uring {
     type Listener = tokio_uring::net::TcpListener;
-    type Stream = tokio_uring::net::TcpStream;
+    /// Shared so that a readiness poll in flight can keep the socket open (see `first_move`).
+    type Stream = Rc<tokio_uring::net::TcpStream>;
     const NAME: &'static str = "io_uring";
 
     fn listener(l: std::net::TcpListener) -> io::Result<Self::Listener> {
@@ -50,15 +58,23 @@ impl Io for Uring {
     }
 
     async fn accept(l: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)> {
-        l.accept().await
+        l.accept().await.map(|(s, a)| (Rc::new(s), a))
     }
 
     async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self::Stream, ConnectError> {
-        relay::ops::connect(addr, timeout).await
+        relay::ops::connect(addr, timeout).await.map(Rc::new)
     }
 
     fn set_nodelay(s: &Self::Stream) {
         let _ = s.set_nodelay(true);
+    }
+
+    async fn first_move(
+        client: &Self::Stream,
+        server: &Self::Stream,
+        limit: Duration,
+    ) -> FirstMove {
+        relay::first_move(client, server, limit).await
     }
 
     async fn relay(
@@ -119,6 +135,14 @@ impl Io for Epoll {
 
     fn set_nodelay(s: &Self::Stream) {
         let _ = s.set_nodelay(true);
+    }
+
+    async fn first_move(
+        client: &Self::Stream,
+        server: &Self::Stream,
+        limit: Duration,
+    ) -> FirstMove {
+        relay::epoll::first_move(client, server, limit).await
     }
 
     async fn relay(

@@ -14,6 +14,8 @@ pub enum Behaviour {
     Echo,
     /// Write its name and a newline at once, then echo until EOF.
     Named,
+    /// Accept and close at once without a byte: a backend dying with connections queued.
+    Slam,
 }
 
 /// A backend that can be stopped (its port then refuses) and counts what it served.
@@ -108,6 +110,11 @@ fn bind_retrying(addr: SocketAddr) -> TcpListener {
 }
 
 fn serve(mut stream: TcpStream, behaviour: Behaviour, name: &str) {
+    if behaviour == Behaviour::Slam {
+        // Linger 0: a reset, as the kernel sends for connections a dying listener had queued.
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        return;
+    }
     if behaviour == Behaviour::Named && stream.write_all(format!("{name}\n").as_bytes()).is_err() {
         return;
     }
