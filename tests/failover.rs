@@ -20,7 +20,9 @@ struct Tally {
 
 #[test]
 fn killing_one_backend_and_blackholing_another_under_load_costs_clients_nothing() {
-    failover_scenario("", "Health analyze");
+    // Passive and active health race to take the dead backend out; either may win (the
+    // passive path alone is tested in tests/health.rs with active checks set very slow).
+    failover_scenario("", "reason: ");
 }
 
 #[test]
