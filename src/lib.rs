@@ -17,6 +17,9 @@
 //! - [`demo`]: the self-contained demo behind `ringlb demo`.
 //! - [`log`]: one-line operator logs on stderr, journald-aware.
 
+// Unsafe code is confined to `relay::ops`, which opts back in; everything else is checked.
+#![deny(unsafe_code)]
+
 pub mod log;
 
 pub mod admin;

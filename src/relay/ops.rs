@@ -6,6 +6,8 @@
 //! Here we own the socket, so on timeout we `shutdown()` it first: in SYN_SENT that aborts the
 //! connect, the op completes at once, and the driver drops the socket with it.
 
+#![allow(unsafe_code)]
+
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
