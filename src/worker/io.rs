@@ -26,7 +26,6 @@ pub trait Io: 'static {
         addr: SocketAddr,
         timeout: Duration,
     ) -> impl Future<Output = Result<Self::Stream, ConnectError>>;
-    fn set_nodelay(s: &Self::Stream);
     /// See [`relay::first_move`]: did the backend fail before anything was relayed?
     fn first_move(
         client: &Self::Stream,
@@ -63,10 +62,6 @@ impl Io for Uring {
 
     async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self::Stream, ConnectError> {
         relay::ops::connect(addr, timeout).await.map(Rc::new)
-    }
-
-    fn set_nodelay(s: &Self::Stream) {
-        let _ = s.set_nodelay(true);
     }
 
     async fn first_move(
@@ -131,10 +126,6 @@ impl Io for Epoll {
             Ok(Err(e)) => Err(ConnectError::Io(e)),
             Err(_) => Err(ConnectError::TimedOut),
         }
-    }
-
-    fn set_nodelay(s: &Self::Stream) {
-        let _ = s.set_nodelay(true);
     }
 
     async fn first_move(
