@@ -69,6 +69,12 @@ pub async fn first_move(
     limit: Duration,
 ) -> super::FirstMove {
     use super::FirstMove;
+    // The common case for client-speaks-first protocols: the request is already waiting.
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match socket2::SockRef::from(client).peek(&mut byte) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        _ => return FirstMove::Relay,
+    }
     tokio::select! {
         biased;
         _ = client.readable() => FirstMove::Relay,

@@ -135,6 +135,10 @@ pub async fn first_move(
     server: &Rc<TcpStream>,
     limit: Duration,
 ) -> FirstMove {
+    // The common case for client-speaks-first protocols: the request is already waiting.
+    if ops::has_spoken(client.as_raw_fd()) {
+        return FirstMove::Relay;
+    }
     let readable = (libc::POLLIN | libc::POLLRDHUP) as u32;
     let from_client = ops::poll_ready(client, readable);
     let from_server = ops::poll_ready(server, readable);

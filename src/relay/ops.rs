@@ -160,19 +160,29 @@ pub fn set_nonblocking(fd: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// After a socket polled readable before anything was sent on it: is it data, or a close?
-pub fn peek_first_byte(fd: i32) -> crate::relay::FirstMove {
-    use crate::relay::FirstMove;
+/// recv(MSG_PEEK | MSG_DONTWAIT) of one byte: never waits, consumes nothing.
+fn peek_one(fd: i32) -> isize {
     let mut byte = [0u8; 1];
     // SAFETY: recv into a 1-byte buffer we own, on an fd the caller keeps open.
-    let n = unsafe {
+    unsafe {
         libc::recv(
             fd,
             byte.as_mut_ptr().cast(),
             1,
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
-    };
+    }
+}
+
+/// Whether the client has already sent data (or closed): then there is nothing to wait for.
+pub fn has_spoken(fd: i32) -> bool {
+    peek_one(fd) >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock
+}
+
+/// After a socket polled readable before anything was sent on it: is it data, or a close?
+pub fn peek_first_byte(fd: i32) -> crate::relay::FirstMove {
+    use crate::relay::FirstMove;
+    let n = peek_one(fd);
     match n {
         0 => FirstMove::BackendFailed(io::Error::new(
             io::ErrorKind::UnexpectedEof,
