@@ -2,7 +2,8 @@
 //! request/response latency, each measured directly against the backend and through every
 //! balancer under test, in the same run, so the ratios are comparable.
 //!
-//! Run: `cargo bench --bench loadgen` (add `-- --quick` for a short run). HAProxy and nginx
+//! Run: `cargo bench --bench loadgen` (add `-- --quick` for a short run, `-- conn` to run
+//! one scenario: `bulk`, `conn` or `rr`). HAProxy and nginx
 //! (stream module) are included when their binaries are installed (`apt-get install haproxy
 //! nginx libnginx-mod-stream`); every balancer gets one worker thread so the comparison is like for like.
 //!
@@ -338,9 +339,17 @@ fn main() {
     let mut targets: Vec<(&str, SocketAddr)> = vec![("direct", backend)];
     targets.extend(proxies.iter().map(|p| (p.name, p.addr)));
 
-    println!("\n{:<14} {:>12} {:>8}", "bulk", "Gbit/s", "ratio");
+    // `-- bulk`, `-- conn` or `-- rr` runs only those scenarios (default: all three).
+    let picked: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| ["bulk", "conn", "rr"].contains(&a.as_str()))
+        .collect();
+    let run = |s: &str| picked.is_empty() || picked.iter().any(|p| p == s);
     let mut base = 0.0;
-    for (name, addr) in &targets {
+    if run("bulk") {
+        println!("\n{:<14} {:>12} {:>8}", "bulk", "Gbit/s", "ratio");
+    }
+    for (name, addr) in targets.iter().filter(|_| run("bulk")) {
         let g = bulk(*addr, &o);
         if *name == "direct" {
             base = g;
@@ -349,11 +358,13 @@ fn main() {
         let _ = std::io::stdout().flush();
     }
 
-    println!(
-        "\n{:<10} {:>12} {:>8} {:>8}",
-        "conn/s", "conn/s", "ratio", "errors"
-    );
-    for (name, addr) in &targets {
+    if run("conn") {
+        println!(
+            "\n{:<14} {:>12} {:>8} {:>8}",
+            "conn/s", "conn/s", "ratio", "errors"
+        );
+    }
+    for (name, addr) in targets.iter().filter(|_| run("conn")) {
         let (c, e) = conns_per_sec(*addr, &o);
         if *name == "direct" {
             base = c;
@@ -362,11 +373,13 @@ fn main() {
         let _ = std::io::stdout().flush();
     }
 
-    println!(
-        "\n{:<10} {:>12} {:>12} {:>8}",
-        "64B rr", "p50 us", "p99 us", "p50 x"
-    );
-    for (name, addr) in &targets {
+    if run("rr") {
+        println!(
+            "\n{:<14} {:>12} {:>12} {:>8}",
+            "64B rr", "p50 us", "p99 us", "p50 x"
+        );
+    }
+    for (name, addr) in targets.iter().filter(|_| run("rr")) {
         let (p50, p99) = latency(*addr, &o);
         if *name == "direct" {
             base = p50;
