@@ -12,33 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// One HTTP/1.1 request on a fresh connection; returns (status code, head, body).
-fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: ringlb-test\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {head}"));
-    (code, head.to_string(), body.to_string())
-}
-
-fn get(addr: SocketAddr, path: &str) -> String {
-    let (code, head, body) = http(addr, "GET", path);
-    assert_eq!(code, 200, "GET {path}: {head}\n{body}");
-    body
-}
-
 /// Parses Prometheus text exposition format 0.0.4 strictly: every sample line well formed,
 /// names and label names legal, label values properly escaped, `# TYPE` at most once per
 /// family and before its samples, no series twice. Returns series (`name{a="x",b="y"}` with

@@ -3,7 +3,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -182,12 +181,7 @@ fn blackhole_on(addr: SocketAddr) -> Hole {
 
 /// One backend's sample of a counter on the admin listener's /metrics.
 fn metric(admin: SocketAddr, name: &str, backend: &str) -> u64 {
-    let mut s = TcpStream::connect(admin).unwrap();
-    s.set_read_timeout(Some(SOON)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
+    let body = get(admin, "/metrics");
     let label = format!("backend=\"{backend}\"");
     body.lines()
         .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))

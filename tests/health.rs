@@ -351,13 +351,8 @@ fn thousands_of_failed_and_timed_out_checks_leak_no_fds() {
 
 /// Sums every sample of one metric on the admin listener's /metrics.
 fn metric_sum(admin: SocketAddr, name: &str) -> f64 {
-    let mut s = TcpStream::connect(admin).unwrap();
-    s.set_read_timeout(Some(SOON)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body.lines()
+    get(admin, "/metrics")
+        .lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()

@@ -13,16 +13,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text.split_once("\r\n\r\n").unwrap().1.to_string()
-}
-
 fn status(admin: SocketAddr) -> serde_json::Value {
     serde_json::from_str(&get(admin, "/status")).unwrap()
 }

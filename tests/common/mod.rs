@@ -218,6 +218,36 @@ impl Drop for Ringlb {
     }
 }
 
+/// One HTTP/1.1 request on a fresh connection (the admin listener closes after each answer);
+/// returns (status code, head, body).
+pub fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(SOON)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: ringlb-test\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line: {head}"));
+    (code, head.to_string(), body.to_string())
+}
+
+/// GET that must answer 200; returns the body.
+pub fn get(addr: SocketAddr, path: &str) -> String {
+    let (code, head, body) = http(addr, "GET", path);
+    assert_eq!(code, 200, "GET {path}: {head}\n{body}");
+    body
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir {
     pub path: PathBuf,
