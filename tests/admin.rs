@@ -502,7 +502,7 @@ fn ringlb_check_refuses_a_public_admin_address_unless_allowed() {
 }
 
 /// Finds the browser: $CHROMIUM, or `chromium` / `chromium-browser` on PATH.
-fn chromium() -> String {
+fn chromium() -> Option<String> {
     let candidates = std::env::var("CHROMIUM")
         .map(|c| vec![c])
         .unwrap_or_else(|_| vec!["chromium".into(), "chromium-browser".into()]);
@@ -512,19 +512,22 @@ fn chromium() -> String {
             .output()
             .is_ok_and(|o| o.status.success())
         {
-            return c.clone();
+            return Some(c.clone());
         }
     }
-    panic!(
-        "headless Chromium is needed for the status page test and was not found (tried {candidates:?}). \
-         Install it (Debian: apt-get install chromium) or set CHROMIUM=/path/to/chromium."
+    let what = format!("headless Chromium (tried {candidates:?})");
+    tool_available(
+        false,
+        &what,
+        "apt-get install chromium, or set CHROMIUM=/path/to/chromium",
     );
+    None
 }
 
 /// Runs headless Chromium on `url` with `extra` flags; returns stdout.
-fn run_chromium(url: &str, extra: &[String]) -> String {
+fn run_chromium(browser: &str, url: &str, extra: &[String]) -> String {
     let profile = TempDir::new();
-    let out = Command::new(chromium())
+    let out = Command::new(browser)
         .args([
             "--headless",
             "--no-sandbox",
@@ -553,6 +556,7 @@ fn run_chromium(url: &str, extra: &[String]) -> String {
 
 #[test]
 fn the_status_page_renders_in_headless_chromium_with_a_row_per_backend_coloured_by_state() {
+    let Some(browser) = chromium() else { return };
     let a1 = Backend::start("api1", Behaviour::Echo);
     let a2 = Backend::start("api2", Behaviour::Echo);
     let a3 = Backend::start("api3", Behaviour::Echo);
@@ -592,7 +596,7 @@ fn the_status_page_renders_in_headless_chromium_with_a_row_per_backend_coloured_
         .unwrap();
 
     let url = format!("http://{admin}/");
-    let dom = run_chromium(&url, &["--dump-dom".to_string()]);
+    let dom = run_chromium(&browser, &url, &["--dump-dom".to_string()]);
     assert!(dom.contains("<title>ringlb status</title>"), "{dom}");
     assert!(
         dom.contains("Frontend web") && dom.contains("Frontend db"),
@@ -621,6 +625,7 @@ fn the_status_page_renders_in_headless_chromium_with_a_row_per_backend_coloured_
     let shots = TempDir::new();
     let png = shots.path.join("status-page.png");
     run_chromium(
+        &browser,
         &url,
         &[
             format!("--screenshot={}", png.display()),

@@ -248,6 +248,21 @@ pub fn get(addr: SocketAddr, path: &str) -> String {
     body
 }
 
+/// Whether an external tool that one test needs (a browser, systemd-analyze) is here.
+/// Missing in CI (`CI` set, as `.ci/run` runs) it is a failure: `.ci/run` installs it.
+/// Missing on a developer's machine the test says loudly that it was skipped and how to
+/// install the tool, so that `cargo test` works on a fresh machine as the README promises.
+pub fn tool_available(found: bool, what: &str, install: &str) -> bool {
+    if found {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is needed by this test and was not found; install it: {install}");
+    }
+    eprintln!("SKIPPED: {what} not found; install it to run this test: {install}");
+    false
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir {
     pub path: PathBuf,
