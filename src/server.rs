@@ -209,12 +209,15 @@ impl Server {
         if d.is_empty() {
             return ReloadOutcome::Unchanged;
         }
-        if new.global.workers != self.config.global.workers {
-            crate::warn!(
-                "reload: workers changed from {} to {}; takes effect at the next restart",
-                self.config.global.workers,
-                new.global.workers
-            );
+        let (old_g, new_g) = (&self.config.global, &new.global);
+        for (key, changed) in [
+            ("workers", old_g.workers != new_g.workers),
+            ("io", old_g.io != new_g.io),
+            ("relay", old_g.relay != new_g.relay),
+        ] {
+            if changed {
+                crate::warn!("reload: global.{key} changed; it takes effect at the next restart");
+            }
         }
         // 1. Bind every new listen address before touching anything.
         let mut bound = Vec::new();

@@ -82,3 +82,38 @@ fn a_backend_that_resets_connections_before_a_byte_is_sent_costs_clients_nothing
         slam.accepted()
     );
 }
+
+#[test]
+fn a_silent_client_is_closed_at_once_when_every_backend_fails_before_a_byte() {
+    // Server-speaks-first clients (SMTP, MySQL) send nothing: ringlb must still close them,
+    // and free their fds, when no backend is left to try.
+    use std::io::Read;
+    let slam = Backend::start("slam", Behaviour::Slam);
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "web",
+            "retries = 1\n[frontend.health]\nerror_limit = 0",
+            &[("slam", slam.addr, "check = false")],
+        );
+    let lb = Ringlb::start(&cfg);
+    let baseline = lb.fd_count();
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let mut c = std::net::TcpStream::connect(lb.addr("web")).unwrap();
+        c.set_read_timeout(Some(SOON)).unwrap();
+        let mut buf = [0u8; 1];
+        let r = c.read(&mut buf);
+        assert!(
+            matches!(r, Ok(0))
+                || r.as_ref()
+                    .is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+            "client not closed: {r:?}"
+        );
+        clients.push(c); // keep ours open: ringlb's side must be closed regardless
+    }
+    assert!(
+        wait_until(SOON, || lb.fd_count() <= baseline),
+        "fds: baseline {baseline}, now {}",
+        lb.fd_count()
+    );
+}

@@ -18,6 +18,9 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_MAGLEV_TABLE_SIZE: usize = 65537;
 const MAX_MAGLEV_TABLE_SIZE: i64 = 16_777_259;
 const MAX_WEIGHT: i64 = 256;
+/// Longest duration any key accepts. Deadlines are computed as `now + duration`; a bound
+/// keeps every such sum far from overflowing, and nothing needs more than a month.
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Collects problems under a path prefix.
 struct Problems<'a> {
@@ -49,10 +52,20 @@ impl<'a> Problems<'a> {
     fn duration(&mut self, key: &str, value: &Option<String>, default: Duration) -> Duration {
         match value {
             None => default,
-            Some(text) => parse_duration(text).unwrap_or_else(|e| {
-                self.push(key, e);
-                default
-            }),
+            Some(text) => match parse_duration(text) {
+                Ok(d) if d > MAX_DURATION => {
+                    self.push(
+                        key,
+                        format!("\"{text}\" is too long: at most 30 days (\"720h\")"),
+                    );
+                    default
+                }
+                Ok(d) => d,
+                Err(e) => {
+                    self.push(key, e);
+                    default
+                }
+            },
         }
     }
 

@@ -122,6 +122,9 @@ pub async fn relay(
         .and_then(|_| set_nonblocking(server.as_raw_fd()))
         .is_err()
     {
+        // Shutting down completes any readiness poll still holding either socket.
+        let _ = client.shutdown(Shutdown::Both);
+        let _ = server.shutdown(Shutdown::Both);
         return RelayEnd::Done;
     }
     let last_activity = Cell::new(Instant::now());

@@ -171,6 +171,7 @@ async fn serve<I: Io>(
     fe.state
         .rejected_no_backend_total
         .fetch_add(1, Ordering::Relaxed);
+    I::abandon(&client);
 }
 
 /// Decrements an atomic counter on drop.

@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use crate::relay::{self, FirstMove, RelayEnd};
 
 pub trait Io: 'static {
     type Listener: 'static;
-    type Stream: 'static;
+    type Stream: AsRawFd + 'static;
     const NAME: &'static str;
 
     fn listener(l: std::net::TcpListener) -> io::Result<Self::Listener>;
@@ -26,6 +27,12 @@ pub trait Io: 'static {
         addr: SocketAddr,
         timeout: Duration,
     ) -> impl Future<Output = Result<Self::Stream, ConnectError>>;
+    /// Ends a client connection that is not going to be relayed. On io_uring a readiness
+    /// poll left by `first_move` may still hold the socket: shutting it down completes that
+    /// poll, so the fd is closed now rather than whenever the client next speaks.
+    fn abandon(s: &Self::Stream) {
+        let _ = nix::sys::socket::shutdown(s.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
     /// See [`relay::first_move`]: did the backend fail before anything was relayed?
     fn first_move(
         client: &Self::Stream,
