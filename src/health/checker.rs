@@ -198,18 +198,7 @@ mod tests {
     }
 
     fn health(check: bool) -> Health {
-        Health {
-            check,
-            interval: Duration::from_secs(2),
-            timeout: Duration::from_secs(1),
-            rise: 2,
-            fall: 3,
-            fast_interval: Duration::from_millis(500),
-            down_interval: Duration::from_secs(10),
-            error_limit: 10,
-            initial_up: true,
-            spread_percent: 0,
-        }
+        crate::health::machine::test_health(check)
     }
 
     struct Harness {

@@ -107,6 +107,23 @@ impl Machine {
     }
 }
 
+/// Health settings for tests: HAProxy's defaults with distinct intervals and no spread.
+#[cfg(test)]
+pub(crate) fn test_health(check: bool) -> Health {
+    Health {
+        check,
+        interval: Duration::from_secs(2),
+        timeout: Duration::from_secs(1),
+        rise: 2,
+        fall: 3,
+        fast_interval: Duration::from_millis(500),
+        down_interval: Duration::from_secs(10),
+        error_limit: 10,
+        initial_up: true,
+        spread_percent: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,18 +216,7 @@ mod tests {
     }
 
     fn health() -> Health {
-        Health {
-            check: true,
-            interval: Duration::from_secs(2),
-            timeout: Duration::from_secs(1),
-            rise: 2,
-            fall: 3,
-            fast_interval: Duration::from_millis(500),
-            down_interval: Duration::from_secs(10),
-            error_limit: 10,
-            initial_up: true,
-            spread_percent: 0,
-        }
+        super::test_health(true)
     }
 
     #[test]

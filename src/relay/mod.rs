@@ -84,8 +84,7 @@ pub async fn relay(
                 .is_err()
             {
                 // A reset on one side ends the other direction too.
-                let _ = client.shutdown(Shutdown::Both);
-                let _ = server.shutdown(Shutdown::Both);
+                end_both(client, server);
             }
         };
         let down = async {
@@ -93,8 +92,7 @@ pub async fn relay(
                 .await
                 .is_err()
             {
-                let _ = client.shutdown(Shutdown::Both);
-                let _ = server.shutdown(Shutdown::Both);
+                end_both(client, server);
             }
         };
         tokio::join!(up, down);
@@ -105,13 +103,19 @@ pub async fn relay(
         biased;
         _ = &mut both => RelayEnd::Done,
         why = watchdog(&last_activity, idle_timeout, backend, kill_epoch) => {
-            let _ = client.shutdown(Shutdown::Both);
-            let _ = server.shutdown(Shutdown::Both);
+            end_both(client, server);
             // Every pending op completes now; wait for them rather than drop them.
             both.await;
             why
         }
     }
+}
+
+/// Shuts both sockets down: every op pending on them (reads, writes, readiness polls)
+/// completes at once, which is how a connection is ended without dropping an op in flight.
+pub(crate) fn end_both(client: &TcpStream, server: &TcpStream) {
+    let _ = client.shutdown(Shutdown::Both);
+    let _ = server.shutdown(Shutdown::Both);
 }
 
 /// What happened first on a freshly connected pair, before any byte was relayed.

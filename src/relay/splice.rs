@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_uring::net::TcpStream;
 
 use super::ops::{poll_ready, set_nonblocking, splice_nonblocking};
-use super::{watchdog, RelayEnd};
+use super::{end_both, watchdog, RelayEnd};
 use crate::backend::BackendState;
 
 /// Bytes moved per splice call: the default pipe capacity (16 pages).
@@ -123,15 +123,11 @@ pub async fn relay(
         .is_err()
     {
         // Shutting down completes any readiness poll still holding either socket.
-        let _ = client.shutdown(Shutdown::Both);
-        let _ = server.shutdown(Shutdown::Both);
+        end_both(&client, &server);
         return RelayEnd::Done;
     }
     let last_activity = Cell::new(Instant::now());
-    let end_both = || {
-        let _ = client.shutdown(Shutdown::Both);
-        let _ = server.shutdown(Shutdown::Both);
-    };
+    let end_both = || end_both(&client, &server);
     // In its own block so the pumps' borrows of the pipes end before the pipes go back.
     let (why, (up_clean, down_clean)) = {
         let both = async {
