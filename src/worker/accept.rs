@@ -108,6 +108,7 @@ async fn serve<I: Io>(
     shared: Arc<Shared>,
 ) {
     let _open = OpenSlot(&shared);
+    I::set_nodelay(&client);
     let snap = shared.published.load_full();
     let Some(fe) = snap.frontend(&slot.frontend).cloned() else {
         return;

@@ -27,6 +27,7 @@ pub trait Io: 'static {
         addr: SocketAddr,
         timeout: Duration,
     ) -> impl Future<Output = Result<Self::Stream, ConnectError>>;
+    fn set_nodelay(s: &Self::Stream);
     /// Ends a client connection that is not going to be relayed. On io_uring a readiness
     /// poll left by `first_move` may still hold the socket: shutting it down completes that
     /// poll, so the fd is closed now rather than whenever the client next speaks.
@@ -69,6 +70,10 @@ impl Io for Uring {
 
     async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self::Stream, ConnectError> {
         relay::ops::connect(addr, timeout).await.map(Rc::new)
+    }
+
+    fn set_nodelay(s: &Self::Stream) {
+        let _ = s.set_nodelay(true);
     }
 
     async fn first_move(
@@ -133,6 +138,10 @@ impl Io for Epoll {
             Ok(Err(e)) => Err(ConnectError::Io(e)),
             Err(_) => Err(ConnectError::TimedOut),
         }
+    }
+
+    fn set_nodelay(s: &Self::Stream) {
+        let _ = s.set_nodelay(true);
     }
 
     async fn first_move(

@@ -18,9 +18,6 @@ fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     )?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
-    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one setsockopt here
-    // instead of one per connection.
-    socket.set_nodelay(true)?;
     if addr.is_ipv6() {
         // Explicit: "[::]:80" means IPv6 only, so "0.0.0.0:80" can be listed beside it.
         socket.set_only_v6(true)?;
