@@ -75,6 +75,7 @@ const FRONTEND: Family = Family {
             "ringlb_frontend_rejected_total",
             Some(("reason", "no_backend")),
         ),
+        ("ringlb_frontend_rejected_total", Some(("reason", "local"))),
     ],
     gauges: &["ringlb_frontend_active_connections"],
 };
@@ -83,6 +84,8 @@ const PROCESS: Family = Family {
     counters: &[
         ("ringlb_config_reloads_total", Some(("result", "success"))),
         ("ringlb_config_reloads_total", Some(("result", "failure"))),
+        ("ringlb_accept_paused_total", None),
+        ("ringlb_relay_pipe_unavailable_total", None),
     ],
     gauges: &[
         "ringlb_config_generation",
@@ -91,7 +94,18 @@ const PROCESS: Family = Family {
         "ringlb_active_connections",
         "ringlb_max_connections",
         "ringlb_start_time_seconds",
+        "ringlb_fd_limit",
+        "ringlb_relay_buffers_in_use",
+        "ringlb_relay_buffers_free",
+        "ringlb_relay_pipes_in_use",
+        "ringlb_relay_pipes_free",
     ],
+};
+
+/// Local errors (this host out of fds or memory), one series per operation and errno.
+const LOCAL: Family = Family {
+    counters: &[("ringlb_local_errors_total", None)],
+    gauges: &[],
 };
 
 /// HELP text for every name, with the HAProxy exporter counterpart where there is one.
@@ -111,14 +125,22 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_backend_check_duration_seconds", "Duration of the last health check (haproxy_server_check_duration_seconds)."),
     ("ringlb_backend_last_state_change_seconds", "Seconds since the last UP/DOWN transition (haproxy_server_check_last_change_seconds)."),
     ("ringlb_frontend_connections_total", "Client connections accepted (haproxy_frontend_sessions_total)."),
-    ("ringlb_frontend_rejected_total", "Client connections closed without a backend, by reason: limit (max_connections reached) or no_backend (haproxy_frontend_denied_connections_total)."),
+    ("ringlb_frontend_rejected_total", "Client connections closed without a backend, by reason: no_backend (every backend down or failing), local (this host out of fds or memory for the backend connect) or limit (no longer used: at max_connections new clients wait in the listen queue) (haproxy_frontend_denied_connections_total)."),
     ("ringlb_frontend_active_connections", "Open client connections (haproxy_frontend_current_sessions)."),
     ("ringlb_config_reloads_total", "Configuration reloads by result."),
     ("ringlb_config_generation", "1 for the configuration ringlb started with, +1 for each reload that changed it."),
     ("ringlb_config_last_reload_success_timestamp_seconds", "Unix time of the last successful reload, or of the start."),
     ("ringlb_snapshot_generation", "Publications of the routing snapshot (reloads and health transitions)."),
     ("ringlb_active_connections", "Open client connections across all frontends."),
-    ("ringlb_max_connections", "The configured max_connections."),
+    ("ringlb_max_connections", "The max_connections in force: the configured one, lowered if the open-file limit cannot hold it."),
+    ("ringlb_fd_limit", "The open-file limit (RLIMIT_NOFILE) ringlb runs under, after raising the soft limit to the hard one."),
+    ("ringlb_accept_paused_total", "Times the workers stopped accepting because max_connections was reached (new clients wait in the listen queue)."),
+    ("ringlb_relay_buffers_in_use", "Relay buffers on loan to connections with bytes in flight (0 when every connection is idle)."),
+    ("ringlb_relay_buffers_free", "Relay buffers kept in the workers' pools for the next reads."),
+    ("ringlb_relay_pipes_in_use", "Splice pipes on loan to connections with bytes in flight (2 fds each)."),
+    ("ringlb_relay_pipes_free", "Empty splice pipes kept in the workers' pools (2 fds each)."),
+    ("ringlb_relay_pipe_unavailable_total", "Chunks copied instead of spliced because no pipe could be had (per-worker pipe limit, or out of fds)."),
+    ("ringlb_local_errors_total", "Errors of this host, not of any backend (EMFILE, ENFILE, ENOBUFS, ENOMEM), by operation (accept, connect, probe) and errno; never counted against a backend."),
     ("ringlb_start_time_seconds", "Unix time ringlb started (haproxy_process_start_time_seconds)."),
     ("ringlb_build_info", "Always 1; the version is a label (haproxy_process_build_info)."),
 ];
@@ -213,6 +235,7 @@ impl Exporter {
                     s.accepted_total.load(Ordering::Relaxed),
                     s.rejected_limit_total.load(Ordering::Relaxed),
                     s.rejected_no_backend_total.load(Ordering::Relaxed),
+                    s.rejected_local_total.load(Ordering::Relaxed),
                 ],
                 &[s.active.load(Ordering::Relaxed) as f64],
             );
@@ -229,6 +252,18 @@ impl Exporter {
             }
         }
         let ops = &self.ops;
+        let pools = self.shared.pool_totals();
+        for (op, errno, n) in self.shared.local.counts() {
+            self.touch(
+                &mut t,
+                &LOCAL,
+                format!("l/{}/{errno}", op.as_str()),
+                0,
+                || vec![Label::new("op", op.as_str()), Label::new("errno", errno)],
+                &[n],
+                &[],
+            );
+        }
         self.touch(
             &mut t,
             &PROCESS,
@@ -238,6 +273,8 @@ impl Exporter {
             &[
                 ops.reloads_ok.load(Ordering::Relaxed),
                 ops.reloads_failed.load(Ordering::Relaxed),
+                self.shared.accept_paused_total.load(Ordering::Relaxed),
+                pools.pipe_unavailable_total,
             ],
             &[
                 ops.config_generation.load(Ordering::Relaxed) as f64,
@@ -246,6 +283,11 @@ impl Exporter {
                 self.shared.active() as f64,
                 self.shared.max_connections.load(Ordering::Relaxed) as f64,
                 ops.started_unix_seconds(),
+                self.shared.fd_limit as f64,
+                pools.buffers_in_use as f64,
+                pools.buffers_free as f64,
+                pools.pipes_in_use as f64,
+                pools.pipes_free as f64,
             ],
         );
         self.build_info();

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::backend::{BackendState, Published, Registry, Snapshot};
 use crate::config::{self, Config, ConfigError};
 use crate::worker::{
-    self, listener::bind_reuseport, DataEvent, Shared, WorkerCommand, WorkerHandle,
+    self, budget, listener::bind_reuseport, DataEvent, Shared, WorkerCommand, WorkerHandle,
 };
 
 /// The listeners of one (frontend, configured address): one socket per worker.
@@ -60,6 +60,8 @@ pub struct Server {
     pub published: Published,
     pub shared: Arc<Shared>,
     pub generation: u64,
+    /// RLIMIT_NOFILE in force; `max_connections` is planned against it at start and reload.
+    pub fd_limit: u64,
     workers: Vec<WorkerHandle>,
     listeners: HashMap<(String, SocketAddr), ListenerGroup>,
     next_listener_id: u64,
@@ -80,13 +82,16 @@ impl Server {
         let snapshot = Snapshot::build(config.clone(), &mut registry, 1);
         let published: Published = Arc::new(ArcSwap::from_pointee(snapshot));
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared {
-            published: published.clone(),
-            active: AtomicUsize::new(0),
-            max_connections: AtomicUsize::new(config.global.max_connections),
-            relay_mode: config.global.relay,
-            events: events_tx,
-        });
+        let fd_limit = budget::raise_nofile_limit();
+        let fds = budget::plan(&config, fd_limit);
+        fds.warn_if_lowered(config.global.max_connections);
+        let shared = Arc::new(Shared::new(
+            published.clone(),
+            config.global.workers,
+            &fds,
+            config.global.relay,
+            events_tx,
+        ));
         let io_name = worker::choose_io(config.global.io).map_err(StartError::Workers)?;
         let workers = worker::spawn(config.global.workers, io_name, shared.clone())
             .map_err(StartError::Workers)?;
@@ -97,6 +102,7 @@ impl Server {
             published,
             shared,
             generation: 1,
+            fd_limit,
             workers,
             listeners: HashMap::new(),
             next_listener_id: 1,
@@ -105,15 +111,14 @@ impl Server {
             last_reload_ok: None,
         };
         crate::info!(
-            "ringlb {} starting: {} workers on {io_name} ({} relay), {} frontends",
+            "ringlb {} starting: {} workers on {io_name} ({} relay), {} frontends, \
+             max_connections {} (open-file limit {})",
             env!("CARGO_PKG_VERSION"),
             config.global.workers,
-            if io_name == "io_uring" && config.global.relay == crate::config::RelayMode::Splice {
-                "splice"
-            } else {
-                "copy"
-            },
-            config.frontends.len()
+            config.global.relay.as_str(),
+            config.frontends.len(),
+            fds.max_connections,
+            fd_limit
         );
         let mut pending = Vec::new();
         for f in &config.frontends {
@@ -241,9 +246,13 @@ impl Server {
         // 2. Publish the new topology; removed backends start draining.
         let removed = self.registry.retain(&new);
         self.config = Arc::new(new);
+        let fds = budget::plan(&self.config, self.fd_limit);
+        fds.warn_if_lowered(self.config.global.max_connections);
         self.shared
             .max_connections
-            .store(self.config.global.max_connections, Ordering::Relaxed);
+            .store(fds.max_connections, Ordering::Relaxed);
+        // A raised cap lets paused accept loops go on.
+        self.shared.capacity.notify_waiters();
         self.publish();
         // 3. Start the new listeners, then stop the removed ones.
         for (frontend, addr, sockets) in bound {
@@ -266,7 +275,11 @@ impl Server {
         }
         // 4. Connections on removed backends finish on their own, up to shutdown_timeout.
         if !removed.is_empty() {
-            spawn_drain_limit(removed, self.config.global.shutdown_timeout);
+            spawn_drain_limit(
+                self.shared.clone(),
+                removed,
+                self.config.global.shutdown_timeout,
+            );
         }
         ReloadOutcome::Applied(d)
     }
@@ -300,7 +313,7 @@ impl Server {
 }
 
 /// Closes whatever is still open on removed backends once `limit` has passed.
-fn spawn_drain_limit(removed: Vec<Arc<BackendState>>, limit: Duration) {
+fn spawn_drain_limit(shared: Arc<Shared>, removed: Vec<Arc<BackendState>>, limit: Duration) {
     tokio::spawn(async move {
         tokio::time::sleep(limit).await;
         for b in removed {
@@ -313,7 +326,7 @@ fn spawn_drain_limit(removed: Vec<Arc<BackendState>>, limit: Duration) {
                     b.name,
                     config::format_duration(limit)
                 );
-                b.kill_connections();
+                shared.kill_connections(&b);
             }
         }
     });

@@ -64,7 +64,7 @@ fn idle_scenario(global: &str) {
 }
 
 #[test]
-fn max_connections_rejects_the_excess_and_keeps_serving_the_rest() {
+fn at_max_connections_a_new_client_waits_in_the_listen_queue_and_is_served_when_one_closes() {
     let b = Backend::start("echo", Behaviour::Echo);
     let cfg =
         global_toml("max_connections = 3") + &frontend_toml("web", "", &[("echo", b.addr, "")]);
@@ -77,28 +77,100 @@ fn max_connections_rejects_the_excess_and_keeps_serving_the_rest() {
             s
         })
         .collect();
-    // The fourth is accepted by the kernel and closed at once by ringlb.
+    // The fourth completes its handshake with the kernel but ringlb does not accept it: it is
+    // neither served nor closed while the cap holds.
     let mut extra = TcpStream::connect(lb.addr("web")).unwrap();
-    extra.set_read_timeout(Some(SOON)).unwrap();
-    let mut buf = [0u8; 4];
-    let r = extra.write_all(b"ping").and_then(|_| extra.read(&mut buf));
+    extra.write_all(b"ping").unwrap();
     assert!(
-        matches!(r, Ok(0)) || r.is_err(),
-        "excess connection was served: {r:?}"
+        lb.wait_for_log("max_connections (3) reached", SOON)
+            .is_some(),
+        "the pause is logged"
+    );
+    extra
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 4];
+    let r = extra.read(&mut buf);
+    assert!(
+        r.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut),
+        "a client over the cap must wait, not be served or closed: {r:?}"
+    );
+    assert_eq!(
+        b.accepted(),
+        3,
+        "nothing reached the backend for the waiting client"
     );
     // The held ones are untouched.
     for s in &mut held {
         echo_once(s).unwrap();
     }
-    // Closing one frees a slot for a new client.
+    // Closing one lets the waiting client in, with the bytes it already sent.
     held.pop();
-    assert!(wait_until(SOON, || {
-        let Ok(mut s) = TcpStream::connect(lb.addr("web")) else {
-            return false;
-        };
-        s.set_read_timeout(Some(SOON)).unwrap();
-        echo_once(&mut s).is_ok()
-    }));
+    extra.set_read_timeout(Some(SOON)).unwrap();
+    extra.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+    let m = get(lb.admin.expect("admin"), "/metrics");
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("ringlb_accept_paused_total") && !l.ends_with(" 0")),
+        "the pause is counted"
+    );
+}
+
+#[test]
+fn an_idle_connection_holds_two_fds_and_no_pool_resources_in_every_relay_mode() {
+    for relay in ["copy", "splice", "splice-auto"] {
+        let b = Backend::start("echo", Behaviour::Echo);
+        let cfg = global_toml(&format!("relay = \"{relay}\""))
+            + &frontend_toml("web", "", &[("echo", b.addr, "")]);
+        let lb = Ringlb::start(&cfg);
+        let mut warm = TcpStream::connect(lb.addr("web")).unwrap();
+        warm.set_read_timeout(Some(SOON)).unwrap();
+        echo_once(&mut warm).unwrap();
+        drop(warm);
+        assert!(wait_until(SOON, || b.open() == 0));
+        let baseline = lb.fd_count();
+        const N: usize = 200;
+        let held: Vec<TcpStream> = (0..N)
+            .map(|_| {
+                let mut s = TcpStream::connect(lb.addr("web")).unwrap();
+                s.set_read_timeout(Some(SOON)).unwrap();
+                // A bulk exchange first, so the splice modes have used pipes.
+                let big = vec![7u8; 256 * 1024];
+                s.write_all(&big).unwrap();
+                let mut back = vec![0u8; big.len()];
+                s.read_exact(&mut back).unwrap();
+                s
+            })
+            .collect();
+        let per_conn = (lb.fd_count() - baseline) as f64 / N as f64;
+        assert!(
+            per_conn <= 2.1,
+            "{relay}: {per_conn:.2} fds per idle connection (baseline {baseline})"
+        );
+        let m = get(lb.admin.expect("admin"), "/metrics");
+        for gauge in ["ringlb_relay_buffers_in_use", "ringlb_relay_pipes_in_use"] {
+            assert_eq!(
+                metric_value(&m, gauge),
+                Some(0.0),
+                "{relay}: {gauge} while every connection is idle"
+            );
+        }
+        drop(held);
+        assert!(
+            wait_until(SOON, || lb.fd_count() <= baseline + 2 * 2 * 16),
+            "{relay}: fds back to baseline plus at most the free pipe pool"
+        );
+    }
+}
+
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.split([' ', '{']).next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 #[test]
@@ -114,6 +186,11 @@ fn the_epoll_fallback_leaks_no_fds_either() {
 #[test]
 fn the_splice_relay_leaks_no_fds_either() {
     fd_scenario("relay = \"splice\"");
+}
+
+#[test]
+fn the_splice_auto_relay_leaks_no_fds_either() {
+    fd_scenario("relay = \"splice-auto\"");
 }
 
 fn fd_scenario(global: &str) {
@@ -154,20 +231,19 @@ fn fd_scenario(global: &str) {
         }
     };
     // Warm up with the same concurrency: per-worker resources that are created lazily and
-    // kept (io_uring rings, the splice relay's bounded pipe pool) reach their size here.
+    // kept (io_uring rings, the bounded pool of free pipes) reach their size here.
     load(200);
     assert!(wait_until(SOON, || good.open() == 0));
     let baseline = lb.fd_count();
     let baseline_by_kind = lb.fd_count_by_kind();
     load(2000);
     if global.contains("splice") {
-        // The splice relay keeps a pool of empty pipes per worker whose size follows peak
-        // concurrency (at most 256 per worker, 2 fds each): sockets must return to baseline
-        // exactly, pipes must stay within the pool's bound.
+        // Pipes are lent only while bytes are in flight; each worker keeps at most 16 free
+        // ones (2 fds each): sockets must return to baseline exactly, pipes to that bound.
         let (base_pipes, base_others) = baseline_by_kind;
         let ok = wait_until(SOON, || {
             let (pipes, others) = lb.fd_count_by_kind();
-            others <= base_others && pipes <= 2 * 2 * 256
+            others <= base_others && pipes <= 2 * 2 * 16
         });
         let now = lb.fd_count_by_kind();
         assert!(

@@ -12,8 +12,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
-use tokio::sync::Notify;
-
 use crate::config::{Backend, Config};
 
 /// Full weight in the slow-start ramp, in thousandths.
@@ -52,9 +50,9 @@ pub struct BackendState {
     /// Consecutive failed connects seen on real traffic (passive health).
     pub consecutive_errors: AtomicU32,
     /// Incremented to ask every connection through this backend to close; each connection
-    /// remembers the value it started with (see `relay`).
+    /// remembers the value it started with, and its worker's sweeper compares (see
+    /// `worker::conns` and `Shared::kill_connections`, which also wakes the sweepers).
     kill_epoch: AtomicU64,
-    kill: Notify,
     /// Passive health asks the control thread to mark the backend down through this.
     pub passive_tripped: AtomicBool,
     pub last_change: Mutex<Instant>,
@@ -80,7 +78,6 @@ impl BackendState {
             state_changes_total: AtomicU64::new(0),
             consecutive_errors: AtomicU32::new(0),
             kill_epoch: AtomicU64::new(0),
-            kill: Notify::new(),
             passive_tripped: AtomicBool::new(false),
             last_change: Mutex::new(Instant::now()),
             check: Mutex::new(CheckRecord::default()),
@@ -145,24 +142,9 @@ impl BackendState {
         self.kill_epoch.load(Ordering::Acquire)
     }
 
-    /// Asks every open connection through this backend to close.
-    pub fn kill_connections(&self) {
+    /// Flips the kill switch; use `Shared::kill_connections`, which also wakes the workers.
+    pub fn bump_kill_epoch(&self) {
         self.kill_epoch.fetch_add(1, Ordering::AcqRel);
-        self.kill.notify_waiters();
-    }
-
-    /// Resolves once `kill_connections` has been called after `epoch` was read.
-    pub async fn killed_after(&self, epoch: u64) {
-        loop {
-            let notified = self.kill.notified();
-            tokio::pin!(notified);
-            // Register before checking, so a kill between the check and the await is not lost.
-            notified.as_mut().enable();
-            if self.kill_epoch() != epoch {
-                return;
-            }
-            notified.await;
-        }
     }
 
     /// Records a failed connect from real traffic; returns true when it trips `error_limit`.
@@ -210,8 +192,11 @@ impl Drop for ActiveGuard {
 pub struct FrontendState {
     pub active: AtomicU64,
     pub accepted_total: AtomicU64,
-    /// Closed at once because `max_connections` was reached.
+    /// Closed at once because `max_connections` was reached (no longer happens: at the cap
+    /// the workers stop accepting; kept so the series stays continuous).
     pub rejected_limit_total: AtomicU64,
+    /// Closed because this host ran out of fds or memory for the backend connect.
+    pub rejected_local_total: AtomicU64,
     /// No backend could be reached (all down, or every attempt failed).
     pub rejected_no_backend_total: AtomicU64,
     /// Set once the "has no server available" line was logged, cleared when one returns.

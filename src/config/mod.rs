@@ -35,13 +35,25 @@ pub struct Global {
     pub relay: RelayMode,
 }
 
-/// How the io_uring workers move bytes (the epoll fallback always copies).
+/// How the workers move bytes (on io_uring and on the epoll fallback alike).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayMode {
-    /// read/write through a user-space buffer.
+    /// recv/send through a pooled user-space buffer.
     Copy,
-    /// splice(2) through a pipe pair: the bytes never enter user space.
+    /// splice(2) through a pooled pipe: the bytes never enter user space.
     Splice,
+    /// Copy short exchanges; splice a direction while it carries bulk.
+    SpliceAuto,
+}
+
+impl RelayMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayMode::Copy => "copy",
+            RelayMode::Splice => "splice",
+            RelayMode::SpliceAuto => "splice-auto",
+        }
+    }
 }
 
 /// Which kernel interface the workers use.

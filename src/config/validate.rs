@@ -191,10 +191,11 @@ fn validate_global(file: &FileConfig, out: &mut Vec<String>) -> Global {
     let relay = match g.and_then(|g| g.relay.as_deref()) {
         None | Some("copy") => RelayMode::Copy,
         Some("splice") => RelayMode::Splice,
+        Some("splice-auto") => RelayMode::SpliceAuto,
         Some(other) => {
             p.push(
                 "relay",
-                format!("unknown mode \"{other}\": use \"copy\" or \"splice\""),
+                format!("unknown mode \"{other}\": use \"copy\", \"splice\" or \"splice-auto\""),
             );
             RelayMode::Copy
         }

@@ -13,9 +13,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::machine::{Machine, Transition};
-use super::probe::{CheckOutcome, HealthCheck};
+use super::probe::{CheckOutcome, CheckResult, HealthCheck};
 use crate::backend::BackendState;
 use crate::config::Health;
+use crate::worker::local::{LocalErrors, Op};
 
 /// What checkers (and slow-start ramps) tell the control loop.
 #[derive(Debug)]
@@ -37,7 +38,13 @@ pub struct Controls {
     /// Passive health marked the backend down: put the machine in the down state.
     /// `notify_one` keeps a permit, so a trip during a probe is not lost.
     pub forced_down: Arc<Notify>,
+    /// Where a probe that failed for a reason of this host (out of fds) is counted instead of
+    /// against the backend.
+    pub local: Arc<LocalErrors>,
 }
+
+/// How soon a probe that hit a local error (this host out of fds) is tried again.
+const LOCAL_RETRY: Duration = Duration::from_millis(500);
 
 /// Runs until the control loop drops its end of `events` or aborts the task.
 pub async fn run<C: HealthCheck>(
@@ -74,6 +81,15 @@ pub async fn run<C: HealthCheck>(
             }
         }
         let outcome = check.check(addr, h.timeout).await;
+        if let CheckResult::LocalError(code) = outcome.result {
+            // Says nothing about the backend: neither a pass nor a failure. Probe again soon.
+            let e = std::io::Error::from_raw_os_error(code);
+            controls.local.record(Op::Probe, &e, || {
+                format!("health check of {}/{}", state.frontend, state.name)
+            });
+            wait = h.interval.min(LOCAL_RETRY);
+            continue;
+        }
         record(&state, &outcome);
         if let Some(to) = machine.observe(outcome.result.passed()) {
             let ev = HealthEvent::Transition {
@@ -237,6 +253,7 @@ mod tests {
             Controls {
                 settings,
                 forced_down: forced_down.clone(),
+                local: Arc::default(),
             },
             tx,
             Jitter::from_seed(7),

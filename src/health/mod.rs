@@ -96,7 +96,8 @@ impl HealthChecks {
                         });
                     }
                     _ => {
-                        let task = self.spawn(&key, state, b.health.clone());
+                        let task =
+                            self.spawn(&key, state, b.health.clone(), server.shared.local.clone());
                         if let Some(old) = self.tasks.insert(key, task) {
                             old.handle.abort();
                         }
@@ -126,7 +127,13 @@ impl HealthChecks {
         }
     }
 
-    fn spawn(&self, key: &Key, state: Arc<BackendState>, health: Health) -> Task {
+    fn spawn(
+        &self,
+        key: &Key,
+        state: Arc<BackendState>,
+        health: Health,
+        local: Arc<crate::worker::local::LocalErrors>,
+    ) -> Task {
         let (settings, settings_rx) = watch::channel(health);
         let forced_down = Arc::new(Notify::new());
         let mut hasher = DefaultHasher::new();
@@ -137,6 +144,7 @@ impl HealthChecks {
             Controls {
                 settings: settings_rx,
                 forced_down: forced_down.clone(),
+                local,
             },
             self.events.clone(),
             Jitter::new(hasher.finish()),
@@ -264,7 +272,7 @@ impl HealthChecks {
         // Even with no session counted yet: one whose connect is completing may count itself
         // in a moment, and a kill with nothing to kill costs nothing.
         if on_marked_down == OnMarkedDown::ShutdownSessions {
-            state.kill_connections();
+            server.shared.kill_connections(state);
         }
         if left.active + left.backup == 0
             && !fe.state.no_server_logged.swap(true, Ordering::Relaxed)

@@ -21,6 +21,9 @@ pub enum CheckResult {
     Timeout,
     /// The connect failed; the OS's words for why, like "Connection refused".
     ConnectionProblem(String),
+    /// The probe could not even be made: this host is out of fds or memory (the errno).
+    /// Neither a pass nor a failure: it never counts against the backend.
+    LocalError(i32),
 }
 
 impl CheckResult {
@@ -38,6 +41,11 @@ impl fmt::Display for CheckResult {
             CheckResult::ConnectionProblem(info) => {
                 write!(f, "Layer4 connection problem, info: \"{info}\"")
             }
+            CheckResult::LocalError(code) => write!(
+                f,
+                "local error (not the backend's), info: \"{}\"",
+                nix::errno::Errno::from_raw(*code).desc()
+            ),
         }
     }
 }
@@ -69,6 +77,9 @@ impl HealthCheck for TcpCheck {
             Ok(Ok(())) => CheckResult::Passed,
             // The kernel's own SYN timeout (only reached with a very long `timeout`).
             Ok(Err(e)) if e.raw_os_error() == Some(libc::ETIMEDOUT) => CheckResult::Timeout,
+            Ok(Err(e)) if crate::worker::local::is_local_error(&e) => {
+                CheckResult::LocalError(e.raw_os_error().unwrap_or(libc::EMFILE))
+            }
             Ok(Err(e)) => CheckResult::ConnectionProblem(os_error_text(&e)),
             // Dropping the connect future closed its socket: nothing is left behind.
             Err(_) => CheckResult::Timeout,

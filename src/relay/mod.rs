@@ -1,179 +1,288 @@
 //! The relay: bytes both ways between a client and its backend until both directions end.
 //!
-//! Each direction reads into an owned buffer and writes all of it to the other side; at EOF it
-//! shuts the other side's write half, so a half-close travels end to end. The connection ends
-//! when both directions have ended, or when the watchdog fires (idle timeout, the backend's
-//! kill switch, or a forced stop).
+//! One orchestration for every runtime and every mode. Each direction waits until its source
+//! socket is readable, then moves what is there with plain non-blocking syscalls, and goes
+//! back to waiting when the socket runs dry. Only the wait differs between runtimes (an
+//! io_uring POLL_ADD, or tokio's epoll readiness): that is the [`Conn`] trait. How a chunk
+//! moves is the mode:
 //!
-//! Cancellation rule: an in-flight tokio-uring op that is dropped is not cancelled and keeps
-//! its fd. So nothing here drops a pending read or write: to end a connection early the
-//! watchdog calls `shutdown(Both)` on both sockets, which completes every pending op, and the
-//! pumps then return on their own.
+//! - `copy`: recv into a buffer lent by the worker's pool, send it all, give the buffer back.
+//! - `splice`: splice the socket into a pooled pipe and the pipe into the other socket; the
+//!   pipe goes back to the pool once empty. The bytes never enter user space.
+//! - `splice-auto`: copy, and switch a direction to splice while it carries bulk (a read
+//!   filled the whole buffer); back to copy when chunks get small again.
+//!
+//! So an idle connection holds no buffer and no pipe, only its two sockets and two pending
+//! readiness waits. Splices are plain syscalls on the worker thread (never IORING_OP_SPLICE,
+//! which parks an io-wq kernel thread per waiting splice).
+//!
+//! At EOF a direction shuts the other side's write half, so a half-close travels end to end.
+//! A direction that fails shuts both sockets down, which ends the other direction too. The
+//! worker's connection table ends a connection early (idle timeout, kill switch) the same way:
+//! `shutdown(Both)` completes every pending wait, so no io_uring op is ever dropped in flight.
 
-pub mod epoll;
 pub mod ops;
-pub mod splice;
+pub mod pool;
+pub mod sys;
 
 use std::cell::Cell;
+use std::future::Future;
 use std::io;
-use std::net::Shutdown;
-use std::os::fd::AsRawFd;
-use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::{Duration, Instant};
 
-use tokio::time::Instant;
-use tokio_uring::net::TcpStream;
+use nix::sys::socket::Shutdown;
+use tokio::io::Interest;
 
-use crate::backend::BackendState;
+use crate::config::RelayMode;
+use pool::{Buf, Pipe, PIPE_CHUNK};
 
-/// Per-read buffer size: large enough that bulk transfers need few syscalls.
-pub(crate) const BUF_SIZE: usize = 64 * 1024;
+/// A connected, non-blocking socket as the relay sees it: plain syscalls on its fd, and a way
+/// to wait for readiness on the worker's runtime.
+pub trait Conn: AsRawFd + AsFd + 'static {
+    /// Resolves when the socket is ready for `interest`, or has an error or hang-up to report.
+    fn wait(&self, interest: Interest) -> impl Future<Output = io::Result<()>>;
+    /// Runs one non-blocking syscall on the socket. A runtime that tracks readiness itself
+    /// (epoll) learns from a `WouldBlock` here that the socket is no longer ready.
+    fn attempt<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+}
 
-/// Why a relay ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RelayEnd {
-    /// Both directions reached EOF (or an error) on their own.
-    Done,
-    IdleTimeout,
-    /// The backend was marked down with `shutdown-sessions`, or drained past its limit.
-    Killed,
+/// Per-connection activity, read by the worker's connection table (idle timeout, byte counts).
+#[derive(Debug)]
+pub struct Meter {
+    pub last_activity: Cell<Instant>,
+    /// Client to backend.
+    pub bytes_up: Cell<u64>,
+    /// Backend to client.
+    pub bytes_down: Cell<u64>,
+}
+
+impl Meter {
+    pub fn new() -> Meter {
+        Meter {
+            last_activity: Cell::new(Instant::now()),
+            bytes_up: Cell::new(0),
+            bytes_down: Cell::new(0),
+        }
+    }
+}
+
+impl Default for Meter {
+    fn default() -> Self {
+        Meter::new()
+    }
+}
+
+/// A blocked send with at most this many bytes left copies them aside and returns the big
+/// buffer, so a slow reader holds a small allocation rather than a 64 KiB buffer.
+const SMALL_TAIL: usize = 4096;
+/// A splice that moved at least this much suggests more is waiting; in splice-auto a
+/// direction keeps splicing while its chunks are this large.
+const SPLICE_BULK: usize = 16 * 1024;
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+/// What one step of a direction did.
+enum Step {
+    /// Moved `n` bytes; `more` when the read filled its buffer (more is likely waiting).
+    Moved { n: usize, more: bool },
+    /// Nothing to read now: wait for readiness.
+    Dry,
+    /// The source closed its write half.
+    Eof,
+}
+
+/// Relays until both directions end. `client_spoke` says the client's first bytes are already
+/// waiting (from [`first_move`]), so its direction reads at once instead of waiting first.
+pub async fn relay<S: Conn>(
+    client: &S,
+    server: &S,
+    meter: &Meter,
+    mode: RelayMode,
+    client_spoke: bool,
+) {
+    let up = async {
+        if pump(client, server, &meter.bytes_up, meter, mode, client_spoke)
+            .await
+            .is_err()
+        {
+            end_both(client, server);
+        }
+    };
+    let down = async {
+        if pump(server, client, &meter.bytes_down, meter, mode, false)
+            .await
+            .is_err()
+        {
+            end_both(client, server);
+        }
+    };
+    tokio::join!(up, down);
+}
+
+/// Shuts both sockets down: every wait pending on them completes at once, and each direction
+/// then ends on its own. This is how a connection is ended early without dropping an op.
+pub fn end_both(client: &impl AsRawFd, server: &impl AsRawFd) {
+    sys::shutdown(client.as_raw_fd(), Shutdown::Both);
+    sys::shutdown(server.as_raw_fd(), Shutdown::Both);
 }
 
 /// Moves bytes from `from` to `to` until EOF, then half-closes `to`.
-async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    last_activity: &Cell<Instant>,
-    bytes: &AtomicU64,
+async fn pump<S: Conn>(
+    from: &S,
+    to: &S,
+    bytes: &Cell<u64>,
+    meter: &Meter,
+    mode: RelayMode,
+    mut readable: bool,
 ) -> io::Result<()> {
-    let mut buf = Vec::with_capacity(BUF_SIZE);
+    let mut splicing = mode == RelayMode::Splice;
     loop {
-        let (res, b) = from.read(buf).await;
-        buf = b;
-        let n = res?;
-        if n == 0 {
-            break;
+        if !readable {
+            from.wait(Interest::READABLE).await?;
         }
-        last_activity.set(Instant::now());
-        let (res, b) = to.write_all(buf).await;
-        buf = b;
-        res?;
-        buf.clear();
-        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        readable = false;
+        // Move what is there until the socket runs dry or a short read says it probably has.
+        loop {
+            let step = if splicing {
+                match Pipe::take() {
+                    // Boxed: a splice step is rare next to the idle wait, and keeping its state
+                    // out of line keeps every idle connection's future small.
+                    Some(pipe) => Box::pin(splice_once(from, to, pipe)).await?,
+                    // No pipe to be had (limit or out of fds): copy this chunk instead.
+                    None => copy_once(from, to).await?,
+                }
+            } else {
+                copy_once(from, to).await?
+            };
+            match step {
+                Step::Dry => break,
+                Step::Eof => {
+                    sys::shutdown(to.as_raw_fd(), Shutdown::Write);
+                    return Ok(());
+                }
+                Step::Moved { n, more } => {
+                    bytes.set(bytes.get() + n as u64);
+                    meter.last_activity.set(Instant::now());
+                    if mode == RelayMode::SpliceAuto {
+                        splicing = if splicing { n >= SPLICE_BULK } else { more };
+                    }
+                    if !more {
+                        break;
+                    }
+                }
+            }
+        }
     }
-    // Half-close: the peer sees EOF; ENOTCONN here only means it is already gone.
-    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Copy mode's step: one recv into a pooled buffer, then all of it out.
+async fn copy_once<S: Conn>(from: &S, to: &S) -> io::Result<Step> {
+    let mut buf = Buf::take();
+    let n = match from.attempt(Interest::READABLE, || sys::recv(from.as_raw_fd(), &mut buf)) {
+        Ok(0) => return Ok(Step::Eof),
+        Ok(n) => n,
+        Err(e) if would_block(&e) => return Ok(Step::Dry),
+        Err(e) => return Err(e),
+    };
+    let more = n == buf.len();
+    let mut sent = 0;
+    while sent < n {
+        match to.attempt(Interest::WRITABLE, || {
+            sys::send(to.as_raw_fd(), &buf[sent..n])
+        }) {
+            Ok(m) => sent += m,
+            Err(e) if would_block(&e) => {
+                // The reader is slow: wait with what is left, in a small copy if it is small.
+                // Boxed for the same reason as the splice step: a blocked send is the rare case.
+                if n - sent <= SMALL_TAIL {
+                    let tail = buf[sent..n].to_vec();
+                    drop(buf);
+                    Box::pin(send_all(to, &tail)).await?;
+                } else {
+                    Box::pin(send_all(to, &buf[sent..n])).await?;
+                }
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Step::Moved { n, more })
+}
+
+/// Sends all of `data`, waiting for room when the socket is full.
+async fn send_all<S: Conn>(to: &S, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match to.attempt(Interest::WRITABLE, || sys::send(to.as_raw_fd(), data)) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(m) => data = &data[m..],
+            Err(e) if would_block(&e) => to.wait(Interest::WRITABLE).await?,
+            Err(e) => return Err(e),
+        }
+    }
     Ok(())
 }
 
-/// Relays until both directions end; see the module docs for how it stops early.
-pub async fn relay(
-    client: Rc<TcpStream>,
-    server: Rc<TcpStream>,
-    backend: &BackendState,
-    kill_epoch: u64,
-    idle_timeout: Duration,
-) -> RelayEnd {
-    let (client, server) = (&*client, &*server);
-    let last_activity = Cell::new(Instant::now());
-    let both = async {
-        let up = async {
-            if pump(client, server, &last_activity, &backend.bytes_in_total)
-                .await
-                .is_err()
-            {
-                // A reset on one side ends the other direction too.
-                end_both(client, server);
-            }
-        };
-        let down = async {
-            if pump(server, client, &last_activity, &backend.bytes_out_total)
-                .await
-                .is_err()
-            {
-                end_both(client, server);
-            }
-        };
-        tokio::join!(up, down);
+/// Splice mode's step: socket -> pipe (one pipe's worth), then pipe -> socket until empty.
+/// The pipe goes back to the pool on return; if an error leaves bytes in it, it is closed.
+async fn splice_once<S: Conn>(from: &S, to: &S, mut pipe: Pipe) -> io::Result<Step> {
+    let n = match from.attempt(Interest::READABLE, || pipe.fill(from)) {
+        Ok(0) => return Ok(Step::Eof),
+        Ok(n) => n,
+        Err(e) if would_block(&e) => return Ok(Step::Dry),
+        Err(e) => return Err(e),
     };
-    tokio::pin!(both);
-
-    tokio::select! {
-        biased;
-        _ = &mut both => RelayEnd::Done,
-        why = watchdog(&last_activity, idle_timeout, backend, kill_epoch) => {
-            end_both(client, server);
-            // Every pending op completes now; wait for them rather than drop them.
-            both.await;
-            why
+    while pipe.in_pipe > 0 {
+        match to.attempt(Interest::WRITABLE, || pipe.drain(to)) {
+            Ok(_) => {}
+            Err(e) if would_block(&e) => to.wait(Interest::WRITABLE).await?,
+            Err(e) => return Err(e),
         }
     }
-}
-
-/// Shuts both sockets down: every op pending on them (reads, writes, readiness polls)
-/// completes at once, which is how a connection is ended without dropping an op in flight.
-pub(crate) fn end_both(client: &TcpStream, server: &TcpStream) {
-    let _ = client.shutdown(Shutdown::Both);
-    let _ = server.shutdown(Shutdown::Both);
+    Ok(Step::Moved {
+        n,
+        more: n >= SPLICE_BULK.min(PIPE_CHUNK),
+    })
 }
 
 /// What happened first on a freshly connected pair, before any byte was relayed.
 #[derive(Debug)]
 pub enum FirstMove {
-    /// The client spoke first, or the backend sent data, or the wait ran out: relay.
-    Relay,
+    /// Relay; `client_spoke` when the client's first bytes are already waiting.
+    Relay { client_spoke: bool },
     /// The backend closed or reset the connection before either side sent a byte. Nothing
     /// reached the backend's application, so the client can safely be retried elsewhere
     /// (a backend that died with this connection still in its accept queue looks like this).
     BackendFailed(io::Error),
 }
 
-/// Waits, up to `limit`, for the first sign of life on a new connection (io_uring).
+/// Waits, up to `limit`, for the first sign of life on a new connection.
 ///
-/// Both waits are readiness polls that consume nothing. The loser's poll stays in flight,
-/// holding its own `Rc` of the stream, until that socket becomes readable or is shut down,
-/// which every way a relay ends brings about; so nothing leaks.
-pub async fn first_move(
-    client: &Rc<TcpStream>,
-    server: &Rc<TcpStream>,
-    limit: Duration,
-) -> FirstMove {
+/// Both waits consume nothing. On io_uring the loser's poll stays in flight, holding its own
+/// `Rc` of the socket, until that socket becomes readable or is shut down, which every way a
+/// connection ends brings about; so nothing leaks.
+pub async fn first_move<S: Conn>(client: &S, server: &S, limit: Duration) -> FirstMove {
     // The common case for client-speaks-first protocols: the request is already waiting.
-    if ops::has_spoken(client.as_raw_fd()) {
-        return FirstMove::Relay;
+    if sys::has_spoken(client.as_raw_fd()) {
+        return FirstMove::Relay { client_spoke: true };
     }
-    let readable = (libc::POLLIN | libc::POLLRDHUP) as u32;
-    let from_client = ops::poll_ready(client, readable);
-    let from_server = ops::poll_ready(server, readable);
     tokio::select! {
         biased;
-        _ = from_client => FirstMove::Relay,
-        r = from_server => match r {
+        _ = client.wait(Interest::READABLE) => FirstMove::Relay { client_spoke: true },
+        r = server.wait(Interest::READABLE) => match r {
             Err(e) => FirstMove::BackendFailed(e),
-            Ok(_) => ops::peek_first_byte(server.as_raw_fd()),
+            Ok(()) => match sys::peek(server.as_raw_fd()) {
+                Ok(0) => FirstMove::BackendFailed(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "backend closed the connection before sending anything",
+                )),
+                Ok(_) => FirstMove::Relay { client_spoke: false },
+                Err(e) if would_block(&e) => FirstMove::Relay { client_spoke: false },
+                Err(e) => FirstMove::BackendFailed(e),
+            },
         },
-        _ = tokio::time::sleep(limit) => FirstMove::Relay,
-    }
-}
-
-/// Resolves when the connection must end early: silent for `idle_timeout` in both
-/// directions, or its backend's kill switch flipped after `kill_epoch`.
-pub(crate) async fn watchdog(
-    last_activity: &Cell<Instant>,
-    idle_timeout: Duration,
-    backend: &BackendState,
-    kill_epoch: u64,
-) -> RelayEnd {
-    loop {
-        let deadline = last_activity.get() + idle_timeout;
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => {
-                if last_activity.get() + idle_timeout <= Instant::now() {
-                    return RelayEnd::IdleTimeout;
-                }
-            }
-            _ = backend.killed_after(kill_epoch) => return RelayEnd::Killed,
-        }
+        _ = tokio::time::sleep(limit) => FirstMove::Relay { client_spoke: false },
     }
 }

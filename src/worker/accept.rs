@@ -1,4 +1,4 @@
-//! The accept loop and the life of one connection: pick, connect (with retries), relay.
+//! The accept loop and the life of one connection: accept -> pick -> connect -> relay.
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -6,12 +6,16 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
+use super::conns::Registration;
 use super::io::Io;
+use super::local::Op;
 use super::{shutdown_listener, DataEvent, Shared};
 use crate::backend::ActiveGuard;
-use crate::relay::FirstMove;
+use crate::relay::{self, ops::ConnectError, FirstMove};
 
 /// One listening socket on this worker.
 pub struct ListenerSlot<I: Io> {
@@ -20,6 +24,8 @@ pub struct ListenerSlot<I: Io> {
     /// The listener's fd, kept for `shutdown()`; owned by `listener`.
     fd: RawFd,
     closed: Cell<bool>,
+    /// Wakes an accept loop paused at `max_connections` when the listener closes.
+    closed_bell: Notify,
 }
 
 impl<I: Io> ListenerSlot<I> {
@@ -29,12 +35,14 @@ impl<I: Io> ListenerSlot<I> {
             fd: listener.as_raw_fd(),
             listener: I::listener(listener)?,
             closed: Cell::new(false),
+            closed_bell: Notify::new(),
         })
     }
 
     pub fn close(&self) {
         if !self.closed.replace(true) {
             shutdown_listener(self.fd);
+            self.closed_bell.notify_one();
         }
     }
 }
@@ -43,7 +51,6 @@ impl<I: Io> ListenerSlot<I> {
 const RESOURCE_BACKOFF: Duration = Duration::from_millis(50);
 
 pub async fn accept_loop<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shared>) {
-    let mut resource_errors: u64 = 0;
     loop {
         let accepted = I::accept(&slot.listener).await;
         if slot.closed.get() {
@@ -55,49 +62,77 @@ pub async fn accept_loop<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shared>) 
             Err(e) => {
                 match e.raw_os_error() {
                     Some(libc::ECONNABORTED) | Some(libc::EINTR) => {}
-                    Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS)
-                    | Some(libc::ENOMEM) => {
-                        // Log the first and then every 1000th, so a long fd shortage is seen
-                        // but does not flood the journal.
-                        if resource_errors % 1000 == 0 {
-                            crate::warn!(
-                                "frontend {}: accept failed: {e}; backing off (raise LimitNOFILE or max_connections?)",
-                                slot.frontend
-                            );
-                        }
-                        resource_errors += 1;
-                        tokio::time::sleep(RESOURCE_BACKOFF).await;
-                    }
                     _ => {
-                        crate::warn!("frontend {}: accept failed: {e}", slot.frontend);
+                        let local = shared.local.record(Op::Accept, &e, || {
+                            format!("frontend {}: accept failed", slot.frontend)
+                        });
+                        if !local {
+                            crate::warn!("frontend {}: accept failed: {e}", slot.frontend);
+                        }
                         tokio::time::sleep(RESOURCE_BACKOFF).await;
                     }
                 }
                 continue;
             }
         };
-        let max = shared.max_connections.load(Ordering::Relaxed);
-        if shared.active.fetch_add(1, Ordering::Relaxed) >= max {
-            shared.active.fetch_sub(1, Ordering::Relaxed);
-            let snap = shared.published.load();
-            if let Some(fe) = snap.frontend(&slot.frontend) {
-                fe.state
-                    .rejected_limit_total
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            drop(stream);
-            continue;
-        }
-        I::spawn(serve::<I>(stream, peer, slot.clone(), shared.clone()));
+        // At the cap this waits, holding the one connection just accepted, and the loop
+        // accepts nothing more: new clients wait in the listen queue (the kernel keeps them)
+        // until a connection closes, instead of being accepted and closed. The fd budget
+        // leaves room for one such held connection per listener per worker.
+        acquire_slot(&slot, &shared).await;
+        I::spawn(serve::<I>(
+            stream,
+            peer,
+            slot.clone(),
+            shared.clone(),
+            OpenSlot(shared.clone()),
+        ));
     }
 }
 
-/// Decrements the global open-connection count however `serve` ends.
-struct OpenSlot<'a>(&'a Shared);
+/// Takes one of the `max_connections` slots, waiting while there is none. If the listener
+/// closes meanwhile (a reload or a stop), it takes one anyway: the client it holds was
+/// accepted, and is served rather than lost.
+async fn acquire_slot<I: Io>(slot: &ListenerSlot<I>, shared: &Shared) {
+    loop {
+        let max = shared.max_connections.load(Ordering::Relaxed);
+        let open = shared.active.load(Ordering::SeqCst);
+        if open < max || slot.closed.get() {
+            if shared
+                .active
+                .compare_exchange(open, open + 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                return;
+            }
+            continue;
+        }
+        shared.note_paused();
+        let freed = shared.capacity.notified();
+        tokio::pin!(freed);
+        // Register before the second look, so a close between the look and the await wakes us.
+        freed.as_mut().enable();
+        shared.paused.fetch_add(1, Ordering::SeqCst);
+        if shared.active.load(Ordering::SeqCst) >= shared.max_connections.load(Ordering::Relaxed) {
+            tokio::select! {
+                _ = &mut freed => {}
+                _ = slot.closed_bell.notified() => {}
+            }
+        }
+        shared.paused.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
-impl Drop for OpenSlot<'_> {
+/// Counts one open client connection for `max_connections`, however `serve` ends; wakes
+/// accept loops paused at the cap.
+struct OpenSlot(Arc<Shared>);
+
+impl Drop for OpenSlot {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+        if self.0.paused.load(Ordering::SeqCst) > 0 {
+            self.0.capacity.notify_waiters();
+        }
     }
 }
 
@@ -106,46 +141,84 @@ async fn serve<I: Io>(
     peer: SocketAddr,
     slot: Rc<ListenerSlot<I>>,
     shared: Arc<Shared>,
+    _open: OpenSlot,
 ) {
-    let _open = OpenSlot(&shared);
-    I::set_nodelay(&client);
-    let snap = shared.published.load_full();
-    let Some(fe) = snap.frontend(&slot.frontend).cloned() else {
-        return;
+    let _ = socket2::SockRef::from(&client).set_nodelay(true);
+    let fe = {
+        let snap = shared.published.load();
+        match snap.frontend(&slot.frontend) {
+            Some(fe) => fe.clone(),
+            None => return,
+        }
     };
-    drop(snap);
+    drop(slot);
     fe.state.accepted_total.fetch_add(1, Ordering::Relaxed);
     fe.state.active.fetch_add(1, Ordering::Relaxed);
-    let _fe_active = scopeguard(&fe.state.active);
+    let _fe_active = CounterGuard(&fe.state.active);
 
     let cfg = &fe.config;
     let mut tried: Vec<usize> = Vec::new();
-    for attempt in 0..=cfg.retries {
+    let mut last_failed: Option<usize> = None;
+    let mut attempts = 0;
+    // Local errors (this host out of fds) do not use up attempts: they are retried after a
+    // backoff until one connect timeout has passed, then the client is closed cleanly.
+    let local_deadline = Instant::now() + cfg.connect_timeout;
+    while attempts <= cfg.retries {
         let Some(idx) = fe.select(&peer, &tried) else {
             break;
         };
+        // Counted only now that there is another backend to retry on.
+        if let Some(prev) = last_failed.take() {
+            fe.backends[prev]
+                .state
+                .retries_total
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let backend = &fe.backends[idx];
         let failure = match I::connect(backend.config.address, cfg.connect_timeout).await {
-            Ok(server) => match I::first_move(&client, &server, cfg.connect_timeout).await {
-                FirstMove::Relay => {
+            Ok(server) => match relay::first_move(&client, &server, cfg.connect_timeout).await {
+                FirstMove::Relay { client_spoke } => {
                     backend.state.record_connect_success();
-                    let guard = ActiveGuard::new(backend.state.clone());
-                    let epoch = guard.state().kill_epoch();
-                    I::relay(
-                        client,
-                        server,
-                        guard.state(),
-                        epoch,
+                    let reg = Registration::new(
+                        client.as_raw_fd(),
+                        server.as_raw_fd(),
+                        ActiveGuard::new(backend.state.clone()),
                         cfg.idle_timeout,
+                    );
+                    relay::relay(
+                        &client,
+                        &server,
+                        reg.meter(),
                         shared.relay_mode,
+                        client_spoke,
                     )
                     .await;
+                    // `reg` goes before the sockets: the sweeper never sees a closed fd.
+                    drop(reg);
                     return;
                 }
                 // Nothing was relayed yet, so this counts as a failed connect and the client
                 // is retried on another backend like any other.
                 FirstMove::BackendFailed(e) => e.to_string(),
             },
+            Err(ConnectError::Io(e))
+                if shared.local.record(Op::Connect, &e, || {
+                    format!(
+                        "frontend {}: connect to {} ({})",
+                        cfg.name, backend.config.name, backend.config.address
+                    )
+                }) =>
+            {
+                if Instant::now() + RESOURCE_BACKOFF < local_deadline {
+                    tokio::time::sleep(RESOURCE_BACKOFF).await;
+                    continue;
+                }
+                fe.state
+                    .rejected_local_total
+                    .fetch_add(1, Ordering::Relaxed);
+                relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+                return;
+            }
             Err(e) => e.to_string(),
         };
         crate::debug!(
@@ -154,9 +227,6 @@ async fn serve<I: Io>(
             backend.config.name,
             backend.config.address
         );
-        if attempt < cfg.retries {
-            backend.state.retries_total.fetch_add(1, Ordering::Relaxed);
-        }
         if backend
             .state
             .record_connect_failure(backend.config.health.error_limit)
@@ -168,11 +238,15 @@ async fn serve<I: Io>(
             });
         }
         tried.push(idx);
+        last_failed = Some(idx);
+        attempts += 1;
     }
     fe.state
         .rejected_no_backend_total
         .fetch_add(1, Ordering::Relaxed);
-    I::abandon(&client);
+    // A readiness poll left by `first_move` may still hold the client socket: shutting it
+    // down completes that poll, so the fd is closed now rather than when the client speaks.
+    relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
 }
 
 /// Decrements an atomic counter on drop.
@@ -182,8 +256,4 @@ impl Drop for CounterGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-fn scopeguard(c: &std::sync::atomic::AtomicU64) -> CounterGuard<'_> {
-    CounterGuard(c)
 }

@@ -1,105 +1,73 @@
 //! The two runtimes a worker can run on, behind one trait: io_uring (tokio-uring, the
 //! default) and the epoll fallback (plain tokio) for machines where io_uring is unavailable.
 //!
-//! The accept loop and the connection logic (`accept.rs`) are written once against [`Io`];
-//! only accepting, connecting and relaying differ.
+//! The accept loop, the connection logic (`accept.rs`) and the relay are written once; a
+//! runtime only supplies accept, connect, spawn and the readiness wait ([`Conn`]).
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Duration;
 
-use crate::backend::BackendState;
-use crate::config::RelayMode;
-use crate::relay::ops::ConnectError;
-use crate::relay::{self, FirstMove, RelayEnd};
+use socket2::Socket;
+use tokio::io::Interest;
+
+use crate::relay::ops::{self, ConnectError};
+use crate::relay::Conn;
 
 pub trait Io: 'static {
     type Listener: 'static;
-    type Stream: AsRawFd + 'static;
+    type Stream: Conn;
     const NAME: &'static str;
 
     fn listener(l: std::net::TcpListener) -> io::Result<Self::Listener>;
+    /// Accepts a connection; the socket is non-blocking and close-on-exec.
     fn accept(l: &Self::Listener) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>>;
+    /// Connects a non-blocking, close-on-exec socket with TCP_NODELAY.
     fn connect(
         addr: SocketAddr,
         timeout: Duration,
     ) -> impl Future<Output = Result<Self::Stream, ConnectError>>;
-    fn set_nodelay(s: &Self::Stream);
-    /// Ends a client connection that is not going to be relayed. On io_uring a readiness
-    /// poll left by `first_move` may still hold the socket: shutting it down completes that
-    /// poll, so the fd is closed now rather than whenever the client next speaks.
-    fn abandon(s: &Self::Stream) {
-        let _ = nix::sys::socket::shutdown(s.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-    }
-    /// See [`relay::first_move`]: did the backend fail before anything was relayed?
-    fn first_move(
-        client: &Self::Stream,
-        server: &Self::Stream,
-        limit: Duration,
-    ) -> impl Future<Output = FirstMove>;
-    fn relay(
-        client: Self::Stream,
-        server: Self::Stream,
-        backend: &BackendState,
-        kill_epoch: u64,
-        idle_timeout: Duration,
-        mode: RelayMode,
-    ) -> impl Future<Output = RelayEnd>;
     fn spawn(f: impl Future<Output = ()> + 'static);
 }
 
-/// io_uring through tokio-uring.
+/// io_uring through tokio-uring, with ringlb's own ops (`relay::ops`).
 pub struct Uring;
 
+impl Conn for Rc<Socket> {
+    async fn wait(&self, interest: Interest) -> io::Result<()> {
+        let mut mask = 0;
+        if interest.is_readable() {
+            mask |= libc::POLLIN | libc::POLLRDHUP;
+        }
+        if interest.is_writable() {
+            mask |= libc::POLLOUT;
+        }
+        ops::poll_ready(self, mask as u32).await.map(drop)
+    }
+
+    fn attempt<R>(&self, _: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        f()
+    }
+}
+
 impl Io for Uring {
-    type Listener = tokio_uring::net::TcpListener;
-    /// Shared so that a readiness poll in flight can keep the socket open (see `first_move`).
-    type Stream = Rc<tokio_uring::net::TcpStream>;
+    type Listener = Rc<std::net::TcpListener>;
+    /// Shared so that a readiness poll in flight keeps the socket open (see `relay::ops`).
+    type Stream = Rc<Socket>;
     const NAME: &'static str = "io_uring";
 
     fn listener(l: std::net::TcpListener) -> io::Result<Self::Listener> {
-        Ok(tokio_uring::net::TcpListener::from_std(l))
+        Ok(Rc::new(l))
     }
 
     async fn accept(l: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)> {
-        l.accept().await.map(|(s, a)| (Rc::new(s), a))
+        ops::accept(l).await.map(|(s, a)| (Rc::new(s), a))
     }
 
     async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self::Stream, ConnectError> {
-        relay::ops::connect(addr, timeout).await.map(Rc::new)
-    }
-
-    fn set_nodelay(s: &Self::Stream) {
-        let _ = s.set_nodelay(true);
-    }
-
-    async fn first_move(
-        client: &Self::Stream,
-        server: &Self::Stream,
-        limit: Duration,
-    ) -> FirstMove {
-        relay::first_move(client, server, limit).await
-    }
-
-    async fn relay(
-        client: Self::Stream,
-        server: Self::Stream,
-        backend: &BackendState,
-        kill_epoch: u64,
-        idle_timeout: Duration,
-        mode: RelayMode,
-    ) -> RelayEnd {
-        match mode {
-            RelayMode::Copy => {
-                relay::relay(client, server, backend, kill_epoch, idle_timeout).await
-            }
-            RelayMode::Splice => {
-                relay::splice::relay(client, server, backend, kill_epoch, idle_timeout).await
-            }
-        }
+        ops::connect(addr, timeout).await.map(Rc::new)
     }
 
     fn spawn(f: impl Future<Output = ()> + 'static) {
@@ -109,6 +77,16 @@ impl Io for Uring {
 
 /// The epoll fallback through plain tokio (a current-thread runtime with a LocalSet).
 pub struct Epoll;
+
+impl Conn for tokio::net::TcpStream {
+    async fn wait(&self, interest: Interest) -> io::Result<()> {
+        self.ready(interest).await.map(drop)
+    }
+
+    fn attempt<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        self.try_io(interest, f)
+    }
+}
 
 impl Io for Epoll {
     type Listener = tokio::net::TcpListener;
@@ -121,6 +99,7 @@ impl Io for Epoll {
     }
 
     async fn accept(l: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)> {
+        // mio accepts with accept4(SOCK_NONBLOCK | SOCK_CLOEXEC).
         l.accept().await
     }
 
@@ -138,29 +117,6 @@ impl Io for Epoll {
             Ok(Err(e)) => Err(ConnectError::Io(e)),
             Err(_) => Err(ConnectError::TimedOut),
         }
-    }
-
-    fn set_nodelay(s: &Self::Stream) {
-        let _ = s.set_nodelay(true);
-    }
-
-    async fn first_move(
-        client: &Self::Stream,
-        server: &Self::Stream,
-        limit: Duration,
-    ) -> FirstMove {
-        relay::epoll::first_move(client, server, limit).await
-    }
-
-    async fn relay(
-        client: Self::Stream,
-        server: Self::Stream,
-        backend: &BackendState,
-        kill_epoch: u64,
-        idle_timeout: Duration,
-        _mode: RelayMode,
-    ) -> RelayEnd {
-        relay::epoll::relay(client, server, backend, kill_epoch, idle_timeout).await
     }
 
     fn spawn(f: impl Future<Output = ()> + 'static) {

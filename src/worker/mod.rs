@@ -5,20 +5,25 @@
 //! snapshot; nothing on a worker blocks on another thread.
 
 mod accept;
+pub mod budget;
+pub mod conns;
 pub mod io;
 pub mod listener;
+pub mod local;
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::backend::{BackendState, Published};
 use crate::config::IoMode;
+use crate::relay::pool::PoolStats;
 use io::{Epoll, Io, Uring};
 
 pub use accept::ListenerSlot;
@@ -39,16 +44,109 @@ pub struct Shared {
     pub published: Published,
     /// Open client connections across all workers, for `max_connections`.
     pub active: AtomicUsize,
+    /// The cap in force: the config's `max_connections`, lowered to what the fd limit allows.
     pub max_connections: AtomicUsize,
-    /// Copy or splice; read at start (a change needs a restart).
+    /// Copy, splice or splice-auto; read at start (a change needs a restart).
     pub relay_mode: crate::config::RelayMode,
     pub events: mpsc::UnboundedSender<DataEvent>,
+    /// Accept loops waiting at the cap, and the bell that wakes them when a connection closes.
+    pub paused: AtomicUsize,
+    pub capacity: Notify,
+    /// Times the workers stopped accepting because `max_connections` was reached.
+    pub accept_paused_total: AtomicU64,
+    last_pause_log: Mutex<Option<Instant>>,
+    /// One per worker: rung to make its sweeper look for killed connections now.
+    pub kill_bells: Vec<Arc<Notify>>,
+    /// One per worker: its buffer and pipe pools.
+    pub pools: Vec<Arc<PoolStats>>,
+    /// Pipes each worker may lend at once (from the fd budget).
+    pub pipe_limit: usize,
+    /// RLIMIT_NOFILE in force.
+    pub fd_limit: u64,
+    pub local: Arc<local::LocalErrors>,
 }
 
+/// How often "max_connections reached" may be logged.
+const PAUSE_LOG_EVERY: Duration = Duration::from_secs(10);
+
 impl Shared {
+    pub fn new(
+        published: Published,
+        workers: usize,
+        budget: &budget::FdBudget,
+        relay_mode: crate::config::RelayMode,
+        events: mpsc::UnboundedSender<DataEvent>,
+    ) -> Shared {
+        Shared {
+            published,
+            active: AtomicUsize::new(0),
+            max_connections: AtomicUsize::new(budget.max_connections),
+            relay_mode,
+            events,
+            paused: AtomicUsize::new(0),
+            capacity: Notify::new(),
+            accept_paused_total: AtomicU64::new(0),
+            last_pause_log: Mutex::new(None),
+            kill_bells: (0..workers).map(|_| Arc::new(Notify::new())).collect(),
+            pools: (0..workers).map(|_| Arc::default()).collect(),
+            pipe_limit: budget.pipes_per_worker,
+            fd_limit: budget.limit,
+            local: Arc::default(),
+        }
+    }
+
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
+
+    /// Closes every open connection through `backend`, on every worker, now.
+    pub fn kill_connections(&self, backend: &BackendState) {
+        backend.bump_kill_epoch();
+        for bell in &self.kill_bells {
+            bell.notify_one();
+        }
+    }
+
+    /// Counts a pause at the cap and logs it at most once per [`PAUSE_LOG_EVERY`].
+    fn note_paused(&self) {
+        self.accept_paused_total.fetch_add(1, Ordering::Relaxed);
+        let mut last = self
+            .last_pause_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.map_or(true, |t| t.elapsed() >= PAUSE_LOG_EVERY) {
+            *last = Some(Instant::now());
+            crate::warn!(
+                "max_connections ({}) reached: not accepting new connections until some close; \
+                 new clients wait in the listen queue (logged at most once per {}s)",
+                self.max_connections.load(Ordering::Relaxed),
+                PAUSE_LOG_EVERY.as_secs()
+            );
+        }
+    }
+
+    /// Relay buffers and pipes on loan across all workers (they are lent only while bytes
+    /// are in flight, so this is 0 when every connection is idle).
+    pub fn pool_totals(&self) -> PoolTotals {
+        let mut t = PoolTotals::default();
+        for p in &self.pools {
+            t.buffers_in_use += p.buffers_in_use.load(Ordering::Relaxed);
+            t.buffers_free += p.buffers_free.load(Ordering::Relaxed);
+            t.pipes_in_use += p.pipes_in_use.load(Ordering::Relaxed);
+            t.pipes_free += p.pipes_free.load(Ordering::Relaxed);
+            t.pipe_unavailable_total += p.pipe_unavailable_total.load(Ordering::Relaxed);
+        }
+        t
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PoolTotals {
+    pub buffers_in_use: usize,
+    pub buffers_free: usize,
+    pub pipes_in_use: usize,
+    pub pipes_free: usize,
+    pub pipe_unavailable_total: u64,
 }
 
 pub enum WorkerCommand {
@@ -127,7 +225,7 @@ pub fn spawn(
                         }
                     };
                     let _ = ready_tx.send(Ok(()));
-                    rt.block_on(run::<Uring>(rx, shared));
+                    rt.block_on(run::<Uring>(index, rx, shared));
                 } else {
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
@@ -141,7 +239,7 @@ pub fn spawn(
                     };
                     let _ = ready_tx.send(Ok(()));
                     let local = tokio::task::LocalSet::new();
-                    rt.block_on(local.run_until(run::<Epoll>(rx, shared)));
+                    rt.block_on(local.run_until(run::<Epoll>(index, rx, shared)));
                 }
             })?;
         ready_rx
@@ -164,7 +262,13 @@ fn pin_to_core(core: usize) {
     }
 }
 
-async fn run<I: Io>(mut rx: mpsc::UnboundedReceiver<WorkerCommand>, shared: Arc<Shared>) {
+async fn run<I: Io>(
+    index: usize,
+    mut rx: mpsc::UnboundedReceiver<WorkerCommand>,
+    shared: Arc<Shared>,
+) {
+    crate::relay::pool::init(shared.pools[index].clone(), shared.pipe_limit);
+    I::spawn(conns::sweeper(shared.kill_bells[index].clone()));
     let mut listeners: HashMap<u64, Rc<ListenerSlot<I>>> = HashMap::new();
     while let Some(cmd) = rx.recv().await {
         match cmd {

@@ -1,0 +1,190 @@
+//! Per-worker pools of relay buffers and splice pipes, lent only while bytes are in flight.
+//!
+//! A connection takes a buffer (or a pipe) once its socket is readable, moves what is there to
+//! the other side and gives it back; an idle connection holds neither. Because the relay reads
+//! with plain non-blocking syscalls (not io_uring reads), the kernel writes into a buffer only
+//! during the `recv` call itself: a buffer back in the pool can never be written to by a
+//! completion that arrives later.
+//!
+//! Each worker thread has its own pools (no locks); the counts in [`PoolStats`] are written
+//! only by that worker and read by the metrics exporter.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::sys;
+
+/// Size of one relay buffer: bulk moves in large reads. Small reads use the same buffer, but
+/// only for the length of one recv + send, so its size costs nothing while idle.
+pub const BUF_SIZE: usize = 64 * 1024;
+/// Bytes moved per splice: the default pipe capacity (16 pages).
+pub const PIPE_CHUNK: usize = 64 * 1024;
+/// Free buffers a worker keeps for the next reads; more are freed on return.
+const FREE_BUFFERS_MAX: usize = 16;
+/// Free pipes a worker keeps; more are closed on return.
+const FREE_PIPES_MAX: usize = 16;
+/// Default pipes a worker may lend at once (each is two fds); past it splice falls back to copy.
+pub const PIPES_IN_USE_MAX: usize = 128;
+
+/// What one worker's pools hold and lend, for /metrics and the fd tests.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    pub buffers_in_use: AtomicUsize,
+    pub buffers_free: AtomicUsize,
+    pub pipes_in_use: AtomicUsize,
+    pub pipes_free: AtomicUsize,
+    /// A direction wanted a pipe and copied instead (pipe limit reached, or out of fds).
+    pub pipe_unavailable_total: AtomicU64,
+}
+
+struct Pools {
+    buffers: Vec<Box<[u8]>>,
+    pipes: Vec<(OwnedFd, OwnedFd)>,
+    pipes_in_use: usize,
+    pipe_limit: usize,
+    stats: Arc<PoolStats>,
+}
+
+thread_local! {
+    static POOLS: RefCell<Pools> = RefCell::new(Pools {
+        buffers: Vec::new(),
+        pipes: Vec::new(),
+        pipes_in_use: 0,
+        pipe_limit: PIPES_IN_USE_MAX,
+        stats: Arc::default(),
+    });
+}
+
+/// Binds this thread's pools to the worker's stats and fd budget; called once at worker start.
+pub fn init(stats: Arc<PoolStats>, pipe_limit: usize) {
+    POOLS.with(|p| {
+        let mut p = p.borrow_mut();
+        p.stats = stats;
+        p.pipe_limit = pipe_limit;
+    });
+}
+
+/// A relay buffer on loan; goes back to the pool when dropped.
+pub struct Buf(Option<Box<[u8]>>);
+
+impl Buf {
+    pub fn take() -> Buf {
+        POOLS.with(|p| {
+            let mut p = p.borrow_mut();
+            let b = match p.buffers.pop() {
+                Some(b) => {
+                    p.stats.buffers_free.fetch_sub(1, Ordering::Relaxed);
+                    b
+                }
+                None => vec![0u8; BUF_SIZE].into_boxed_slice(),
+            };
+            p.stats.buffers_in_use.fetch_add(1, Ordering::Relaxed);
+            Buf(Some(b))
+        })
+    }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or(&[])
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.0.as_deref_mut().unwrap_or(&mut [])
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        let Some(b) = self.0.take() else { return };
+        // `try_with`: a connection dropped while the thread exits finds no pool; the buffer
+        // is simply freed.
+        let _ = POOLS.try_with(|p| {
+            let mut p = p.borrow_mut();
+            p.stats.buffers_in_use.fetch_sub(1, Ordering::Relaxed);
+            if p.buffers.len() < FREE_BUFFERS_MAX {
+                p.buffers.push(b);
+                p.stats.buffers_free.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+}
+
+/// A pipe on loan. `in_pipe` counts bytes spliced in and not yet out: a pipe goes back to the
+/// pool only empty; one dropped with bytes in it (the connection failed mid-transfer) is closed.
+pub struct Pipe {
+    ends: Option<(OwnedFd, OwnedFd)>,
+    pub in_pipe: usize,
+}
+
+impl Pipe {
+    /// Lends a pipe, or `None` when this worker has lent its limit or cannot make one (out of
+    /// fds): the caller copies instead, and that is counted.
+    pub fn take() -> Option<Pipe> {
+        POOLS.with(|p| {
+            let mut p = p.borrow_mut();
+            let ends = if p.pipes_in_use >= p.pipe_limit {
+                None
+            } else if let Some(ends) = p.pipes.pop() {
+                p.stats.pipes_free.fetch_sub(1, Ordering::Relaxed);
+                Some(ends)
+            } else {
+                sys::pipe().ok()
+            };
+            let Some(ends) = ends else {
+                p.stats
+                    .pipe_unavailable_total
+                    .fetch_add(1, Ordering::Relaxed);
+                return None;
+            };
+            p.pipes_in_use += 1;
+            p.stats.pipes_in_use.fetch_add(1, Ordering::Relaxed);
+            Some(Pipe {
+                ends: Some(ends),
+                in_pipe: 0,
+            })
+        })
+    }
+
+    /// Splices what `from` holds into the pipe (at most one pipe's worth); `Ok(0)` is EOF.
+    pub fn fill(&mut self, from: impl AsFd) -> io::Result<usize> {
+        let Some((_, write)) = &self.ends else {
+            return Ok(0);
+        };
+        let n = sys::splice(from, write, PIPE_CHUNK)?;
+        self.in_pipe += n;
+        Ok(n)
+    }
+
+    /// Splices what the pipe holds out to `to`; returns the bytes moved.
+    pub fn drain(&mut self, to: impl AsFd) -> io::Result<usize> {
+        let Some((read, _)) = &self.ends else {
+            return Ok(0);
+        };
+        let n = sys::splice(read, to, self.in_pipe)?;
+        self.in_pipe -= n;
+        Ok(n)
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        let Some(ends) = self.ends.take() else { return };
+        let empty = self.in_pipe == 0;
+        let _ = POOLS.try_with(|p| {
+            let mut p = p.borrow_mut();
+            p.pipes_in_use -= 1;
+            p.stats.pipes_in_use.fetch_sub(1, Ordering::Relaxed);
+            if empty && p.pipes.len() < FREE_PIPES_MAX {
+                p.pipes.push(ends);
+                p.stats.pipes_free.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+}

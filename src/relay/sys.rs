@@ -1,0 +1,65 @@
+//! The plain, non-blocking syscalls the relay makes once a socket is ready: recv, send, splice,
+//! a one-byte peek, shutdown. They are the same on every runtime, which is what lets one relay
+//! serve io_uring and the epoll fallback alike (see the module docs of [`super`]).
+//!
+//! Every socket the relay sees is non-blocking (accept4 and socket flags), so none of these
+//! ever waits: `WouldBlock` sends the caller back to wait for readiness.
+
+use std::io;
+use std::os::fd::{AsFd, RawFd};
+
+use nix::fcntl::SpliceFFlags;
+use nix::sys::socket::{self, MsgFlags};
+
+/// recv(2) into `buf`; `Ok(0)` is EOF.
+pub fn recv(s: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    Ok(socket::recv(s, buf, MsgFlags::MSG_DONTWAIT)?)
+}
+
+/// send(2) of `buf`, without SIGPIPE on a closed peer.
+pub fn send(s: RawFd, buf: &[u8]) -> io::Result<usize> {
+    Ok(socket::send(
+        s,
+        buf,
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+    )?)
+}
+
+/// One splice(2) of up to `len` bytes between a socket and a pipe, never waiting.
+pub fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    Ok(nix::fcntl::splice(
+        from,
+        None,
+        to,
+        None,
+        len,
+        SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
+    )?)
+}
+
+/// Peeks at one byte without consuming it: `Ok(0)` is EOF, `WouldBlock` means nothing yet.
+pub fn peek(s: RawFd) -> io::Result<usize> {
+    let mut byte = [0u8; 1];
+    Ok(socket::recv(
+        s,
+        &mut byte,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    )?)
+}
+
+/// Whether a peer has sent something (or closed): then there is nothing to wait for.
+pub fn has_spoken(s: RawFd) -> bool {
+    !matches!(peek(s), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// shutdown(2); ENOTCONN (the peer is already gone) is not worth reporting.
+pub fn shutdown(s: RawFd, how: socket::Shutdown) {
+    let _ = socket::shutdown(s, how);
+}
+
+/// A new non-blocking, close-on-exec pipe: (read end, write end).
+pub fn pipe() -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    Ok(nix::unistd::pipe2(
+        nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK,
+    )?)
+}

@@ -1,0 +1,175 @@
+//! Each worker's table of its relayed connections, and the sweeper that ends them early.
+//!
+//! A connection costs no timer and no wait registration of its own: one sweeper per worker
+//! wakes a few times per idle timeout, and when the control thread rings the worker's kill
+//! bell. It ends connections that have been idle too long or whose backend's kill switch
+//! flipped (`shutdown(Both)` on both sockets: the relay's pending waits complete and its
+//! directions end on their own), and it moves each connection's byte counts into the
+//! backend's shared counters, so the relay never writes a cross-core cache line per read.
+
+use std::cell::{Cell, RefCell};
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+use tokio::sync::Notify;
+
+use crate::backend::ActiveGuard;
+use crate::relay::{end_both, Meter};
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both directions reached EOF (or an error) on their own.
+    Done,
+    IdleTimeout,
+    /// Its backend was marked down with `shutdown-sessions`, or drained past its limit.
+    Killed,
+}
+
+/// The sweeper's slowest tick; it runs more often when an idle timeout is short.
+const MAX_TICK: Duration = Duration::from_secs(1);
+const MIN_TICK: Duration = Duration::from_millis(5);
+
+/// What the table knows of one connection.
+pub struct Record {
+    client: RawFd,
+    server: RawFd,
+    pub meter: Meter,
+    /// The backend and its open-connection count, held for the connection's life.
+    backend: ActiveGuard,
+    kill_epoch: u64,
+    idle_timeout: Duration,
+    end: Cell<End>,
+    /// Byte counts already added to the backend's counters.
+    flushed_up: Cell<u64>,
+    flushed_down: Cell<u64>,
+}
+
+impl Record {
+    /// Adds what the connection moved since the last flush to the backend's counters.
+    fn flush(&self) {
+        let s = self.backend.state();
+        let (up, down) = (self.meter.bytes_up.get(), self.meter.bytes_down.get());
+        if up != self.flushed_up.get() {
+            s.bytes_in_total
+                .fetch_add(up - self.flushed_up.replace(up), Ordering::Relaxed);
+        }
+        if down != self.flushed_down.get() {
+            s.bytes_out_total
+                .fetch_add(down - self.flushed_down.replace(down), Ordering::Relaxed);
+        }
+    }
+
+    fn end_early(&self, why: End) {
+        if self.end.get() == End::Done {
+            self.end.set(why);
+            end_both(&self.client, &self.server);
+        }
+    }
+
+    fn sweep(&self, now: Instant) {
+        self.flush();
+        if self.backend.state().kill_epoch() != self.kill_epoch {
+            self.end_early(End::Killed);
+        } else if now.saturating_duration_since(self.meter.last_activity.get()) >= self.idle_timeout
+        {
+            self.end_early(End::IdleTimeout);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    conns: RefCell<Slab<Rc<Record>>>,
+    /// The shortest idle timeout seen on this worker: the sweeper ticks at a quarter of it.
+    min_idle: Cell<Option<Duration>>,
+}
+
+thread_local! {
+    static TABLE: Table = Table::default();
+}
+
+/// A connection's place in the table; removes it (and flushes its counts) when dropped.
+pub struct Registration {
+    key: usize,
+    record: Rc<Record>,
+}
+
+impl Registration {
+    /// Enters a connection whose sockets are `client` and `server`. The fds must stay open
+    /// until the registration is dropped: the sweeper may shut them down until then.
+    pub fn new(
+        client: RawFd,
+        server: RawFd,
+        backend: ActiveGuard,
+        idle_timeout: Duration,
+    ) -> Registration {
+        let kill_epoch = backend.state().kill_epoch();
+        let record = Rc::new(Record {
+            client,
+            server,
+            meter: Meter::new(),
+            backend,
+            kill_epoch,
+            idle_timeout,
+            end: Cell::new(End::Done),
+            flushed_up: Cell::new(0),
+            flushed_down: Cell::new(0),
+        });
+        let key = TABLE.with(|t| {
+            if t.min_idle.get().map_or(true, |m| idle_timeout < m) {
+                t.min_idle.set(Some(idle_timeout));
+            }
+            t.conns.borrow_mut().insert(record.clone())
+        });
+        Registration { key, record }
+    }
+
+    pub fn meter(&self) -> &Meter {
+        &self.record.meter
+    }
+
+    /// Why the connection ended (meaningful once the relay returned).
+    pub fn end(&self) -> End {
+        self.record.end.get()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.record.flush();
+        let _ = TABLE.try_with(|t| t.conns.borrow_mut().try_remove(self.key));
+    }
+}
+
+/// Open relayed connections on this worker.
+pub fn open() -> usize {
+    TABLE.with(|t| t.conns.borrow().len())
+}
+
+/// The worker's sweeper: runs for the worker's life.
+pub async fn sweeper(bell: Arc<Notify>) {
+    loop {
+        let tick = TABLE.with(|t| {
+            t.min_idle
+                .get()
+                .map_or(MAX_TICK, |m| (m / 4).clamp(MIN_TICK, MAX_TICK))
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = bell.notified() => {}
+        }
+        let now = Instant::now();
+        // Ending a connection only shuts its sockets down; its relay wakes (and drops its
+        // registration) later, on the worker's next poll, so the borrow here never overlaps.
+        TABLE.with(|t| {
+            for (_, r) in t.conns.borrow().iter() {
+                r.sweep(now);
+            }
+        });
+    }
+}
