@@ -691,7 +691,8 @@ def main():
     print("# ringlb vs HAProxy vs nginx stream (benches/compare.py%s)\n" % (" --quick" if args.quick else ""))
     print("- date: %s" % datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     print("- machine: %s, %d CPUs, kernel %s" % (cpu_model(), os.cpu_count() or 0, platform.release()))
-    print("- ringlb: commit %s, %s (%s)" % (git_rev(repo), first_line([args.bin, "--version"]), args.bin))
+    where = "" if args.bin.startswith(repo + os.sep) else "; the binary is outside this work tree, so the commit may not be its"
+    print("- ringlb: commit %s, %s (%s%s)" % (git_rev(repo), first_line([args.bin, "--version"]), args.bin, where))
     wrk = first_line(["wrk", "-v"]).split(" Copyright")[0] if have("wrk") else "wrk -"
     iperf = first_line(["iperf3", "--version"]).split(" (")[0] if have("iperf3") else "iperf3 -"
     print("- peers and tools: %s; %s; %s; %s" % (hv or "haproxy -", nv or "nginx -", wrk, iperf))
