@@ -450,13 +450,13 @@ def fig_idle(col, args, procs, tmp, env):
             return len(held), fails, rss1, fd1
 
         nheld, fails, rss1, fd1 = asyncio.run(go())
-        n = max(1, nheld)
+        n = nheld or None  # no per-connection figure when none was held
         note = "held %d, %d MiB total" % (nheld, rss1 // 1024)
         if fails:
             note += "; failed: " + ", ".join("%d %s" % (c, k) for k, c in fails.most_common())
         if limit != env["nofile"]:
             note += "; fd limit in effect %s" % limit
-        return ((rss1 - rss0) / n, (fd1 - fd0) / n, sum(fails.values())), note
+        return ((rss1 - rss0) / n if n else None, (fd1 - fd0) / n if n else None, sum(fails.values())), note
     finally:
         procs.stop(p)
 
