@@ -99,6 +99,7 @@ const PROCESS: Family = Family {
         "ringlb_relay_buffers_free",
         "ringlb_relay_pipes_in_use",
         "ringlb_relay_pipes_free",
+        "ringlb_relay_tails_in_use",
     ],
 };
 
@@ -139,6 +140,7 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_relay_buffers_free", "Relay buffers kept in the workers' pools for the next reads."),
     ("ringlb_relay_pipes_in_use", "Splice pipes on loan to connections with bytes in flight (2 fds each)."),
     ("ringlb_relay_pipes_free", "Empty splice pipes kept in the workers' pools (2 fds each)."),
+    ("ringlb_relay_tails_in_use", "Small copies (at most 4 KiB) of the unsent bytes of sends waiting for a slow reader."),
     ("ringlb_relay_pipe_unavailable_total", "Chunks copied instead of spliced because no pipe could be had (per-worker pipe limit, or out of fds)."),
     ("ringlb_local_errors_total", "Errors of this host, not of any backend (EMFILE, ENFILE, ENOBUFS, ENOMEM), by operation (accept, connect, probe) and errno; never counted against a backend."),
     ("ringlb_start_time_seconds", "Unix time ringlb started (haproxy_process_start_time_seconds)."),
@@ -288,6 +290,7 @@ impl Exporter {
                 pools.buffers_free as f64,
                 pools.pipes_in_use as f64,
                 pools.pipes_free as f64,
+                pools.tails_in_use as f64,
             ],
         );
         self.build_info();

@@ -198,7 +198,7 @@ async fn copy_once<S: Conn>(from: &S, to: &S) -> io::Result<Step> {
                 // The reader is slow: wait with what is left, in a small copy if it is small.
                 // Boxed for the same reason as the splice step: a blocked send is the rare case.
                 if n - sent <= SMALL_TAIL {
-                    let tail = buf[sent..n].to_vec();
+                    let tail = pool::Tail::new(&buf[sent..n]);
                     drop(buf);
                     Box::pin(send_all(to, &tail)).await?;
                 } else {

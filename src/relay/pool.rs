@@ -36,6 +36,8 @@ pub struct PoolStats {
     pub buffers_free: AtomicUsize,
     pub pipes_in_use: AtomicUsize,
     pub pipes_free: AtomicUsize,
+    /// Small copies of the unsent tail of a blocked send (see [`Tail`]).
+    pub tails_in_use: AtomicUsize,
     /// A direction wanted a pipe and copied instead (pipe limit reached, or out of fds).
     pub pipe_unavailable_total: AtomicU64,
 }
@@ -112,6 +114,40 @@ impl Drop for Buf {
                 p.buffers.push(b);
                 p.stats.buffers_free.fetch_add(1, Ordering::Relaxed);
             }
+        });
+    }
+}
+
+/// The few unsent bytes of a send that would block, copied out of the pooled buffer so the
+/// buffer can go back while a slow reader catches up. Counted while alive, like a buffer.
+pub struct Tail(Vec<u8>);
+
+impl Tail {
+    pub fn new(bytes: &[u8]) -> Tail {
+        let _ = POOLS.try_with(|p| {
+            p.borrow()
+                .stats
+                .tails_in_use
+                .fetch_add(1, Ordering::Relaxed)
+        });
+        Tail(bytes.to_vec())
+    }
+}
+
+impl std::ops::Deref for Tail {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        let _ = POOLS.try_with(|p| {
+            p.borrow()
+                .stats
+                .tails_in_use
+                .fetch_sub(1, Ordering::Relaxed)
         });
     }
 }

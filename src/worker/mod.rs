@@ -135,6 +135,7 @@ impl Shared {
             t.pipes_in_use += p.pipes_in_use.load(Ordering::Relaxed);
             t.pipes_free += p.pipes_free.load(Ordering::Relaxed);
             t.pipe_unavailable_total += p.pipe_unavailable_total.load(Ordering::Relaxed);
+            t.tails_in_use += p.tails_in_use.load(Ordering::Relaxed);
         }
         t
     }
@@ -147,6 +148,7 @@ pub struct PoolTotals {
     pub pipes_in_use: usize,
     pub pipes_free: usize,
     pub pipe_unavailable_total: u64,
+    pub tails_in_use: usize,
 }
 
 pub enum WorkerCommand {

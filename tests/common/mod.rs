@@ -60,6 +60,11 @@ impl Ringlb {
     }
 
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Ringlb {
+        Self::start_with_nofile(config, env, None)
+    }
+
+    /// Starts ringlb with its open-file limit (soft and hard) set to `nofile`, if given.
+    pub fn start_with_nofile(config: &str, env: &[(&str, &str)], nofile: Option<u64>) -> Ringlb {
         let dir = TempDir::new();
         let config_path = dir.path.join("ringlb.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -74,6 +79,20 @@ impl Ringlb {
             .env_remove("NOTIFY_SOCKET");
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        if let Some(limit) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        limit,
+                        limit,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+            }
         }
         let mut child = cmd.spawn().expect("start ringlb");
         let stderr = child.stderr.take().unwrap();
