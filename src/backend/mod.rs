@@ -8,4 +8,4 @@ mod snapshot;
 mod state;
 
 pub use snapshot::{BackendRef, FrontendSnap, Published, Snapshot};
-pub use state::{ActiveGuard, BackendState, FrontendState, Registry};
+pub use state::{ActiveGuard, BackendState, CacheLine, FrontendState, Registry};

@@ -24,7 +24,25 @@ pub struct CheckRecord {
     pub last_duration_ms: Option<u64>,
 }
 
+/// Keeps `T` on a cache line (two, against adjacent-line prefetch) of its own, so that writes
+/// to it from every core do not slow down reads of its neighbours.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct CacheLine<T>(pub T);
+
+impl<T> std::ops::Deref for CacheLine<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// Field order is deliberate (`repr(C)` keeps it): identity and the flags selection reads on
+/// every pick come first and are written only on health changes; the open-connection count,
+/// written twice per connection by every core, sits alone on its own line; the counters
+/// written per connection (or flushed per second) follow, away from both.
 #[derive(Debug)]
+#[repr(C)]
 pub struct BackendState {
     pub frontend: String,
     pub name: String,
@@ -35,9 +53,13 @@ pub struct BackendState {
     draining: AtomicBool,
     /// Slow-start ramp in thousandths of the configured weight ([`FULL_RAMP`] = full).
     ramp: AtomicU32,
+    /// Incremented to ask every connection through this backend to close; each connection
+    /// remembers the value it started with, and its worker's sweeper compares (see
+    /// `worker::conns` and `Shared::kill_connections`, which also wakes the sweepers).
+    kill_epoch: AtomicU64,
     /// Open connections through this backend, counted across all workers: least-connections
     /// needs one number that every core sees, or each core would pick the same "idle" backend.
-    pub active: AtomicU64,
+    pub active: CacheLine<AtomicU64>,
     pub connections_total: AtomicU64,
     pub connect_failures_total: AtomicU64,
     /// Connects to this backend that failed and were retried on another backend.
@@ -49,10 +71,6 @@ pub struct BackendState {
     pub state_changes_total: AtomicU64,
     /// Consecutive failed connects seen on real traffic (passive health).
     pub consecutive_errors: AtomicU32,
-    /// Incremented to ask every connection through this backend to close; each connection
-    /// remembers the value it started with, and its worker's sweeper compares (see
-    /// `worker::conns` and `Shared::kill_connections`, which also wakes the sweepers).
-    kill_epoch: AtomicU64,
     /// Passive health asks the control thread to mark the backend down through this.
     pub passive_tripped: AtomicBool,
     pub last_change: Mutex<Instant>,
@@ -68,7 +86,7 @@ impl BackendState {
             up: AtomicBool::new(b.health.initial_up),
             draining: AtomicBool::new(false),
             ramp: AtomicU32::new(FULL_RAMP),
-            active: AtomicU64::new(0),
+            active: CacheLine(AtomicU64::new(0)),
             connections_total: AtomicU64::new(0),
             connect_failures_total: AtomicU64::new(0),
             retries_total: AtomicU64::new(0),

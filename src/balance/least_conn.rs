@@ -5,23 +5,41 @@
 //! backend scores 0 whatever its weight, so weights and slow start would not count until
 //! connections pile up.
 //! Ties are broken by a rotating start so that an idle pool is not filled in config order.
+//! The rotor is per worker thread (a plain `Cell`): tie-breaking needs no agreement between
+//! cores, so it costs no shared write. The active counts are the one cross-core write a
+//! connection makes, and least-connections cannot do without them.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use super::{eligible, BackendSelection};
 use crate::backend::BackendRef;
 
 pub struct LeastConnections {
     members: Vec<usize>,
-    rotor: AtomicUsize,
+}
+
+thread_local! {
+    /// Where this thread's next tie-break starts; seeded apart per thread so that workers do
+    /// not all start from the first backend.
+    static ROTOR: Cell<usize> = Cell::new(thread_seed());
+}
+
+fn thread_seed() -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    // Only needs to differ between threads; any fixed hasher over the thread id does.
+    let mut h =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .build_hasher();
+    std::hash::Hash::hash(&std::thread::current().id(), &mut h);
+    h.finish() as usize
 }
 
 impl LeastConnections {
     pub fn new(members: &[usize]) -> LeastConnections {
         LeastConnections {
             members: members.to_vec(),
-            rotor: AtomicUsize::new(0),
         }
     }
 }
@@ -37,7 +55,11 @@ impl BackendSelection for LeastConnections {
         if n == 0 {
             return None;
         }
-        let start = self.rotor.fetch_add(1, Ordering::Relaxed) % n;
+        let start = ROTOR.with(|r| {
+            let v = r.get();
+            r.set(v.wrapping_add(1));
+            v
+        }) % n;
         let mut best: Option<(usize, u64, u64)> = None; // (idx, active, weight)
         for k in 0..n {
             let idx = self.members[(start + k) % n];

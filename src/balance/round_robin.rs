@@ -2,7 +2,10 @@
 //!
 //! Weights 3 and 1 give `a a b a`-like interleaving rather than `a a a b` bursts. The schedule
 //! for one full cycle (sum of effective weights) is built off the data path; workers share
-//! one atomic cursor, so across all cores the counts over whole cycles are exact.
+//! one atomic cursor, so across all cores the counts over whole cycles are exact and the order
+//! stays smooth. That is one shared write per connection, kept on a cache line of its own; a
+//! cursor per worker would interleave several partial cycles and lose both properties (a
+//! client could see `a a a` with weights 3:1:1), for a saving of tens of nanoseconds.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -12,7 +15,7 @@ use std::net::SocketAddr;
 
 pub struct SmoothRoundRobin {
     schedule: Vec<usize>,
-    cursor: AtomicUsize,
+    cursor: crate::backend::CacheLine<AtomicUsize>,
 }
 
 /// Effective weights in slow start are scaled to this resolution for the schedule.
@@ -54,7 +57,7 @@ impl SmoothRoundRobin {
         let reduced: Vec<(usize, u64)> = weights.iter().map(|&(i, w)| (i, w / g)).collect();
         SmoothRoundRobin {
             schedule: smooth_schedule(&reduced),
-            cursor: AtomicUsize::new(0),
+            cursor: crate::backend::CacheLine(AtomicUsize::new(0)),
         }
     }
 }
@@ -81,7 +84,7 @@ impl BackendSelection for SmoothRoundRobin {
         // One shared step per pick keeps whole cycles exact across workers. From there the walk
         // is local: re-reading the shared cursor would let concurrent picks push this one
         // past every eligible slot.
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        let start = self.cursor.0.fetch_add(1, Ordering::Relaxed) % n;
         for k in 0..n {
             let idx = self.schedule[(start + k) % n];
             if eligible(backends, tried, idx) {
