@@ -1,4 +1,5 @@
-//! The three io_uring operations ringlb submits itself: accept, connect and a readiness poll.
+//! The io_uring operations ringlb submits itself (connect and a readiness poll), and the one
+//! syscall whose safe wrappers do not fit (accept4 with flags and the peer's address).
 //!
 //! All of ringlb's `unsafe` lives here. tokio-uring runs the ring and the executor; these ops go
 //! through its `UnsubmittedOneshot`, whose stored data lives until the completion arrives even
@@ -6,15 +7,15 @@
 //! writes while the op is in flight: the fd (an `Rc` clone, so it cannot be closed and reused
 //! under the kernel) and any address buffer (boxed, so its pointer is stable).
 //!
-//! Cancellation: a dropped op is not cancelled. A pending accept completes when the listener is
-//! shut down; a pending poll when its socket is shut down; a connect that times out is aborted
-//! with `shutdown()` (in SYN_SENT that disconnects at once).
+//! Cancellation: a dropped op is not cancelled. A pending poll completes when its socket (or
+//! listener) is shut down; a connect that times out is aborted with `shutdown()` (in SYN_SENT
+//! that disconnects at once).
 
 #![allow(unsafe_code)]
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -104,57 +105,35 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Socket, Conn
     }
 }
 
-/// Stored data of an accept: the listener (kept open) and where the kernel writes the peer's
-/// address.
-struct AcceptData<L> {
-    _listener: Rc<L>,
-    addr: Box<(libc::sockaddr_storage, libc::socklen_t)>,
-}
-
-struct AcceptDone<L>(std::marker::PhantomData<fn() -> L>);
-
-impl<L> OneshotOutputTransform for AcceptDone<L> {
-    type Output = io::Result<(Socket, SocketAddr)>;
-    type StoredData = AcceptData<L>;
-
-    fn transform_oneshot_output(self, data: AcceptData<L>, cqe: cqueue::Entry) -> Self::Output {
-        let fd = cqe_result(&cqe)? as i32;
-        // SAFETY: a successful accept returns a new fd that nothing else owns.
-        let socket = Socket::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        let (storage, len) = *data.addr;
-        // SAFETY: the kernel wrote a socket address of `len` bytes into `storage` (the whole
-        // storage was zeroed first, so a shorter address leaves the rest initialised).
-        let addr = unsafe { SockAddr::new(storage, len) };
-        let peer = addr
-            .as_socket()
-            .ok_or_else(|| io::Error::other("accepted a connection that is not TCP/IP"))?;
-        Ok((socket, peer))
-    }
-}
-
-/// Accepts one connection on `listener`: the new socket is non-blocking and close-on-exec
-/// from the start (accept4 flags), so no fcntl follows.
-pub async fn accept<L: AsRawFd + 'static>(listener: &Rc<L>) -> io::Result<(Socket, SocketAddr)> {
-    let fd = listener.as_raw_fd();
+/// Accepts one connection waiting on the (non-blocking) listener `fd`, without waiting:
+/// `WouldBlock` when none is queued. The new socket is non-blocking and close-on-exec from the
+/// start (accept4 flags), so no fcntl follows. Used with a readiness wait on the listener, so
+/// one wake-up drains the whole accept queue, as an epoll server does.
+pub fn accept_now(fd: RawFd) -> io::Result<(Socket, SocketAddr)> {
     // SAFETY: all-zero bytes are a valid `sockaddr_storage`.
-    let storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    let mut addr = Box::new((storage, len));
-    let sqe = opcode::Accept::new(
-        types::Fd(fd),
-        std::ptr::addr_of_mut!(addr.0).cast(),
-        std::ptr::addr_of_mut!(addr.1),
-    )
-    .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-    .build();
-    let data = AcceptData {
-        _listener: listener.clone(),
-        addr,
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: accept4 writes at most `len` bytes into `storage`, which we own, and `len`
+    // itself; `fd` is the caller's open listener.
+    let new = unsafe {
+        libc::accept4(
+            fd,
+            std::ptr::addr_of_mut!(storage).cast(),
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
     };
-    // SAFETY: the SQE names the listener's fd, kept open by the `Rc` in the stored data, and
-    // points into the boxed address buffer, also in the stored data: both live until the
-    // completion, even if this future is dropped.
-    unsafe { submit(data, AcceptDone(std::marker::PhantomData), sqe) }.await
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a successful accept returns a new fd that nothing else owns.
+    let socket = Socket::from(unsafe { OwnedFd::from_raw_fd(new) });
+    // SAFETY: the kernel wrote a socket address of `len` bytes into `storage`.
+    let addr = unsafe { SockAddr::new(storage, len) };
+    let peer = addr
+        .as_socket()
+        .ok_or_else(|| io::Error::other("accepted a connection that is not TCP/IP"))?;
+    Ok((socket, peer))
 }
 
 /// Stored data of a poll: keeps the polled socket open for as long as the kernel may look at it.

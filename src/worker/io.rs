@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -59,11 +60,22 @@ impl Io for Uring {
     const NAME: &'static str = "io_uring";
 
     fn listener(l: std::net::TcpListener) -> io::Result<Self::Listener> {
+        l.set_nonblocking(true)?;
         Ok(Rc::new(l))
     }
 
+    /// Readiness, then accept4: one wake-up drains the queue (the accept loop comes straight
+    /// back here), where one io_uring accept op per connection would take one at a time.
     async fn accept(l: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)> {
-        ops::accept(l).await.map(|(s, a)| (Rc::new(s), a))
+        loop {
+            match ops::accept_now(l.as_raw_fd()) {
+                Ok((s, a)) => return Ok((Rc::new(s), a)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ops::poll_ready(l, libc::POLLIN as u32).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self::Stream, ConnectError> {
