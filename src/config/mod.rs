@@ -266,7 +266,7 @@ impl Config {
 
 /// `file:line:column: TOML syntax error: ...`, with the line and a caret under the spot.
 fn syntax_error(e: &toml_edit::TomlError, lines: &problem::Lines<'_>, source_name: &str) -> String {
-    let message = e.message().trim_end().replace('\n', "; ");
+    let message = one_line(&e.message().trim_end().replace('\n', "; "));
     match e.span() {
         Some(s) => {
             let (line, col) = lines.position(s.start);
@@ -292,7 +292,7 @@ fn located(
                 problem::At::Path(path) => spans.find(&path),
                 problem::At::Nowhere => None,
             };
-            (span.map(|s| lines.position(s.start)), p.text)
+            (span.map(|s| lines.position(s.start)), one_line(&p.text))
         })
         .collect();
     // Stable: problems on one spot keep the order they were found in; unplaced ones go last.
@@ -301,6 +301,21 @@ fn located(
         .map(|(pos, text)| match pos {
             Some((line, col)) => format!("{source_name}:{line}:{col}: {text}"),
             None => text,
+        })
+        .collect()
+}
+
+/// The text with control characters escaped (`\n`, `\u{1b}`): messages quote keys and values
+/// from the file, and one of those must not break the one-problem-per-line output or send
+/// escape sequences to a terminal.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
         })
         .collect()
 }
