@@ -75,6 +75,15 @@ fn check_one(bytes: &[u8]) -> Result<bool, TestCaseError> {
     Ok(loaded)
 }
 
+/// The process's peak resident memory (VmHWM), to show in the log that it stays small.
+fn peak_rss() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .map_or("unknown".into(), |v| v.trim().to_string())
+}
+
 /// Runs `strategy` for the configured number of cases, prints what was run, and returns how
 /// many inputs loaded and how many did not.
 fn run<S: Strategy<Value = Vec<u8>>>(what: &str, strategy: S) -> (u64, u64) {
@@ -113,10 +122,12 @@ fn run<S: Strategy<Value = Vec<u8>>>(what: &str, strategy: S) -> (u64, u64) {
     // it: the count is meant to be in the CI log.
     let _ = writeln!(
         std::io::stderr(),
-        "fuzz_config: {what}: seed {seed}: {cases} cases in {:.1} s ({loaded} loaded, {} refused), slowest {:.2} ms",
+        "fuzz_config: {what}: seed {seed}: {cases} cases in {:.1} s ({loaded} loaded, {} refused), \
+         slowest {:.2} ms, test process peak RSS {}",
         took.as_secs_f64(),
         ran - loaded,
-        slowest.as_secs_f64() * 1000.0
+        slowest.as_secs_f64() * 1000.0,
+        peak_rss()
     );
     match result {
         Ok(()) => (loaded, ran - loaded),
