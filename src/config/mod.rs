@@ -243,9 +243,7 @@ impl Config {
                 Ok(_) => {}
                 // A problem inside a key the walk already reported is a follow-on of it.
                 Err(more) => problems.extend(more.into_iter().filter(|p| match &p.at {
-                    problem::At::Path(path) => {
-                        !walked.reported.iter().any(|r| problem::is_within(path, r))
-                    }
+                    problem::At::Path(path) => !problem::is_within_any(path, &walked.reported),
                     _ => true,
                 })),
             },

@@ -4,7 +4,7 @@
 //! from. Both end up here, and `locate` turns either into `line:column` for the message, so a
 //! validation error points at the value it is about without the validator handling spans.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
 /// Where a problem points.
@@ -68,12 +68,19 @@ impl<'a> Lines<'a> {
     }
 }
 
-/// Is `path` equal to `under` or inside it (`frontend.0.name` is inside `frontend.0`)?
-pub fn is_within(path: &str, under: &str) -> bool {
-    path == under
-        || (path.len() > under.len()
-            && path.starts_with(under)
-            && path.as_bytes()[under.len()] == b'.')
+/// Is `path`, or a table that holds it, in `set` (`frontend.0.name` is inside `frontend.0`)?
+/// Looks up each prefix, so the cost is the path's depth, not the size of the set.
+pub fn is_within_any(path: &str, set: &HashSet<String>) -> bool {
+    let mut p = path;
+    loop {
+        if set.contains(p) {
+            return true;
+        }
+        match p.rfind('.') {
+            Some(i) => p = &p[..i],
+            None => return false,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -97,7 +104,10 @@ mod tests {
         s.0.insert("frontend.0".into(), 10..22);
         assert_eq!(s.find("frontend.0.name"), Some(10..22));
         assert_eq!(s.find("global.io"), None);
-        assert!(is_within("frontend.0.name", "frontend.0"));
-        assert!(!is_within("frontend.10", "frontend.1"));
+        let set = HashSet::from(["frontend.0".to_string(), "frontend.1".to_string()]);
+        assert!(is_within_any("frontend.0.name", &set));
+        assert!(is_within_any("frontend.1", &set));
+        assert!(!is_within_any("frontend.10", &set));
+        assert!(!is_within_any("frontend", &set));
     }
 }

@@ -5,7 +5,7 @@
 //! (`frontend.0.backend.2.address`), which `mod.rs` turns into the line and column. Validation
 //! never stops at the first problem.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
@@ -153,11 +153,15 @@ pub fn validate(file: FileConfig, dns: HostLookup) -> Result<Config, Vec<Problem
             if !names.insert(fe.name.clone()) {
                 p.push("name", format!("duplicate frontend name \"{}\"", fe.name));
             }
-            for (j, addr) in fe.listen.iter().enumerate() {
+            let written = listen_indexes(ff);
+            for addr in &fe.listen {
                 if addr.port() != 0 && !listens.insert(*addr) {
+                    let at = written
+                        .get(addr)
+                        .map_or("listen".into(), |i| format!("listen.{i}"));
                     p.push_at(
                         "listen",
-                        &listen_index(ff, addr, j),
+                        &at,
                         format!("{addr} is already used by another frontend"),
                     );
                 }
@@ -182,15 +186,16 @@ pub fn validate(file: FileConfig, dns: HostLookup) -> Result<Config, Vec<Problem
     }
 }
 
-/// Where `addr` is written in the frontend's `listen` list (`listen.2`), for the line number.
-fn listen_index(ff: &FileFrontend, addr: &SocketAddr, fallback: usize) -> String {
-    let i = ff
-        .listen
-        .iter()
-        .flatten()
-        .position(|t| t.parse::<SocketAddr>().ok().as_ref() == Some(addr))
-        .unwrap_or(fallback);
-    format!("listen.{i}")
+/// Where each address is first written in the frontend's `listen` list (`listen.2`), for the
+/// line number of a clash; built once per frontend so a long list stays linear.
+fn listen_indexes(ff: &FileFrontend) -> HashMap<SocketAddr, usize> {
+    let mut at = HashMap::new();
+    for (i, text) in ff.listen.iter().flatten().enumerate() {
+        if let Ok(a) = text.parse::<SocketAddr>() {
+            at.entry(a).or_insert(i);
+        }
+    }
+    at
 }
 
 fn validate_global(file: &FileConfig, out: &mut Vec<Problem>) -> Global {
@@ -335,6 +340,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
     let name = checked_name(&ff.name, "frontend", p);
 
     let mut listen = Vec::new();
+    let mut seen = HashSet::new();
     match &ff.listen {
         None => p.push(
             "listen",
@@ -345,7 +351,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
             for (i, text) in l.iter().enumerate() {
                 let at = format!("listen.{i}");
                 match text.parse::<SocketAddr>() {
-                    Ok(a) if listen.contains(&a) => {
+                    Ok(a) if !seen.insert(a) => {
                         p.push_at("listen", &at, format!("{a} is listed twice"))
                     }
                     Ok(a) => listen.push(a),
