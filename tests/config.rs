@@ -1,5 +1,6 @@
-//! Config files: every fixture under valid/ passes `ringlb check`, every one under invalid/
-//! fails with the message its first line expects (`# expect: ...`), and so does the example.
+//! Config files: every fixture under valid/ passes `ringlb check`; every one under invalid/
+//! fails with each message its leading `# expect: ...` lines give (`FILE` stands for the path
+//! the file was checked as, so the line and column are pinned too); the example is valid.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,24 +39,82 @@ fn every_valid_fixture_passes_check() {
     }
 }
 
+/// The `# expect: ` lines at the top of a fixture, with `FILE` replaced by its path.
+fn expectations(path: &Path) -> Vec<String> {
+    // Read as bytes: one fixture is deliberately not UTF-8 after its first line.
+    let body = std::fs::read(path).unwrap();
+    let body = String::from_utf8_lossy(&body);
+    let file = path.display().to_string();
+    body.lines()
+        .map_while(|l| l.strip_prefix("# expect: "))
+        .map(|e| e.replace("FILE", &file))
+        .collect()
+}
+
 #[test]
-fn every_invalid_fixture_fails_check_with_its_expected_message() {
+fn every_invalid_fixture_fails_check_with_its_expected_messages() {
     for f in fixtures("invalid") {
-        let body = std::fs::read_to_string(&f).unwrap();
-        let expect = body
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("# expect: "))
-            .unwrap_or_else(|| panic!("{}: first line must be `# expect: ...`", f.display()));
-        let (ok, text) = check(&f);
-        assert!(!ok, "{} passed check", f.display());
+        let expect = expectations(&f);
         assert!(
-            text.contains(expect),
-            "{}:\nexpected {expect:?}\ngot {text}",
+            !expect.is_empty(),
+            "{}: first line must be `# expect: ...`",
             f.display()
         );
+        let (ok, text) = check(&f);
+        assert!(!ok, "{} passed check", f.display());
+        for e in &expect {
+            assert!(
+                text.contains(e.as_str()),
+                "{}:\nexpected {e:?}\ngot {text}",
+                f.display()
+            );
+        }
         // The file is named, so an operator knows which one is wrong.
         assert!(text.contains(&f.display().to_string()), "{text}");
+    }
+}
+
+#[test]
+fn check_lists_three_unknown_keys_and_two_bad_values_in_one_run_with_their_lines() {
+    let f = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config/invalid/five-problems.toml");
+    let (ok, text) = check(&f);
+    assert!(!ok, "{text}");
+    let file = f.display().to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], format!("{file}: 5 problems"), "{text}");
+    // One line per problem, in file order, each `file:line:column: key path: what`.
+    let want = [
+        (
+            10,
+            1,
+            "global: unknown key `max_conections`: did you mean `max_connections`?",
+        ),
+        (
+            15,
+            1,
+            "frontend \"web\": unknown key `conect_timeout`: did you mean `connect_timeout`?",
+        ),
+        (
+            16,
+            16,
+            "frontend \"web\": idle_timeout: bad duration \"10x\"",
+        ),
+        (
+            20,
+            11,
+            "frontend \"web\": backend \"api3\": address: \"10.0.0.13\" has no port",
+        ),
+        (
+            21,
+            1,
+            "frontend \"web\": backend \"api3\": unknown key `wieght`: did you mean `weight`?",
+        ),
+    ];
+    assert_eq!(lines.len(), 1 + want.len(), "{text}");
+    for (got, (line, col, what)) in lines[1..].iter().zip(want) {
+        let prefix = format!("  {file}:{line}:{col}: {what}");
+        assert!(got.starts_with(&prefix), "expected {prefix:?}\ngot {got:?}");
     }
 }
 

@@ -255,7 +255,11 @@ fn a_broken_config_is_refused_logged_and_counted_while_the_old_one_keeps_serving
         ("[[frontend]\nname = ", "reload failed"),
         (
             &*(global_toml("")
-                + &frontend_toml("web", "retries = -1", &[("a1", a.addr, "weight = 0")])),
+                + &frontend_toml(
+                    "web",
+                    "retries = -1\nconect_timeout = \"1s\"",
+                    &[("a1", a.addr, "weight = 0")],
+                )),
             "reload failed",
         ),
         (&*cannot_bind, "cannot listen on"),
@@ -279,10 +283,21 @@ fn a_broken_config_is_refused_logged_and_counted_while_the_old_one_keeps_serving
             Some(n as f64 + 1.0)
         );
     }
-    // Every problem of the invalid file is reported, each with its path.
+    // Every problem of the invalid file is reported, each with its line, column and path, as
+    // `ringlb check` reports them (global_toml takes lines 1-8, the frontend starts at 9).
     let log = lb.logs().join("\n");
-    assert!(log.contains("frontend \"web\": retries"), "{log}");
-    assert!(log.contains("weight"), "{log}");
+    assert!(
+        log.contains(":12:11: frontend \"web\": retries: -1 is out of range"),
+        "{log}"
+    );
+    assert!(
+        log.contains(":13:1: frontend \"web\": unknown key `conect_timeout`: did you mean `connect_timeout`?"),
+        "{log}"
+    );
+    assert!(
+        log.contains(": frontend \"web\": backend \"a1\": weight: 0 is not allowed"),
+        "{log}"
+    );
     let s = status(admin);
     assert_eq!(s["reloads"]["failed"], 3);
     assert!(s["reloads"]["last_error"]

@@ -1,8 +1,11 @@
 //! The config file as written: serde types that mirror the TOML one to one.
 //!
 //! Every field is optional here so that validation (in `validate.rs`) can report every missing
-//! or bad value at once with its path, instead of serde stopping at the first. Unknown keys are
-//! rejected (`deny_unknown_fields`): a misspelt key silently ignored is an outage waiting.
+//! or bad value at once with its path, instead of serde stopping at the first. Unknown keys and
+//! wrong types never reach serde: the walk (`walk.rs`, against `schema.rs`) reports each one and
+//! leaves it out. `deny_unknown_fields` stays as a second guard: were the schema ever to accept
+//! a key these types lack, loading fails with an internal error instead of ignoring the key (a
+//! misspelt key silently ignored is an outage waiting).
 
 use serde::Deserialize;
 

@@ -1,13 +1,19 @@
-//! Configuration: `file` (what the TOML says) -> `validate` -> these runtime types.
+//! Configuration: the TOML text -> `walk` (against `schema`) -> `file` (serde types) ->
+//! `validate` -> these runtime types.
 //!
 //! The runtime types are plain values, compared with `==` by the reload diff (`diff.rs`), so
 //! every field here is something that changes behaviour. Loading never half-succeeds: it
-//! returns a whole `Config` or every problem found, each with its path.
+//! returns a whole `Config` or every problem found, each with its key path and, where it comes
+//! from the file, `file:line:column`.
 
 mod diff;
 mod duration;
 mod file;
+mod problem;
+mod schema;
+mod suggest;
 mod validate;
+mod walk;
 
 pub use diff::{diff, BackendChange, ConfigDiff, FrontendChange};
 pub use duration::{format_duration, parse_duration};
@@ -16,6 +22,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
+
+use serde::Deserialize;
 
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -152,7 +160,7 @@ pub struct Backend {
     pub health: Health,
 }
 
-/// Every problem found in a config file, each with its path.
+/// Every problem found in a config file, one line each: `file:line:column: key path: what`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub source_name: String,
@@ -177,30 +185,147 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Whether backend host names are resolved while loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostLookup {
+    /// Resolve them with the system resolver (what `run`, `check` and reloads do).
+    System,
+    /// Report each one as a problem instead: for fuzzing, where a lookup per case would make
+    /// the run slow and depend on the network.
+    Refuse,
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let bytes = std::fs::read(path).map_err(|e| ConfigError {
             source_name: name.clone(),
             problems: vec![format!("cannot read the file: {e}")],
         })?;
-        Config::parse(&text, &name)
+        Config::parse_bytes(&bytes, &name, HostLookup::System)
     }
 
     /// Parses and validates config text; `source_name` names it in errors.
     pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
-        let file: file::FileConfig = toml::from_str(text).map_err(|e| ConfigError {
-            source_name: source_name.to_string(),
-            problems: vec![e.to_string().trim_end().replace('\n', "\n  ")],
-        })?;
-        validate::validate(file).map_err(|problems| ConfigError {
+        Config::parse_with(text, source_name, HostLookup::System)
+    }
+
+    /// Parses and validates the bytes of a config file, which must be UTF-8 (as TOML is).
+    pub fn parse_bytes(
+        bytes: &[u8],
+        source_name: &str,
+        dns: HostLookup,
+    ) -> Result<Config, ConfigError> {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Config::parse_with(text, source_name, dns),
+            Err(e) => {
+                let good = String::from_utf8_lossy(&bytes[..e.valid_up_to()]);
+                let (line, col) = problem::Lines::new(&good).position(good.len());
+                Err(ConfigError {
+                    source_name: source_name.to_string(),
+                    problems: vec![format!(
+                        "{source_name}:{line}:{col}: not UTF-8 text (TOML files must be UTF-8)"
+                    )],
+                })
+            }
+        }
+    }
+
+    /// Parses and validates config text, resolving host names or not.
+    pub fn parse_with(
+        text: &str,
+        source_name: &str,
+        dns: HostLookup,
+    ) -> Result<Config, ConfigError> {
+        let lines = problem::Lines::new(text);
+        let error = |problems| ConfigError {
             source_name: source_name.to_string(),
             problems,
-        })
+        };
+        // A syntax error leaves the rest of the file's structure unknown, so it is the one
+        // problem reported; everything after parsing is collected in full.
+        let doc = toml_edit::ImDocument::parse(text)
+            .map_err(|e| error(vec![syntax_error(&e, &lines, source_name)]))?;
+        let walked = walk::walk(&doc);
+        let mut problems = walked.problems;
+        match file::FileConfig::deserialize(toml::Value::Table(walked.table)) {
+            Ok(file) => match validate::validate(file, dns) {
+                Ok(config) if problems.is_empty() => return Ok(config),
+                Ok(_) => {}
+                // A problem inside a key the walk already reported is a follow-on of it.
+                Err(more) => problems.extend(more.into_iter().filter(|p| match &p.at {
+                    problem::At::Path(path) => !problem::is_within_any(path, &walked.reported),
+                    _ => true,
+                })),
+            },
+            // The walk hands serde only keys and types the schema accepts, so this is a bug in
+            // the schema; say so rather than panic or pass.
+            Err(e) => problems.push(problem::Problem {
+                at: problem::At::Nowhere,
+                text: format!("internal error: the config schema and its types disagree: {e}"),
+            }),
+        }
+        Err(error(located(problems, &walked.spans, &lines, source_name)))
     }
 
     pub fn frontend(&self, name: &str) -> Option<&Frontend> {
         self.frontends.iter().find(|f| f.name == name)
     }
+}
+
+/// `file:line:column: TOML syntax error: ...`, with the line and a caret under the spot.
+fn syntax_error(e: &toml_edit::TomlError, lines: &problem::Lines<'_>, source_name: &str) -> String {
+    let message = one_line(&e.message().trim_end().replace('\n', "; "));
+    match e.span() {
+        Some(s) => {
+            let (line, col) = lines.position(s.start);
+            format!("{source_name}:{line}:{col}: TOML syntax error: {message}")
+        }
+        None => format!("TOML syntax error: {message}"),
+    }
+}
+
+/// Each problem as one line, in the order of the file: `file:line:column: text` where the file
+/// says where, else the text alone (the header line names the file).
+fn located(
+    problems: Vec<problem::Problem>,
+    spans: &problem::Spans,
+    lines: &problem::Lines<'_>,
+    source_name: &str,
+) -> Vec<String> {
+    let mut out: Vec<(Option<(usize, usize)>, String)> = problems
+        .into_iter()
+        .map(|p| {
+            let span = match p.at {
+                problem::At::Span(s) => Some(s),
+                problem::At::Path(path) => spans.find(&path),
+                problem::At::Nowhere => None,
+            };
+            (span.map(|s| lines.position(s.start)), one_line(&p.text))
+        })
+        .collect();
+    // Stable: problems on one spot keep the order they were found in; unplaced ones go last.
+    out.sort_by_key(|(pos, _)| pos.unwrap_or((usize::MAX, 0)));
+    out.into_iter()
+        .map(|(pos, text)| match pos {
+            Some((line, col)) => format!("{source_name}:{line}:{col}: {text}"),
+            None => text,
+        })
+        .collect()
+}
+
+/// The text with control characters escaped (`\n`, `\u{1b}`): messages quote keys and values
+/// from the file, and one of those must not break the one-problem-per-line output or send
+/// escape sequences to a terminal.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }

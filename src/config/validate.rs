@@ -1,17 +1,20 @@
 //! Turns the file types into runtime types, collecting every problem with its path.
 //!
 //! Paths read like `frontend "web": backend "api3": address: ...` so an operator can find the
-//! line without counting tables. Validation never stops at the first problem.
+//! table without counting. Each problem also carries the TOML path of the key it is about
+//! (`frontend.0.backend.2.address`), which `mod.rs` turns into the line and column. Validation
+//! never stops at the first problem.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use super::duration::parse_duration;
 use super::file::{FileBackend, FileConfig, FileFrontend, FileHealth, FileWorkers};
+use super::problem::{At, Problem};
 use super::{
-    Admin, Backend, Balance, Config, Frontend, Global, HashKey, Health, IoMode, OnMarkedDown,
-    RelayMode,
+    Admin, Backend, Balance, Config, Frontend, Global, HashKey, Health, HostLookup, IoMode,
+    OnMarkedDown, RelayMode,
 };
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -22,51 +25,81 @@ const MAX_WEIGHT: i64 = 256;
 /// keeps every such sum far from overflowing, and nothing needs more than a month.
 const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
-/// Collects problems under a path prefix.
+/// Collects problems under a path: `label` for the operator (`frontend "web": backend "a"`),
+/// `path` for finding the line (`frontend.0.backend.0`).
 struct Problems<'a> {
-    out: &'a mut Vec<String>,
+    out: &'a mut Vec<Problem>,
+    label: String,
     path: String,
 }
 
+fn join(outer: &str, inner: &str, sep: &str) -> String {
+    if outer.is_empty() {
+        inner.to_string()
+    } else {
+        format!("{outer}{sep}{inner}")
+    }
+}
+
 impl<'a> Problems<'a> {
-    fn push(&mut self, key: &str, msg: impl std::fmt::Display) {
-        if self.path.is_empty() {
-            self.out.push(format!("{key}: {msg}"));
-        } else {
-            self.out.push(format!("{}: {key}: {msg}", self.path));
+    fn root(out: &'a mut Vec<Problem>) -> Problems<'a> {
+        Problems {
+            out,
+            label: String::new(),
+            path: String::new(),
         }
     }
 
-    fn nested(&mut self, more: &str) -> Problems<'_> {
-        let path = if self.path.is_empty() {
-            more.to_string()
-        } else {
-            format!("{}: {more}", self.path)
-        };
+    fn push(&mut self, key: &str, msg: impl std::fmt::Display) {
+        self.push_at(key, key, msg);
+    }
+
+    /// A problem labelled by `key` that points at `at` (a key, or a list element like `listen.1`).
+    fn push_at(&mut self, key: &str, at: &str, msg: impl std::fmt::Display) {
+        self.out.push(Problem {
+            at: At::Path(join(&self.path, at, ".")),
+            text: format!("{}: {msg}", join(&self.label, key, ": ")),
+        });
+    }
+
+    fn nested(&mut self, label: &str, path: &str) -> Problems<'_> {
         Problems {
+            label: join(&self.label, label, ": "),
+            path: join(&self.path, path, "."),
             out: self.out,
-            path,
+        }
+    }
+
+    /// A duration if the key is set and valid; a bad one is reported and gives None.
+    fn opt_duration(&mut self, key: &str, value: &Option<String>) -> Option<Duration> {
+        let text = value.as_ref()?;
+        match parse_duration(text) {
+            Ok(d) if d > MAX_DURATION => {
+                self.push(
+                    key,
+                    format!("\"{text}\" is too long: at most 30 days (\"720h\")"),
+                );
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.push(key, e);
+                None
+            }
         }
     }
 
     fn duration(&mut self, key: &str, value: &Option<String>, default: Duration) -> Duration {
-        match value {
-            None => default,
-            Some(text) => match parse_duration(text) {
-                Ok(d) if d > MAX_DURATION => {
-                    self.push(
-                        key,
-                        format!("\"{text}\" is too long: at most 30 days (\"720h\")"),
-                    );
-                    default
-                }
-                Ok(d) => d,
-                Err(e) => {
-                    self.push(key, e);
-                    default
-                }
-            },
+        self.opt_duration(key, value).unwrap_or(default)
+    }
+
+    fn opt_positive_duration(&mut self, key: &str, value: &Option<String>) -> Option<Duration> {
+        let d = self.opt_duration(key, value)?;
+        if d.is_zero() {
+            self.push(key, "must be greater than zero");
+            return None;
         }
+        Some(d)
     }
 
     fn positive_duration(
@@ -75,27 +108,26 @@ impl<'a> Problems<'a> {
         value: &Option<String>,
         default: Duration,
     ) -> Duration {
-        let d = self.duration(key, value, default);
-        if d.is_zero() {
-            self.push(key, "must be greater than zero");
-            return default;
+        self.opt_positive_duration(key, value).unwrap_or(default)
+    }
+
+    fn opt_int_in(&mut self, key: &str, value: Option<i64>, lo: i64, hi: i64) -> Option<i64> {
+        match value? {
+            v if v < lo || v > hi => {
+                self.push(key, format!("{v} is out of range: must be {lo} to {hi}"));
+                None
+            }
+            v => Some(v),
         }
-        d
     }
 
     fn int_in(&mut self, key: &str, value: Option<i64>, default: i64, lo: i64, hi: i64) -> i64 {
-        match value {
-            None => default,
-            Some(v) if v < lo || v > hi => {
-                self.push(key, format!("{v} is out of range: must be {lo} to {hi}"));
-                default
-            }
-            Some(v) => v,
-        }
+        self.opt_int_in(key, value, lo, hi).unwrap_or(default)
     }
 }
 
-pub fn validate(file: FileConfig) -> Result<Config, Vec<String>> {
+/// The runtime config, or every problem found; `dns` says whether host names are looked up.
+pub fn validate(file: FileConfig, dns: HostLookup) -> Result<Config, Vec<Problem>> {
     let mut out = Vec::new();
     let global = validate_global(&file, &mut out);
     let admin = validate_admin(&file, &mut out);
@@ -103,26 +135,33 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<String>> {
     let mut frontends = Vec::new();
     let mut names = HashSet::new();
     let mut listens: HashSet<SocketAddr> = HashSet::new();
+    let mut root = Problems::root(&mut out);
     if file.frontend.is_empty() {
-        out.push("no frontends: add at least one [[frontend]] table".to_string());
+        root.push_at(
+            "no frontends",
+            "frontend",
+            "add at least one [[frontend]] table",
+        );
     }
     for (i, ff) in file.frontend.iter().enumerate() {
         let label = match &ff.name {
             Some(n) => format!("frontend \"{n}\""),
             None => format!("frontend #{}", i + 1),
         };
-        let mut p = Problems {
-            out: &mut out,
-            path: label,
-        };
-        if let Some(fe) = validate_frontend(ff, &mut p) {
+        let mut p = root.nested(&label, &format!("frontend.{i}"));
+        if let Some(fe) = validate_frontend(ff, dns, &mut p) {
             if !names.insert(fe.name.clone()) {
                 p.push("name", format!("duplicate frontend name \"{}\"", fe.name));
             }
+            let written = listen_indexes(ff);
             for addr in &fe.listen {
                 if addr.port() != 0 && !listens.insert(*addr) {
-                    p.push(
+                    let at = written
+                        .get(addr)
+                        .map_or("listen".into(), |i| format!("listen.{i}"));
+                    p.push_at(
                         "listen",
+                        &at,
                         format!("{addr} is already used by another frontend"),
                     );
                 }
@@ -132,9 +171,8 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<String>> {
     }
     if let Some(a) = admin.listen {
         if a.port() != 0 && listens.contains(&a) {
-            out.push(format!(
-                "admin: listen: {a} is also a frontend's listen address"
-            ));
+            root.nested("admin", "admin")
+                .push("listen", format!("{a} is also a frontend's listen address"));
         }
     }
     if out.is_empty() {
@@ -148,12 +186,22 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<String>> {
     }
 }
 
-fn validate_global(file: &FileConfig, out: &mut Vec<String>) -> Global {
+/// Where each address is first written in the frontend's `listen` list (`listen.2`), for the
+/// line number of a clash; built once per frontend so a long list stays linear.
+fn listen_indexes(ff: &FileFrontend) -> HashMap<SocketAddr, usize> {
+    let mut at = HashMap::new();
+    for (i, text) in ff.listen.iter().flatten().enumerate() {
+        if let Ok(a) = text.parse::<SocketAddr>() {
+            at.entry(a).or_insert(i);
+        }
+    }
+    at
+}
+
+fn validate_global(file: &FileConfig, out: &mut Vec<Problem>) -> Global {
     let g = file.global.as_ref();
-    let mut p = Problems {
-        out,
-        path: "global".to_string(),
-    };
+    let mut root = Problems::root(out);
+    let mut p = root.nested("global", "global");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = match g.and_then(|g| g.workers.as_ref()) {
         None => cpus,
@@ -209,8 +257,10 @@ fn validate_global(file: &FileConfig, out: &mut Vec<String>) -> Global {
     }
 }
 
-fn validate_admin(file: &FileConfig, out: &mut Vec<String>) -> Admin {
+fn validate_admin(file: &FileConfig, out: &mut Vec<Problem>) -> Admin {
     let a = file.admin.as_ref();
+    let mut root = Problems::root(out);
+    let mut p = root.nested("admin", "admin");
     let allow_public = a.and_then(|a| a.allow_public).unwrap_or(false);
     let text = a
         .and_then(|a| a.listen.clone())
@@ -221,17 +271,21 @@ fn validate_admin(file: &FileConfig, out: &mut Vec<String>) -> Admin {
         match text.parse::<SocketAddr>() {
             Ok(addr) => {
                 if !addr.ip().is_loopback() && !allow_public {
-                    out.push(format!(
-                        "admin: listen: {addr} is not a loopback address; the admin listener exposes \
-                         status and metrics, so set allow_public = true to serve it there"
-                    ));
+                    p.push(
+                        "listen",
+                        format!(
+                            "{addr} is not a loopback address; the admin listener exposes \
+                             status and metrics, so set allow_public = true to serve it there"
+                        ),
+                    );
                 }
                 Some(addr)
             }
             Err(_) => {
-                out.push(format!(
-                    "admin: listen: \"{text}\" is not an IP address with a port, like \"127.0.0.1:9090\""
-                ));
+                p.push(
+                    "listen",
+                    format!("\"{text}\" is not an IP address with a port, like \"127.0.0.1:9090\""),
+                );
                 None
             }
         }
@@ -283,10 +337,11 @@ fn checked_name(name: &Option<String>, kind: &str, p: &mut Problems<'_>) -> Stri
     }
 }
 
-fn validate_frontend(ff: &FileFrontend, p: &mut Problems<'_>) -> Option<Frontend> {
+fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -> Option<Frontend> {
     let name = checked_name(&ff.name, "frontend", p);
 
     let mut listen = Vec::new();
+    let mut seen = HashSet::new();
     match &ff.listen {
         None => p.push(
             "listen",
@@ -294,14 +349,16 @@ fn validate_frontend(ff: &FileFrontend, p: &mut Problems<'_>) -> Option<Frontend
         ),
         Some(l) if l.is_empty() => p.push("listen", "empty: give at least one address"),
         Some(l) => {
-            for text in l {
+            for (i, text) in l.iter().enumerate() {
+                let at = format!("listen.{i}");
                 match text.parse::<SocketAddr>() {
-                    Ok(a) if listen.contains(&a) => {
-                        p.push("listen", format!("{a} is listed twice"))
+                    Ok(a) if !seen.insert(a) => {
+                        p.push_at("listen", &at, format!("{a} is listed twice"))
                     }
                     Ok(a) => listen.push(a),
-                    Err(_) => p.push(
+                    Err(_) => p.push_at(
                         "listen",
+                        &at,
                         format!("\"{text}\" is not an IP address with a port, like \"0.0.0.0:80\" or \"[::]:443\""),
                     ),
                 }
@@ -370,8 +427,9 @@ fn validate_frontend(ff: &FileFrontend, p: &mut Problems<'_>) -> Option<Frontend
         }
     };
     let slow_start = p.duration("slow_start", &ff.slow_start, Duration::ZERO);
-    let default_health = FileHealth::default();
-    let fe_health = ff.health.as_ref().unwrap_or(&default_health);
+    // The frontend's health keys are checked once, here, where they are written; each
+    // backend then checks only the keys it overrides.
+    let fe_health = health_layer(ff.health.as_ref(), &mut p.nested("health", "health"));
 
     let mut backends = Vec::new();
     let mut names = HashSet::new();
@@ -387,8 +445,8 @@ fn validate_frontend(ff: &FileFrontend, p: &mut Problems<'_>) -> Option<Frontend
             Some(n) => format!("backend \"{n}\""),
             None => format!("backend #{}", i + 1),
         };
-        let mut bp = p.nested(&label);
-        if let Some(b) = validate_backend(fb, fe_health, slow_start, &mut bp) {
+        let mut bp = p.nested(&label, &format!("backend.{i}"));
+        if let Some(b) = validate_backend(fb, &fe_health, slow_start, dns, &mut bp) {
             if !names.insert(b.name.clone()) {
                 bp.push("name", format!("duplicate backend name \"{}\"", b.name));
             }
@@ -425,12 +483,17 @@ fn validate_frontend(ff: &FileFrontend, p: &mut Problems<'_>) -> Option<Frontend
     })
 }
 
-fn resolve(text: &str) -> Result<SocketAddr, String> {
+fn resolve(text: &str, dns: HostLookup) -> Result<SocketAddr, String> {
     if let Ok(a) = text.parse::<SocketAddr>() {
         return Ok(a);
     }
     if !text.contains(':') {
         return Err(format!("\"{text}\" has no port: write it as \"host:port\""));
+    }
+    if dns == HostLookup::Refuse {
+        return Err(format!(
+            "\"{text}\" is a host name, and host names are not looked up here"
+        ));
     }
     match text.to_socket_addrs() {
         Ok(mut it) => it
@@ -442,8 +505,9 @@ fn resolve(text: &str) -> Result<SocketAddr, String> {
 
 fn validate_backend(
     fb: &FileBackend,
-    fe_health: &FileHealth,
+    fe_health: &HealthLayer,
     fe_slow_start: Duration,
+    dns: HostLookup,
     p: &mut Problems<'_>,
 ) -> Option<Backend> {
     let name = checked_name(&fb.name, "backend", p);
@@ -455,7 +519,7 @@ fn validate_backend(
             );
             None
         }
-        Some(text) => match resolve(text) {
+        Some(text) => match resolve(text, dns) {
             Ok(a) if a.port() == 0 => {
                 p.push(
                     "address",
@@ -482,8 +546,8 @@ fn validate_backend(
         Some(w) => p.int_in("weight", Some(w), 1, 1, MAX_WEIGHT) as u32,
     };
     let slow_start = p.duration("slow_start", &fb.slow_start, fe_slow_start);
-    let merged = merge_health(fe_health, fb.health.as_ref());
-    let health = validate_health(&merged, fb.check.unwrap_or(true), p);
+    let own = health_layer(fb.health.as_ref(), &mut p.nested("health", "health"));
+    let health = own.over(fe_health).resolve(fb.check.unwrap_or(true));
     Some(Backend {
         name,
         address: address?,
@@ -494,62 +558,83 @@ fn validate_backend(
     })
 }
 
-fn merge_health(fe: &FileHealth, be: Option<&FileHealth>) -> FileHealth {
-    let Some(be) = be else { return fe.clone() };
-    FileHealth {
-        interval: be.interval.clone().or_else(|| fe.interval.clone()),
-        timeout: be.timeout.clone().or_else(|| fe.timeout.clone()),
-        rise: be.rise.or(fe.rise),
-        fall: be.fall.or(fe.fall),
-        fast_interval: be
-            .fast_interval
-            .clone()
-            .or_else(|| fe.fast_interval.clone()),
-        down_interval: be
-            .down_interval
-            .clone()
-            .or_else(|| fe.down_interval.clone()),
-        error_limit: be.error_limit.or(fe.error_limit),
-        initial_state: be
-            .initial_state
-            .clone()
-            .or_else(|| fe.initial_state.clone()),
-        spread: be.spread.or(fe.spread),
+/// One level's health settings, checked: `None` where that level does not set the key (or
+/// set it wrongly, which is reported).
+#[derive(Debug, Default, Clone)]
+struct HealthLayer {
+    interval: Option<Duration>,
+    timeout: Option<Duration>,
+    fast_interval: Option<Duration>,
+    down_interval: Option<Duration>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+    error_limit: Option<u32>,
+    spread: Option<u32>,
+    initial_up: Option<bool>,
+}
+
+fn health_layer(h: Option<&FileHealth>, p: &mut Problems<'_>) -> HealthLayer {
+    let Some(h) = h else {
+        return HealthLayer::default();
+    };
+    let count =
+        |p: &mut Problems<'_>, key, v, lo, hi| p.opt_int_in(key, v, lo, hi).map(|v| v as u32);
+    HealthLayer {
+        interval: p.opt_positive_duration("interval", &h.interval),
+        timeout: p.opt_positive_duration("timeout", &h.timeout),
+        fast_interval: p.opt_positive_duration("fast_interval", &h.fast_interval),
+        down_interval: p.opt_positive_duration("down_interval", &h.down_interval),
+        rise: count(p, "rise", h.rise, 1, 100),
+        fall: count(p, "fall", h.fall, 1, 100),
+        error_limit: count(p, "error_limit", h.error_limit, 0, 1_000_000),
+        spread: count(p, "spread", h.spread, 0, 50),
+        initial_up: match h.initial_state.as_deref() {
+            None => None,
+            Some("up") => Some(true),
+            Some("down") => Some(false),
+            Some(other) => {
+                p.push(
+                    "initial_state",
+                    format!("unknown state \"{other}\": use \"up\" or \"down\""),
+                );
+                None
+            }
+        },
     }
 }
 
-fn validate_health(h: &FileHealth, check: bool, p: &mut Problems<'_>) -> Health {
-    let mut p = p.nested("health");
-    let interval = p.positive_duration("interval", &h.interval, Duration::from_secs(2));
-    let timeout = p.positive_duration("timeout", &h.timeout, interval);
-    let fast_interval = p.positive_duration("fast_interval", &h.fast_interval, interval);
-    let down_interval = p.positive_duration("down_interval", &h.down_interval, interval);
-    let rise = p.int_in("rise", h.rise, 2, 1, 100) as u32;
-    let fall = p.int_in("fall", h.fall, 3, 1, 100) as u32;
-    let error_limit = p.int_in("error_limit", h.error_limit, 10, 0, 1_000_000) as u32;
-    let spread_percent = p.int_in("spread", h.spread, 10, 0, 50) as u32;
-    let initial_up = match h.initial_state.as_deref() {
-        None | Some("up") => true,
-        Some("down") => false,
-        Some(other) => {
-            p.push(
-                "initial_state",
-                format!("unknown state \"{other}\": use \"up\" or \"down\""),
-            );
-            true
+impl HealthLayer {
+    /// This layer's keys, and `below`'s where this one leaves them unset.
+    fn over(self, below: &HealthLayer) -> HealthLayer {
+        HealthLayer {
+            interval: self.interval.or(below.interval),
+            timeout: self.timeout.or(below.timeout),
+            fast_interval: self.fast_interval.or(below.fast_interval),
+            down_interval: self.down_interval.or(below.down_interval),
+            rise: self.rise.or(below.rise),
+            fall: self.fall.or(below.fall),
+            error_limit: self.error_limit.or(below.error_limit),
+            spread: self.spread.or(below.spread),
+            initial_up: self.initial_up.or(below.initial_up),
         }
-    };
-    Health {
-        check,
-        interval,
-        timeout,
-        rise,
-        fall,
-        fast_interval,
-        down_interval,
-        error_limit,
-        initial_up,
-        spread_percent,
+    }
+
+    /// The documented defaults for what no level sets; the timeouts and intervals default to
+    /// the (merged) `interval`.
+    fn resolve(self, check: bool) -> Health {
+        let interval = self.interval.unwrap_or(Duration::from_secs(2));
+        Health {
+            check,
+            interval,
+            timeout: self.timeout.unwrap_or(interval),
+            rise: self.rise.unwrap_or(2),
+            fall: self.fall.unwrap_or(3),
+            fast_interval: self.fast_interval.unwrap_or(interval),
+            down_interval: self.down_interval.unwrap_or(interval),
+            error_limit: self.error_limit.unwrap_or(10),
+            initial_up: self.initial_up.unwrap_or(true),
+            spread_percent: self.spread.unwrap_or(10),
+        }
     }
 }
 
@@ -644,5 +729,44 @@ rise = 1
         let h = &c.frontends[0].backends[0].health;
         assert_eq!(h.rise, 1);
         assert_eq!(h.interval.as_secs(), 5);
+    }
+
+    #[test]
+    fn a_bad_frontend_health_value_is_reported_once_where_it_is_written() {
+        let p = problems(
+            r#"
+[[frontend]]
+name = "web"
+listen = ["127.0.0.1:8080"]
+[frontend.health]
+fall = 0
+[[frontend.backend]]
+name = "a"
+address = "127.0.0.1:9001"
+[[frontend.backend]]
+name = "b"
+address = "127.0.0.1:9002"
+"#,
+        );
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("test.toml:6:8: frontend \"web\": health: fall: 0 is out of range"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_frontend_without_backends_still_has_its_health_checked() {
+        let p = problems(
+            "[[frontend]]\nname = \"web\"\nlisten = [\"127.0.0.1:8080\"]\n[frontend.health]\ninterval = \"0s\"\n",
+        );
+        let all = p.join("\n");
+        assert!(
+            all.contains(
+                "test.toml:5:12: frontend \"web\": health: interval: must be greater than zero"
+            ),
+            "{all}"
+        );
+        assert!(all.contains("backend: none"), "{all}");
     }
 }

@@ -1,0 +1,204 @@
+//! The keys each table of the config file may hold, and the TOML type of each.
+//!
+//! This is what lets `check` report every unknown key and every wrong type in one run: the
+//! document is walked against these lists before serde sees it (serde's `deny_unknown_fields`
+//! stops at the first). The serde types in `file.rs` are the other half; a unit test below keeps
+//! the two lists equal, so a key added to one and not the other fails the build's tests.
+
+/// The TOML type a key must have.
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    Str,
+    Int,
+    Bool,
+    /// An array of strings, like `listen = ["0.0.0.0:80"]`.
+    Strs,
+    /// `workers`: a number or the word "auto".
+    IntOrStr,
+    /// A table, like `[global]`.
+    Table(&'static Table),
+    /// An array of tables, like `[[frontend]]`.
+    Tables(&'static Table),
+}
+
+impl Kind {
+    /// How the expected type is named in a message.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kind::Str => "a string",
+            Kind::Int => "an integer",
+            Kind::Bool => "true or false",
+            Kind::Strs => "an array of strings",
+            Kind::IntOrStr => "an integer or a string",
+            Kind::Table(_) => "a table",
+            Kind::Tables(_) => "an array of tables",
+        }
+    }
+}
+
+/// One table's keys, and how its header is written (for "it belongs in [frontend.health]").
+#[derive(Debug)]
+pub struct Table {
+    pub header: &'static str,
+    pub keys: &'static [(&'static str, Kind)],
+}
+
+impl Table {
+    pub fn get(&self, key: &str) -> Option<Kind> {
+        self.keys
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, kind)| *kind)
+    }
+}
+
+pub static ROOT: Table = Table {
+    header: "",
+    keys: &[
+        ("global", Kind::Table(&GLOBAL)),
+        ("admin", Kind::Table(&ADMIN)),
+        ("frontend", Kind::Tables(&FRONTEND)),
+    ],
+};
+
+static GLOBAL: Table = Table {
+    header: "[global]",
+    keys: &[
+        ("workers", Kind::IntOrStr),
+        ("max_connections", Kind::Int),
+        ("shutdown_timeout", Kind::Str),
+        ("io", Kind::Str),
+        ("relay", Kind::Str),
+    ],
+};
+
+static ADMIN: Table = Table {
+    header: "[admin]",
+    keys: &[("listen", Kind::Str), ("allow_public", Kind::Bool)],
+};
+
+static FRONTEND: Table = Table {
+    header: "[[frontend]]",
+    keys: &[
+        ("name", Kind::Str),
+        ("listen", Kind::Strs),
+        ("balance", Kind::Str),
+        ("connect_timeout", Kind::Str),
+        ("idle_timeout", Kind::Str),
+        ("retries", Kind::Int),
+        ("hash_key", Kind::Str),
+        ("maglev_table_size", Kind::Int),
+        ("on_marked_down", Kind::Str),
+        ("slow_start", Kind::Str),
+        ("health", Kind::Table(&FRONTEND_HEALTH)),
+        ("backend", Kind::Tables(&BACKEND)),
+    ],
+};
+
+const HEALTH_KEYS: &[(&str, Kind)] = &[
+    ("interval", Kind::Str),
+    ("timeout", Kind::Str),
+    ("rise", Kind::Int),
+    ("fall", Kind::Int),
+    ("fast_interval", Kind::Str),
+    ("down_interval", Kind::Str),
+    ("error_limit", Kind::Int),
+    ("initial_state", Kind::Str),
+    ("spread", Kind::Int),
+];
+
+static FRONTEND_HEALTH: Table = Table {
+    header: "[frontend.health]",
+    keys: HEALTH_KEYS,
+};
+
+static BACKEND: Table = Table {
+    header: "[[frontend.backend]]",
+    keys: &[
+        ("name", Kind::Str),
+        ("address", Kind::Str),
+        ("weight", Kind::Int),
+        ("backup", Kind::Bool),
+        ("check", Kind::Bool),
+        ("slow_start", Kind::Str),
+        ("health", Kind::Table(&BACKEND_HEALTH)),
+    ],
+};
+
+static BACKEND_HEALTH: Table = Table {
+    header: "[frontend.backend.health]",
+    keys: HEALTH_KEYS,
+};
+
+#[cfg(test)]
+mod tests {
+    //! The schema and the serde types must list the same keys. serde's derive hands a struct's
+    //! field names to `Deserializer::deserialize_struct`; a deserializer that only records them
+    //! reads the lists straight from `file.rs`.
+    use super::*;
+    use crate::config::file::FileAdmin;
+    use crate::config::file::{FileBackend, FileConfig, FileFrontend, FileGlobal, FileHealth};
+    use serde::de::{self, Deserialize, Visitor};
+
+    #[derive(Debug)]
+    struct Fields(&'static [&'static str]);
+
+    impl std::fmt::Display for Fields {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "fields")
+        }
+    }
+    impl std::error::Error for Fields {}
+    impl de::Error for Fields {
+        fn custom<T: std::fmt::Display>(_: T) -> Self {
+            Fields(&[])
+        }
+    }
+
+    struct FieldNames;
+
+    impl<'de> de::Deserializer<'de> for FieldNames {
+        type Error = Fields;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Fields> {
+            Err(Fields(&[]))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Fields> {
+            Err(Fields(fields))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+
+    fn serde_fields<T: for<'de> Deserialize<'de>>() -> Vec<&'static str> {
+        let Err(Fields(fields)) = T::deserialize(FieldNames) else {
+            panic!("a struct deserializes from nothing");
+        };
+        let mut v = fields.to_vec();
+        v.sort_unstable();
+        v
+    }
+
+    fn schema_keys(t: &Table) -> Vec<&'static str> {
+        let mut v: Vec<_> = t.keys.iter().map(|(k, _)| *k).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn the_schema_lists_exactly_the_serde_fields() {
+        assert_eq!(schema_keys(&ROOT), serde_fields::<FileConfig>());
+        assert_eq!(schema_keys(&GLOBAL), serde_fields::<FileGlobal>());
+        assert_eq!(schema_keys(&ADMIN), serde_fields::<FileAdmin>());
+        assert_eq!(schema_keys(&FRONTEND), serde_fields::<FileFrontend>());
+        assert_eq!(schema_keys(&FRONTEND_HEALTH), serde_fields::<FileHealth>());
+        assert_eq!(schema_keys(&BACKEND), serde_fields::<FileBackend>());
+    }
+}
