@@ -32,7 +32,7 @@ use ops::OpsState;
 
 /// Listen queue: room for a burst of connects while the accept loop catches up, so that a
 /// flood does not push a monitoring client into SYN retransmits (a second or more).
-const BACKLOG: u32 = 1024;
+const BACKLOG: u32 = 4096;
 
 /// Everything the admin handlers read; shared with the control loop.
 pub struct AdminState {
