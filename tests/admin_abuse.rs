@@ -349,3 +349,34 @@ fn garbage_oversized_and_trickled_heads_are_refused_while_healthz_answers() {
         lb.fd_count()
     );
 }
+
+#[test]
+fn out_of_fds_the_oldest_idle_admin_client_makes_room_for_healthz() {
+    let (_b, lb) = start_lb();
+    let admin = lb.admin.unwrap();
+    // Room for 16 more fds in ringlb (util-linux's prlimit; the soft limit only).
+    let limit = lb.fd_count() + 16;
+    let set = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", lb.pid()))
+        .arg(format!("--nofile={limit}:"))
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(set.success());
+    let start = Instant::now();
+    let mut idle: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(admin).unwrap())
+        .collect();
+    assert!(
+        wait_until(HEAD_DEADLINE / 2, || closed(&mut idle[0]).is_some()),
+        "the oldest idle client was not closed"
+    );
+    assert_eq!(closed(&mut idle[0]), Some(0), "it was sent something");
+    for _ in 0..5 {
+        let t = Instant::now();
+        assert_eq!(timed_get(admin, "/healthz"), (200, "ok\n".to_string()));
+        std::thread::sleep(Duration::from_millis(100).saturating_sub(t.elapsed()));
+    }
+    assert!(evicted(admin) >= 24, "{}", evicted(admin));
+    // Evictions, not the head deadline, made the room.
+    assert!(start.elapsed() < HEAD_DEADLINE, "{:?}", start.elapsed());
+}

@@ -230,3 +230,49 @@ fn drain(stream: &TcpStream) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eviction_takes_the_oldest_reader_then_answers_and_monitoring_last() {
+        let mut t = Table::default();
+        let mut rxs = Vec::new();
+        for key in [
+            (Tier::Monitoring, 0),
+            (Tier::Answering, 1),
+            (Tier::Reading, 3),
+            (Tier::Reading, 2),
+        ] {
+            let (tx, rx) = oneshot::channel();
+            t.conns.insert(key, tx);
+            rxs.push((key, rx));
+        }
+        let mut order = Vec::new();
+        while let Some((&key, _)) = t.conns.first_key_value() {
+            assert!(t.evict(Tier::Monitoring));
+            order.push(key);
+        }
+        let want = [
+            (Tier::Reading, 2),
+            (Tier::Reading, 3),
+            (Tier::Answering, 1),
+            (Tier::Monitoring, 0),
+        ];
+        assert_eq!(order, want);
+        // An evicted connection's task sees its sender gone.
+        for (_, mut rx) in rxs {
+            assert!(rx.try_recv().is_err());
+        }
+    }
+
+    #[test]
+    fn out_of_fds_only_a_reader_is_evicted() {
+        let mut t = Table::default();
+        let (tx, _rx) = oneshot::channel();
+        t.conns.insert((Tier::Monitoring, 0), tx);
+        assert!(!t.evict(Tier::Reading));
+        assert_eq!(t.conns.len(), 1);
+    }
+}
