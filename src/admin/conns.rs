@@ -5,7 +5,9 @@
 //! - Every connection must deliver its whole request head within [`HEAD_DEADLINE`] (not per
 //!   read: a client trickling a byte a second is cut at the same time as a silent one), and
 //!   its answer must be written within [`WRITE_DEADLINE`].
-//! - At most [`MAX_CONNECTIONS`] are held. A newcomer is never turned away: when the table is
+//! - At most [`MAX_CONNECTIONS`] are held, and only as many as the fd budget
+//!   (`worker::budget`) leaves to the admin listener: 64 always, more only out of fds that no
+//!   relayed connection was promised. A newcomer is never turned away: when the table is
 //!   full the oldest connection still sending its head is closed to make room; only if every
 //!   connection is past its head does the oldest one being answered go, and answers to
 //!   `/healthz` and `/metrics` go last of all. That ordering is the reserve for monitoring.
@@ -27,12 +29,13 @@ use tokio::sync::oneshot;
 
 use super::head::{HeadError, HeadParser, Progress, Request};
 use super::{route, AdminState, Response};
+use crate::worker::local::Op;
 
 /// The whole request head must arrive within this, counted from the accept.
 pub const HEAD_DEADLINE: Duration = Duration::from_secs(3);
 /// Writing the answer must finish within this.
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
-/// Admin connections held at once.
+/// Admin connections held at once, at most (the fd budget may allow fewer).
 pub const MAX_CONNECTIONS: usize = 4096;
 /// Bytes already sent by a client after its head that are drained before the close.
 const DRAIN_LIMIT: usize = 64 * 1024;
@@ -103,6 +106,10 @@ pub async fn accept_loop(listener: TcpListener, state: Arc<AdminState>) {
         let stream = match listener.accept().await {
             Ok((stream, _peer)) => stream,
             Err(e) => {
+                let local = state
+                    .shared
+                    .local
+                    .record(Op::Accept, &e, || "admin listener".to_string());
                 // Out of fds: an idle admin connection is worth less than the one waiting in
                 // the queue, which is likely a monitoring request. Otherwise back off instead
                 // of spinning on the error.
@@ -112,16 +119,20 @@ pub async fn accept_loop(listener: TcpListener, state: Arc<AdminState>) {
                     // Lets the evicted task run and close its socket before the next accept.
                     tokio::task::yield_now().await;
                 } else {
-                    crate::warn!("admin: accept failed: {e}");
+                    if !local {
+                        crate::warn!("admin: accept failed: {e}");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 continue;
             }
         };
+        let cap = state.shared.admin_connections.load(Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let slot = {
             let mut t = lock(&table);
-            if t.conns.len() >= MAX_CONNECTIONS && t.evict(Tier::Monitoring) {
+            // Above the cap (lowered by a reload), close as many as it takes.
+            while t.conns.len() >= cap.clamp(1, MAX_CONNECTIONS) && t.evict(Tier::Monitoring) {
                 state.ops.admin_evicted.fetch_add(1, Ordering::Relaxed);
             }
             let key = (Tier::Reading, t.next_id);

@@ -44,7 +44,7 @@ pub struct AdminState {
 
 /// Sets up metrics and, unless disabled in the config, binds the admin listener. Call on the
 /// control thread's runtime right after [`Server::start`]. Logs
-/// `admin listening on ADDR` once bound.
+/// `admin listening on ADDR (up to N connections at once)` once bound.
 pub fn start(server: &Server) -> Result<Arc<AdminState>, StartError> {
     let ops = Arc::new(OpsState::new(server.bound_addresses()));
     let exporter = Arc::new(Exporter::new(
@@ -76,7 +76,8 @@ pub fn start(server: &Server) -> Result<Arc<AdminState>, StartError> {
     }
     let listener = bind(addr).map_err(|source| StartError::Admin { addr, source })?;
     let bound = listener.local_addr().unwrap_or(addr);
-    crate::info!("admin listening on {bound}");
+    let cap = server.shared.admin_connections.load(Ordering::Relaxed);
+    crate::info!("admin listening on {bound} (up to {cap} connections at once)");
     tokio::spawn(conns::accept_loop(listener, state.clone()));
     Ok(state)
 }
