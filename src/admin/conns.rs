@@ -129,11 +129,13 @@ pub async fn accept_loop(listener: TcpListener, state: Arc<AdminState>) {
         };
         let cap = state.shared.admin_connections.load(Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
+        let mut evicted = false;
         let slot = {
             let mut t = lock(&table);
             // Above the cap (lowered by a reload), close as many as it takes.
             while t.conns.len() >= cap.clamp(1, MAX_CONNECTIONS) && t.evict(Tier::Monitoring) {
                 state.ops.admin_evicted.fetch_add(1, Ordering::Relaxed);
+                evicted = true;
             }
             let key = (Tier::Reading, t.next_id);
             t.next_id += 1;
@@ -153,6 +155,13 @@ pub async fn accept_loop(listener: TcpListener, state: Arc<AdminState>) {
                 () = serve(&mut stream, &state, &mut slot) => {}
             }
         });
+        if evicted {
+            // At the cap, a burst of accepts would otherwise evict a connection before its
+            // task has read the request already waiting in its socket. Yielding lets every
+            // new task read once first; a monitoring request then has its whole head and has
+            // moved out of the tier that is evicted first.
+            tokio::task::yield_now().await;
+        }
     }
 }
 
