@@ -59,9 +59,9 @@ struct Table {
     conns: BTreeMap<(Tier, u64), oneshot::Sender<()>>,
 }
 
-type Shared = Arc<Mutex<Table>>;
+type TableRef = Arc<Mutex<Table>>;
 
-fn lock(t: &Shared) -> MutexGuard<'_, Table> {
+fn lock(t: &TableRef) -> MutexGuard<'_, Table> {
     t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -77,7 +77,7 @@ impl Table {
 
 /// A connection's entry in the table; removed when the connection's task ends.
 struct Slot {
-    table: Shared,
+    table: TableRef,
     key: (Tier, u64),
 }
 
@@ -100,8 +100,9 @@ impl Drop for Slot {
     }
 }
 
+/// Accepts admin connections for the life of the process, one task each.
 pub async fn accept_loop(listener: TcpListener, state: Arc<AdminState>) {
-    let table: Shared = Arc::default();
+    let table: TableRef = Arc::default();
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _peer)) => stream,
