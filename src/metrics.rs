@@ -86,6 +86,7 @@ const PROCESS: Family = Family {
         ("ringlb_config_reloads_total", Some(("result", "failure"))),
         ("ringlb_accept_paused_total", None),
         ("ringlb_relay_pipe_unavailable_total", None),
+        ("ringlb_admin_connections_evicted_total", None),
     ],
     gauges: &[
         "ringlb_config_generation",
@@ -144,6 +145,7 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_relay_pipe_unavailable_total", "Chunks copied instead of spliced because no pipe could be had (per-worker pipe limit, or out of fds)."),
     ("ringlb_local_errors_total", "Errors of this host, not of any backend (EMFILE, ENFILE, ENOBUFS, ENOMEM), by operation (accept, connect, probe) and errno; never counted against a backend."),
     ("ringlb_start_time_seconds", "Unix time ringlb started (haproxy_process_start_time_seconds)."),
+    ("ringlb_admin_connections_evicted_total", "Admin connections closed to make room for a newer one: the oldest still sending its request, else the oldest being answered."),
     ("ringlb_build_info", "Always 1; the version is a label (haproxy_process_build_info)."),
 ];
 
@@ -277,6 +279,7 @@ impl Exporter {
                 ops.reloads_failed.load(Ordering::Relaxed),
                 self.shared.accept_paused_total.load(Ordering::Relaxed),
                 pools.pipe_unavailable_total,
+                ops.admin_evicted.load(Ordering::Relaxed),
             ],
             &[
                 ops.config_generation.load(Ordering::Relaxed) as f64,

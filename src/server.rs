@@ -251,6 +251,9 @@ impl Server {
         self.shared
             .max_connections
             .store(fds.max_connections, Ordering::Relaxed);
+        self.shared
+            .admin_connections
+            .store(fds.admin_connections, Ordering::Relaxed);
         // A raised cap lets paused accept loops go on.
         self.shared.capacity.notify_waiters();
         self.publish();

@@ -35,6 +35,8 @@ pub struct OpsState {
     pub last_reload_ok_ms: AtomicU64,
     /// Set when the graceful stop begins: /healthz then answers 503.
     pub stopping: AtomicBool,
+    /// Admin connections closed to make room for newer ones (see `admin::conns`).
+    pub admin_evicted: AtomicU64,
     last_reload_error: Mutex<Option<String>>,
     listeners: Mutex<Vec<(String, SocketAddr)>>,
     draining: Mutex<Vec<Draining>>,
@@ -60,6 +62,7 @@ impl OpsState {
             config_generation: AtomicU64::new(1),
             last_reload_ok_ms: AtomicU64::new(unix_ms(now)),
             stopping: AtomicBool::new(false),
+            admin_evicted: AtomicU64::new(0),
             last_reload_error: Mutex::new(None),
             listeners: Mutex::new(sorted(listeners)),
             draining: Mutex::new(Vec::new()),

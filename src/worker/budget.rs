@@ -6,6 +6,11 @@
 //! its soft RLIMIT_NOFILE to the hard limit; if `max_connections` still does not fit it is
 //! lowered, with one WARN line naming both numbers and the fix, so running out of fds never
 //! surprises anyone at 3 a.m. At the cap the workers stop accepting (see `accept.rs`).
+//!
+//! The admin listener is always promised [`ADMIN_RESERVE`] connections. It may hold more, up
+//! to `admin::conns::MAX_CONNECTIONS`, only out of fds the plan leaves over once the data
+//! path has its cap and every reserve: a flood on the admin port never takes an fd that a
+//! relayed connection was promised.
 
 use crate::config::{Config, RelayMode};
 use crate::relay::pool::PIPES_IN_USE_MAX;
@@ -15,7 +20,7 @@ pub const FDS_PER_CONNECTION: u64 = 2;
 /// The runtime, stdio, the admin listener, a reload's file reads, and room to breathe.
 const BASE_RESERVE: u64 = 64;
 /// Admin clients served at once, kept out of the data path's share.
-const ADMIN_RESERVE: u64 = 64;
+pub const ADMIN_RESERVE: u64 = 64;
 /// Free pipes a worker may keep besides those on loan (see `relay::pool`).
 const FREE_PIPES: u64 = 16;
 
@@ -30,6 +35,8 @@ pub struct FdBudget {
     pub pipes_per_worker: usize,
     /// fds the connection cap leaves for everything else.
     pub reserve: u64,
+    /// Admin connections that may be held at once: the reserve plus what nothing else needs.
+    pub admin_connections: usize,
 }
 
 /// Raises the soft open-file limit to the hard limit; returns the limit now in force.
@@ -73,11 +80,15 @@ pub fn plan(config: &Config, limit: u64) -> FdBudget {
         2 * (pipes_per_worker + FREE_PIPES) * workers
     };
     let fit = (limit.saturating_sub(reserve + pipe_fds) / FDS_PER_CONNECTION).max(1);
+    let max_connections = (config.global.max_connections as u64).min(fit);
+    let spare = limit.saturating_sub(max_connections * FDS_PER_CONNECTION + reserve + pipe_fds);
+    let admin_max = crate::admin::conns::MAX_CONNECTIONS as u64;
     FdBudget {
         limit,
-        max_connections: (config.global.max_connections as u64).min(fit) as usize,
+        max_connections: max_connections as usize,
         pipes_per_worker: pipes_per_worker as usize,
         reserve: reserve + pipe_fds,
+        admin_connections: (ADMIN_RESERVE + spare).min(admin_max) as usize,
     }
 }
 
@@ -132,6 +143,20 @@ mod tests {
         // 64 + 64 reserved, 2 listeners (x3), 1 probe: (256 - 135) / 2.
         assert_eq!(b.max_connections, 60);
         assert!(b.needed_for(100_000) > 200_000);
+        // Nothing left over: the admin listener keeps just its reserve.
+        assert_eq!(b.admin_connections, ADMIN_RESERVE as usize + 1);
+    }
+
+    #[test]
+    fn the_admin_listener_holds_more_only_with_fds_nobody_else_was_promised() {
+        let roomy = plan(&config("copy", 1000), 1 << 20);
+        assert_eq!(
+            roomy.admin_connections,
+            crate::admin::conns::MAX_CONNECTIONS
+        );
+        let tight = plan(&config("copy", 1000), 2500);
+        let left = 2500 - tight.needed_for(1000);
+        assert_eq!(tight.admin_connections as u64, ADMIN_RESERVE + left);
     }
 
     #[test]

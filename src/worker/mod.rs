@@ -46,6 +46,8 @@ pub struct Shared {
     pub active: AtomicUsize,
     /// The cap in force: the config's `max_connections`, lowered to what the fd limit allows.
     pub max_connections: AtomicUsize,
+    /// Admin connections that may be held at once (from the fd budget).
+    pub admin_connections: AtomicUsize,
     /// Copy, splice or splice-auto; read at start (a change needs a restart).
     pub relay_mode: crate::config::RelayMode,
     pub events: mpsc::UnboundedSender<DataEvent>,
@@ -81,6 +83,7 @@ impl Shared {
             published,
             active: AtomicUsize::new(0),
             max_connections: AtomicUsize::new(budget.max_connections),
+            admin_connections: AtomicUsize::new(budget.admin_connections),
             relay_mode,
             events,
             paused: AtomicUsize::new(0),
