@@ -9,6 +9,9 @@
 //!
 //! Everything runs on loopback; every process started here is stopped by its pid.
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};

@@ -7,6 +7,9 @@
 //! on a small shared machine for statistics we do not need. Each figure is the minimum and the
 //! median over repeated runs; the minimum is the least disturbed by other load.
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};

@@ -2,6 +2,9 @@
 //! /status tells the truth about every backend, the status page renders in a real browser,
 //! and no admin client can stall it.
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 mod common;
 
 use std::collections::HashMap;

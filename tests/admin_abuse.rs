@@ -2,6 +2,9 @@
 //! clients, more clients than it holds, garbage, oversized and trickled heads. Throughout,
 //! /healthz and /metrics are answered within a second, and every fd comes back.
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 mod common;
 
 use std::io::{ErrorKind, Read, Write};

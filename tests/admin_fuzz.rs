@@ -7,6 +7,9 @@
 //! A small run by default; `RINGLB_FUZZ_CASES=1000000` for the long mode (docs/testing.md,
 //! "Admin parser fuzzing"). The number of cases run is printed either way.
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 

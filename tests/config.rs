@@ -2,6 +2,9 @@
 //! fails with each message its leading `# expect: ...` lines give (`FILE` stands for the path
 //! the file was checked as, so the line and column are pinned too); the example is valid.
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

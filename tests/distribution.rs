@@ -1,6 +1,9 @@
 //! Selection: weighted round robin is exact and interleaved; least-connections follows the
 //! open-connection counts that all workers share; backups only serve when primaries cannot.
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 mod common;
 
 use std::collections::HashMap;

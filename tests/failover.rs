@@ -1,5 +1,8 @@
 //! Failover under load: backends die while clients hammer ringlb, and clients never notice.
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 mod common;
 
 use std::collections::HashMap;

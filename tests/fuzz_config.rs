@@ -7,6 +7,9 @@
 //! CI) and prints the count, the time taken and the slowest case to the log. The long mode and
 //! its numbers are in docs/testing.md ("Fuzzing").
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 use std::cell::Cell;
 use std::io::Write;
 use std::path::Path;

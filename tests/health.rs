@@ -2,6 +2,9 @@
 //! returning ones are brought back, passive health and backups work, slow start ramps, and
 //! thousands of failed checks leak no fds.
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 mod common;
 
 use std::io::{Read, Write};

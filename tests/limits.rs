@@ -1,5 +1,8 @@
 //! Idle timeout, max_connections, and no fd leaks on any path.
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 mod common;
 
 use std::io::{Read, Write};

@@ -5,6 +5,9 @@
 //! connects with EMFILE, keep health checks and the admin port working, and serve every one
 //! of the 1,000 clients as the earlier ones leave.
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 mod common;
 
 use std::io::{Read, Write};

@@ -6,6 +6,9 @@
 //! for each is computed by the library from the same config text: the running process must
 //! agree with the pure function, which is what lets several nodes agree with each other.
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 mod common;
 
 use std::io::Read;

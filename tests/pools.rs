@@ -6,6 +6,9 @@
 //! sends block and it must hold a buffer (or a pipe) with bytes in it. Then the connection
 //! ends, and the pools' gauges must return to 0 and the fds to their baseline.
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 mod common;
 
 use std::io::Write;

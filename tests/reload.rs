@@ -2,6 +2,9 @@
 //! in effect once the reload is logged; a bad file changes nothing and is counted; an
 //! unchanged file is a no-op; removed backends and frontends drain within shutdown_timeout.
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 mod common;
 
 use std::collections::{BTreeMap, HashSet};

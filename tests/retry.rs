@@ -1,6 +1,9 @@
 //! A dead backend costs clients nothing: refused and never-answering backends are retried on
 //! another backend within the same client connection.
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 mod common;
 
 use common::*;

@@ -2,6 +2,9 @@
 //! MONOTONIC_USEC, STOPPING, watchdog pings) to the socket in $NOTIFY_SOCKET, by path or
 //! abstract name.
 
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 mod common;
 
 use std::os::linux::net::SocketAddrExt;

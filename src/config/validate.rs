@@ -495,7 +495,11 @@ fn resolve(text: &str, dns: HostLookup) -> Result<SocketAddr, String> {
             "\"{text}\" is a host name, and host names are not looked up here"
         ));
     }
-    match text.to_socket_addrs() {
+    // Known debt: a blocking getaddrinfo, on the control thread during a reload. Backend
+    // host names should be resolved asynchronously with re-resolution (DNS discovery).
+    #[allow(clippy::disallowed_methods)]
+    let resolved = text.to_socket_addrs();
+    match resolved {
         Ok(mut it) => it
             .next()
             .ok_or_else(|| format!("\"{text}\" resolved to no address")),
