@@ -9,8 +9,12 @@
 //! - [`backend`]: live backend state (kept across reloads) and the published snapshot.
 //! - [`balance`]: selection behind one trait: round robin, least-connections, Maglev.
 //! - [`health`]: Layer4 checks on the control thread, passive health, slow start, the logs.
-//! - [`worker`]: per-core threads on tokio-uring; SO_REUSEPORT listeners; accept and connect.
-//! - [`relay`]: moves bytes both ways; the io_uring ops (all `unsafe` lives in `relay::ops`).
+//! - [`worker`]: per-core threads (tokio-uring, or the epoll fallback); SO_REUSEPORT listeners;
+//!   accept -> pick -> connect -> relay; each worker's connection table (idle timeout, kill
+//!   switch, byte counts); the fd budget; local errors (this host out of fds) kept apart.
+//! - [`relay`]: one relay for every runtime and mode (copy, splice, splice-auto): readiness,
+//!   then plain non-blocking syscalls, with buffers and pipes lent per chunk by per-worker
+//!   pools; the io_uring ops (all `unsafe` lives in `relay::ops`).
 //! - [`admin`]: the admin listener: `/metrics`, `/status`, the status page, `/healthz`.
 //! - [`metrics`]: the Prometheus recorder, fed from the data path's atomics by a periodic task.
 //! - [`systemd`]: `sd_notify` readiness, reload and stop messages; watchdog pings.
