@@ -268,11 +268,14 @@ class Column:
 
 
 def ringlb_config(path, port, backend, relay):
+    # "MODE@IO" also sets [global] io, e.g. "copy@epoll" for the epoll runtime.
+    mode, _, io = relay.partition("@")
     with open(path, "w") as f:
-        f.write('[global]\nworkers = 2\nrelay = "%s"\nshutdown_timeout = "1s"\n[admin]\nlisten = ""\n'
+        f.write('[global]\nworkers = 2\nrelay = "%s"\nio = "%s"\nshutdown_timeout = "1s"\n'
+                '[admin]\nlisten = ""\n'
                 '[[frontend]]\nname = "bench"\nlisten = ["127.0.0.1:%d"]\nbalance = "round-robin"\n'
                 'idle_timeout = "10m"\n[[frontend.backend]]\nname = "b"\naddress = "127.0.0.1:%d"\n'
-                'check = false\n' % (relay, port, backend))
+                'check = false\n' % (mode, io or "auto", port, backend))
 
 
 def ringlb_check(binary, tmp, relay):
@@ -553,7 +556,8 @@ def main():
                                  epilog="\n".join(__doc__.split("\n")[2:]))
     ap.add_argument("--bin", default="target/release/ringlb", help="ringlb binary (default: %(default)s)")
     ap.add_argument("--relay", default="copy,splice,splice-auto",
-                    help="ringlb relay modes, comma-separated; one column each (default: %(default)s)")
+                    help="ringlb relay modes, comma-separated; one column each; MODE@epoll runs "
+                         "that mode on the epoll runtime (default: %(default)s)")
     ap.add_argument("--peers", default="haproxy,haproxy-splice,nginx",
                     help="peers to compare, of haproxy, haproxy-splice (option splice-auto), nginx (default: all)")
     ap.add_argument("--figures", default=",".join(FIGURES),
@@ -619,7 +623,9 @@ def main():
                 skipped.append("ringlb relay=%s: refused by `ringlb check`: %s" % (relay, why))
                 log("skip ringlb %s: %s" % (relay, why))
             else:
-                cols.append(Column("ringlb-" + relay, "ringlb %s" % relay, "ringlb", relay))
+                mode, _, io = relay.partition("@")
+                title = "ringlb %s" % mode + (" (%s)" % io if io else "")
+                cols.append(Column("ringlb-" + relay.replace("@", "-"), title, "ringlb", relay))
         hv = first_line(["haproxy", "-v"]) if have("haproxy") else ""
         hver = re.search(r"version (\d+\.\d+)", hv)
         hname = "HAProxy %s" % (hver.group(1) if hver else "")
