@@ -175,32 +175,37 @@ async fn serve<I: Io>(
                 .fetch_add(1, Ordering::Relaxed);
         }
         let backend = &fe.backends[idx];
-        let failure = match I::connect(backend.config.address, cfg.connect_timeout).await {
-            Ok(server) => match relay::first_move(&client, &server, cfg.connect_timeout).await {
-                FirstMove::Relay { client_spoke } => {
-                    backend.state.record_connect_success();
-                    let reg = Registration::new(
-                        client.as_raw_fd(),
-                        server.as_raw_fd(),
-                        ActiveGuard::new(backend.state.clone()),
-                        cfg.idle_timeout,
-                    );
-                    relay::relay(
-                        &client,
-                        &server,
-                        reg.meter(),
-                        shared.relay_mode,
-                        client_spoke,
-                    )
-                    .await;
-                    // `reg` goes before the sockets: the sweeper never sees a closed fd.
-                    drop(reg);
-                    return;
+        // Connect and first move are boxed: they are over in a moment, and keeping their
+        // state (timers, ops) out of line keeps the future every idle connection lives in small.
+        let connecting = Box::pin(I::connect(backend.config.address, cfg.connect_timeout));
+        let failure = match connecting.await {
+            Ok(server) => {
+                match Box::pin(relay::first_move(&client, &server, cfg.connect_timeout)).await {
+                    FirstMove::Relay { client_spoke } => {
+                        backend.state.record_connect_success();
+                        let reg = Registration::new(
+                            client.as_raw_fd(),
+                            server.as_raw_fd(),
+                            ActiveGuard::new(backend.state.clone()),
+                            cfg.idle_timeout,
+                        );
+                        relay::relay(
+                            &client,
+                            &server,
+                            reg.meter(),
+                            shared.relay_mode,
+                            client_spoke,
+                        )
+                        .await;
+                        // `reg` goes before the sockets: the sweeper never sees a closed fd.
+                        drop(reg);
+                        return;
+                    }
+                    // Nothing was relayed yet, so this counts as a failed connect and the client
+                    // is retried on another backend like any other.
+                    FirstMove::BackendFailed(e) => e.to_string(),
                 }
-                // Nothing was relayed yet, so this counts as a failed connect and the client
-                // is retried on another backend like any other.
-                FirstMove::BackendFailed(e) => e.to_string(),
-            },
+            }
             Err(ConnectError::Io(e))
                 if shared.local.record(Op::Connect, &e, || {
                     format!(
