@@ -70,7 +70,9 @@ fn idle_scenario(global: &str) {
 fn at_max_connections_a_new_client_waits_in_the_listen_queue_and_is_served_when_one_closes() {
     let b = Backend::start("echo", Behaviour::Echo);
     let cfg =
-        global_toml("max_connections = 3") + &frontend_toml("web", "", &[("echo", b.addr, "")]);
+        // No health checks: every connection the backend accepts is a client's.
+        global_toml("max_connections = 3")
+            + &frontend_toml("web", "", &[("echo", b.addr, "check = false")]);
     let lb = Ringlb::start(&cfg);
     let mut held: Vec<TcpStream> = (0..3)
         .map(|_| {
