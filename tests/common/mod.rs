@@ -65,6 +65,30 @@ impl Ringlb {
 
     /// Starts ringlb with its open-file limit (soft and hard) set to `nofile`, if given.
     pub fn start_with_nofile(config: &str, env: &[(&str, &str)], nofile: Option<u64>) -> Ringlb {
+        Self::start_with(config, |cmd| {
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            if let Some(limit) = nofile {
+                use std::os::unix::process::CommandExt;
+                // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        nix::sys::resource::setrlimit(
+                            nix::sys::resource::Resource::RLIMIT_NOFILE,
+                            limit,
+                            limit,
+                        )
+                        .map_err(std::io::Error::from)
+                    });
+                }
+            }
+        })
+    }
+
+    /// Like `start`, letting `customise` change the command before it is spawned (its
+    /// environment, or a `pre_exec` hook that restricts the child).
+    pub fn start_with(config: &str, customise: impl FnOnce(&mut Command)) -> Ringlb {
         let dir = TempDir::new();
         let config_path = dir.path.join("ringlb.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -77,23 +101,7 @@ impl Ringlb {
             .stderr(Stdio::piped())
             .env_remove("JOURNAL_STREAM")
             .env_remove("NOTIFY_SOCKET");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        if let Some(limit) = nofile {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    nix::sys::resource::setrlimit(
-                        nix::sys::resource::Resource::RLIMIT_NOFILE,
-                        limit,
-                        limit,
-                    )
-                    .map_err(std::io::Error::from)
-                });
-            }
-        }
+        customise(&mut cmd);
         let mut child = cmd.spawn().expect("start ringlb");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new((Mutex::new(LogLines::default()), Condvar::new()));
