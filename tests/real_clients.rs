@@ -466,12 +466,22 @@ fn frontend_connections(lb: &Ringlb, frontend: &str) -> f64 {
     )
 }
 
-/// Waits until ringlb has accepted `n` more client connections on `frontend`: "mid-run".
-fn wait_connections(lb: &Ringlb, frontend: &str, n: f64) {
+/// Waits until ringlb has accepted `n` more client connections on `frontend` from `client`,
+/// which must still be running then: "mid-run".
+fn wait_connections(lb: &Ringlb, frontend: &str, n: f64, client: &mut Running) {
     let start = frontend_connections(lb, frontend);
+    let reached = wait_until(SOON * 2, || {
+        frontend_connections(lb, frontend) >= start + n || !client.still_running()
+    }) && frontend_connections(lb, frontend) >= start + n;
     assert!(
-        wait_until(SOON * 2, || frontend_connections(lb, frontend) >= start + n),
-        "ringlb did not accept {n} more connections on {frontend}"
+        reached,
+        "ringlb did not accept {n} more connections on {frontend} while the client ran \
+         (it {}): make the run longer",
+        if client.still_running() {
+            "still runs"
+        } else {
+            "has ended"
+        }
     );
 }
 
@@ -692,12 +702,12 @@ fn redis_benchmark_reconnecting_per_request_sees_no_error_across_two_reloads() {
     ));
 
     // Mid-run, a reload takes r1 out: new connections go to r2 only, none is refused.
-    wait_connections(lb, "redis", 2000.0);
+    wait_connections(lb, "redis", 2000.0, &mut bench);
     let mark = lb.reload(&redis_config(&[("r2", &s.r2)]));
     wait_log_after(lb, mark, "reload: applied: frontend redis: -r1");
-    wait_connections(lb, "redis", 2000.0);
+    wait_connections(lb, "redis", 2000.0, &mut bench);
     let r1_before = s.r1.connections();
-    wait_connections(lb, "redis", 2000.0);
+    wait_connections(lb, "redis", 2000.0, &mut bench);
     // The one connection more is this INFO's own.
     assert_eq!(
         s.r1.connections(),
@@ -708,7 +718,7 @@ fn redis_benchmark_reconnecting_per_request_sees_no_error_across_two_reloads() {
     // A second reload brings it back: it gets traffic again.
     let mark = lb.reload(&redis_config(&[("r2", &s.r2), ("r1", &s.r1)]));
     wait_log_after(lb, mark, "reload: applied: frontend redis: +r1");
-    wait_connections(lb, "redis", 2000.0);
+    wait_connections(lb, "redis", 2000.0, &mut bench);
     assert!(
         s.r1.connections() > r1_before + 100,
         "r1 gets no traffic after it was added back"
@@ -1054,14 +1064,14 @@ fn pgbench_reconnecting_per_transaction_through_ringlb_fails_no_transaction() {
 fn pgbench_reconnecting_per_transaction_fails_none_across_two_reloads() {
     let Some(s) = pg_setup() else { return };
     let lb = &s.lb;
-    let mut bench = Running::start(&mut pgbench(&s.tools, lb.addr("pg"), "-n -C -c 8 -T 12"));
+    let mut bench = Running::start(&mut pgbench(&s.tools, lb.addr("pg"), "-n -C -c 8 -T 10"));
 
-    wait_connections(lb, "pg", 100.0);
+    wait_connections(lb, "pg", 50.0, &mut bench);
     let mark = lb.reload(&pg_config(&[("pg2", &s.pg2)], &s.pg1, &s.pg2));
     wait_log_after(lb, mark, "reload: applied: frontend pg: -pg1");
-    wait_connections(lb, "pg", 100.0);
+    wait_connections(lb, "pg", 50.0, &mut bench);
     let pg1_before = s.pg1.sessions();
-    wait_connections(lb, "pg", 100.0);
+    wait_connections(lb, "pg", 50.0, &mut bench);
     assert_eq!(
         s.pg1.sessions(),
         pg1_before,
@@ -1074,7 +1084,7 @@ fn pgbench_reconnecting_per_transaction_fails_none_across_two_reloads() {
         &s.pg2,
     ));
     wait_log_after(lb, mark, "reload: applied: frontend pg: +pg1");
-    wait_connections(lb, "pg", 100.0);
+    wait_connections(lb, "pg", 50.0, &mut bench);
     assert!(
         s.pg1.sessions() > pg1_before + 10,
         "pg1 gets no sessions after it was added back"
