@@ -16,6 +16,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+// Not every test file uses the backends.
+#[allow(unused_imports)]
 pub use backends::*;
 
 /// How long a test waits for something that should happen "soon". Generous on purpose:
@@ -65,6 +67,30 @@ impl Ringlb {
 
     /// Starts ringlb with its open-file limit (soft and hard) set to `nofile`, if given.
     pub fn start_with_nofile(config: &str, env: &[(&str, &str)], nofile: Option<u64>) -> Ringlb {
+        Self::start_with(config, |cmd| {
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            if let Some(limit) = nofile {
+                use std::os::unix::process::CommandExt;
+                // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        nix::sys::resource::setrlimit(
+                            nix::sys::resource::Resource::RLIMIT_NOFILE,
+                            limit,
+                            limit,
+                        )
+                        .map_err(std::io::Error::from)
+                    });
+                }
+            }
+        })
+    }
+
+    /// Like `start`, letting `customise` change the command before it is spawned (its
+    /// environment, or a `pre_exec` hook that restricts the child).
+    pub fn start_with(config: &str, customise: impl FnOnce(&mut Command)) -> Ringlb {
         let dir = TempDir::new();
         let config_path = dir.path.join("ringlb.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -77,23 +103,7 @@ impl Ringlb {
             .stderr(Stdio::piped())
             .env_remove("JOURNAL_STREAM")
             .env_remove("NOTIFY_SOCKET");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        if let Some(limit) = nofile {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    nix::sys::resource::setrlimit(
-                        nix::sys::resource::Resource::RLIMIT_NOFILE,
-                        limit,
-                        limit,
-                    )
-                    .map_err(std::io::Error::from)
-                });
-            }
-        }
+        customise(&mut cmd);
         let mut child = cmd.spawn().expect("start ringlb");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new((Mutex::new(LogLines::default()), Condvar::new()));
@@ -278,7 +288,13 @@ pub fn tool_available(found: bool, what: &str, install: &str) -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("{what} is needed by this test and was not found; install it: {install}");
     }
-    eprintln!("SKIPPED: {what} not found; install it to run this test: {install}");
+    // Straight to the process's stderr: the test harness captures eprintln! of a passing
+    // test, and a skip must show in a plain `cargo test`.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED: {what} not found; install it to run this test: {install}"
+    );
     false
 }
 
