@@ -77,7 +77,7 @@ pub struct ForeignWatch {
 impl ForeignWatch {
     /// `ours` is `(what, address)`, e.g. `("frontend \"web\"", 127.0.0.1:80)`.
     pub fn check(&mut self, ours: &[(String, SocketAddr)]) {
-        let table = match owners::tcp_listeners(true) {
+        let table = match owners::tcp_listeners() {
             Ok(t) => t,
             Err(e) => {
                 crate::debug!("cannot read the TCP listener table: {e}");
@@ -94,7 +94,12 @@ impl ForeignWatch {
                     !self.reported.contains(&(*addr, l.inode))
                 })
                 .collect();
+            let mut said = HashSet::new();
             for f in owners::with_owners(fresh) {
+                // One process's several sockets on the address read the same: once.
+                if !said.insert(f.to_string()) {
+                    continue;
+                }
                 let effect = if f.same_address(*addr) {
                     "it should get no connections while ringlb runs (ringlb's SO_REUSEPORT \
                      group picks only ringlb's sockets), but stop it"

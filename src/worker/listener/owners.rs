@@ -113,11 +113,11 @@ fn parse_line(line: &str) -> Option<(SocketAddr, u8, u32, u64)> {
     Some((SocketAddr::new(ip, port), state, uid, inode))
 }
 
-/// The LISTEN entries of one table. With `listeners_first`, stops reading at the first entry
-/// in another state: the kernel writes the listening hash before the established one (see
-/// `tcp_get_idx` in net/ipv4/tcp_ipv4.c), so on a busy machine the periodic check reads a few
-/// pages instead of one line per connection. Start and reload read the whole table.
-fn read_table(path: &str, listeners_first: bool, out: &mut Vec<Listening>) -> io::Result<()> {
+/// The LISTEN entries of one table. Reading stops at the first entry in another state: the
+/// kernel writes the whole listening hash before the established one (`tcp_get_idx` in
+/// net/ipv4/tcp_ipv4.c walks TCP_SEQ_STATE_LISTENING, then TCP_SEQ_STATE_ESTABLISHED), so a
+/// busy machine with a million connections costs a few pages here, not a million lines.
+fn read_table(path: &str, out: &mut Vec<Listening>) -> io::Result<()> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         // No IPv6 in this kernel (or namespace): nothing listens there.
@@ -128,20 +128,19 @@ fn read_table(path: &str, listeners_first: bool, out: &mut Vec<Listening>) -> io
         let Some((addr, state, uid, inode)) = parse_line(&line?) else {
             continue;
         };
-        if state == LISTEN {
-            out.push(Listening { addr, uid, inode });
-        } else if listeners_first {
+        if state != LISTEN {
             break;
         }
+        out.push(Listening { addr, uid, inode });
     }
     Ok(())
 }
 
 /// Every TCP listener of this network namespace, IPv4 and IPv6.
-pub fn tcp_listeners(listeners_first: bool) -> io::Result<Vec<Listening>> {
+pub fn tcp_listeners() -> io::Result<Vec<Listening>> {
     let mut out = Vec::new();
-    read_table("/proc/net/tcp", listeners_first, &mut out)?;
-    read_table("/proc/net/tcp6", listeners_first, &mut out)?;
+    read_table("/proc/net/tcp", &mut out)?;
+    read_table("/proc/net/tcp6", &mut out)?;
     Ok(out)
 }
 
@@ -217,7 +216,7 @@ pub fn with_owners(found: Vec<Listening>) -> Vec<Foreign> {
         .collect()
 }
 
-/// Listeners of other processes that clash with `ours`, from `table` (see [`tcp_listeners`]).
+/// Listeners of other processes that clash with `ours`, from `table` ([`tcp_listeners`]).
 pub fn foreign_in(ours: SocketAddr, table: &[Listening], own: &HashSet<u64>) -> Vec<Listening> {
     table
         .iter()
@@ -233,12 +232,18 @@ pub fn refuse_if_taken(addr: SocketAddr) -> io::Result<()> {
     if addr.port() == 0 {
         return Ok(());
     }
-    let table = tcp_listeners(false)?;
+    let table = tcp_listeners()?;
     let found = foreign_in(addr, &table, &own_inodes());
     if found.is_empty() {
         return Ok(());
     }
-    let names: Vec<String> = with_owners(found).iter().map(|f| f.to_string()).collect();
+    // One process's several sockets on the address read the same: name it once.
+    let mut seen = HashSet::new();
+    let names: Vec<String> = with_owners(found)
+        .iter()
+        .map(|f| f.to_string())
+        .filter(|n| seen.insert(n.clone()))
+        .collect();
     Err(io::Error::new(
         io::ErrorKind::AddrInUse,
         format!(
@@ -307,7 +312,7 @@ mod tests {
     fn a_listener_of_this_process_is_found_in_the_table_and_is_our_own() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        let table = tcp_listeners(false).unwrap();
+        let table = tcp_listeners().unwrap();
         assert!(
             table.iter().any(|e| e.addr == addr),
             "{addr} not in {table:?}"
