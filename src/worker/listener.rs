@@ -56,7 +56,15 @@ pub fn bind_reuseport(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net
     refuse_if_taken(addr)?;
     let first = bind_one(addr)?;
     // At once, before our other sockets join: from here on nothing past our `count` is picked.
-    reuseport::attach(&first, count, cpus())?;
+    reuseport::attach(&first, count, cpus()).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot attach the SO_REUSEPORT program that keeps the port to ringlb's own \
+                 sockets (SO_ATTACH_REUSEPORT_CBPF, Linux 4.5 and later): {e}"
+            ),
+        )
+    })?;
     let actual = first.local_addr()?.as_socket().unwrap_or(addr);
     let mut out = vec![first];
     for _ in 1..count {
