@@ -96,7 +96,9 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
-    socket.listen(BACKLOG)
+    let listener = socket.listen(BACKLOG)?;
+    crate::worker::listener::owners::register_own(&listener);
+    Ok(listener)
 }
 
 struct Response {

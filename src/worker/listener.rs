@@ -38,6 +38,7 @@ fn bind_one(addr: SocketAddr) -> io::Result<Socket> {
     }
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
+    owners::register_own(&socket);
     Ok(socket)
 }
 
@@ -92,6 +93,7 @@ impl ForeignWatch {
                 return;
             }
         };
+        owners::forget_closed(&table);
         let own = owners::own_inodes();
         let mut now = HashSet::new();
         for (what, addr) in ours {

@@ -7,10 +7,12 @@
 //! user's processes may hide their fds: then the clash is still found (the LISTEN table is
 //! readable by everyone) and reported with its uid and inode instead of a pid.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::io::{self, BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::{Mutex, MutexGuard};
 
 /// TCP_LISTEN in the `st` column of `/proc/net/tcp`.
 const LISTEN: u8 = 0x0A;
@@ -162,10 +164,36 @@ fn socket_inodes(fd_dir: &std::path::Path) -> HashSet<u64> {
         .collect()
 }
 
-/// The sockets this process holds: a listener of ours (one a reload keeps, or an old one a
-/// reload is about to close) is never "another process".
+/// Inodes of the listening sockets this process bound (frontends and admin), until they no
+/// longer listen. The fd table alone is not enough: a listener a reload closed can stay in
+/// the kernel's table for a moment after its fd is gone (an io_uring accept still holds it).
+static BOUND: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+
+fn bound() -> MutexGuard<'static, BTreeSet<u64>> {
+    BOUND.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Records a listening socket of ours, so that it is never taken for another process's.
+pub fn register_own(socket: &impl AsRawFd) {
+    if let Ok(st) = nix::sys::stat::fstat(socket.as_raw_fd()) {
+        bound().insert(st.st_ino);
+    }
+}
+
+/// Forgets our sockets that are gone from `table` (closed). Call with a fresh table on the
+/// control thread, where every bind happens, so none is between bind and listen.
+pub fn forget_closed(table: &[Listening]) {
+    let live: HashSet<u64> = table.iter().map(|l| l.inode).collect();
+    bound().retain(|i| live.contains(i));
+}
+
+/// The sockets of this process: every one in its fd table, and every listener it bound that
+/// still listens. A listener of ours (one a reload keeps, moves, or just closed) is never
+/// "another process".
 pub fn own_inodes() -> HashSet<u64> {
-    socket_inodes(std::path::Path::new("/proc/self/fd"))
+    let mut own = socket_inodes(std::path::Path::new("/proc/self/fd"));
+    own.extend(bound().iter().copied());
+    own
 }
 
 /// `(pid, name)` of every other process with one of `inodes` open, by inode.
