@@ -14,28 +14,38 @@ use crate::config::Config;
     about = "A Layer-4 TCP load balancer on io_uring"
 )]
 pub struct Cli {
-    /// Config file (for `run`, the default command).
-    #[arg(short, long, global = true)]
+    /// Config file, for `run` (the default command) and `check`; it may also follow them.
+    #[arg(short, long)]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
 
+/// `--config` after `run` or `check`. Not a global flag: `demo` has no config file, and a
+/// global one would show `run`'s help text under `demo --help`.
+#[derive(clap::Args, Debug, Default)]
+pub struct ConfigArg {
+    /// Config file.
+    #[arg(short, long)]
+    pub config: Option<PathBuf>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve traffic with the config file (the default).
-    Run,
+    Run(ConfigArg),
     /// Validate the config file and exit: 0 if valid, 1 with every problem listed if not.
-    Check,
+    Check(ConfigArg),
     /// Start a self-contained demo: ringlb in front of three local HTTP backends.
     Demo(crate::demo::DemoArgs),
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Check => {
-            let Some(path) = cli.config else {
+    let top = cli.config;
+    match cli.command.unwrap_or(Command::Run(ConfigArg::default())) {
+        Command::Check(arg) => {
+            let Some(path) = arg.config.or(top) else {
                 eprintln!("ringlb check: give the file with --config FILE");
                 return ExitCode::from(2);
             };
@@ -50,8 +60,8 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run => {
-            let Some(path) = cli.config else {
+        Command::Run(arg) => {
+            let Some(path) = arg.config.or(top) else {
                 eprintln!("ringlb: give a config file with --config FILE (or try `ringlb demo`)");
                 return ExitCode::from(2);
             };
@@ -70,6 +80,14 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Demo(args) => crate::demo::run(args),
+        Command::Demo(args) => {
+            if top.is_some() {
+                eprintln!(
+                    "ringlb demo: the demo has its own config; --config is for run and check"
+                );
+                return ExitCode::from(2);
+            }
+            crate::demo::run(args)
+        }
     }
 }

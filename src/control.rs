@@ -1,6 +1,7 @@
 //! The control thread's main loop: signals, reloads, data-path events, graceful stop.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -8,6 +9,9 @@ use crate::config::Config;
 use crate::health::HealthChecks;
 use crate::server::{ReloadOutcome, Server, StartError};
 use crate::worker::DataEvent;
+
+/// How often the control thread looks for other processes listening on our addresses.
+const FOREIGN_LISTENER_CHECK: Duration = Duration::from_secs(2);
 
 /// Runs ringlb until SIGTERM or SIGINT, then drains and returns.
 /// `on_started` is called once every listener is bound (the demo prints its banner there).
@@ -33,6 +37,10 @@ pub fn run(
         let systemd = crate::systemd::start();
         on_started(&server);
         crate::info!("ready");
+        // Another process that starts listening on one of our addresses after us is logged
+        // within this interval (binding already refused anything that was there before).
+        let mut foreign_tick = tokio::time::interval(FOREIGN_LISTENER_CHECK);
+        foreign_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
         loop {
             tokio::select! {
@@ -47,8 +55,10 @@ pub fn run(
                         health.sync(&mut server);
                     }
                     admin.ops.record_reload(&outcome, &before, &server.snapshot(), server.bound_addresses());
+                    server.check_foreign_listeners(admin.bound.get().copied());
                     systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
                 }
+                _ = foreign_tick.tick() => server.check_foreign_listeners(admin.bound.get().copied()),
                 Some(ev) = events.recv() => handle_event(&mut server, &mut health, ev),
                 Some(ev) = health_events.recv() => health.handle(&mut server, ev),
             }

@@ -170,7 +170,13 @@ pub fn run(args: DemoArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("demo: {e} (pick another port with --port)");
+            // Name the flag for the port that could not be had.
+            let hint = match e {
+                crate::server::StartError::Bind { .. } => " (pick another port with --port)",
+                crate::server::StartError::Admin { .. } => " (pick another port with --admin-port)",
+                _ => "",
+            };
+            eprintln!("demo: {e}{hint}");
             ExitCode::FAILURE
         }
     }

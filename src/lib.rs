@@ -9,19 +9,22 @@
 //! - [`backend`]: live backend state (kept across reloads) and the published snapshot.
 //! - [`balance`]: selection behind one trait: round robin, least-connections, Maglev.
 //! - [`health`]: Layer4 checks on the control thread, passive health, slow start, the logs.
-//! - [`worker`]: per-core threads (tokio-uring, or the epoll fallback); SO_REUSEPORT listeners;
-//!   accept -> pick -> connect -> relay; each worker's connection table (idle timeout, kill
-//!   switch, byte counts); the fd budget; local errors (this host out of fds) kept apart.
+//! - [`worker`]: per-core threads (tokio-uring, or the epoll fallback); SO_REUSEPORT listeners,
+//!   kept to ringlb's own sockets (`worker::listener`); accept -> pick -> connect -> relay;
+//!   each worker's connection table (idle timeout, kill switch, byte counts); the fd budget;
+//!   local errors (this host out of fds) kept apart.
 //! - [`relay`]: one relay for every runtime and mode (copy, splice, splice-auto): readiness,
 //!   then plain non-blocking syscalls, with buffers and pipes lent per chunk by per-worker
-//!   pools; the io_uring ops (all `unsafe` lives in `relay::ops`).
+//!   pools; the io_uring ops (`unsafe` lives in `relay::ops`, and one setsockopt in
+//!   `worker::listener::reuseport`).
 //! - [`admin`]: the admin listener: `/metrics`, `/status`, the status page, `/healthz`.
 //! - [`metrics`]: the Prometheus recorder, fed from the data path's atomics by a periodic task.
 //! - [`systemd`]: `sd_notify` readiness, reload and stop messages; watchdog pings.
 //! - [`demo`]: the self-contained demo behind `ringlb demo`.
 //! - [`log`]: one-line operator logs on stderr, journald-aware.
 
-// Unsafe code is confined to `relay::ops`, which opts back in; everything else is checked.
+// Unsafe code is confined to `relay::ops` and `worker::listener::reuseport`, which opt back
+// in; everything else is checked.
 #![deny(unsafe_code)]
 
 pub mod log;

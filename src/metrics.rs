@@ -251,7 +251,7 @@ impl Exporter {
         // same name has taken over their series.
         for d in self.ops.draining() {
             let key = backend_key(&d.state.frontend, &d.config.name);
-            if t.series.get(&key).map_or(true, |s| s.seen_tick != t.tick) {
+            if t.series.get(&key).is_none_or(|s| s.seen_tick != t.tick) {
                 self.touch_backend(&mut t, &d.config, &d.state);
             }
         }
@@ -307,7 +307,7 @@ impl Exporter {
             }
         }
         t.series
-            .retain(|_, s| s.retired_at.map_or(true, |at| now - at < RETIRED_MEMORY));
+            .retain(|_, s| s.retired_at.is_none_or(|at| now - at < RETIRED_MEMORY));
     }
 
     fn build_info(&self) {

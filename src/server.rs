@@ -17,7 +17,9 @@ use tokio::sync::mpsc;
 use crate::backend::{BackendState, Published, Registry, Snapshot};
 use crate::config::{self, Config, ConfigError};
 use crate::worker::{
-    self, budget, listener::bind_reuseport, DataEvent, Shared, WorkerCommand, WorkerHandle,
+    self, budget,
+    listener::{bind_reuseport, ForeignWatch},
+    DataEvent, Shared, WorkerCommand, WorkerHandle,
 };
 
 /// The listeners of one (frontend, configured address): one socket per worker.
@@ -68,6 +70,7 @@ pub struct Server {
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     pub last_reload_ok: Option<std::time::SystemTime>,
+    foreign: ForeignWatch,
 }
 
 impl Server {
@@ -109,6 +112,7 @@ impl Server {
             reloads_ok: 0,
             reloads_failed: 0,
             last_reload_ok: None,
+            foreign: ForeignWatch::default(),
         };
         crate::info!(
             "ringlb {} starting: {} workers on {io_name} ({} relay), {} frontends, \
@@ -166,6 +170,19 @@ impl Server {
             .iter()
             .map(|((f, _), g)| (f.clone(), g.bound))
             .collect()
+    }
+
+    /// Logs, once each, listeners of other processes on our addresses (or clashing with them
+    /// through a wildcard); `admin` is the admin listener's bound address, if any. Binding
+    /// refuses such addresses, so this finds what came after us.
+    pub fn check_foreign_listeners(&mut self, admin: Option<SocketAddr>) {
+        let mut ours: Vec<(String, SocketAddr)> = self
+            .listeners
+            .iter()
+            .map(|((f, _), g)| (format!("frontend \"{f}\""), g.bound))
+            .collect();
+        ours.extend(admin.map(|a| ("admin".to_string(), a)));
+        self.foreign.check(&ours);
     }
 
     /// Rebuilds the snapshot from the current config and live state and publishes it.

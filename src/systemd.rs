@@ -1,22 +1,51 @@
-//! systemd integration: `sd_notify` readiness, reload and stop messages, and watchdog pings.
+//! systemd integration: `sd_notify` readiness, reload and stop messages, and watchdog pings,
+//! through the `sd-notify` crate (message vocabulary, the monotonic clock, the watchdog
+//! environment, and the send to the socket in `$NOTIFY_SOCKET`).
 //!
-//! The protocol is one datagram per message to the `AF_UNIX` socket named in `$NOTIFY_SOCKET`
-//! (a path, or an abstract name written with a leading `@`), so it is done here in a few
-//! lines over std's `UnixDatagram` rather than with a crate: the `sd-notify` crate needs a
-//! newer Rust than this project's MSRV, and owning it keeps the socket non-blocking, so a
-//! stuck service manager can never block the control thread.
+//! Two things the crate does not do are here:
+//!
+//! - It sends with a blocking socket. Messages therefore go out on a thread of their own, in
+//!   the order they were made, so a stuck service manager can never block the control thread;
+//!   only the stop waits (at most [`STOP_FLUSH`]) for its STOPPING=1 to leave.
+//! - It reaches a socket named by a path (what systemd sets), not one in Linux's abstract
+//!   namespace (`@name`, which other service managers and test harnesses use): that is one
+//!   `send_to_addr` below.
 //!
 //! Without `$NOTIFY_SOCKET` (not under systemd, or `Type=simple`) every call is a no-op.
 
-use std::ffi::OsStr;
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+use sd_notify::NotifyState;
+
+/// How long the stop waits for STOPPING=1 to be sent before the process goes on exiting.
+const STOP_FLUSH: Duration = Duration::from_secs(1);
+
+/// Where `$NOTIFY_SOCKET` points.
+#[derive(Debug)]
+enum Target {
+    /// An absolute path: the crate sends there.
+    Path,
+    /// `@name`: the abstract namespace.
+    Abstract(SocketAddr),
+}
+
+/// One part of a message; `Status` owns its text so that it can cross to the sending thread.
+enum Part {
+    State(NotifyState<'static>),
+    Status(String),
+}
+
+enum Job {
+    Send(Vec<Part>),
+    /// Answered once everything queued before it was sent.
+    Flush(mpsc::SyncSender<()>),
+}
+
 pub struct Notifier {
-    target: Option<(UnixDatagram, SocketAddr)>,
+    jobs: Option<mpsc::Sender<Job>>,
 }
 
 impl Notifier {
@@ -24,92 +53,136 @@ impl Notifier {
     /// still serves, and systemd reports the missing readiness itself.
     pub fn from_env() -> Notifier {
         let Some(name) = std::env::var_os("NOTIFY_SOCKET") else {
-            return Notifier { target: None };
+            return Notifier { jobs: None };
         };
-        match open(&name) {
-            Ok(target) => Notifier {
-                target: Some(target),
-            },
+        let started = target(&name.to_string_lossy()).and_then(|target| {
+            let (tx, rx) = mpsc::channel();
+            std::thread::Builder::new()
+                .name("ringlb-notify".into())
+                .spawn(move || send_loop(&target, rx))?;
+            Ok(tx)
+        });
+        match started {
+            Ok(tx) => Notifier { jobs: Some(tx) },
             Err(e) => {
                 crate::warn!(
                     "systemd: cannot use NOTIFY_SOCKET {}: {e}",
                     name.to_string_lossy()
                 );
-                Notifier { target: None }
+                Notifier { jobs: None }
             }
         }
     }
 
     pub fn is_enabled(&self) -> bool {
-        self.target.is_some()
+        self.jobs.is_some()
     }
 
-    /// Sends one message (lines of `KEY=value`). Best effort: a failure is logged, never fatal.
-    pub fn send(&self, msg: &str) {
-        let Some((socket, addr)) = &self.target else {
-            return;
-        };
-        if let Err(e) = socket.send_to_addr(msg.as_bytes(), addr) {
-            crate::warn!("systemd: notify failed: {e}");
+    /// Queues one message. Best effort: a failed send is logged, never fatal.
+    fn send(&self, parts: Vec<Part>) {
+        if let Some(jobs) = &self.jobs {
+            // The thread only ends with the process.
+            let _ = jobs.send(Job::Send(parts));
         }
     }
 
     /// Every listener is bound: systemd may start units ordered after us.
     pub fn ready(&self, status: &str) {
-        self.send(&format!("READY=1\nSTATUS={status}"));
+        self.send(vec![
+            Part::State(NotifyState::Ready),
+            Part::Status(status.to_string()),
+        ]);
     }
 
     /// A reload is starting; `ready` ends it. MONOTONIC_USEC lets systemd tell this reload
     /// from an older one.
     pub fn reloading(&self) {
-        match monotonic_usec() {
-            Some(usec) => self.send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}")),
-            None => self.send("RELOADING=1"),
+        let mut parts = vec![Part::State(NotifyState::Reloading)];
+        if let Ok(now) = NotifyState::monotonic_usec_now() {
+            parts.push(Part::State(now));
         }
+        self.send(parts);
     }
 
+    /// The graceful stop begins. Waits (briefly) until it is sent: the process may exit
+    /// right after.
     pub fn stopping(&self) {
-        self.send("STOPPING=1\nSTATUS=draining connections");
+        self.send(vec![
+            Part::State(NotifyState::Stopping),
+            Part::Status("draining connections".into()),
+        ]);
+        if let Some(jobs) = &self.jobs {
+            let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+            if jobs.send(Job::Flush(ack_tx)).is_ok() {
+                let _ = ack_rx.recv_timeout(STOP_FLUSH);
+            }
+        }
     }
 
     pub fn watchdog(&self) {
-        self.send("WATCHDOG=1");
+        self.send(vec![Part::State(NotifyState::Watchdog)]);
     }
 }
 
-fn open(name: &OsStr) -> std::io::Result<(UnixDatagram, SocketAddr)> {
-    let bytes = name.as_bytes();
-    let addr = match bytes.first() {
-        Some(b'@') => SocketAddr::from_abstract_name(&bytes[1..])?,
-        Some(b'/') => SocketAddr::from_pathname(name)?,
-        _ => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not an absolute path or an @abstract name",
-            ))
-        }
-    };
-    let socket = UnixDatagram::unbound()?;
-    socket.set_nonblocking(true)?;
-    Ok((socket, addr))
+fn target(name: &str) -> std::io::Result<Target> {
+    if let Some(abstract_name) = name.strip_prefix('@') {
+        Ok(Target::Abstract(SocketAddr::from_abstract_name(
+            abstract_name.as_bytes(),
+        )?))
+    } else if name.starts_with('/') {
+        Ok(Target::Path)
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not an absolute path or an @abstract name",
+        ))
+    }
 }
 
-/// CLOCK_MONOTONIC in microseconds, the clock systemd uses for MONOTONIC_USEC.
-fn monotonic_usec() -> Option<u64> {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
-    Some(ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1_000)
+fn send_loop(target: &Target, jobs: mpsc::Receiver<Job>) {
+    for job in jobs {
+        match job {
+            Job::Send(parts) => {
+                if let Err(e) = deliver(target, &parts) {
+                    crate::warn!("systemd: notify failed: {e}");
+                }
+            }
+            Job::Flush(ack) => {
+                let _ = ack.send(());
+            }
+        }
+    }
+}
+
+fn deliver(target: &Target, parts: &[Part]) -> std::io::Result<()> {
+    let states: Vec<NotifyState<'_>> = parts
+        .iter()
+        .map(|p| match p {
+            Part::State(s) => s.clone(),
+            Part::Status(text) => NotifyState::Status(text),
+        })
+        .collect();
+    match target {
+        Target::Path => sd_notify::notify(&states),
+        Target::Abstract(addr) => {
+            let socket = UnixDatagram::unbound()?;
+            socket.send_to_addr(message(&states).as_bytes(), addr)?;
+            Ok(())
+        }
+    }
+}
+
+/// The datagram for `states`, one `KEY=value` per line, as the crate writes it.
+fn message(states: &[NotifyState<'_>]) -> String {
+    states.iter().map(|s| format!("{s}\n")).collect()
 }
 
 /// How often to ping the watchdog: half of `$WATCHDOG_USEC`, as sd_watchdog_enabled(3)
 /// advises. `None` when no watchdog is asked for, or it is meant for another process.
 pub fn watchdog_interval() -> Option<Duration> {
-    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
-        if pid.parse::<u32>().ok()? != std::process::id() {
-            return None;
-        }
-    }
-    (usec > 0).then(|| Duration::from_micros(usec / 2))
+    sd_notify::watchdog_enabled()
+        .filter(|d| !d.is_zero())
+        .map(|d| d / 2)
 }
 
 /// Pings the watchdog from the control thread until the process ends: if the control loop
@@ -142,34 +215,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn messages_reach_a_path_socket_and_an_abstract_one() {
-        let dir = std::env::temp_dir().join(format!("ringlb-sd-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("notify");
-        let _ = std::fs::remove_file(&path);
-        let rx = UnixDatagram::bind(&path).unwrap();
-        let n = Notifier {
-            target: Some(open(path.as_os_str()).unwrap()),
-        };
-        n.ready("ok");
-        let mut buf = [0u8; 256];
-        let len = rx.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..len], b"READY=1\nSTATUS=ok");
-        let _ = std::fs::remove_dir_all(&dir);
-
+    fn messages_reach_an_abstract_socket_in_order() {
         let name = format!("ringlb-sd-test-{}", std::process::id());
         let rx = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&name).unwrap()).unwrap();
-        let n = Notifier {
-            target: Some(open(OsStr::new(&format!("@{name}"))).unwrap()),
-        };
+        let (tx, jobs) = mpsc::channel();
+        let t = target(&format!("@{name}")).unwrap();
+        let sender = std::thread::spawn(move || send_loop(&t, jobs));
+        let n = Notifier { jobs: Some(tx) };
+        n.ready("ok");
         n.reloading();
+        n.stopping();
+        let mut buf = [0u8; 256];
+        let len = rx.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"READY=1\nSTATUS=ok\n");
         let len = rx.recv(&mut buf).unwrap();
         let msg = std::str::from_utf8(&buf[..len]).unwrap();
         assert!(msg.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{msg}");
+        let len = rx.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"STOPPING=1\nSTATUS=draining connections\n");
+        drop(n);
+        sender.join().unwrap();
     }
 
     #[test]
     fn a_relative_socket_name_is_refused() {
-        assert!(open(OsStr::new("notify")).is_err());
+        assert!(target("notify").is_err());
+        assert!(matches!(target("/run/systemd/notify"), Ok(Target::Path)));
     }
 }

@@ -59,7 +59,10 @@ impl NotifySocket {
             let left = deadline.checked_duration_since(Instant::now())?;
             self.socket.set_read_timeout(Some(left)).unwrap();
             let n = self.socket.recv(&mut buf).ok()?;
-            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            // A message may end with a newline after its last line (sd-notify writes one).
+            let msg = String::from_utf8_lossy(&buf[..n])
+                .trim_end_matches('\n')
+                .to_owned();
             if pings || msg != "WATCHDOG=1" {
                 return Some(msg);
             }

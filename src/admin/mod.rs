@@ -40,6 +40,8 @@ pub struct AdminState {
     pub shared: Arc<Shared>,
     pub ops: Arc<OpsState>,
     pub exporter: Arc<Exporter>,
+    /// The address the admin listener is bound to, once it is (port 0 resolved).
+    pub bound: std::sync::OnceLock<SocketAddr>,
 }
 
 /// Sets up metrics and, unless disabled in the config, binds the admin listener. Call on the
@@ -57,6 +59,7 @@ pub fn start(server: &Server) -> Result<Arc<AdminState>, StartError> {
         shared: server.shared.clone(),
         ops,
         exporter: exporter.clone(),
+        bound: std::sync::OnceLock::new(),
     });
     tokio::spawn(crate::metrics::upkeep(exporter));
     let admin = &server.config.admin;
@@ -76,6 +79,7 @@ pub fn start(server: &Server) -> Result<Arc<AdminState>, StartError> {
     }
     let listener = bind(addr).map_err(|source| StartError::Admin { addr, source })?;
     let bound = listener.local_addr().unwrap_or(addr);
+    let _ = state.bound.set(bound);
     let cap = server.shared.admin_connections.load(Ordering::Relaxed);
     crate::info!("admin listening on {bound} (up to {cap} connections at once)");
     tokio::spawn(conns::accept_loop(listener, state.clone()));
@@ -83,6 +87,8 @@ pub fn start(server: &Server) -> Result<Arc<AdminState>, StartError> {
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    // Another process on the admin address (or a wildcard over it) is named, not shared.
+    crate::worker::listener::refuse_if_taken(addr)?;
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -90,7 +96,9 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
-    socket.listen(BACKLOG)
+    let listener = socket.listen(BACKLOG)?;
+    crate::worker::listener::owners::register_own(&listener);
+    Ok(listener)
 }
 
 struct Response {

@@ -126,6 +126,17 @@ impl<'a> Problems<'a> {
     }
 }
 
+/// Two different addresses on the same port of which one is the other's family's wildcard
+/// ("0.0.0.0:9090" and "127.0.0.1:9090"): binding both fails. IPv6 listeners are IPv6-only,
+/// so "[::]" does not overlap an IPv4 address.
+fn wildcard_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a != b
+        && a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// The runtime config, or every problem found; `dns` says whether host names are looked up.
 pub fn validate(file: FileConfig, dns: HostLookup) -> Result<Config, Vec<Problem>> {
     let mut out = Vec::new();
@@ -173,6 +184,14 @@ pub fn validate(file: FileConfig, dns: HostLookup) -> Result<Config, Vec<Problem
         if a.port() != 0 && listens.contains(&a) {
             root.nested("admin", "admin")
                 .push("listen", format!("{a} is also a frontend's listen address"));
+        } else if let Some(f) = listens.iter().find(|f| wildcard_overlap(**f, a)) {
+            root.nested("admin", "admin").push(
+                "listen",
+                format!(
+                    "{a} overlaps the frontend listen address {f} (same port, one of them a \
+                     wildcard): they cannot both be bound"
+                ),
+            );
         }
     }
     if out.is_empty() {

@@ -121,7 +121,7 @@ impl Registration {
             flushed_down: Cell::new(0),
         });
         let key = TABLE.with(|t| {
-            if t.min_idle.get().map_or(true, |m| idle_timeout < m) {
+            if t.min_idle.get().is_none_or(|m| idle_timeout < m) {
                 t.min_idle.set(Some(idle_timeout));
             }
             t.conns.borrow_mut().insert(record.clone())

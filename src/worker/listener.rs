@@ -1,16 +1,30 @@
-//! SO_REUSEPORT listening sockets, one per worker per listen address.
+//! SO_REUSEPORT listening sockets, one per worker per listen address, and ours alone.
 //!
 //! Sockets are bound on the control thread (so a reload that cannot bind a port fails before
 //! anything changes) and handed to workers as `std::net::TcpListener`s.
+//!
+//! SO_REUSEPORT lets any process of the same user bind the same address and join the group,
+//! where the kernel would hand it a share of the connections. So before binding, an address
+//! another process listens on (exactly, or through a wildcard either way) is refused, naming
+//! that process ([`owners`]); our group carries a program that picks only our own sockets
+//! ([`reuseport`]), so a process that joins after us gets no connections; and the control
+//! thread looks again every few seconds and logs an ERROR for anything new
+//! ([`ForeignWatch`]).
 
+pub mod owners;
+mod reuseport;
+
+use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+pub use owners::refuse_if_taken;
+
 const BACKLOG: i32 = 4096;
 
-fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+fn bind_one(addr: SocketAddr) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.cloexec(),
@@ -24,16 +38,88 @@ fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     }
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
-    Ok(socket.into())
+    owners::register_own(&socket);
+    Ok(socket)
+}
+
+/// The cores workers are pinned over (worker i on core i % cpus; see `worker::spawn`).
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Binds `count` SO_REUSEPORT sockets on `addr`. Port 0 picks one free port for all of them.
+///
+/// Fails with `AddrInUse` naming the other process if another process listens on `addr` (or
+/// on an address that clashes with it), checked before binding and again once all `count`
+/// are bound, which closes the gap between the first check and our binds. The group gets a
+/// program that never picks a socket past our `count` (see [`reuseport`]).
 pub fn bind_reuseport(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    refuse_if_taken(addr)?;
     let first = bind_one(addr)?;
-    let actual = first.local_addr()?;
+    // At once, before our other sockets join: from here on nothing past our `count` is picked.
+    reuseport::attach(&first, count, cpus()).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot attach the SO_REUSEPORT program that keeps the port to ringlb's own \
+                 sockets (SO_ATTACH_REUSEPORT_CBPF, Linux 4.5 and later): {e}"
+            ),
+        )
+    })?;
+    let actual = first.local_addr()?.as_socket().unwrap_or(addr);
     let mut out = vec![first];
     for _ in 1..count {
         out.push(bind_one(actual)?);
     }
-    Ok(out)
+    refuse_if_taken(actual)?;
+    Ok(out.into_iter().map(Into::into).collect())
+}
+
+/// Logs, once each, listeners of other processes that clash with our addresses; the control
+/// thread calls [`ForeignWatch::check`] periodically and after each reload.
+#[derive(Default)]
+pub struct ForeignWatch {
+    /// `(our address, their socket inode)` already logged.
+    reported: HashSet<(SocketAddr, u64)>,
+}
+
+impl ForeignWatch {
+    /// `ours` is `(what, address)`, e.g. `("frontend \"web\"", 127.0.0.1:80)`.
+    pub fn check(&mut self, ours: &[(String, SocketAddr)]) {
+        let table = match owners::tcp_listeners() {
+            Ok(t) => t,
+            Err(e) => {
+                crate::debug!("cannot read the TCP listener table: {e}");
+                return;
+            }
+        };
+        owners::forget_closed(&table);
+        let own = owners::own_inodes();
+        let mut now = HashSet::new();
+        for (what, addr) in ours {
+            let fresh: Vec<_> = owners::foreign_in(*addr, &table, &own)
+                .into_iter()
+                .filter(|l| {
+                    now.insert((*addr, l.inode));
+                    !self.reported.contains(&(*addr, l.inode))
+                })
+                .collect();
+            let mut said = HashSet::new();
+            for f in owners::with_owners(fresh) {
+                // One process's several sockets on the address read the same: once.
+                if !said.insert(f.to_string()) {
+                    continue;
+                }
+                let effect = if f.same_address(*addr) {
+                    "it should get no connections while ringlb runs (ringlb's SO_REUSEPORT \
+                     group picks only ringlb's sockets), but stop it"
+                } else {
+                    "connections meant for ringlb may reach it: stop it"
+                };
+                crate::error!("{what}: another process also listens on {addr}: {f}; {effect}");
+            }
+        }
+        // Forget what went away, so that it is reported again if it comes back.
+        self.reported = now;
+    }
 }

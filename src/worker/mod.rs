@@ -117,7 +117,7 @@ impl Shared {
             .last_pause_log
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if last.map_or(true, |t| t.elapsed() >= PAUSE_LOG_EVERY) {
+        if last.is_none_or(|t| t.elapsed() >= PAUSE_LOG_EVERY) {
             *last = Some(Instant::now());
             crate::warn!(
                 "max_connections ({}) reached: not accepting new connections until some close; \
