@@ -2,8 +2,8 @@
 //!
 //! These live in `Arc`s keyed by (frontend, backend name, address) in the [`Registry`], so a
 //! reload that keeps a backend keeps its counters and its health. Counters are atomics touched
-//! once per connection (not per packet, except the byte counts, which are added once per
-//! read of up to 64 KiB); the metrics exporter reads them on the control thread, so the data
+//! once per connection (byte counts are added by each worker's sweeper, at most once a second
+//! per connection, never per read); the metrics exporter reads them on the control thread, so the data
 //! path never calls a `metrics` macro.
 
 use std::collections::HashMap;

@@ -74,7 +74,7 @@ impl Default for Meter {
 }
 
 /// A blocked send with at most this many bytes left copies them aside and returns the big
-/// buffer, so a slow reader holds a small allocation rather than a 64 KiB buffer.
+/// buffer, so a slow reader holds a small allocation rather than a whole pooled buffer.
 const SMALL_TAIL: usize = 4096;
 /// A splice that moved at least this much suggests more is waiting; in splice-auto a
 /// direction keeps splicing while its chunks are this large.
@@ -236,6 +236,7 @@ async fn splice_once<S: Conn>(from: &S, to: &S, mut pipe: Pipe) -> io::Result<St
     };
     while pipe.in_pipe > 0 {
         match to.attempt(Interest::WRITABLE, || pipe.drain(to)) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(_) => {}
             Err(e) if would_block(&e) => to.wait(Interest::WRITABLE).await?,
             Err(e) => return Err(e),

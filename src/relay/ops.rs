@@ -30,14 +30,6 @@ pub enum ConnectError {
     Io(io::Error),
 }
 
-impl ConnectError {
-    /// A failure of this host (out of fds, memory or buffers), not of the backend: it must not
-    /// count against the backend's health (see `crate::worker::local`).
-    pub fn is_local(&self) -> bool {
-        matches!(self, ConnectError::Io(e) if crate::worker::local::is_local_error(e))
-    }
-}
-
 impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -17,9 +17,11 @@ use std::sync::Arc;
 
 use super::sys;
 
-/// Size of one relay buffer: bulk moves in large reads. Small reads use the same buffer, but
-/// only for the length of one recv + send, so its size costs nothing while idle.
-pub const BUF_SIZE: usize = 64 * 1024;
+/// Size of one relay buffer. 16 KiB (nginx's default proxy buffer) measured as fast as 64 KiB
+/// for bulk and steadier, at less CPU per GB: the copy in and out stays in the L1 cache.
+/// Small reads use the same buffer, but only for one recv + send, so its size costs nothing
+/// while idle.
+pub const BUF_SIZE: usize = 16 * 1024;
 /// Bytes moved per splice: the default pipe capacity (16 pages).
 pub const PIPE_CHUNK: usize = 64 * 1024;
 /// Free buffers a worker keeps for the next reads; more are freed on return.

@@ -42,11 +42,6 @@ fn bind_one(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
-/// The cores workers are pinned over (worker i on core i % cpus; see `worker::spawn`).
-fn cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 /// Binds `count` SO_REUSEPORT sockets on `addr`. Port 0 picks one free port for all of them.
 ///
 /// Fails with `AddrInUse` naming the other process if another process listens on `addr` (or
@@ -57,7 +52,7 @@ pub fn bind_reuseport(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net
     refuse_if_taken(addr)?;
     let first = bind_one(addr)?;
     // At once, before our other sockets join: from here on nothing past our `count` is picked.
-    reuseport::attach(&first, count, cpus()).map_err(|e| {
+    reuseport::attach(&first, count).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!(
