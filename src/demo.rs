@@ -97,6 +97,8 @@ fn demo_config(args: &DemoArgs) -> String {
     let mut s = format!(
         r#"[global]
 shutdown_timeout = "2s"
+# A demo needs few connections; the default (100000) would warn under a small open-file limit.
+max_connections = 1000
 
 [admin]
 listen = "127.0.0.1:{admin}"
