@@ -57,9 +57,16 @@ pub fn shutdown(s: RawFd, how: socket::Shutdown) {
     let _ = socket::shutdown(s, how);
 }
 
-/// A new non-blocking, close-on-exec pipe: (read end, write end).
-pub fn pipe() -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
-    Ok(nix::unistd::pipe2(
-        nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK,
-    )?)
+/// A new non-blocking, close-on-exec pipe: (read end, write end), asked to hold `size`
+/// bytes. A pipe's pages are the kernel's and used only while bytes sit in it; if the kernel
+/// refuses the size (over /proc/sys/fs/pipe-max-size for an unprivileged user), the default
+/// 64 KiB pipe is kept.
+pub fn pipe(size: usize) -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+    let size = i32::try_from(size).unwrap_or(i32::MAX);
+    let _ = nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&w),
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(size),
+    );
+    Ok((r, w))
 }
