@@ -94,20 +94,25 @@ enum Step {
     Eof,
 }
 
-/// Relays until both directions end. `client_spoke` says the client's first bytes are already
-/// waiting (from [`first_move`]), so its direction reads at once instead of waiting first.
-pub async fn relay<S: Conn>(
-    client: &S,
-    server: &S,
-    meter: &Meter,
-    mode: RelayMode,
-    client_spoke: bool,
-) {
+/// Relays until both directions end. `head` is what [`first_move`] already read from the
+/// client: it goes to the backend first.
+pub async fn relay<S: Conn>(client: &S, server: &S, meter: &Meter, mode: RelayMode, head: Head) {
     let up = async {
-        if pump(client, server, &meter.bytes_up, meter, mode, client_spoke)
-            .await
-            .is_err()
-        {
+        let sent = match head {
+            Head::Nothing => Ok(false),
+            Head::Eof => Ok(true),
+            Head::Data(buf, n) => {
+                meter.bytes_up.set(n as u64);
+                // A full read suggests more is waiting: read again at once.
+                let more = n == buf.len();
+                Box::pin(send_all(server, &buf[..n])).await.map(|()| more)
+            }
+        };
+        let r = match sent {
+            Ok(readable) => pump(client, server, &meter.bytes_up, meter, mode, readable).await,
+            Err(e) => Err(e),
+        };
+        if r.is_err() {
             end_both(client, server);
         }
     };
@@ -248,11 +253,21 @@ async fn splice_once<S: Conn>(from: &S, to: &S, mut pipe: Pipe) -> io::Result<St
     })
 }
 
+/// What [`first_move`] read from the client before the relay started.
+pub enum Head {
+    /// Nothing yet: the backend spoke first, or the wait ran out.
+    Nothing,
+    /// The client's first bytes, in a pooled buffer: the connection is committed to this
+    /// backend (client bytes are never replayed to another one).
+    Data(Buf, usize),
+    /// The client closed without sending anything (EOF stays readable, so the relay sees it).
+    Eof,
+}
+
 /// What happened first on a freshly connected pair, before any byte was relayed.
-#[derive(Debug)]
 pub enum FirstMove {
-    /// Relay; `client_spoke` when the client's first bytes are already waiting.
-    Relay { client_spoke: bool },
+    /// Relay, starting with what was read from the client.
+    Relay(Head),
     /// The backend closed or reset the connection before either side sent a byte. Nothing
     /// reached the backend's application, so the client can safely be retried elsewhere
     /// (a backend that died with this connection still in its accept queue looks like this).
@@ -261,17 +276,20 @@ pub enum FirstMove {
 
 /// Waits, up to `limit`, for the first sign of life on a new connection.
 ///
-/// Both waits consume nothing. On io_uring the loser's poll stays in flight, holding its own
+/// The client's first bytes, if they are already there (the common case for client-speaks-first
+/// protocols), are read at once: one recv, no peek. Otherwise both sockets are watched with
+/// waits that consume nothing. On io_uring the loser's poll stays in flight, holding its own
 /// `Rc` of the socket, until that socket becomes readable or is shut down, which every way a
 /// connection ends brings about; so nothing leaks.
 pub async fn first_move<S: Conn>(client: &S, server: &S, limit: Duration) -> FirstMove {
-    // The common case for client-speaks-first protocols: the request is already waiting.
-    if sys::has_spoken(client.as_raw_fd()) {
-        return FirstMove::Relay { client_spoke: true };
+    if let Some(head) = read_head(client) {
+        return FirstMove::Relay(head);
     }
     tokio::select! {
         biased;
-        _ = client.wait(Interest::READABLE) => FirstMove::Relay { client_spoke: true },
+        _ = client.wait(Interest::READABLE) => {
+            FirstMove::Relay(read_head(client).unwrap_or(Head::Nothing))
+        }
         r = server.wait(Interest::READABLE) => match r {
             Err(e) => FirstMove::BackendFailed(e),
             Ok(()) => match sys::peek(server.as_raw_fd()) {
@@ -279,11 +297,25 @@ pub async fn first_move<S: Conn>(client: &S, server: &S, limit: Duration) -> Fir
                     io::ErrorKind::UnexpectedEof,
                     "backend closed the connection before sending anything",
                 )),
-                Ok(_) => FirstMove::Relay { client_spoke: false },
-                Err(e) if would_block(&e) => FirstMove::Relay { client_spoke: false },
+                Ok(_) => FirstMove::Relay(Head::Nothing),
+                Err(e) if would_block(&e) => FirstMove::Relay(Head::Nothing),
                 Err(e) => FirstMove::BackendFailed(e),
             },
         },
-        _ = tokio::time::sleep(limit) => FirstMove::Relay { client_spoke: false },
+        _ = tokio::time::sleep(limit) => FirstMove::Relay(Head::Nothing),
+    }
+}
+
+/// One recv from the client: `None` when nothing is there yet. An error is left for the
+/// relay to meet (as `Nothing`: its first read sees it again).
+fn read_head<S: Conn>(client: &S) -> Option<Head> {
+    let mut buf = Buf::take();
+    match client.attempt(Interest::READABLE, || {
+        sys::recv(client.as_raw_fd(), &mut buf)
+    }) {
+        Ok(0) => Some(Head::Eof),
+        Ok(n) => Some(Head::Data(buf, n)),
+        Err(e) if would_block(&e) => None,
+        Err(_) => Some(Head::Nothing),
     }
 }

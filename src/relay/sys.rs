@@ -47,11 +47,6 @@ pub fn peek(s: RawFd) -> io::Result<usize> {
     )?)
 }
 
-/// Whether a peer has sent something (or closed): then there is nothing to wait for.
-pub fn has_spoken(s: RawFd) -> bool {
-    !matches!(peek(s), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-}
-
 /// shutdown(2); ENOTCONN (the peer is already gone) is not worth reporting.
 pub fn shutdown(s: RawFd, how: socket::Shutdown) {
     let _ = socket::shutdown(s, how);

@@ -143,7 +143,7 @@ async fn serve<I: Io>(
     shared: Arc<Shared>,
     _open: OpenSlot,
 ) {
-    let _ = socket2::SockRef::from(&client).set_nodelay(true);
+    // TCP_NODELAY comes from the listener (see `listener::bind_one`).
     let fe = {
         let snap = shared.published.load();
         match snap.frontend(&slot.frontend) {
@@ -181,7 +181,7 @@ async fn serve<I: Io>(
         let failure = match connecting.await {
             Ok(server) => {
                 match Box::pin(relay::first_move(&client, &server, cfg.connect_timeout)).await {
-                    FirstMove::Relay { client_spoke } => {
+                    FirstMove::Relay(head) => {
                         backend.state.record_connect_success();
                         let reg = Registration::new(
                             client.as_raw_fd(),
@@ -189,14 +189,7 @@ async fn serve<I: Io>(
                             ActiveGuard::new(backend.state.clone()),
                             cfg.idle_timeout,
                         );
-                        relay::relay(
-                            &client,
-                            &server,
-                            reg.meter(),
-                            shared.relay_mode,
-                            client_spoke,
-                        )
-                        .await;
+                        relay::relay(&client, &server, reg.meter(), shared.relay_mode, head).await;
                         // `reg` goes before the sockets: the sweeper never sees a closed fd.
                         drop(reg);
                         return;

@@ -32,6 +32,9 @@ fn bind_one(addr: SocketAddr) -> io::Result<Socket> {
     )?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener (Linux copies the listener's TCP
+    // options into each child): one setsockopt here instead of one per connection.
+    socket.set_nodelay(true)?;
     if addr.is_ipv6() {
         // Explicit: "[::]:80" means IPv6 only, so "0.0.0.0:80" can be listed beside it.
         socket.set_only_v6(true)?;
@@ -116,5 +119,22 @@ impl ForeignWatch {
         }
         // Forget what went away, so that it is reported again if it comes back.
         self.reported = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_sockets_inherit_tcp_nodelay_from_the_listener() {
+        let listener = bind_one("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(
+            accepted.nodelay().unwrap(),
+            "the relay relies on it for latency"
+        );
     }
 }
