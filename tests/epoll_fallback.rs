@@ -22,9 +22,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use rand::RngCore;
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
-use sha2::{Digest, Sha256};
 
 /// Fast checks: every 200ms, rise 1, fall 1.
 const FAST_CHECKS: &str = "[frontend.health]\ninterval = \"200ms\"\nrise = 1\nfall = 1\n";
@@ -250,36 +248,6 @@ fn echo_round_trips(addr: SocketAddr, conns: usize, trips: usize) {
     for h in handles {
         h.join().unwrap();
     }
-}
-
-/// Sends `len` random bytes through the echo backend while reading them back; compares the
-/// sha256 and length of what came back with what was sent.
-fn bulk_echo(addr: SocketAddr, len: usize) {
-    let mut data = vec![0u8; len];
-    rand::thread_rng().fill_bytes(&mut data);
-    let sent = Sha256::digest(&data);
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut reader = s.try_clone().unwrap();
-    let recv = std::thread::spawn(move || {
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut total = 0usize;
-        loop {
-            let n = reader.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            total += n;
-        }
-        (total, h.finalize())
-    });
-    s.write_all(&data).unwrap();
-    s.shutdown(Shutdown::Write).unwrap();
-    let (total, got) = recv.join().unwrap();
-    assert_eq!(total, len);
-    assert_eq!(got, sent, "the bytes that came back differ");
 }
 
 fn relay_mode(mode: &str) {

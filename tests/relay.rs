@@ -10,8 +10,6 @@ use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
 use common::*;
-use rand::RngCore;
-use sha2::{Digest, Sha256};
 
 /// `mode` is "io_uring", "epoll" or "splice" (io_uring with the splice relay).
 fn echo_lb(mode: &str) -> (Ringlb, Backend) {
@@ -47,35 +45,7 @@ fn integrity(io: &str) {
     let (lb, _b) = echo_lb(io);
     let addr = lb.addr("web");
     let handles: Vec<_> = (0..4)
-        .map(|_| {
-            std::thread::spawn(move || {
-                let mut data = vec![0u8; 16 << 20];
-                rand::thread_rng().fill_bytes(&mut data);
-                let sent_hash = Sha256::digest(&data);
-                let mut s = TcpStream::connect(addr).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-                let mut reader = s.try_clone().unwrap();
-                let recv = std::thread::spawn(move || {
-                    let mut h = Sha256::new();
-                    let mut buf = vec![0u8; 64 * 1024];
-                    let mut total = 0usize;
-                    loop {
-                        let n = reader.read(&mut buf).unwrap();
-                        if n == 0 {
-                            break;
-                        }
-                        h.update(&buf[..n]);
-                        total += n;
-                    }
-                    (total, h.finalize())
-                });
-                s.write_all(&data).unwrap();
-                s.shutdown(Shutdown::Write).unwrap();
-                let (total, got_hash) = recv.join().unwrap();
-                assert_eq!(total, data.len());
-                assert_eq!(got_hash, sent_hash);
-            })
-        })
+        .map(|_| std::thread::spawn(move || bulk_echo(addr, 16 << 20)))
         .collect();
     for h in handles {
         h.join().unwrap();

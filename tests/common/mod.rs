@@ -339,3 +339,33 @@ pub fn frontend_toml(name: &str, settings: &str, backends: &[(&str, SocketAddr, 
 pub fn global_toml(extra: &str) -> String {
     format!("[global]\nworkers = 2\nshutdown_timeout = \"5s\"\n{extra}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n")
 }
+
+/// Sends `len` random bytes through the echo backend while reading them back; compares the
+/// sha256 and length of what came back with what was sent.
+pub fn bulk_echo(addr: SocketAddr, len: usize) {
+    let mut data = vec![0u8; len];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut data);
+    let sent = <sha2::Sha256 as sha2::Digest>::digest(&data);
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut reader = s.try_clone().unwrap();
+    let recv = std::thread::spawn(move || {
+        let mut h = <sha2::Sha256 as sha2::Digest>::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0usize;
+        loop {
+            let n = std::io::Read::read(&mut reader, &mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            sha2::Digest::update(&mut h, &buf[..n]);
+            total += n;
+        }
+        (total, sha2::Digest::finalize(h))
+    });
+    std::io::Write::write_all(&mut s, &data).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let (total, got) = recv.join().unwrap();
+    assert_eq!(total, len);
+    assert_eq!(got, sent, "the bytes that came back differ");
+}
