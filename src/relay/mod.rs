@@ -102,7 +102,7 @@ pub async fn relay<S: Conn>(client: &S, server: &S, meter: &Meter, mode: RelayMo
             Head::Nothing => Ok(false),
             Head::Eof => Ok(true),
             Head::Data(buf, n) => {
-                meter.bytes_up.set(n as u64);
+                meter.bytes_up.set(meter.bytes_up.get() + n as u64);
                 // A full read suggests more is waiting: read again at once.
                 let more = n == buf.len();
                 Box::pin(send_all(server, &buf[..n])).await.map(|()| more)

@@ -80,7 +80,7 @@ impl LocalErrors {
         let now = self.start.elapsed().as_millis() as u64 + 1;
         let last = &self.last_logged_ms[op as usize];
         let prev = last.load(Ordering::Relaxed);
-        if (prev == 0 || now - prev >= LOG_EVERY.as_millis() as u64)
+        if (prev == 0 || now.saturating_sub(prev) >= LOG_EVERY.as_millis() as u64)
             && last
                 .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
