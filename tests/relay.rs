@@ -16,6 +16,7 @@ fn echo_lb(mode: &str) -> (Ringlb, Backend) {
     let b = Backend::start("echo", Behaviour::Echo);
     let (io, relay) = match mode {
         "splice" => ("io_uring", "splice"),
+        "splice-auto" => ("io_uring", "splice-auto"),
         io => (io, "copy"),
     };
     let cfg = global_toml(&format!("io = \"{io}\"\nrelay = \"{relay}\""))
@@ -39,6 +40,11 @@ fn the_epoll_fallback_moves_sixteen_mebibytes_each_way_intact_too() {
 #[test]
 fn the_splice_relay_moves_sixteen_mebibytes_each_way_intact_too() {
     integrity("splice");
+}
+
+#[test]
+fn the_splice_auto_relay_moves_sixteen_mebibytes_each_way_intact_too() {
+    integrity("splice-auto");
 }
 
 fn integrity(io: &str) {
