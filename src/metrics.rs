@@ -146,7 +146,7 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_local_errors_total", "Errors of this host, not of any backend (EMFILE, ENFILE, ENOBUFS, ENOMEM), by operation (accept, connect, probe) and errno; never counted against a backend."),
     ("ringlb_start_time_seconds", "Unix time ringlb started (haproxy_process_start_time_seconds)."),
     ("ringlb_admin_connections_evicted_total", "Admin connections closed to make room for a newer one: the oldest still sending its request, else the oldest being answered."),
-    ("ringlb_build_info", "Always 1; the version is a label (haproxy_process_build_info)."),
+    ("ringlb_build_info", "Always 1; labels: version, io (io_uring or epoll, the workers' runtime) and relay (copy, splice or splice-auto) (haproxy_process_build_info)."),
 ];
 
 struct Handles {
@@ -313,7 +313,12 @@ impl Exporter {
     fn build_info(&self) {
         let key = Key::from_parts(
             "ringlb_build_info",
-            vec![Label::new("version", env!("CARGO_PKG_VERSION"))],
+            vec![
+                Label::new("version", env!("CARGO_PKG_VERSION")),
+                // So an alert can say "running on the epoll fallback" without reading logs.
+                Label::new("io", self.shared.io_name),
+                Label::new("relay", self.shared.relay_mode.as_str()),
+            ],
         );
         self.recorder.register_gauge(&key, &META).set(1.0);
     }

@@ -88,14 +88,14 @@ impl Server {
         let fd_limit = budget::raise_nofile_limit();
         let fds = budget::plan(&config, fd_limit);
         fds.warn_if_lowered(config.global.max_connections);
+        let io_name = worker::choose_io(config.global.io).map_err(StartError::Workers)?;
         let shared = Arc::new(Shared::new(
             published.clone(),
             config.global.workers,
             &fds,
-            config.global.relay,
+            (io_name, config.global.relay),
             events_tx,
         ));
-        let io_name = worker::choose_io(config.global.io).map_err(StartError::Workers)?;
         let workers = worker::spawn(config.global.workers, io_name, shared.clone())
             .map_err(StartError::Workers)?;
         let mut server = Server {

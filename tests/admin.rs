@@ -226,7 +226,11 @@ fn metrics_are_valid_prometheus_text_and_move_as_traffic_flows() {
         ),
         (
             "ringlb_build_info",
-            vec![("version", env!("CARGO_PKG_VERSION"))],
+            vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("io", "io_uring"),
+                ("relay", "copy"),
+            ],
         ),
         ("ringlb_active_connections", vec![]),
         ("ringlb_start_time_seconds", vec![]),

@@ -149,6 +149,13 @@ fn with_io_uring_blocked_the_default_auto_mode_says_why_and_starts_on_epoll() {
     );
     assert!(!logs.iter().any(|l| l.contains("on io_uring")));
     echo_round_trips(lb.addr("web"), 3, 20);
+    // Monitoring can see it too, without the logs.
+    let body = get(lb.admin.expect("admin listener"), "/metrics");
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("ringlb_build_info{") && l.contains("io=\"epoll\"")),
+        "{body}"
+    );
 
     // The control: the same config without the filter runs on io_uring on this machine, so
     // it is the filter (and nothing else) that moved ringlb to epoll.

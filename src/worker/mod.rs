@@ -50,6 +50,8 @@ pub struct Shared {
     pub admin_connections: AtomicUsize,
     /// Copy, splice or splice-auto; read at start (a change needs a restart).
     pub relay_mode: crate::config::RelayMode,
+    /// The workers' runtime: "io_uring", or "epoll" (the fallback).
+    pub io_name: &'static str,
     pub events: mpsc::UnboundedSender<DataEvent>,
     /// Accept loops waiting at the cap, and the bell that wakes them when a connection closes.
     pub paused: AtomicUsize,
@@ -76,7 +78,7 @@ impl Shared {
         published: Published,
         workers: usize,
         budget: &budget::FdBudget,
-        relay_mode: crate::config::RelayMode,
+        (io_name, relay_mode): (&'static str, crate::config::RelayMode),
         events: mpsc::UnboundedSender<DataEvent>,
     ) -> Shared {
         Shared {
@@ -85,6 +87,7 @@ impl Shared {
             max_connections: AtomicUsize::new(budget.max_connections),
             admin_connections: AtomicUsize::new(budget.admin_connections),
             relay_mode,
+            io_name,
             events,
             paused: AtomicUsize::new(0),
             capacity: Notify::new(),
