@@ -20,16 +20,6 @@ use tokio::sync::Notify;
 use crate::backend::ActiveGuard;
 use crate::relay::{end_both, Meter};
 
-/// Why a connection ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// Both directions reached EOF (or an error) on their own.
-    Done,
-    IdleTimeout,
-    /// Its backend was marked down with `shutdown-sessions`, or drained past its limit.
-    Killed,
-}
-
 /// The sweeper's slowest tick; it runs more often when an idle timeout is short.
 const MAX_TICK: Duration = Duration::from_secs(1);
 const MIN_TICK: Duration = Duration::from_millis(5);
@@ -43,7 +33,9 @@ pub struct Record {
     backend: ActiveGuard,
     kill_epoch: u64,
     idle_timeout: Duration,
-    end: Cell<End>,
+    /// Set once the sweeper has shut the sockets down (idle timeout or kill switch), so it
+    /// does not do it again on every tick while the relay winds down.
+    ended: Cell<bool>,
     /// Byte counts already added to the backend's counters.
     flushed_up: Cell<u64>,
     flushed_down: Cell<u64>,
@@ -64,20 +56,19 @@ impl Record {
         }
     }
 
-    fn end_early(&self, why: End) {
-        if self.end.get() == End::Done {
-            self.end.set(why);
+    fn end_early(&self) {
+        if !self.ended.replace(true) {
             end_both(&self.client, &self.server);
         }
     }
 
     fn sweep(&self, now: Instant) {
         self.flush();
-        if self.backend.state().kill_epoch() != self.kill_epoch {
-            self.end_early(End::Killed);
-        } else if now.saturating_duration_since(self.meter.last_activity.get()) >= self.idle_timeout
-        {
-            self.end_early(End::IdleTimeout);
+        let killed = self.backend.state().kill_epoch() != self.kill_epoch;
+        let idle =
+            now.saturating_duration_since(self.meter.last_activity.get()) >= self.idle_timeout;
+        if killed || idle {
+            self.end_early();
         }
     }
 }
@@ -116,7 +107,7 @@ impl Registration {
             backend,
             kill_epoch,
             idle_timeout,
-            end: Cell::new(End::Done),
+            ended: Cell::new(false),
             flushed_up: Cell::new(0),
             flushed_down: Cell::new(0),
         });
@@ -131,11 +122,6 @@ impl Registration {
 
     pub fn meter(&self) -> &Meter {
         &self.record.meter
-    }
-
-    /// Why the connection ended (meaningful once the relay returned).
-    pub fn end(&self) -> End {
-        self.record.end.get()
     }
 }
 
