@@ -57,6 +57,7 @@ pub struct FileFrontend {
     pub maglev_table_size: Option<i64>,
     pub on_marked_down: Option<String>,
     pub slow_start: Option<String>,
+    pub send_proxy: Option<String>,
     pub health: Option<FileHealth>,
     #[serde(default)]
     pub backend: Vec<FileBackend>,
@@ -86,5 +87,6 @@ pub struct FileBackend {
     pub backup: Option<bool>,
     pub check: Option<bool>,
     pub slow_start: Option<String>,
+    pub send_proxy: Option<String>,
     pub health: Option<FileHealth>,
 }

@@ -157,7 +157,19 @@ pub struct Backend {
     pub weight: u32,
     pub backup: bool,
     pub slow_start: Duration,
+    /// PROXY protocol header sent to the backend before any client byte (HAProxy's
+    /// `send-proxy` / `send-proxy-v2`); `None` sends nothing.
+    pub send_proxy: Option<ProxyVersion>,
     pub health: Health,
+}
+
+/// PROXY protocol version (haproxy.org's proxy-protocol.txt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyVersion {
+    /// The human-readable line: `PROXY TCP4 src dst sport dport\r\n`.
+    V1,
+    /// The binary header.
+    V2,
 }
 
 /// Every problem found in a config file, one line each: `file:line:column: key path: what`.

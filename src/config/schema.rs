@@ -90,6 +90,7 @@ static FRONTEND: Table = Table {
         ("maglev_table_size", Kind::Int),
         ("on_marked_down", Kind::Str),
         ("slow_start", Kind::Str),
+        ("send_proxy", Kind::Str),
         ("health", Kind::Table(&FRONTEND_HEALTH)),
         ("backend", Kind::Tables(&BACKEND)),
     ],
@@ -121,6 +122,7 @@ static BACKEND: Table = Table {
         ("backup", Kind::Bool),
         ("check", Kind::Bool),
         ("slow_start", Kind::Str),
+        ("send_proxy", Kind::Str),
         ("health", Kind::Table(&BACKEND_HEALTH)),
     ],
 };

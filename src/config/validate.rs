@@ -14,7 +14,7 @@ use super::file::{FileBackend, FileConfig, FileFrontend, FileHealth, FileWorkers
 use super::problem::{At, Problem};
 use super::{
     Admin, Backend, Balance, Config, Frontend, Global, HashKey, Health, HostLookup, IoMode,
-    OnMarkedDown, RelayMode,
+    OnMarkedDown, ProxyVersion, RelayMode,
 };
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -446,6 +446,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         }
     };
     let slow_start = p.duration("slow_start", &ff.slow_start, Duration::ZERO);
+    let send_proxy = proxy_version(&ff.send_proxy, None, p);
     // The frontend's health keys are checked once, here, where they are written; each
     // backend then checks only the keys it overrides.
     let fe_health = health_layer(ff.health.as_ref(), &mut p.nested("health", "health"));
@@ -465,7 +466,12 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
             None => format!("backend #{}", i + 1),
         };
         let mut bp = p.nested(&label, &format!("backend.{i}"));
-        if let Some(b) = validate_backend(fb, &fe_health, slow_start, dns, &mut bp) {
+        let defaults = BackendDefaults {
+            health: &fe_health,
+            slow_start,
+            send_proxy,
+        };
+        if let Some(b) = validate_backend(fb, &defaults, dns, &mut bp) {
             if !names.insert(b.name.clone()) {
                 bp.push("name", format!("duplicate backend name \"{}\"", b.name));
             }
@@ -526,10 +532,36 @@ fn resolve(text: &str, dns: HostLookup) -> Result<SocketAddr, String> {
     }
 }
 
+/// What a frontend sets for all its backends (each may override it).
+struct BackendDefaults<'a> {
+    health: &'a HealthLayer,
+    slow_start: Duration,
+    send_proxy: Option<ProxyVersion>,
+}
+
+/// `send_proxy = "v1" | "v2"`; `default` where the key is absent.
+fn proxy_version(
+    text: &Option<String>,
+    default: Option<ProxyVersion>,
+    p: &mut Problems<'_>,
+) -> Option<ProxyVersion> {
+    match text.as_deref() {
+        None => default,
+        Some("v1") => Some(ProxyVersion::V1),
+        Some("v2") => Some(ProxyVersion::V2),
+        Some(other) => {
+            p.push(
+                "send_proxy",
+                format!("unknown version \"{other}\": use \"v1\" or \"v2\""),
+            );
+            default
+        }
+    }
+}
+
 fn validate_backend(
     fb: &FileBackend,
-    fe_health: &HealthLayer,
-    fe_slow_start: Duration,
+    defaults: &BackendDefaults<'_>,
     dns: HostLookup,
     p: &mut Problems<'_>,
 ) -> Option<Backend> {
@@ -568,15 +600,17 @@ fn validate_backend(
         }
         Some(w) => p.int_in("weight", Some(w), 1, 1, MAX_WEIGHT) as u32,
     };
-    let slow_start = p.duration("slow_start", &fb.slow_start, fe_slow_start);
+    let slow_start = p.duration("slow_start", &fb.slow_start, defaults.slow_start);
+    let send_proxy = proxy_version(&fb.send_proxy, defaults.send_proxy, p);
     let own = health_layer(fb.health.as_ref(), &mut p.nested("health", "health"));
-    let health = own.over(fe_health).resolve(fb.check.unwrap_or(true));
+    let health = own.over(defaults.health).resolve(fb.check.unwrap_or(true));
     Some(Backend {
         name,
         address: address?,
         weight,
         backup: fb.backup.unwrap_or(false),
         slow_start,
+        send_proxy,
         health,
     })
 }

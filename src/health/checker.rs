@@ -240,6 +240,7 @@ mod tests {
             weight: 1,
             backup: false,
             slow_start: Duration::ZERO,
+            send_proxy: None,
             health: h.clone(),
         };
         let state = Arc::new(BackendState::new("web", &backend));

@@ -23,6 +23,7 @@
 
 pub mod ops;
 pub mod pool;
+pub mod proxy;
 pub mod sys;
 
 use std::cell::Cell;
@@ -218,7 +219,7 @@ async fn copy_once<S: Conn>(from: &S, to: &S) -> io::Result<Step> {
 }
 
 /// Sends all of `data`, waiting for room when the socket is full.
-async fn send_all<S: Conn>(to: &S, mut data: &[u8]) -> io::Result<()> {
+pub async fn send_all<S: Conn>(to: &S, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         match to.attempt(Interest::WRITABLE, || sys::send(to.as_raw_fd(), data)) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

@@ -180,6 +180,18 @@ async fn serve<I: Io>(
         let connecting = Box::pin(I::connect(backend.config.address, cfg.connect_timeout));
         let failure = match connecting.await {
             Ok(server) => {
+                // The PROXY header goes first, before the backend or the client says anything.
+                if let Some(version) = backend.config.send_proxy {
+                    if let Err(e) =
+                        Box::pin(send_proxy_header(&client, &server, peer, version)).await
+                    {
+                        crate::debug!(
+                            "frontend {}: PROXY header to {} failed: {e}",
+                            cfg.name,
+                            backend.config.name
+                        );
+                    }
+                }
                 match Box::pin(relay::first_move(&client, &server, cfg.connect_timeout)).await {
                     FirstMove::Relay(head) => {
                         backend.state.record_connect_success();
@@ -245,6 +257,21 @@ async fn serve<I: Io>(
     // A readiness poll left by `first_move` may still hold the client socket: shutting it
     // down completes that poll, so the fd is closed now rather than when the client speaks.
     relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+}
+
+/// Sends the PROXY protocol header naming `peer` and the address it connected to. A failure
+/// here (the backend reset at once) is left for `first_move` to see and retry elsewhere.
+async fn send_proxy_header<S: relay::Conn>(
+    client: &S,
+    server: &S,
+    peer: SocketAddr,
+    version: crate::config::ProxyVersion,
+) -> std::io::Result<()> {
+    let local = socket2::SockRef::from(client)
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("client socket has no IP address"))?;
+    relay::send_all(server, &relay::proxy::header(version, peer, local)).await
 }
 
 /// Decrements an atomic counter on drop.
