@@ -36,7 +36,7 @@ use nix::sys::socket::Shutdown;
 use tokio::io::Interest;
 
 use crate::config::RelayMode;
-use pool::{Buf, Pipe, PIPE_CHUNK};
+use pool::{Buf, Pipe};
 
 /// A connected, non-blocking socket as the relay sees it: plain syscalls on its fd, and a way
 /// to wait for readiness on the worker's runtime.
@@ -194,41 +194,46 @@ async fn copy_once<S: Conn>(from: &S, to: &S) -> io::Result<Step> {
         Err(e) => return Err(e),
     };
     let more = n == buf.len();
-    let mut sent = 0;
-    while sent < n {
-        match to.attempt(Interest::WRITABLE, || {
-            sys::send(to.as_raw_fd(), &buf[sent..n])
-        }) {
-            Ok(m) => sent += m,
-            Err(e) if would_block(&e) => {
-                // The reader is slow: wait with what is left, in a small copy if it is small.
-                // Boxed for the same reason as the splice step: a blocked send is the rare case.
-                if n - sent <= SMALL_TAIL {
-                    let tail = pool::Tail::new(&buf[sent..n]);
-                    drop(buf);
-                    Box::pin(send_all(to, &tail)).await?;
-                } else {
-                    Box::pin(send_all(to, &buf[sent..n])).await?;
-                }
-                break;
-            }
-            Err(e) => return Err(e),
+    let sent = send_now(to, &buf[..n])?;
+    if sent < n {
+        // The reader is slow: wait with what is left, in a small copy if it is small. Boxed
+        // for the same reason as the splice step: a blocked send is the rare case.
+        if n - sent <= SMALL_TAIL {
+            let tail = pool::Tail::new(&buf[sent..n]);
+            drop(buf);
+            Box::pin(send_all(to, &tail)).await?;
+        } else {
+            Box::pin(send_all(to, &buf[sent..n])).await?;
         }
     }
     Ok(Step::Moved { n, more })
 }
 
-/// Sends all of `data`, waiting for room when the socket is full.
-pub async fn send_all<S: Conn>(to: &S, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match to.attempt(Interest::WRITABLE, || sys::send(to.as_raw_fd(), data)) {
+/// Sends as much of `data` as the socket takes now; returns how much that was.
+fn send_now<S: Conn>(to: &S, data: &[u8]) -> io::Result<usize> {
+    let mut sent = 0;
+    while sent < data.len() {
+        match to.attempt(Interest::WRITABLE, || {
+            sys::send(to.as_raw_fd(), &data[sent..])
+        }) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(m) => data = &data[m..],
-            Err(e) if would_block(&e) => to.wait(Interest::WRITABLE).await?,
+            Ok(m) => sent += m,
+            Err(e) if would_block(&e) => break,
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(sent)
+}
+
+/// Sends all of `data`, waiting for room when the socket is full.
+pub async fn send_all<S: Conn>(to: &S, mut data: &[u8]) -> io::Result<()> {
+    loop {
+        data = &data[send_now(to, data)?..];
+        if data.is_empty() {
+            return Ok(());
+        }
+        to.wait(Interest::WRITABLE).await?;
+    }
 }
 
 /// Splice mode's step: socket -> pipe (one pipe's worth), then pipe -> socket until empty.
@@ -250,7 +255,7 @@ async fn splice_once<S: Conn>(from: &S, to: &S, mut pipe: Pipe) -> io::Result<St
     }
     Ok(Step::Moved {
         n,
-        more: n >= SPLICE_BULK.min(PIPE_CHUNK),
+        more: n >= SPLICE_BULK,
     })
 }
 

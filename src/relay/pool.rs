@@ -52,16 +52,34 @@ pub struct PoolStats {
 struct Pools {
     buffers: Vec<Box<[u8]>>,
     pipes: Vec<(OwnedFd, OwnedFd)>,
+    buffers_in_use: usize,
     pipes_in_use: usize,
+    tails_in_use: usize,
     pipe_limit: usize,
     stats: Arc<PoolStats>,
+}
+
+impl Pools {
+    /// Copies the counts into the stats the exporter reads. Only this thread writes them, so
+    /// plain stores do (no locked read-modify-write per chunk).
+    fn publish(&self) {
+        let st = &self.stats;
+        st.buffers_in_use
+            .store(self.buffers_in_use, Ordering::Relaxed);
+        st.buffers_free.store(self.buffers.len(), Ordering::Relaxed);
+        st.pipes_in_use.store(self.pipes_in_use, Ordering::Relaxed);
+        st.pipes_free.store(self.pipes.len(), Ordering::Relaxed);
+        st.tails_in_use.store(self.tails_in_use, Ordering::Relaxed);
+    }
 }
 
 thread_local! {
     static POOLS: RefCell<Pools> = RefCell::new(Pools {
         buffers: Vec::new(),
         pipes: Vec::new(),
+        buffers_in_use: 0,
         pipes_in_use: 0,
+        tails_in_use: 0,
         pipe_limit: PIPES_IN_USE_MAX,
         stats: Arc::default(),
     });
@@ -83,14 +101,12 @@ impl Buf {
     pub fn take() -> Buf {
         POOLS.with(|p| {
             let mut p = p.borrow_mut();
-            let b = match p.buffers.pop() {
-                Some(b) => {
-                    p.stats.buffers_free.fetch_sub(1, Ordering::Relaxed);
-                    b
-                }
-                None => vec![0u8; BUF_SIZE].into_boxed_slice(),
-            };
-            p.stats.buffers_in_use.fetch_add(1, Ordering::Relaxed);
+            let b = p
+                .buffers
+                .pop()
+                .unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice());
+            p.buffers_in_use += 1;
+            p.publish();
             Buf(Some(b))
         })
     }
@@ -116,11 +132,11 @@ impl Drop for Buf {
         // is simply freed.
         let _ = POOLS.try_with(|p| {
             let mut p = p.borrow_mut();
-            p.stats.buffers_in_use.fetch_sub(1, Ordering::Relaxed);
+            p.buffers_in_use = p.buffers_in_use.saturating_sub(1);
             if p.buffers.len() < FREE_BUFFERS_MAX {
                 p.buffers.push(b);
-                p.stats.buffers_free.fetch_add(1, Ordering::Relaxed);
             }
+            p.publish();
         });
     }
 }
@@ -132,10 +148,9 @@ pub struct Tail(Vec<u8>);
 impl Tail {
     pub fn new(bytes: &[u8]) -> Tail {
         let _ = POOLS.try_with(|p| {
-            p.borrow()
-                .stats
-                .tails_in_use
-                .fetch_add(1, Ordering::Relaxed)
+            let mut p = p.borrow_mut();
+            p.tails_in_use += 1;
+            p.publish();
         });
         Tail(bytes.to_vec())
     }
@@ -151,10 +166,9 @@ impl std::ops::Deref for Tail {
 impl Drop for Tail {
     fn drop(&mut self) {
         let _ = POOLS.try_with(|p| {
-            p.borrow()
-                .stats
-                .tails_in_use
-                .fetch_sub(1, Ordering::Relaxed)
+            let mut p = p.borrow_mut();
+            p.tails_in_use = p.tails_in_use.saturating_sub(1);
+            p.publish();
         });
     }
 }
@@ -175,7 +189,6 @@ impl Pipe {
             let ends = if p.pipes_in_use >= p.pipe_limit {
                 None
             } else if let Some(ends) = p.pipes.pop() {
-                p.stats.pipes_free.fetch_sub(1, Ordering::Relaxed);
                 Some(ends)
             } else {
                 sys::pipe(PIPE_CHUNK).ok()
@@ -187,7 +200,7 @@ impl Pipe {
                 return None;
             };
             p.pipes_in_use += 1;
-            p.stats.pipes_in_use.fetch_add(1, Ordering::Relaxed);
+            p.publish();
             Some(Pipe {
                 ends: Some(ends),
                 in_pipe: 0,
@@ -222,12 +235,11 @@ impl Drop for Pipe {
         let empty = self.in_pipe == 0;
         let _ = POOLS.try_with(|p| {
             let mut p = p.borrow_mut();
-            p.pipes_in_use -= 1;
-            p.stats.pipes_in_use.fetch_sub(1, Ordering::Relaxed);
+            p.pipes_in_use = p.pipes_in_use.saturating_sub(1);
             if empty && p.pipes.len() < FREE_PIPES_MAX {
                 p.pipes.push(ends);
-                p.stats.pipes_free.fetch_add(1, Ordering::Relaxed);
             }
+            p.publish();
         });
     }
 }
