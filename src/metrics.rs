@@ -236,12 +236,12 @@ impl Exporter {
                 Arc::as_ptr(s) as usize,
                 || vec![Label::new("frontend", fc.name.clone())],
                 &[
-                    s.accepted_total.load(Ordering::Relaxed),
+                    s.accepted_total(),
                     s.rejected_limit_total.load(Ordering::Relaxed),
                     s.rejected_no_backend_total.load(Ordering::Relaxed),
                     s.rejected_local_total.load(Ordering::Relaxed),
                 ],
-                &[s.active.load(Ordering::Relaxed) as f64],
+                &[s.active() as f64],
             );
             for b in &fe.backends {
                 self.touch_backend(&mut t, &b.config, &b.state);
@@ -349,11 +349,11 @@ impl Exporter {
                 ]
             },
             &[
-                s.connections_total.load(Ordering::Relaxed),
+                s.connections_total(),
                 s.connect_failures_total.load(Ordering::Relaxed),
-                s.retries_total.load(Ordering::Relaxed),
-                s.bytes_in_total.load(Ordering::Relaxed),
-                s.bytes_out_total.load(Ordering::Relaxed),
+                s.retries_total(),
+                s.bytes_in_total(),
+                s.bytes_out_total(),
                 s.check_failures_total.load(Ordering::Relaxed),
                 s.state_changes_total.load(Ordering::Relaxed),
             ],

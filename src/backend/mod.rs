@@ -4,8 +4,11 @@
 //! Ownership: the control thread owns the [`Registry`] and builds [`Snapshot`]s from it; the
 //! workers only `load()` the current snapshot and touch the atomics in [`BackendState`].
 
+pub mod per_worker;
 mod snapshot;
 mod state;
 
 pub use snapshot::{BackendRef, FrontendSnap, Published, Snapshot};
-pub use state::{ActiveGuard, BackendState, CacheLine, FrontendState, Registry};
+pub use state::{
+    ActiveGuard, BackendCounts, BackendState, CacheLine, FrontendCounts, FrontendState, Registry,
+};

@@ -1,10 +1,14 @@
 //! Live state of backends and frontends: health verdict, counters, the kill switch.
 //!
 //! These live in `Arc`s keyed by (frontend, backend name, address) in the [`Registry`], so a
-//! reload that keeps a backend keeps its counters and its health. Counters are atomics touched
-//! once per connection (byte counts are added by each worker's sweeper, at most once a second
-//! per connection, never per read); the metrics exporter reads them on the control thread, so the data
-//! path never calls a `metrics` macro.
+//! reload that keeps a backend keeps its counters and its health. The counters a connection
+//! bumps (connections, retries, bytes, a frontend's accepted and open connections) are kept
+//! per worker ([`super::per_worker`]) and summed when read; byte counts are added by each
+//! worker's sweeper, at most once a second per connection, never per read. The metrics
+//! exporter reads them on the control thread, so the data path never calls a `metrics` macro.
+//! The cross-core writes left per connection are the backend's open-connection count
+//! (least-connections needs one number all cores see) and the process-wide count that
+//! `max_connections` caps.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
+use super::per_worker::{self, PerWorker};
 use crate::config::{Backend, Config};
 
 /// Full weight in the slow-start ramp, in thousandths.
@@ -60,13 +65,9 @@ pub struct BackendState {
     /// Open connections through this backend, counted across all workers: least-connections
     /// needs one number that every core sees, or each core would pick the same "idle" backend.
     pub active: CacheLine<AtomicU64>,
-    pub connections_total: AtomicU64,
+    /// Connections, retries and bytes: one copy per worker (see [`per_worker`]).
+    pub counts: PerWorker<BackendCounts>,
     pub connect_failures_total: AtomicU64,
-    /// Connects to this backend that failed and were retried on another backend.
-    pub retries_total: AtomicU64,
-    /// Bytes from clients to this backend / from this backend to clients.
-    pub bytes_in_total: AtomicU64,
-    pub bytes_out_total: AtomicU64,
     pub check_failures_total: AtomicU64,
     pub state_changes_total: AtomicU64,
     /// Consecutive failed connects seen on real traffic (passive health).
@@ -87,11 +88,8 @@ impl BackendState {
             draining: AtomicBool::new(false),
             ramp: AtomicU32::new(FULL_RAMP),
             active: CacheLine(AtomicU64::new(0)),
-            connections_total: AtomicU64::new(0),
+            counts: PerWorker::default(),
             connect_failures_total: AtomicU64::new(0),
-            retries_total: AtomicU64::new(0),
-            bytes_in_total: AtomicU64::new(0),
-            bytes_out_total: AtomicU64::new(0),
             check_failures_total: AtomicU64::new(0),
             state_changes_total: AtomicU64::new(0),
             consecutive_errors: AtomicU32::new(0),
@@ -100,6 +98,22 @@ impl BackendState {
             last_change: Mutex::new(Instant::now()),
             check: Mutex::new(CheckRecord::default()),
         }
+    }
+
+    pub fn connections_total(&self) -> u64 {
+        self.counts.sum(|c| &c.connections)
+    }
+
+    pub fn retries_total(&self) -> u64 {
+        self.counts.sum(|c| &c.retries)
+    }
+
+    pub fn bytes_in_total(&self) -> u64 {
+        self.counts.sum(|c| &c.bytes_in)
+    }
+
+    pub fn bytes_out_total(&self) -> u64 {
+        self.counts.sum(|c| &c.bytes_out)
     }
 
     /// Up and not draining: may receive new connections.
@@ -190,7 +204,7 @@ pub struct ActiveGuard {
 impl ActiveGuard {
     pub fn new(state: Arc<BackendState>) -> ActiveGuard {
         state.active.fetch_add(1, Ordering::Relaxed);
-        state.connections_total.fetch_add(1, Ordering::Relaxed);
+        per_worker::bump(&state.counts.local().connections);
         ActiveGuard { state }
     }
 
@@ -205,11 +219,29 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// A backend's counters that workers bump per connection (one copy per worker).
+#[derive(Debug, Default)]
+pub struct BackendCounts {
+    pub connections: AtomicU64,
+    /// Connects to this backend that failed and were retried on another backend.
+    pub retries: AtomicU64,
+    /// Bytes from clients to this backend / from this backend to clients.
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+/// A frontend's counters that workers bump per connection (one copy per worker).
+#[derive(Debug, Default)]
+pub struct FrontendCounts {
+    /// Open client connections (a gauge: raised and lowered by the same worker).
+    pub active: AtomicU64,
+    pub accepted: AtomicU64,
+}
+
 /// Per-frontend counters, kept across reloads like backend state.
 #[derive(Debug, Default)]
 pub struct FrontendState {
-    pub active: AtomicU64,
-    pub accepted_total: AtomicU64,
+    pub counts: PerWorker<FrontendCounts>,
     /// Closed at once because `max_connections` was reached (no longer happens: at the cap
     /// the workers stop accepting; kept so the series stays continuous).
     pub rejected_limit_total: AtomicU64,
@@ -219,6 +251,16 @@ pub struct FrontendState {
     pub rejected_no_backend_total: AtomicU64,
     /// Set once the "has no server available" line was logged, cleared when one returns.
     pub no_server_logged: AtomicBool,
+}
+
+impl FrontendState {
+    pub fn active(&self) -> u64 {
+        self.counts.sum(|c| &c.active)
+    }
+
+    pub fn accepted_total(&self) -> u64 {
+        self.counts.sum(|c| &c.accepted)
+    }
 }
 
 type BackendKey = (String, String, SocketAddr);

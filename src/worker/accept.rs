@@ -14,7 +14,7 @@ use super::conns::Registration;
 use super::io::Io;
 use super::local::Op;
 use super::{shutdown_listener, DataEvent, Shared};
-use crate::backend::ActiveGuard;
+use crate::backend::{per_worker, ActiveGuard};
 use crate::relay::{self, ops::ConnectError, FirstMove};
 
 /// One listening socket on this worker.
@@ -152,9 +152,10 @@ async fn serve<I: Io>(
         }
     };
     drop(slot);
-    fe.state.accepted_total.fetch_add(1, Ordering::Relaxed);
-    fe.state.active.fetch_add(1, Ordering::Relaxed);
-    let _fe_active = CounterGuard(&fe.state.active);
+    let fe_counts = fe.state.counts.local();
+    per_worker::bump(&fe_counts.accepted);
+    per_worker::bump(&fe_counts.active);
+    let _fe_active = CounterGuard(&fe_counts.active);
 
     let cfg = &fe.config;
     let mut tried: Vec<usize> = Vec::new();
@@ -169,10 +170,7 @@ async fn serve<I: Io>(
         };
         // Counted only now that there is another backend to retry on.
         if let Some(prev) = last_failed.take() {
-            fe.backends[prev]
-                .state
-                .retries_total
-                .fetch_add(1, Ordering::Relaxed);
+            per_worker::bump(&fe.backends[prev].state.counts.local().retries);
         }
         let backend = &fe.backends[idx];
         // Connect and first move are boxed: they are over in a moment, and keeping their
@@ -274,11 +272,11 @@ async fn send_proxy_header<S: relay::Conn>(
     relay::send_all(server, &relay::proxy::header(version, peer, local)).await
 }
 
-/// Decrements an atomic counter on drop.
+/// Lowers a per-worker gauge on drop.
 struct CounterGuard<'a>(&'a std::sync::atomic::AtomicU64);
 
 impl Drop for CounterGuard<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        per_worker::drop_one(self.0);
     }
 }

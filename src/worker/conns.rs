@@ -10,14 +10,13 @@
 use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 use tokio::sync::Notify;
 
-use crate::backend::ActiveGuard;
+use crate::backend::{per_worker, ActiveGuard};
 use crate::relay::{end_both, Meter};
 
 /// The sweeper's slowest tick; it runs more often when an idle timeout is short.
@@ -44,15 +43,13 @@ pub struct Record {
 impl Record {
     /// Adds what the connection moved since the last flush to the backend's counters.
     fn flush(&self) {
-        let s = self.backend.state();
+        let counts = self.backend.state().counts.local();
         let (up, down) = (self.meter.bytes_up.get(), self.meter.bytes_down.get());
         if up != self.flushed_up.get() {
-            s.bytes_in_total
-                .fetch_add(up - self.flushed_up.replace(up), Ordering::Relaxed);
+            per_worker::add(&counts.bytes_in, up - self.flushed_up.replace(up));
         }
         if down != self.flushed_down.get() {
-            s.bytes_out_total
-                .fetch_add(down - self.flushed_down.replace(down), Ordering::Relaxed);
+            per_worker::add(&counts.bytes_out, down - self.flushed_down.replace(down));
         }
     }
 

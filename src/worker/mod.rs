@@ -222,6 +222,7 @@ pub fn spawn(
             .name(format!("ringlb-w{index}"))
             .spawn(move || {
                 pin_to_core(index % cpus);
+                crate::backend::per_worker::set_slot(index);
                 if io_name == Uring::NAME {
                     let rt = match uring_runtime() {
                         Ok(rt) => rt,
