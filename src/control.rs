@@ -1,10 +1,11 @@
 //! The control thread's main loop: signals, reloads, data-path events, graceful stop.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::announce::Announcer;
 use crate::config::Config;
 use crate::health::HealthChecks;
 use crate::server::{ReloadOutcome, Server, StartError};
@@ -41,6 +42,9 @@ pub fn run(
         // within this interval (binding already refused anything that was there before).
         let mut foreign_tick = tokio::time::interval(FOREIGN_LISTENER_CHECK);
         foreign_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut announcer = Announcer::new();
+        let mut announce_tick = tokio::time::interval(crate::announce::TICK);
+        announce_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
         loop {
             tokio::select! {
@@ -59,12 +63,14 @@ pub fn run(
                     systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
                 }
                 _ = foreign_tick.tick() => server.check_foreign_listeners(admin.bound.get().copied()),
+                _ = announce_tick.tick() => announcer.tick(&server.snapshot(), false),
                 Some(ev) = events.recv() => handle_event(&mut server, &mut health, ev),
                 Some(ev) = health_events.recv() => health.handle(&mut server, ev),
             }
         }
         systemd.stopping();
         admin.ops.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+        withdraw(&mut announcer, &mut server).await;
         let left = server.drain().await;
         if left > 0 {
             crate::warn!("stopped with {left} connections still open after shutdown_timeout");
@@ -73,6 +79,30 @@ pub fn run(
         }
         Ok(())
     })
+}
+
+/// The first step of a stop: every frontend turns unready (its `on_unready` runs, `/ready`
+/// answers 503) while the listeners keep accepting for `grace`, so that whatever routes
+/// clients here (a BGP speaker, a balancer in front) stops before new clients are refused.
+async fn withdraw(announcer: &mut Announcer, server: &mut Server) {
+    let grace = server.config.global.grace;
+    let start = Instant::now();
+    announcer.tick(&server.snapshot(), true);
+    if !grace.is_zero() {
+        crate::info!(
+            "stopping: still accepting for {} (grace) while routes are withdrawn",
+            crate::config::format_duration(grace)
+        );
+    }
+    // The on_unready commands get until the grace period ends (and at least their own
+    // timeout) to finish; new connections are served meanwhile.
+    let wait_commands = grace.max(crate::announce::COMMAND_TIMEOUT);
+    while announcer.busy() && start.elapsed() < wait_commands {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(left) = grace.checked_sub(start.elapsed()) {
+        tokio::time::sleep(left).await;
+    }
 }
 
 fn handle_event(server: &mut Server, health: &mut HealthChecks, ev: DataEvent) {

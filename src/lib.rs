@@ -30,6 +30,7 @@
 pub mod log;
 
 pub mod admin;
+pub mod announce;
 pub mod backend;
 pub mod balance;
 pub mod cli;

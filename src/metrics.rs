@@ -76,8 +76,20 @@ const FRONTEND: Family = Family {
             Some(("reason", "no_backend")),
         ),
         ("ringlb_frontend_rejected_total", Some(("reason", "local"))),
+        (
+            "ringlb_frontend_announce_commands_total",
+            Some(("result", "ok")),
+        ),
+        (
+            "ringlb_frontend_announce_commands_total",
+            Some(("result", "failed")),
+        ),
     ],
-    gauges: &["ringlb_frontend_active_connections"],
+    gauges: &[
+        "ringlb_frontend_active_connections",
+        "ringlb_frontend_ready",
+        "ringlb_maglev_table_fingerprint",
+    ],
 };
 
 const PROCESS: Family = Family {
@@ -129,6 +141,9 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_frontend_connections_total", "Client connections accepted (haproxy_frontend_sessions_total)."),
     ("ringlb_frontend_rejected_total", "Client connections closed without a backend, by reason: no_backend (every backend down or failing), local (this host out of fds or memory for the backend connect) or limit (no longer used: at max_connections new clients wait in the listen queue) (haproxy_frontend_denied_connections_total)."),
     ("ringlb_frontend_active_connections", "Open client connections (haproxy_frontend_current_sessions)."),
+    ("ringlb_frontend_ready", "1 while the frontend is ready for new clients (a backend is available and ringlb is not stopping), as GET /ready/FRONTEND answers; what a BGP speaker announces the VIP on."),
+    ("ringlb_frontend_announce_commands_total", "on_ready / on_unready commands run, by result (ok, or failed: could not start, non-zero exit, or killed after 5 s)."),
+    ("ringlb_maglev_table_fingerprint", "A 52-bit hash of the Maglev table's routing (every slot's backend name and address, and the hash key); nodes behind one ECMP route should all show the same value. 0 for other balancers."),
     ("ringlb_config_reloads_total", "Configuration reloads by result."),
     ("ringlb_config_generation", "1 for the configuration ringlb started with, +1 for each reload that changed it."),
     ("ringlb_config_last_reload_success_timestamp_seconds", "Unix time of the last successful reload, or of the start."),
@@ -224,6 +239,7 @@ impl Exporter {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         t.tick += 1;
         let snap = self.published.load();
+        let stopping = self.ops.stopping.load(Ordering::Relaxed);
         for fc in &snap.config.frontends {
             let Some(fe) = snap.frontend(&fc.name) else {
                 continue;
@@ -240,8 +256,14 @@ impl Exporter {
                     s.rejected_limit_total.load(Ordering::Relaxed),
                     s.rejected_no_backend_total.load(Ordering::Relaxed),
                     s.rejected_local_total.load(Ordering::Relaxed),
+                    s.announce.ok.load(Ordering::Relaxed),
+                    s.announce.failed.load(Ordering::Relaxed),
                 ],
-                &[s.active() as f64],
+                &[
+                    s.active() as f64,
+                    f64::from(u8::from(crate::announce::is_ready(fe, stopping))),
+                    fe.fingerprint().unwrap_or(0) as f64,
+                ],
             );
             for b in &fe.backends {
                 self.touch_backend(&mut t, &b.config, &b.state);

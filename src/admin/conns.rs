@@ -193,7 +193,8 @@ async fn serve(stream: &mut TcpStream, state: &AdminState, slot: &mut Slot) {
             Tier::Answering,
         ),
         Ok(Ok(req)) => {
-            let monitoring = matches!(req.path.as_str(), "/healthz" | "/metrics");
+            let monitoring = matches!(req.path.as_str(), "/healthz" | "/metrics")
+                || req.path.starts_with("/ready");
             let tier = if monitoring {
                 Tier::Monitoring
             } else {

@@ -118,7 +118,7 @@ impl Response {
         }
     }
 
-    fn text(status: &'static str, body: &str) -> Self {
+    fn text(status: &'static str, body: impl std::fmt::Display) -> Self {
         Response::new(status, "text/plain; charset=utf-8", format!("{body}\n"))
     }
 
@@ -138,12 +138,50 @@ impl Response {
     }
 }
 
+/// `/ready`: 200 when every frontend is ready, `/ready/NAME`: 200 when that one is (see
+/// `announce::is_ready`); 503 with the reason otherwise, 404 for an unknown frontend.
+fn readiness(path: &str, state: &AdminState) -> Response {
+    let snap = state.published.load();
+    let stopping = state.ops.stopping.load(Ordering::Relaxed);
+    let not_ready = |name: &str| {
+        Response::text(
+            "503 Service Unavailable",
+            if stopping {
+                format!("frontend {name}: not ready: stopping")
+            } else {
+                format!("frontend {name}: not ready: no backend is available")
+            },
+        )
+    };
+    match path.strip_prefix("/ready/") {
+        Some(name) => match snap.frontend(name) {
+            None => Response::text("404 Not Found", format!("no frontend named \"{name}\"")),
+            Some(fe) if crate::announce::is_ready(fe, stopping) => {
+                Response::text("200 OK", format!("frontend {name}: ready"))
+            }
+            Some(_) => not_ready(name),
+        },
+        None => {
+            for fc in &snap.config.frontends {
+                if let Some(fe) = snap.frontend(&fc.name) {
+                    if !crate::announce::is_ready(fe, stopping) {
+                        return not_ready(&fc.name);
+                    }
+                }
+            }
+            Response::text("200 OK", "ready")
+        }
+    }
+}
+
 fn route(req: &head::Request, state: &AdminState) -> Response {
-    let known = matches!(req.path.as_str(), "/" | "/status" | "/metrics" | "/healthz");
+    let known = matches!(req.path.as_str(), "/" | "/status" | "/metrics" | "/healthz")
+        || req.path == "/ready"
+        || req.path.starts_with("/ready/");
     if !known {
         return Response::text(
             "404 Not Found",
-            "not found: try /, /status, /metrics or /healthz",
+            "not found: try /, /status, /metrics, /healthz, /ready or /ready/FRONTEND",
         );
     }
     if req.method != "GET" && req.method != "HEAD" {
@@ -167,6 +205,7 @@ fn route(req: &head::Request, state: &AdminState) -> Response {
             let s = status::build(&state.published.load(), &state.shared, &state.ops);
             Response::new("200 OK", "text/html; charset=utf-8", page::render(&s))
         }
+        p if p == "/ready" || p.starts_with("/ready/") => readiness(p, state),
         _ => {
             if state.ops.stopping.load(Ordering::Relaxed) {
                 Response::text("503 Service Unavailable", "stopping")

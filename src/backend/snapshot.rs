@@ -63,6 +63,16 @@ impl FrontendSnap {
             .or_else(|| self.backup.select(client, &self.backends, tried))
     }
 
+    /// A hash of the routing when the balancer is Maglev (see
+    /// `balance::maglev::fingerprint`): equal on every node that routes clients alike.
+    pub fn fingerprint(&self) -> Option<u64> {
+        let p = self.primary.fingerprint()?;
+        Some(match self.backup.fingerprint() {
+            Some(b) => crate::balance::maglev::hash::mix64(p ^ b.rotate_left(17)) >> 12,
+            None => p,
+        })
+    }
+
     pub fn usable_counts(&self) -> (usize, usize) {
         let mut primary = 0;
         let mut backup = 0;

@@ -251,6 +251,8 @@ pub struct FrontendState {
     pub rejected_no_backend_total: AtomicU64,
     /// Set once the "has no server available" line was logged, cleared when one returns.
     pub no_server_logged: AtomicBool,
+    /// Outcomes of the `on_ready` / `on_unready` commands.
+    pub announce: Arc<crate::announce::AnnounceCounts>,
 }
 
 impl FrontendState {

@@ -27,6 +27,12 @@ pub trait BackendSelection: Send + Sync {
         backends: &[BackendRef],
         tried: &[usize],
     ) -> Option<usize>;
+
+    /// A hash of the routing, for selectors whose choice is the same on every node given
+    /// the same config and health (Maglev); `None` for the others.
+    fn fingerprint(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Builds the selector for `members` (indices into `backends`) with the frontend's algorithm.

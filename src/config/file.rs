@@ -32,6 +32,7 @@ pub struct FileGlobal {
     pub workers: Option<FileWorkers>,
     pub max_connections: Option<i64>,
     pub shutdown_timeout: Option<String>,
+    pub grace: Option<String>,
     pub io: Option<String>,
     pub relay: Option<String>,
 }
@@ -58,6 +59,8 @@ pub struct FileFrontend {
     pub on_marked_down: Option<String>,
     pub slow_start: Option<String>,
     pub send_proxy: Option<String>,
+    pub on_ready: Option<Vec<String>>,
+    pub on_unready: Option<Vec<String>>,
     pub health: Option<FileHealth>,
     #[serde(default)]
     pub backend: Vec<FileBackend>,

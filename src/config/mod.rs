@@ -39,6 +39,9 @@ pub struct Global {
     pub workers: usize,
     pub max_connections: usize,
     pub shutdown_timeout: Duration,
+    /// On SIGTERM, how long to keep accepting while readiness says "stopping", so that a BGP
+    /// speaker or a balancer in front withdraws this node before it stops accepting.
+    pub grace: Duration,
     pub io: IoMode,
     pub relay: RelayMode,
 }
@@ -129,6 +132,10 @@ pub struct Frontend {
     pub hash_key: HashKey,
     pub maglev_table_size: usize,
     pub on_marked_down: OnMarkedDown,
+    /// Commands (argv, no shell) run when the frontend becomes ready / stops being ready, and
+    /// repeated while it stays so: how a BGP speaker is told to announce or withdraw its VIP.
+    pub on_ready: Vec<String>,
+    pub on_unready: Vec<String>,
     pub backends: Vec<Backend>,
 }
 

@@ -243,6 +243,7 @@ fn validate_global(file: &FileConfig, out: &mut Vec<Problem>) -> Global {
         &g.and_then(|g| g.shutdown_timeout.clone()),
         Duration::from_secs(30),
     );
+    let grace = p.duration("grace", &g.and_then(|g| g.grace.clone()), Duration::ZERO);
     let io = match g.and_then(|g| g.io.as_deref()) {
         None | Some("auto") => IoMode::Auto,
         Some("io_uring") => IoMode::IoUring,
@@ -271,6 +272,7 @@ fn validate_global(file: &FileConfig, out: &mut Vec<Problem>) -> Global {
         workers,
         max_connections,
         shutdown_timeout,
+        grace,
         io,
         relay,
     }
@@ -447,6 +449,8 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
     };
     let slow_start = p.duration("slow_start", &ff.slow_start, Duration::ZERO);
     let send_proxy = proxy_version(&ff.send_proxy, None, p);
+    let on_ready = command(&ff.on_ready, "on_ready", p);
+    let on_unready = command(&ff.on_unready, "on_unready", p);
     // The frontend's health keys are checked once, here, where they are written; each
     // backend then checks only the keys it overrides.
     let fe_health = health_layer(ff.health.as_ref(), &mut p.nested("health", "health"));
@@ -504,8 +508,29 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         hash_key,
         maglev_table_size,
         on_marked_down,
+        on_ready,
+        on_unready,
         backends,
     })
+}
+
+/// An announce command: an argv array whose first element names the program.
+fn command(v: &Option<Vec<String>>, key: &str, p: &mut Problems) -> Vec<String> {
+    match v {
+        None => Vec::new(),
+        Some(argv) if argv.is_empty() => {
+            p.push(
+                key,
+                "empty: give the program and its arguments, like [\"birdc\", \"enable\", \"vip\"]",
+            );
+            Vec::new()
+        }
+        Some(argv) if argv[0].trim().is_empty() => {
+            p.push(key, "the first element must name the program to run");
+            Vec::new()
+        }
+        Some(argv) => argv.clone(),
+    }
 }
 
 fn resolve(text: &str, dns: HostLookup) -> Result<SocketAddr, String> {

@@ -31,6 +31,8 @@ pub struct MaglevSelector {
     /// The backends placed in the table (those usable when it was built), checked before a
     /// long fallback walk so that a pool with nothing left answers at once.
     members: Vec<usize>,
+    /// A hash of the table's routing (see [`fingerprint`]).
+    fingerprint: u64,
 }
 
 impl MaglevSelector {
@@ -50,8 +52,10 @@ impl MaglevSelector {
                 weight: backends[i].config.weight,
             })
             .collect();
+        let table = MaglevTable::build(frontend.maglev_table_size, &placed);
         MaglevSelector {
-            table: MaglevTable::build(frontend.maglev_table_size, &placed),
+            fingerprint: fingerprint(&table, backends, frontend.hash_key),
+            table,
             key: frontend.hash_key,
             members: usable,
         }
@@ -62,7 +66,31 @@ impl MaglevSelector {
     }
 }
 
+/// A hash of what the table routes where: for every slot, the name and address of its owner,
+/// and the hash key. Two nodes with the same fingerprint send every client to the same
+/// backend; nodes behind one ECMP route that disagree (a config that differs, or a different
+/// view of which backends are up) show it here, in `ringlb_maglev_table_fingerprint`.
+/// 52 bits, so that a Prometheus float holds it exactly.
+pub fn fingerprint(table: &MaglevTable, backends: &[BackendRef], key: HashKey) -> u64 {
+    let per_backend: Vec<u64> = backends
+        .iter()
+        .map(|b| {
+            let who = format!("{}\0{}", b.config.name, b.config.address);
+            hash::hash_bytes(0x6d61_676c_6576, who.as_bytes())
+        })
+        .collect();
+    let mut h = hash::mix64(table.len() as u64 ^ ((key == HashKey::IpPort) as u64) << 63);
+    for slot in 0..table.len() {
+        h = hash::mix64(h ^ per_backend[table.owner(slot)]);
+    }
+    h >> 12
+}
+
 impl BackendSelection for MaglevSelector {
+    fn fingerprint(&self) -> Option<u64> {
+        Some(self.fingerprint)
+    }
+
     /// The client's slot decides. If its backend went down since the table was built, or a
     /// connect to it already failed (`tried`), the client's preference order continues with
     /// the owners of the following slots, wrapping around: the first of those that is usable
