@@ -143,7 +143,7 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_frontend_active_connections", "Open client connections (haproxy_frontend_current_sessions)."),
     ("ringlb_frontend_ready", "1 while the frontend is ready for new clients (a backend is available and ringlb is not stopping), as GET /ready/FRONTEND answers; what a BGP speaker announces the VIP on."),
     ("ringlb_frontend_announce_commands_total", "on_ready / on_unready commands run, by result (ok, or failed: could not start, non-zero exit, or killed after 5 s)."),
-    ("ringlb_maglev_table_fingerprint", "A 52-bit hash of the Maglev table's routing (every slot's backend name and address, and the hash key); nodes behind one ECMP route should all show the same value. 0 for other balancers."),
+    ("ringlb_maglev_table_fingerprint", "A 52-bit hash of the Maglev table's routing (every slot's backend name, and the hash key); nodes behind one ECMP route should all show the same value. 0 for other balancers."),
     ("ringlb_config_reloads_total", "Configuration reloads by result."),
     ("ringlb_config_generation", "1 for the configuration ringlb started with, +1 for each reload that changed it."),
     ("ringlb_config_last_reload_success_timestamp_seconds", "Unix time of the last successful reload, or of the start."),

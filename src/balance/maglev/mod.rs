@@ -66,18 +66,16 @@ impl MaglevSelector {
     }
 }
 
-/// A hash of what the table routes where: for every slot, the name and address of its owner,
-/// and the hash key. Two nodes with the same fingerprint send every client to the same
+/// A hash of what the table routes where: for every slot, the name of its owner, and the hash
+/// key. Addresses are left out, as the table leaves them out: nodes may reach one backend by
+/// different addresses. Two nodes with the same fingerprint send every client to the same
 /// backend; nodes behind one ECMP route that disagree (a config that differs, or a different
 /// view of which backends are up) show it here, in `ringlb_maglev_table_fingerprint`.
 /// 52 bits, so that a Prometheus float holds it exactly.
 pub fn fingerprint(table: &MaglevTable, backends: &[BackendRef], key: HashKey) -> u64 {
     let per_backend: Vec<u64> = backends
         .iter()
-        .map(|b| {
-            let who = format!("{}\0{}", b.config.name, b.config.address);
-            hash::hash_bytes(0x6d61_676c_6576, who.as_bytes())
-        })
+        .map(|b| hash::hash_bytes(0x6d61_676c_6576, b.config.name.as_bytes()))
         .collect();
     let mut h = hash::mix64(table.len() as u64 ^ ((key == HashKey::IpPort) as u64) << 63);
     for slot in 0..table.len() {
