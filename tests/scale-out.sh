@@ -26,6 +26,8 @@
 #      accepting for its grace period: 0 failed connections.
 #   4. A node whose backends are all unreachable withdraws its VIP; it comes back when they do.
 #   5. Both nodes export the same ringlb_maglev_table_fingerprint.
+#   6. The router's BIRD restarts: both nodes announce again. A node's BIRD restarts (with the
+#      VIP protocol disabled, as configured): ringlb's repeated on_ready announces it again.
 # Everything started here is stopped and every namespace removed on exit, also on Ctrl-C.
 
 set -euo pipefail
@@ -392,4 +394,26 @@ grep -q "frontend web is not ready: no backend is available" "$WORK/ringlb2.log"
 client same "$WORK/vip.json" $VIP:80 1000 || fail "flows failed with node2 withdrawn"
 nsx node2 ip route del prohibit 10.10.4.0/24
 wait_paths 2 15 "after node2's backends came back"
+
+# ------------------------------------------------------------------ 6. BIRD restarts
+log "check 6: the router's BIRD restarts"
+# The kernel keeps the routes BIRD installed while it is gone; once it is back, both sessions
+# must come up and both paths be there again.
+kill -9 "$PID_bird_router"
+rm -f "$WORK/router.ctl"
+start router bird_router bird -f -c "$WORK/router.conf" -s "$WORK/router.ctl" -P "$WORK/router.pid"
+deadline=$((SECONDS + 30))
+until [ "$(birdc -s "$WORK/router.ctl" show protocols 2>/dev/null | grep -c Established)" = 2 ]; do
+  [ $SECONDS -lt $deadline ] || fail "BGP sessions did not come back after the router's BIRD restarted"
+  sleep 0.2
+done
+wait_paths 2 30 "after the router's BIRD restarted"
+log "check 6: node2's BIRD restarts (comes back with vip_web disabled; ringlb enables it again)"
+kill -9 "$PID_bird_node2"
+wait_paths 1 10 "after node2's BIRD died"
+start_node_bird 2
+restarted=$SECONDS
+wait_paths 2 30 "after node2's BIRD restarted"
+log "node2 announced again $((SECONDS - restarted)) s after its BIRD restarted (ringlb repeats on_ready every 10 s)"
+client same "$WORK/vip.json" $VIP:80 1000 || fail "flows changed backend after the BIRD restarts"
 log "PASS: every check held"
