@@ -53,6 +53,12 @@ pub struct FrontendStatus {
     pub balance: &'static str,
     /// True for a frontend a reload removed, listed while its backends drain.
     pub removed: bool,
+    /// Ready for new clients (what `GET /ready/NAME` answers).
+    pub ready: bool,
+    /// Maglev only: the table fingerprint (as `ringlb_maglev_table_fingerprint`), equal on
+    /// nodes that route clients alike.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maglev_fingerprint: Option<u64>,
     pub active: u64,
     pub accepted_total: u64,
     pub rejected_total: Rejected,
@@ -165,6 +171,8 @@ pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState) -> Status {
                 listen: listeners.remove(&fe.config.name).unwrap_or_default(),
                 balance: fe.config.balance.as_str(),
                 removed: false,
+                ready: crate::announce::is_ready(fe, ops.stopping.load(Ordering::Relaxed)),
+                maglev_fingerprint: fe.fingerprint(),
                 active: st.active(),
                 accepted_total: st.accepted_total(),
                 rejected_total: Rejected {
@@ -190,6 +198,8 @@ pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState) -> Status {
                 listen: Vec::new(),
                 balance: "",
                 removed: true,
+                ready: false,
+                maglev_fingerprint: None,
                 active: 0,
                 accepted_total: 0,
                 rejected_total: Rejected {
