@@ -192,8 +192,8 @@ fn the_unit_file_passes_systemd_analyze_verify_and_its_commands_work() {
     let unit = std::fs::read_to_string(root.join("systemd/ringlb.service")).unwrap();
     for line in [
         "Type=notify",
-        "ExecStartPre=/usr/local/bin/ringlb check --config /etc/ringlb/ringlb.toml",
-        "ExecStart=/usr/local/bin/ringlb run --config /etc/ringlb/ringlb.toml",
+        "ExecStartPre=/usr/bin/ringlb check --config /etc/ringlb/ringlb.toml",
+        "ExecStart=/usr/bin/ringlb run --config /etc/ringlb/ringlb.toml",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "WatchdogSec=",
         "DynamicUser=yes",
@@ -215,7 +215,7 @@ fn the_unit_file_passes_systemd_analyze_verify_and_its_commands_work() {
     let bin = env!("CARGO_BIN_EXE_ringlb");
     let dir = TempDir::new();
     let copy = dir.path.join("ringlb.service");
-    std::fs::write(&copy, unit.replace("/usr/local/bin/ringlb", bin)).unwrap();
+    std::fs::write(&copy, unit.replace("/usr/bin/ringlb", bin)).unwrap();
     let out = Command::new(analyze)
         .arg("verify")
         .arg(&copy)
