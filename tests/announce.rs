@@ -161,21 +161,11 @@ fn sigterm_turns_unready_first_and_keeps_accepting_for_the_grace_period() {
 
 #[test]
 fn bad_announce_config_is_refused_with_its_key() {
-    let dir = TempDir::new();
-    let path = dir.path.join("bad.toml");
-    std::fs::write(
-        &path,
+    let (ok, err) = check_config(
         "[global]\ngrace = \"soon\"\n[[frontend]]\nname = \"web\"\nlisten = [\"127.0.0.1:0\"]\non_ready = []\n\
          [[frontend.backend]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringlb"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
+    assert!(!ok);
     assert!(err.contains("grace"), "{err}");
     assert!(err.contains("on_ready"), "{err}");
     assert!(err.contains("empty"), "{err}");

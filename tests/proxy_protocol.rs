@@ -73,16 +73,8 @@ fn a_bad_version_is_refused_with_its_place() {
     let b = Backend::start("echo", Behaviour::Echo);
     let cfg =
         global_toml("") + &frontend_toml("web", "", &[("echo", b.addr, "send_proxy = \"v3\"")]);
-    let dir = TempDir::new();
-    let path = dir.path.join("bad.toml");
-    std::fs::write(&path, cfg).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringlb"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, err) = check_config(&cfg);
+    assert!(!ok);
     assert!(
         err.contains("send_proxy") && err.contains("unknown version \"v3\""),
         "{err}"

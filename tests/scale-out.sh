@@ -317,18 +317,15 @@ def main():
 main()
 EOF
 client() { nsx client python3 "$WORK/client.py" "$@"; }
-conns_total() { # conns_total NODE
+# The values of the series of NODE's /metrics whose lines start with NAME, one per line.
+metric() {
   nsx "$1" python3 -c '
-import urllib.request
+import sys, urllib.request
 t = urllib.request.urlopen("http://127.0.0.1:9090/metrics", timeout=5).read().decode()
-print(sum(int(float(l.split()[-1])) for l in t.splitlines() if l.startswith("ringlb_frontend_connections_total")))'
+print("\n".join(l.split()[-1] for l in t.splitlines() if l.startswith(sys.argv[1])))' "$2"
 }
-fingerprint() {
-  nsx "$1" python3 -c '
-import urllib.request
-t = urllib.request.urlopen("http://127.0.0.1:9090/metrics", timeout=5).read().decode()
-print([l.split()[-1] for l in t.splitlines() if l.startswith("ringlb_maglev_table_fingerprint")][0])'
-}
+conns_total() { metric "$1" ringlb_frontend_connections_total | python3 -c 'import sys; print(sum(int(float(v)) for v in sys.stdin))'; }
+fingerprint() { metric "$1" ringlb_maglev_table_fingerprint | head -n 1; }
 
 # ------------------------------------------------------------------ 1. consistent, spread
 f1=$(fingerprint node1); f2=$(fingerprint node2)

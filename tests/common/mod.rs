@@ -369,3 +369,19 @@ pub fn bulk_echo(addr: SocketAddr, len: usize) {
     assert_eq!(total, len);
     assert_eq!(got, sent, "the bytes that came back differ");
 }
+
+/// Runs `ringlb check` on `config` (TOML text); returns whether it passed and its stderr.
+pub fn check_config(config: &str) -> (bool, String) {
+    let dir = TempDir::new();
+    let path = dir.path.join("ringlb.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ringlb"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
