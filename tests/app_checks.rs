@@ -918,3 +918,70 @@ fn a_bad_check_config_names_each_key_and_line_and_a_reload_with_it_changes_nothi
     let line = wait_log(&lb, mark, "Server web/a is DOWN", SOON);
     assert!(line.contains("Layer7 wrong status, code: 503"), "{line}");
 }
+
+// ----- The demo -----
+
+/// Three consecutive ports that are free now, for the demo's backends (below the ephemeral
+/// range, each test process starting its search elsewhere in 30000..31999).
+fn three_free_ports() -> u16 {
+    const SLOTS: u32 = 666;
+    let offset = std::process::id() % SLOTS;
+    (0..SLOTS)
+        .map(|i| 30000 + ((offset + i) % SLOTS * 3) as u16)
+        .find(|&p| {
+            let held: Vec<_> = (p..p + 3)
+                .map_while(|q| TcpListener::bind(("127.0.0.1", q)).ok())
+                .collect();
+            held.len() == 3
+        })
+        .expect("three consecutive free ports")
+}
+
+#[test]
+fn the_demo_checks_its_backends_over_http_and_takes_a_sick_one_out() {
+    let backends = three_free_ports();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringlb"))
+        .args(["demo", "--port", "0", "--admin-port", "0", "--backend-port"])
+        .arg(backends.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stderr = child.stderr.take().unwrap();
+    let l2 = lines.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            l2.lock().unwrap().push(line);
+        }
+    });
+    let _demo = Proc(child);
+    let find = |needle: &str| -> Option<String> {
+        let mut found = None;
+        wait_until(SOON, || {
+            found = lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+                .cloned();
+            found.is_some()
+        });
+        found
+    };
+    let all = || lines.lock().unwrap().join("\n");
+    assert!(find(" ready").is_some(), "{}", all());
+    stdin.write_all(b"sick 2\n").unwrap();
+    let line = find("Server demo/api2 is DOWN").unwrap_or_else(|| panic!("{}", all()));
+    assert!(
+        line.contains("reason: Layer7 wrong status, code: 503, info: \"Service Unavailable\""),
+        "{line}"
+    );
+    stdin.write_all(b"well 2\n").unwrap();
+    let line = find("Server demo/api2 is UP").unwrap_or_else(|| panic!("{}", all()));
+    assert!(line.contains("reason: Layer7 check passed"), "{line}");
+}
