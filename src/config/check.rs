@@ -442,6 +442,96 @@ impl ProbeLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+
+    fn probes(health: &str, backend_health: &str) -> Result<Vec<Probe>, Vec<String>> {
+        let text = format!(
+            "[[frontend]]\nname = \"web\"\nlisten = [\"127.0.0.1:8080\"]\n[frontend.health]\n{health}\n\
+             [[frontend.backend]]\nname = \"a\"\naddress = \"127.0.0.1:9001\"\n\
+             [frontend.backend.health]\n{backend_health}\n\
+             [[frontend.backend]]\nname = \"b\"\naddress = \"127.0.0.1:9002\"\n"
+        );
+        Config::parse(&text, "t")
+            .map(|c| {
+                c.frontends[0]
+                    .backends
+                    .iter()
+                    .map(|b| b.health.probe.clone())
+                    .collect()
+            })
+            .map_err(|e| e.problems)
+    }
+
+    #[test]
+    fn the_default_check_is_tcp_and_http_gets_its_documented_defaults() {
+        assert_eq!(probes("", "").unwrap(), vec![Probe::Tcp, Probe::Tcp]);
+        let p = probes("kind = \"http\"", "").unwrap();
+        assert_eq!(
+            p[1],
+            Probe::Http(HttpProbe {
+                method: "GET".into(),
+                path: "/".into(),
+                host: None,
+                expect_status: StatusRange::DEFAULT,
+                expect_body: None,
+            })
+        );
+    }
+
+    #[test]
+    fn a_backend_overrides_check_keys_one_by_one_or_takes_its_own_kind_whole() {
+        let p = probes(
+            "kind = \"http\"\npath = \"/health\"\nexpect_status = \"200\"",
+            "path = \"/ready\"",
+        )
+        .unwrap();
+        let Probe::Http(a) = &p[0] else {
+            panic!("{p:?}")
+        };
+        assert_eq!(
+            (a.path.as_str(), a.expect_status.to_string()),
+            ("/ready", "200".into())
+        );
+        let Probe::Http(b) = &p[1] else {
+            panic!("{p:?}")
+        };
+        assert_eq!(b.path, "/health");
+        // Its own kind: the frontend's http keys are not its keys, and are not an error.
+        let p = probes("kind = \"http\"\npath = \"/health\"", "kind = \"redis\"").unwrap();
+        assert_eq!(p[0], Probe::Redis);
+        let p = probes("kind = \"tls\"", "sni = \"db.internal\"").unwrap();
+        assert_eq!(
+            p[0],
+            Probe::Tls {
+                sni: Some("db.internal".into())
+            }
+        );
+    }
+
+    #[test]
+    fn a_key_of_another_kind_and_a_send_expect_without_expect_are_refused() {
+        let e = probes("path = \"/health\"", "").unwrap_err().join("\n");
+        assert!(
+            e.contains("health: path: belongs to kind = \"http\", and this check is kind = \"tcp\" (the default)"),
+            "{e}"
+        );
+        let e = probes("kind = \"http\"", "send = \"x\"")
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            e.contains("backend \"a\": health: send: belongs to kind = \"send-expect\", and this check is kind = \"http\" (from the frontend's [frontend.health])"),
+            "{e}"
+        );
+        let e = probes("kind = \"send-expect\"\nsend = \"x\"", "")
+            .unwrap_err()
+            .join("\n");
+        assert!(e.contains("kind: \"send-expect\" needs expect"), "{e}");
+        let e = probes("kind = \"http\"\nmethod = \"get\"\npath = \"health\"", "")
+            .unwrap_err()
+            .join("\n");
+        assert!(e.contains("method: \"get\" is not an HTTP method"), "{e}");
+        assert!(e.contains("path: \"health\" must start with '/'"), "{e}");
+    }
 
     #[test]
     fn status_ranges_parse_single_codes_and_ordered_ranges_only() {
