@@ -537,8 +537,8 @@ fn redis_loading_postgres_starting_up_and_a_tls_alert_fail_their_profiles() {
 
 // ----- Real services -----
 
-/// A redis-server with no persistence on a free port; killed on drop.
-fn start_redis(server: &Path, dir: &Path) -> (Proc, SocketAddr) {
+/// A redis-server with no persistence on a free port, with `extra` arguments; killed on drop.
+fn start_redis(server: &Path, dir: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
     for _ in 0..5 {
         let port = free_port();
         let mut cmd = Command::new(server);
@@ -546,6 +546,7 @@ fn start_redis(server: &Path, dir: &Path) -> (Proc, SocketAddr) {
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(dir)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -587,7 +588,7 @@ fn a_paused_redis_server_is_marked_down_by_the_redis_check_while_a_tcp_check_kee
         return;
     }
     let dir = TempDir::new();
-    let (_redis, addr) = start_redis(&server.unwrap(), &dir.path);
+    let (_redis, addr) = start_redis(&server.unwrap(), &dir.path, &[]);
     let fast = "[frontend.health]\ninterval = \"200ms\"\ntimeout = \"300ms\"\nrise = 2\nfall = 2\n";
     let cfg = global_toml("")
         + &frontend_toml(
@@ -622,6 +623,75 @@ fn a_paused_redis_server_is_marked_down_by_the_redis_check_while_a_tcp_check_kee
         "the pause ended before the mark-down"
     );
     assert_eq!(backend_status(admin, "l4", "r").1, "up");
+    let line = wait_log(&lb, mark, "Server l7/r is UP", SOON);
+    assert!(line.contains("reason: Layer7 check passed"), "{line}");
+    assert!(
+        !lb.logs()[mark..]
+            .iter()
+            .any(|l| l.contains("Server l4/r is DOWN")),
+        "the tcp check marked it down:\n{}",
+        lb.logs()[mark..].join("\n")
+    );
+}
+
+/// A redis-server reloading its dataset (`DEBUG RELOAD`: save, then load it again) answers
+/// every command with `-LOADING` until it is done, while its port accepts as ever: the redis
+/// check takes it out with Redis's own words, and a tcp check does not notice.
+#[test]
+fn a_redis_server_loading_its_dataset_is_marked_down_with_its_loading_error() {
+    let server = on_path("redis-server");
+    if !tool_available(
+        server.is_some(),
+        "redis-server",
+        "apt-get install redis-server",
+    ) {
+        return;
+    }
+    let dir = TempDir::new();
+    let (_redis, addr) = start_redis(
+        &server.unwrap(),
+        &dir.path,
+        &["--enable-debug-command", "yes"],
+    );
+    // Enough keys that loading them takes a good part of a second.
+    let ok = redis_command(
+        addr,
+        "*3\r\n$5\r\nDEBUG\r\n$8\r\nPOPULATE\r\n$7\r\n2000000\r\n",
+    );
+    assert!(ok.starts_with("+OK"), "DEBUG POPULATE: {ok}");
+    // A timeout long enough that a PING sent while the server saves (it answers nothing
+    // then) is answered once loading starts, with -LOADING.
+    let fast = "[frontend.health]\ninterval = \"100ms\"\ntimeout = \"5s\"\nrise = 1\nfall = 1\n";
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "l7",
+            &format!("{fast}kind = \"redis\"\n"),
+            &[("r", addr, "")],
+        )
+        + "\n"
+        + &frontend_toml("l4", fast, &[("r", addr, "")]);
+    let lb = Ringlb::start(&cfg);
+    let admin = lb.admin.unwrap();
+    assert!(wait_until(SOON, || backend_status(admin, "l7", "r").0
+        == "Layer7 check passed"));
+    let mark = lb.log_len();
+    let reload = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(b"*2\r\n$5\r\nDEBUG\r\n$6\r\nRELOAD\r\n")
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    let line = wait_log(&lb, mark, "Server l7/r is DOWN", Duration::from_secs(60));
+    assert!(
+        line.contains(
+            "reason: Layer7 wrong status, info: \"LOADING Redis is loading the dataset in memory\""
+        ),
+        "{line}"
+    );
+    assert!(reload.join().unwrap().starts_with("+OK"));
     let line = wait_log(&lb, mark, "Server l7/r is UP", SOON);
     assert!(line.contains("reason: Layer7 check passed"), "{line}");
     assert!(
