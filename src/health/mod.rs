@@ -1,4 +1,5 @@
-//! Health: active Layer4 checks, passive health from real traffic, slow start.
+//! Health: active checks (HAProxy's Layer4 connect, or an application exchange in its Layer7
+//! and Layer6 words), passive health from real traffic, slow start.
 //!
 //! Where it sits: [`HealthChecks`] lives in the control loop next to the `Server`. It runs one
 //! tokio task per backend ([`checker`]) on the control thread's runtime; the tasks send
