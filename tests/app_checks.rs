@@ -828,7 +828,8 @@ fn a_real_postgres_passes_the_postgres_check_without_credentials() {
 }
 
 #[test]
-fn openssl_s_server_passes_the_tls_check_and_an_http_server_on_the_tls_port_fails_it() {
+fn openssl_s_server_passes_the_tls_and_https_checks_and_an_http_server_on_the_tls_port_fails_them()
+{
     let openssl = on_path("openssl");
     if !tool_available(openssl.is_some(), "openssl", "apt-get install openssl") {
         return;
@@ -879,6 +880,18 @@ fn openssl_s_server_passes_the_tls_check_and_an_http_server_on_the_tls_port_fail
                 ("s_server", addr, "[frontend.backend.health]\ninitial_state = \"down\"\n"),
                 ("http", web.addr, ""),
             ],
+        )
+        // HTTPS: an HTTP check over TLS (`tls = true`), against the same s_server (its -www
+        // page lists its ciphers) and against the plain HTTP server, which cannot speak TLS.
+        + "\n"
+        + &frontend_toml(
+            "https",
+            "[frontend.health]\nkind = \"http\"\ntls = true\nhost = \"tls.test\"\n\
+             expect_body = \"Ciphers supported\"\ninterval = \"200ms\"\nfall = 1\n",
+            &[
+                ("s_server", addr, "[frontend.backend.health]\ninitial_state = \"down\"\n"),
+                ("http", web.addr, ""),
+            ],
         );
     let lb = Ringlb::start(&cfg);
     let line = wait_log(&lb, 0, "Server tls/s_server is UP", SOON);
@@ -888,6 +901,13 @@ fn openssl_s_server_passes_the_tls_check_and_an_http_server_on_the_tls_port_fail
         line.contains(
             "reason: Layer6 invalid response, info: \"not a TLS record: 'HTTP/1.1 400 Bad Request"
         ),
+        "{line}"
+    );
+    let line = wait_log(&lb, 0, "Server https/s_server is UP", SOON);
+    assert!(line.contains("reason: Layer7 check passed"), "{line}");
+    let line = wait_log(&lb, 0, "Server https/http is DOWN", SOON);
+    assert!(
+        line.contains("reason: Layer6 invalid response, info: \"TLS handshake: "),
         "{line}"
     );
 }

@@ -51,6 +51,8 @@ pub struct HttpProbe {
     pub expect_status: StatusRange,
     /// A substring the body must contain.
     pub expect_body: Option<Vec<u8>>,
+    /// HTTPS: the request goes over TLS (the certificate is not verified).
+    pub tls: bool,
 }
 
 /// An inclusive range of HTTP status codes, like `200-399`.
@@ -179,7 +181,14 @@ const KINDS: &[(&str, KindName, &[&str])] = &[
     (
         "http",
         KindName::Http,
-        &["path", "method", "host", "expect_status", "expect_body"],
+        &[
+            "path",
+            "method",
+            "host",
+            "expect_status",
+            "expect_body",
+            "tls",
+        ],
     ),
     (
         "send-expect",
@@ -222,6 +231,7 @@ pub(super) struct ProbeLayer {
     expect: Option<Vec<u8>>,
     expect_regex: Option<Pattern>,
     sni: Option<String>,
+    tls: Option<bool>,
 }
 
 /// A problem with one key of a health table: the key and what is wrong.
@@ -263,7 +273,9 @@ impl ProbeLayer {
             ("expect_regex", &f.expect_regex),
             ("sni", &f.sni),
         ];
-        for (key, value) in written {
+        // `tls` is the one boolean: judged as the strings are, with no value to check.
+        let tls = f.tls.map(|t| t.to_string());
+        for (key, value) in written.into_iter().chain([("tls", &tls)]) {
             let Some(text) = value else { continue };
             if judged && !kind.takes(key) {
                 let owner = KINDS
@@ -351,6 +363,7 @@ impl ProbeLayer {
                 self.method = Some(text.to_string());
             }
             "host" => self.host = Some(plain("a host name", 255)?),
+            "tls" => self.tls = Some(text == "true"),
             "expect_status" => self.expect_status = Some(StatusRange::parse(text)?),
             "expect_body" => self.expect_body = Some(bytes(MAX_CHECK_TEXT)?),
             "send" => self.send = Some(bytes(MAX_CHECK_TEXT)?),
@@ -408,6 +421,7 @@ impl ProbeLayer {
             expect: self.expect.or_else(|| below.expect.clone()),
             expect_regex: self.expect_regex.or_else(|| below.expect_regex.clone()),
             sni: self.sni.or_else(|| below.sni.clone()),
+            tls: self.tls.or(below.tls),
         }
     }
 
@@ -425,6 +439,7 @@ impl ProbeLayer {
                 host: self.host,
                 expect_status: self.expect_status.unwrap_or(StatusRange::DEFAULT),
                 expect_body: self.expect_body,
+                tls: self.tls.unwrap_or(false),
             }),
             KindName::SendExpect => Probe::SendExpect(SendExpect {
                 send: self.send.unwrap_or_default(),
@@ -474,6 +489,7 @@ mod tests {
                 host: None,
                 expect_status: StatusRange::DEFAULT,
                 expect_body: None,
+                tls: false,
             })
         );
     }

@@ -87,6 +87,7 @@ pub struct FileHealth {
     pub expect: Option<String>,
     pub expect_regex: Option<String>,
     pub sni: Option<String>,
+    pub tls: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

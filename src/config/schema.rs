@@ -116,6 +116,7 @@ const HEALTH_KEYS: &[(&str, Kind)] = &[
     ("expect", Kind::Str),
     ("expect_regex", Kind::Str),
     ("sni", Kind::Str),
+    ("tls", Kind::Bool),
 ];
 
 static FRONTEND_HEALTH: Table = Table {

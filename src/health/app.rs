@@ -11,11 +11,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::probe::{connect_within, os_error_text, CheckOutcome, CheckResult};
+use super::https;
+use super::probe::{connect_within, os_error_text, CheckOutcome, CheckResult, Layer};
 use super::proto::{End, Exchange, READ_CAP};
 use crate::config::Probe;
 
@@ -34,12 +34,20 @@ pub async fn check(addr: SocketAddr, timeout: Duration, probe: &Probe) -> CheckO
         (_, Err(layer4)) => layer4,
         // `Tcp` has no exchange: the connect was the check.
         (None, Ok(_)) => CheckResult::Passed,
-        (Some(ex), Ok(mut stream)) => {
-            match tokio::time::timeout_at(deadline, talk(&mut stream, &ex)).await {
-                Ok(r) => r,
-                Err(_) => CheckResult::AppTimeout(ex.layer),
+        (Some(ex), Ok(stream)) => match probe {
+            Probe::Http(h) if h.tls => {
+                let name = https::server_name(h.host.as_deref(), addr.ip());
+                match tokio::time::timeout_at(deadline, https::handshake(stream, name)).await {
+                    Err(_) => CheckResult::AppTimeout(Layer::L6),
+                    Ok(Err(failed)) => failed,
+                    Ok(Ok(mut tls)) => exchange(&mut tls, &ex, deadline).await,
+                }
             }
-        }
+            _ => {
+                let mut stream = stream;
+                exchange(&mut stream, &ex, deadline).await
+            }
+        },
     };
     CheckOutcome {
         result,
@@ -47,7 +55,20 @@ pub async fn check(addr: SocketAddr, timeout: Duration, probe: &Probe) -> CheckO
     }
 }
 
-async fn talk(stream: &mut TcpStream, ex: &Exchange<'_>) -> CheckResult {
+async fn exchange<S>(stream: &mut S, ex: &Exchange<'_>, deadline: Instant) -> CheckResult
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout_at(deadline, talk(stream, ex)).await {
+        Ok(r) => r,
+        Err(_) => CheckResult::AppTimeout(ex.layer),
+    }
+}
+
+async fn talk<S>(stream: &mut S, ex: &Exchange<'_>) -> CheckResult
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     if !ex.request.is_empty() {
         if let Err(e) = stream.write_all(&ex.request).await {
             return CheckResult::ConnectionProblem(os_error_text(&e));
@@ -59,6 +80,8 @@ async fn talk(stream: &mut TcpStream, ex: &Exchange<'_>) -> CheckResult {
         let room = (READ_CAP - got.len()).min(chunk.len());
         let n = match stream.read(&mut chunk[..room]).await {
             Ok(n) => n,
+            // TLS without close_notify at the end (many servers): the end all the same.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
             // A reset mid-answer: HAProxy words socket errors at any step as Layer4.
             Err(e) => return CheckResult::ConnectionProblem(os_error_text(&e)),
         };
@@ -99,6 +122,7 @@ mod tests {
             host: Some("svc.example".into()),
             expect_status: StatusRange::DEFAULT,
             expect_body: None,
+            tls: false,
         })
     }
 

@@ -12,12 +12,14 @@
 //! - [`machine`]: the pure counter state machine (rise, fall, interval choice).
 //! - [`probe`]: the TCP connect check on `tokio::net`, and every check's result words.
 //! - [`app`]: the application checks (`kind = "http"`, `"redis"`, ...) on that connection.
+//! - [`https`]: TLS under an HTTP check (`tls = true`).
 //! - [`proto`]: what each kind sends and how it judges the answer (pure, unit-tested).
 //! - [`checker`]: the per-backend task and the spread.
 //! - [`report`]: the log lines.
 
 pub mod app;
 pub mod checker;
+pub mod https;
 pub mod machine;
 pub mod probe;
 pub mod proto;

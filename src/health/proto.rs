@@ -499,6 +499,7 @@ mod tests {
             host: None,
             expect_status: StatusRange::DEFAULT,
             expect_body: body.map(|b| b.as_bytes().to_vec()),
+            tls: false,
         }
     }
 
