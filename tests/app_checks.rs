@@ -412,12 +412,21 @@ fn garbage_huge_dribbled_and_cut_answers_fail_with_clear_reasons_and_leak_no_fds
         ("dribble", Scripted::start(dribble)),
         ("cut", Scripted::start(cut)),
         ("silent", Scripted::start(silent)),
+        // HTTPS to a server that never answers: the check ends mid-handshake.
+        ("tls-silent", Scripted::start(silent)),
     ];
     let idle = refused_addr();
     let base = |extra: &str| {
         let mut list: Vec<(&str, SocketAddr, &str)> = vec![("idle", idle, "check = false\n")];
         if !extra.is_empty() {
-            list.extend(servers.iter().map(|(n, s)| (*n, s.addr, "")));
+            list.extend(servers.iter().map(|(n, s)| {
+                let own = if *n == "tls-silent" {
+                    "[frontend.backend.health]\ntls = true\n"
+                } else {
+                    ""
+                };
+                (*n, s.addr, own)
+            }));
         }
         global_toml("") + &frontend_toml("web", extra, &list)
     };
@@ -445,6 +454,7 @@ fn garbage_huge_dribbled_and_cut_answers_fail_with_clear_reasons_and_leak_no_fds
              answer: 'HTTP/1.1 20'\"",
         ),
         ("silent", "Layer7 timeout"),
+        ("tls-silent", "Layer6 timeout"),
     ];
     for (name, reason) in expect {
         let line = wait_log(&lb, mark, &format!("Server web/{name} is DOWN"), SOON);
@@ -563,12 +573,16 @@ fn start_redis(server: &Path, dir: &Path, extra: &[&str]) -> (Proc, SocketAddr) 
     panic!("redis-server did not start");
 }
 
-/// One command on a fresh connection; the first line of the answer ("" when none).
+/// One command on a fresh connection; the first line of the answer ("" when none within 2 s).
 fn redis_command(addr: SocketAddr, resp: &str) -> String {
+    redis_command_within(addr, resp, Duration::from_secs(2))
+}
+
+fn redis_command_within(addr: SocketAddr, resp: &str, timeout: Duration) -> String {
     let Ok(mut s) = TcpStream::connect(addr) else {
         return String::new();
     };
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
     if s.write_all(resp.as_bytes()).is_err() {
         return String::new();
     }
@@ -653,15 +667,17 @@ fn a_redis_server_loading_its_dataset_is_marked_down_with_its_loading_error() {
         &dir.path,
         &["--enable-debug-command", "yes"],
     );
-    // Enough keys that loading them takes a good part of a second.
-    let ok = redis_command(
+    // Enough keys that loading them takes a while.
+    let ok = redis_command_within(
         addr,
-        "*3\r\n$5\r\nDEBUG\r\n$8\r\nPOPULATE\r\n$7\r\n2000000\r\n",
+        "*3\r\n$5\r\nDEBUG\r\n$8\r\nPOPULATE\r\n$7\r\n1000000\r\n",
+        Duration::from_secs(120),
     );
     assert!(ok.starts_with("+OK"), "DEBUG POPULATE: {ok}");
-    // A timeout long enough that a PING sent while the server saves (it answers nothing
-    // then) is answered once loading starts, with -LOADING.
-    let fast = "[frontend.health]\ninterval = \"100ms\"\ntimeout = \"5s\"\nrise = 1\nfall = 1\n";
+    // A timeout long enough that a PING sent while the server saves and flushes (it answers
+    // nothing then, for seconds on a busy machine) is answered once loading starts, with
+    // -LOADING, whatever the save took.
+    let fast = "[frontend.health]\ninterval = \"100ms\"\ntimeout = \"30s\"\nrise = 1\nfall = 1\n";
     let cfg = global_toml("")
         + &frontend_toml(
             "l7",
