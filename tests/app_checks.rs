@@ -1091,3 +1091,29 @@ fn the_demo_checks_its_backends_over_http_and_takes_a_sick_one_out() {
     let line = find("Server demo/api2 is UP").unwrap_or_else(|| panic!("{}", all()));
     assert!(line.contains("reason: Layer7 check passed"), "{line}");
 }
+
+#[test]
+fn a_reload_that_turns_a_tcp_check_into_an_http_check_applies_it_to_the_running_checker() {
+    let app = HttpApp::start("app");
+    app.health.store(503, Ordering::SeqCst);
+    let cfg = |kind: &str| {
+        global_toml("")
+            + &frontend_toml(
+                "web",
+                &format!("[frontend.health]\n{kind}interval = \"200ms\"\nfall = 1\n"),
+                &[("a", app.addr, "")],
+            )
+    };
+    let lb = Ringlb::start(&cfg(""));
+    let admin = lb.admin.unwrap();
+    // A connect check cannot see the 503.
+    assert!(wait_until(SOON, || backend_status(admin, "web", "a").0
+        == "Layer4 check passed"));
+    let mark = lb.reload(&cfg("kind = \"http\"\npath = \"/health\"\n"));
+    wait_log(&lb, mark, "reload: applied", SOON);
+    let line = wait_log(&lb, mark, "Server web/a is DOWN", SOON);
+    assert!(
+        line.contains("reason: Layer7 wrong status, code: 503"),
+        "{line}"
+    );
+}
