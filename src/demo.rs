@@ -1,14 +1,17 @@
 //! `ringlb demo`: ringlb in front of three local HTTP backends, nothing else needed.
 //!
-//! Each demo backend answers any request with "Hello from API #N". Typing `stop 2` in the
-//! terminal closes backend 2's port (new connections are refused, as when a process dies);
-//! `start 2` opens it again. The balancer retries refused connects on another backend and its
-//! health checks take the dead one out, so `curl` keeps answering throughout.
+//! Each demo backend answers any request with "Hello from API #N", and `/health` with 200 (the
+//! demo's HTTP health check asks it). Typing `stop 2` in the terminal closes backend 2's port
+//! (new connections are refused, as when a process dies); `start 2` opens it again. `sick 2`
+//! makes its `/health` answer 503 while the port keeps accepting (an app that is up but not
+//! well); `well 2` heals it. The balancer retries refused connects on another backend and its
+//! health checks take the dead or sick one out, so `curl` keeps answering throughout.
 
 use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +38,8 @@ struct DemoBackend {
     addr: SocketAddr,
     /// The listener's fd while running; `stop` shuts it down to end the accept thread.
     running: Mutex<Option<i32>>,
+    /// `/health` answers 503 while set.
+    sick: AtomicBool,
 }
 
 impl DemoBackend {
@@ -50,9 +55,8 @@ impl DemoBackend {
             for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => {
-                        let n = me.number;
-                        let addr = me.addr;
-                        std::thread::spawn(move || answer(stream, n, addr));
+                        let me = me.clone();
+                        std::thread::spawn(move || answer(stream, &me));
                     }
                     Err(_) => break,
                 }
@@ -75,7 +79,7 @@ impl DemoBackend {
 }
 
 /// Reads a request (HTTP or anything) briefly, then answers like a tiny web service.
-fn answer(mut stream: TcpStream, number: usize, addr: SocketAddr) {
+fn answer(mut stream: TcpStream, me: &DemoBackend) {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let mut buf = [0u8; 4096];
     let mut seen = Vec::new();
@@ -85,9 +89,16 @@ fn answer(mut stream: TcpStream, number: usize, addr: SocketAddr) {
             Ok(n) => seen.extend_from_slice(&buf[..n]),
         }
     }
-    let body = format!("Hello from API #{number} ({addr})\n");
+    let (number, addr) = (me.number, me.addr);
+    let (status, body) = if !seen.starts_with(b"GET /health ") {
+        ("200 OK", format!("Hello from API #{number} ({addr})\n"))
+    } else if me.sick.load(Ordering::Relaxed) {
+        ("503 Service Unavailable", "sick\n".to_string())
+    } else {
+        ("200 OK", "ok\n".to_string())
+    };
     let reply = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = stream.write_all(reply.as_bytes());
@@ -110,7 +121,11 @@ balance = "round-robin"
 connect_timeout = "1s"
 retries = 2
 
+# An HTTP check (HAProxy's `option httpchk`): a backend whose /health stops answering 2xx or
+# 3xx is taken out even while its port accepts.
 [frontend.health]
+kind = "http"
+path = "/health"
 interval = "1s"
 rise = 2
 fall = 2
@@ -142,6 +157,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
                 number: i + 1,
                 addr: SocketAddr::from(([127, 0, 0, 1], args.backend_port + i as u16)),
                 running: Mutex::new(None),
+                sick: AtomicBool::new(false),
             })
         })
         .collect();
@@ -164,6 +180,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
         println!("  Try it:        curl http://127.0.0.1:{port}/    (run it a few times: #1, #2, #3, #1, ...)");
         println!("  Kill one:      type `stop 2` here and press Enter; curl keeps answering from #1 and #3");
         println!("  Bring it back: type `start 2`");
+        println!("  Make it sick:  type `sick 2`: its /health answers 503 (port still open), the HTTP check takes it out; `well 2` heals it");
         println!("  Status:        http://127.0.0.1:{admin}/  (metrics at /metrics)");
         println!("  Quit:          Ctrl-C");
         println!();
@@ -206,8 +223,18 @@ fn console(backends: Vec<Arc<DemoBackend>>) {
                 Ok(()) => println!("demo: API #{} started again on {}", b.number, b.addr),
                 Err(e) => println!("demo: cannot start API #{}: {e}", b.number),
             },
+            (Some("sick"), Some(b)) => {
+                b.sick.store(true, Ordering::Relaxed);
+                println!("demo: API #{} now answers /health with 503", b.number);
+            }
+            (Some("well"), Some(b)) => {
+                b.sick.store(false, Ordering::Relaxed);
+                println!("demo: API #{} answers /health with 200 again", b.number);
+            }
             (None, _) => {}
-            _ => println!("demo: commands are `stop N` and `start N` (N = 1, 2 or 3)"),
+            _ => println!(
+                "demo: commands are `stop N`, `start N`, `sick N` and `well N` (N = 1, 2 or 3)"
+            ),
         }
     }
 }

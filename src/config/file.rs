@@ -79,6 +79,18 @@ pub struct FileHealth {
     pub error_limit: Option<i64>,
     pub initial_state: Option<String>,
     pub spread: Option<i64>,
+    /// The check's kind and its keys (`config::check`).
+    pub kind: Option<String>,
+    pub path: Option<String>,
+    pub method: Option<String>,
+    pub host: Option<String>,
+    pub expect_status: Option<String>,
+    pub expect_body: Option<String>,
+    pub send: Option<String>,
+    pub expect: Option<String>,
+    pub expect_regex: Option<String>,
+    pub sni: Option<String>,
+    pub tls: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

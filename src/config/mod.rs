@@ -6,6 +6,7 @@
 //! returns a whole `Config` or every problem found, each with its key path and, where it comes
 //! from the file, `file:line:column`.
 
+mod check;
 mod diff;
 mod duration;
 mod file;
@@ -15,6 +16,7 @@ mod suggest;
 mod validate;
 mod walk;
 
+pub use check::{HttpProbe, Pattern, Probe, SendExpect, StatusRange};
 pub use diff::{diff, BackendChange, ConfigDiff, FrontendChange};
 pub use duration::{format_duration, parse_duration};
 
@@ -155,6 +157,8 @@ pub struct Health {
     pub initial_up: bool,
     /// Random spread applied to each interval, in percent (HAProxy's spread-checks).
     pub spread_percent: u32,
+    /// What the check says on its connection (`kind` and its keys).
+    pub probe: Probe,
 }
 
 #[derive(Debug, Clone, PartialEq)]

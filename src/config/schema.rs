@@ -109,6 +109,17 @@ const HEALTH_KEYS: &[(&str, Kind)] = &[
     ("error_limit", Kind::Int),
     ("initial_state", Kind::Str),
     ("spread", Kind::Int),
+    ("kind", Kind::Str),
+    ("path", Kind::Str),
+    ("method", Kind::Str),
+    ("host", Kind::Str),
+    ("expect_status", Kind::Str),
+    ("expect_body", Kind::Str),
+    ("send", Kind::Str),
+    ("expect", Kind::Str),
+    ("expect_regex", Kind::Str),
+    ("sni", Kind::Str),
+    ("tls", Kind::Bool),
 ];
 
 static FRONTEND_HEALTH: Table = Table {

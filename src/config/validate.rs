@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
+use super::check::{KindName, ProbeLayer};
 use super::duration::parse_duration;
 use super::file::{FileBackend, FileConfig, FileFrontend, FileHealth, FileWorkers};
 use super::problem::{At, Problem};
@@ -453,7 +454,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
     let on_unready = command(&ff.on_unready, "on_unready", p);
     // The frontend's health keys are checked once, here, where they are written; each
     // backend then checks only the keys it overrides.
-    let fe_health = health_layer(ff.health.as_ref(), &mut p.nested("health", "health"));
+    let fe_health = health_layer(ff.health.as_ref(), None, &mut p.nested("health", "health"));
 
     let mut backends = Vec::new();
     let mut names = HashSet::new();
@@ -627,7 +628,11 @@ fn validate_backend(
     };
     let slow_start = p.duration("slow_start", &fb.slow_start, defaults.slow_start);
     let send_proxy = proxy_version(&fb.send_proxy, defaults.send_proxy, p);
-    let own = health_layer(fb.health.as_ref(), &mut p.nested("health", "health"));
+    let own = health_layer(
+        fb.health.as_ref(),
+        defaults.health.probe.kind(),
+        &mut p.nested("health", "health"),
+    );
     let health = own.over(defaults.health).resolve(fb.check.unwrap_or(true));
     Some(Backend {
         name,
@@ -653,12 +658,24 @@ struct HealthLayer {
     error_limit: Option<u32>,
     spread: Option<u32>,
     initial_up: Option<bool>,
+    /// `kind` and its keys (`check.rs`).
+    probe: ProbeLayer,
 }
 
-fn health_layer(h: Option<&FileHealth>, p: &mut Problems<'_>) -> HealthLayer {
+/// `inherited`: the frontend's check kind, for a backend's table.
+fn health_layer(
+    h: Option<&FileHealth>,
+    inherited: Option<KindName>,
+    p: &mut Problems<'_>,
+) -> HealthLayer {
     let Some(h) = h else {
         return HealthLayer::default();
     };
+    let mut key_problems = Vec::new();
+    let probe = ProbeLayer::check(h, inherited, &mut key_problems);
+    for (key, msg) in key_problems {
+        p.push(key, msg);
+    }
     let count =
         |p: &mut Problems<'_>, key, v, lo, hi| p.opt_int_in(key, v, lo, hi).map(|v| v as u32);
     HealthLayer {
@@ -682,6 +699,7 @@ fn health_layer(h: Option<&FileHealth>, p: &mut Problems<'_>) -> HealthLayer {
                 None
             }
         },
+        probe,
     }
 }
 
@@ -698,6 +716,7 @@ impl HealthLayer {
             error_limit: self.error_limit.or(below.error_limit),
             spread: self.spread.or(below.spread),
             initial_up: self.initial_up.or(below.initial_up),
+            probe: self.probe.over(&below.probe),
         }
     }
 
@@ -716,6 +735,7 @@ impl HealthLayer {
             error_limit: self.error_limit.unwrap_or(10),
             initial_up: self.initial_up.unwrap_or(true),
             spread_percent: self.spread.unwrap_or(10),
+            probe: self.probe.resolve(),
         }
     }
 }

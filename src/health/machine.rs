@@ -121,6 +121,7 @@ pub(crate) fn test_health(check: bool) -> Health {
         error_limit: 10,
         initial_up: true,
         spread_percent: 0,
+        probe: crate::config::Probe::Tcp,
     }
 }
 

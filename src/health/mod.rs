@@ -1,4 +1,5 @@
-//! Health: active Layer4 checks, passive health from real traffic, slow start.
+//! Health: active checks (HAProxy's Layer4 connect, or an application exchange in its Layer7
+//! and Layer6 words), passive health from real traffic, slow start.
 //!
 //! Where it sits: [`HealthChecks`] lives in the control loop next to the `Server`. It runs one
 //! tokio task per backend ([`checker`]) on the control thread's runtime; the tasks send
@@ -9,13 +10,19 @@
 //! [`HealthChecks::passive_down`].
 //!
 //! - [`machine`]: the pure counter state machine (rise, fall, interval choice).
-//! - [`probe`]: the TCP connect check on `tokio::net`.
+//! - [`probe`]: the TCP connect check on `tokio::net`, and every check's result words.
+//! - [`app`]: the application checks (`kind = "http"`, `"redis"`, ...) on that connection.
+//! - [`https`]: TLS under an HTTP check (`tls = true`).
+//! - [`proto`]: what each kind sends and how it judges the answer (pure, unit-tested).
 //! - [`checker`]: the per-backend task and the spread.
 //! - [`report`]: the log lines.
 
+pub mod app;
 pub mod checker;
+pub mod https;
 pub mod machine;
 pub mod probe;
+pub mod proto;
 pub mod report;
 
 use std::collections::hash_map::DefaultHasher;
@@ -36,7 +43,7 @@ use crate::backend::{BackendRef, BackendState, FrontendSnap, Snapshot};
 use crate::config::{Health, OnMarkedDown};
 use crate::server::Server;
 use checker::{Controls, Jitter};
-use probe::TcpCheck;
+use probe::Checker;
 use report::{Remaining, Subject, Why};
 
 /// Backends are identified as the registry identifies them: a reload that keeps all three
@@ -139,7 +146,7 @@ impl HealthChecks {
         let mut hasher = DefaultHasher::new();
         key.hash(&mut hasher);
         let handle = tokio::spawn(checker::run(
-            TcpCheck,
+            Checker,
             state.clone(),
             Controls {
                 settings: settings_rx,

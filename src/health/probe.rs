@@ -1,4 +1,6 @@
-//! The active probe: HAProxy's "Layer4 check", a TCP connect with a timeout.
+//! The active probe: HAProxy's "Layer4 check", a TCP connect with a timeout, and the results
+//! of every kind of check (the application checks in [`super::app`] speak on the connection
+//! this module opens).
 //!
 //! It runs on the control thread's plain tokio runtime (epoll), never on io_uring: dropping
 //! a timed-out `tokio::net` connect closes its socket at once, while a dropped io_uring
@@ -9,8 +11,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::net::TcpSocket;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
+
+use crate::config::Probe;
 
 /// What one check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,11 +28,37 @@ pub enum CheckResult {
     /// The probe could not even be made: this host is out of fds or memory (the errno).
     /// Neither a pass nor a failure: it never counts against the backend.
     LocalError(i32),
+    /// An application check got the answer it wanted.
+    AppPassed(Layer),
+    /// Connected, but no complete answer within the timeout.
+    AppTimeout(Layer),
+    /// A well-formed answer that says the service is not well: an HTTP status outside
+    /// `expect_status`, a Redis error, a PostgreSQL or MySQL error code. `info` is the
+    /// server's words (printable, shortened).
+    WrongStatus { code: Option<String>, info: String },
+    /// An answer that is not what the protocol says: garbage, cut short, too long.
+    InvalidResponse(Layer, String),
+}
+
+/// HAProxy's layer words: Layer6 for the TLS hello check, Layer7 for the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    L6,
+    L7,
+}
+
+impl fmt::Display for Layer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Layer::L6 => "Layer6",
+            Layer::L7 => "Layer7",
+        })
+    }
 }
 
 impl CheckResult {
     pub fn passed(&self) -> bool {
-        matches!(self, CheckResult::Passed)
+        matches!(self, CheckResult::Passed | CheckResult::AppPassed(_))
     }
 }
 
@@ -46,6 +76,18 @@ impl fmt::Display for CheckResult {
                 "local error (not the backend's), info: \"{}\"",
                 nix::errno::Errno::from_raw(*code).desc()
             ),
+            CheckResult::AppPassed(layer) => write!(f, "{layer} check passed"),
+            CheckResult::AppTimeout(layer) => write!(f, "{layer} timeout"),
+            CheckResult::WrongStatus { code, info } => {
+                f.write_str("Layer7 wrong status")?;
+                if let Some(code) = code {
+                    write!(f, ", code: {code}")?;
+                }
+                write!(f, ", info: \"{info}\"")
+            }
+            CheckResult::InvalidResponse(layer, info) => {
+                write!(f, "{layer} invalid response, info: \"{info}\"")
+            }
         }
     }
 }
@@ -59,11 +101,27 @@ pub struct CheckOutcome {
 
 /// Checks whether a backend can take connections.
 pub trait HealthCheck: Send + Sync + 'static {
+    /// One check of `addr` within `timeout`, speaking as `probe` says.
     fn check(
         &self,
         addr: SocketAddr,
         timeout: Duration,
+        probe: &Probe,
     ) -> impl Future<Output = CheckOutcome> + Send;
+}
+
+/// The check every backend's checker runs: the Layer4 connect for `kind = "tcp"`, else the
+/// application exchange of [`super::app`] on the connection it opens.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Checker;
+
+impl HealthCheck for Checker {
+    async fn check(&self, addr: SocketAddr, timeout: Duration, probe: &Probe) -> CheckOutcome {
+        match probe {
+            Probe::Tcp => TcpCheck.check(addr, timeout, probe).await,
+            _ => super::app::check(addr, timeout, probe).await,
+        }
+    }
 }
 
 /// The Layer4 check: connect, then close at once.
@@ -71,18 +129,14 @@ pub trait HealthCheck: Send + Sync + 'static {
 pub struct TcpCheck;
 
 impl HealthCheck for TcpCheck {
-    async fn check(&self, addr: SocketAddr, timeout: Duration) -> CheckOutcome {
+    async fn check(&self, addr: SocketAddr, timeout: Duration, _: &Probe) -> CheckOutcome {
         let start = Instant::now();
-        let result = match tokio::time::timeout(timeout, connect(addr)).await {
-            Ok(Ok(())) => CheckResult::Passed,
-            // The kernel's own SYN timeout (only reached with a very long `timeout`).
-            Ok(Err(e)) if e.raw_os_error() == Some(libc::ETIMEDOUT) => CheckResult::Timeout,
-            Ok(Err(e)) if crate::worker::local::is_local_error(&e) => {
-                CheckResult::LocalError(e.raw_os_error().unwrap_or(libc::EMFILE))
+        let result = match connect_within(addr, start + timeout).await {
+            Ok(stream) => {
+                drop(stream);
+                CheckResult::Passed
             }
-            Ok(Err(e)) => CheckResult::ConnectionProblem(os_error_text(&e)),
-            // Dropping the connect future closed its socket: nothing is left behind.
-            Err(_) => CheckResult::Timeout,
+            Err(failed) => failed,
         };
         CheckOutcome {
             result,
@@ -91,7 +145,26 @@ impl HealthCheck for TcpCheck {
     }
 }
 
-async fn connect(addr: SocketAddr) -> std::io::Result<()> {
+/// The Layer4 step of every check: a connected stream by `deadline`, or the Layer4 (or
+/// local) result that ends the check.
+pub(super) async fn connect_within(
+    addr: SocketAddr,
+    deadline: Instant,
+) -> Result<TcpStream, CheckResult> {
+    match tokio::time::timeout_at(deadline, connect(addr)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        // The kernel's own SYN timeout (only reached with a very long `timeout`).
+        Ok(Err(e)) if e.raw_os_error() == Some(libc::ETIMEDOUT) => Err(CheckResult::Timeout),
+        Ok(Err(e)) if crate::worker::local::is_local_error(&e) => Err(CheckResult::LocalError(
+            e.raw_os_error().unwrap_or(libc::EMFILE),
+        )),
+        Ok(Err(e)) => Err(CheckResult::ConnectionProblem(os_error_text(&e))),
+        // Dropping the connect future closed its socket: nothing is left behind.
+        Err(_) => Err(CheckResult::Timeout),
+    }
+}
+
+async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -102,13 +175,12 @@ async fn connect(addr: SocketAddr) -> std::io::Result<()> {
     // two seconds per backend would otherwise leave a TIME_WAIT socket (and an ephemeral
     // port) behind every time. A zero linger never blocks the close.
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
-    Ok(())
+    Ok(stream)
 }
 
 /// "Connection refused" rather than "Connection refused (os error 111)": the text HAProxy
 /// puts in `info: "..."`.
-fn os_error_text(e: &std::io::Error) -> String {
+pub(super) fn os_error_text(e: &std::io::Error) -> String {
     match e.raw_os_error() {
         Some(code) => nix::errno::Errno::from_raw(code).desc().to_string(),
         None => e.to_string(),
@@ -123,7 +195,7 @@ mod tests {
     async fn a_listening_port_passes() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let o = TcpCheck
-            .check(l.local_addr().unwrap(), Duration::from_secs(5))
+            .check(l.local_addr().unwrap(), Duration::from_secs(5), &Probe::Tcp)
             .await;
         assert_eq!(o.result, CheckResult::Passed);
     }
@@ -134,7 +206,9 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let o = TcpCheck.check(addr, Duration::from_secs(5)).await;
+        let o = TcpCheck
+            .check(addr, Duration::from_secs(5), &Probe::Tcp)
+            .await;
         assert_eq!(
             o.result,
             CheckResult::ConnectionProblem("Connection refused".into())

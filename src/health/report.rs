@@ -175,6 +175,51 @@ mod tests {
     }
 
     #[test]
+    fn an_application_check_reads_like_haproxys_layer7_lines() {
+        let reason = CheckResult::WrongStatus {
+            code: Some("503".into()),
+            info: "Service Unavailable".into(),
+        }
+        .to_string();
+        let line = down_line(
+            &Subject {
+                frontend: "demo",
+                backend: "api2",
+                backup: false,
+            },
+            &Why {
+                reason: &reason,
+                check_duration: Some(Duration::from_micros(400)),
+            },
+            Remaining {
+                active: 2,
+                backup: 0,
+            },
+            0,
+        );
+        assert_eq!(
+            line,
+            "Server demo/api2 is DOWN, reason: Layer7 wrong status, code: 503, info: \"Service \
+             Unavailable\", check duration: 0ms. 2 active and 0 backup servers left. 0 sessions \
+             active, 0 requeued, 0 remaining in queue."
+        );
+        use crate::health::probe::Layer;
+        assert_eq!(
+            CheckResult::AppPassed(Layer::L7).to_string(),
+            "Layer7 check passed"
+        );
+        assert_eq!(
+            CheckResult::AppTimeout(Layer::L7).to_string(),
+            "Layer7 timeout"
+        );
+        assert_eq!(
+            CheckResult::InvalidResponse(Layer::L6, "TLS alert handshake_failure (40)".into())
+                .to_string(),
+            "Layer6 invalid response, info: \"TLS alert handshake_failure (40)\""
+        );
+    }
+
+    #[test]
     fn a_backup_server_is_named_as_one() {
         let line = up_line(
             &Subject {
