@@ -9,6 +9,7 @@
 mod diff;
 mod duration;
 mod file;
+mod log;
 mod problem;
 mod schema;
 mod suggest;
@@ -17,6 +18,7 @@ mod walk;
 
 pub use diff::{diff, BackendChange, ConfigDiff, FrontendChange};
 pub use duration::{format_duration, parse_duration};
+pub use log::{ConnLog, LogFormat, LogTarget, SinkSpec, SyslogFormat};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -129,6 +131,8 @@ pub struct Frontend {
     pub hash_key: HashKey,
     pub maglev_table_size: usize,
     pub on_marked_down: OnMarkedDown,
+    /// `[frontend.log]`: `None` writes no connection log (and costs nothing).
+    pub log: Option<ConnLog>,
     pub backends: Vec<Backend>,
 }
 
