@@ -305,12 +305,18 @@ impl Writer {
         let now = SystemTime::now();
         for line in b.bytes.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
             self.frame.clear();
+            // Over a local socket a 3164 header carries no host name (the daemon adds it);
+            // a 5424 header always does.
+            let host = match (&self.out, self.spec.syslog) {
+                (Out::Unix(_), SyslogFormat::Rfc3164) => "",
+                _ => &self.hostname,
+            };
             syslog_header(
                 &mut self.frame,
                 self.spec.syslog,
                 self.spec.facility,
                 now,
-                &self.hostname,
+                host,
                 self.pid,
             );
             self.frame.extend_from_slice(line);
@@ -372,6 +378,16 @@ fn syslog_header(
             "<{pri}>1 {:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z {host} ringlb {pid} - - ",
             t.year, t.month, t.day, t.hour, t.minute, t.second, t.milli
         ),
+        // The local socket's daemon adds the host itself, as it does for syslog(3).
+        SyslogFormat::Rfc3164 if host.is_empty() => write!(
+            out,
+            "<{pri}>{} {:>2} {:02}:{:02}:{:02} ringlb[{pid}]: ",
+            super::line::month_name(t.month),
+            t.day,
+            t.hour,
+            t.minute,
+            t.second
+        ),
         SyslogFormat::Rfc3164 => write!(
             out,
             "<{pri}>{} {:>2} {:02}:{:02}:{:02} {host} ringlb[{pid}]: ",
@@ -403,6 +419,12 @@ mod tests {
         assert_eq!(
             String::from_utf8_lossy(&out),
             "<134>Feb  6 12:12:51 lb1 ringlb[42]: "
+        );
+        out.clear();
+        syslog_header(&mut out, SyslogFormat::Rfc3164, 3, t, "", 42);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "<30>Feb  6 12:12:51 ringlb[42]: "
         );
     }
 }
