@@ -109,6 +109,8 @@ listen = ["127.0.0.1:{port}"]
 balance = "round-robin"
 connect_timeout = "1s"
 retries = 2
+# One line per connection on stderr, in HAProxy's tcplog format (docs/logging.md).
+log = {{ format = "haproxy", target = "stderr" }}
 
 [frontend.health]
 interval = "1s"
@@ -165,6 +167,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
         println!("  Kill one:      type `stop 2` here and press Enter; curl keeps answering from #1 and #3");
         println!("  Bring it back: type `start 2`");
         println!("  Status:        http://127.0.0.1:{admin}/  (metrics at /metrics)");
+        println!("  Each connection is logged below when it ends (HAProxy tcplog format)");
         println!("  Quit:          Ctrl-C");
         println!();
         std::thread::spawn(move || console(console_backends));
