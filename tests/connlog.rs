@@ -224,7 +224,7 @@ fn a_retried_connect_that_succeeds_is_normal_with_its_retry_counted() {
 }
 
 #[test]
-fn a_connect_timeout_is_lowercase_sc() {
+fn a_connect_timeout_is_lowercase_sc_and_leaks_no_fd() {
     let hole = Blackhole::start();
     let dir = TempDir::new();
     let (lb, log) = start(
@@ -232,10 +232,50 @@ fn a_connect_timeout_is_lowercase_sc() {
         "retries = 0\nconnect_timeout = \"300ms\"",
         &[("hole", hole.addr, "check = false")],
     );
-    let mut s = TcpStream::connect(lb.addr("web")).unwrap();
-    wait_closed(&mut s);
-    let v = &wait_lines(&log, 1)[0];
-    check_line(v, "sC", Some("hole"), (0, 0));
+    let fds = lb.fd_count();
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(lb.addr("web")).unwrap();
+        wait_closed(&mut s);
+    }
+    for v in &wait_lines(&log, 5) {
+        check_line(v, "sC", Some("hole"), (0, 0));
+    }
+    assert!(
+        wait_until(SOON, || lb.fd_count() <= fds),
+        "{} fds, {fds} before",
+        lb.fd_count()
+    );
+}
+
+/// The byte counts come from the relay whatever moves the bytes: splice pipes, and the
+/// epoll runtime.
+#[test]
+fn byte_counts_are_exact_with_splice_and_on_epoll() {
+    let b = Backend::start("a", Behaviour::Echo);
+    for global in [
+        "relay = \"splice\"",
+        "io = \"epoll\"\nrelay = \"splice-auto\"",
+    ] {
+        let dir = TempDir::new();
+        let log = dir.path.join("conn.log");
+        let cfg = global_toml(global)
+            + &frontend_toml(
+                "web",
+                &format!(
+                    "[frontend.log]\nformat = \"json\"\ntarget = \"file:{}\"\n",
+                    log.display()
+                ),
+                &[("a", b.addr, "")],
+            );
+        let lb = Ringlb::start(&cfg);
+        bulk_echo(lb.addr("web"), 3_000_017);
+        check_line(
+            &wait_lines(&log, 1)[0],
+            "--",
+            Some("a"),
+            (3_000_017, 3_000_017),
+        );
+    }
 }
 
 #[test]
