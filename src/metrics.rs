@@ -266,6 +266,8 @@ impl Exporter {
                 self.touch_backend(&mut t, &d.config, &d.state);
             }
         }
+        // One series per target: sinks that differ only in framing (two frontends sending to
+        // one syslog socket in RFC 5424 and 3164) are summed.
         let mut sinks: Vec<&Arc<crate::connlog::Sink>> = Vec::new();
         for fe in snap.frontends.values() {
             if let Some(l) = &fe.log {
@@ -274,18 +276,21 @@ impl Exporter {
                 }
             }
         }
-        for sink in sinks {
-            let target = sink.spec.target.to_string();
-            let st = &sink.stats;
+        sinks.sort_by_key(|s| s.spec.target.to_string());
+        for group in sinks.chunk_by(|a, b| a.spec.target == b.spec.target) {
+            let target = group[0].spec.target.to_string();
+            let sum = |f: fn(&crate::connlog::sink::SinkStats) -> u64| -> u64 {
+                group.iter().map(|s| f(&s.stats)).sum()
+            };
             self.touch(
                 &mut t,
                 &LOG,
                 format!("g\0{target}"),
-                Arc::as_ptr(st) as usize,
+                Arc::as_ptr(&group[0].stats) as usize,
                 || vec![Label::new("target", target.clone())],
                 &[
-                    st.written.load(Ordering::Relaxed),
-                    st.dropped.load(Ordering::Relaxed),
+                    sum(|s| s.written.load(Ordering::Relaxed)),
+                    sum(|s| s.dropped.load(Ordering::Relaxed)),
                 ],
                 &[],
             );

@@ -108,9 +108,11 @@ thread_local! {
     static SAMPLED: Cell<u64> = const { Cell::new(0) };
 }
 
-/// What the log needs to know of one connection, gathered while it lives.
+/// What the log needs to know of one connection, gathered while it lives. It holds no
+/// reference to the log: `serve` holds the frontend's snapshot (and so its log) for the
+/// connection's life and hands it back at the end, so a logged connection adds no shared
+/// reference count to bump.
 struct Record {
-    log: Arc<FrontendLog>,
     client: SocketAddr,
     accepted: SystemTime,
     start: Instant,
@@ -141,7 +143,7 @@ impl Trace {
     }
 
     #[inline(never)]
-    fn sampled(log: &Arc<FrontendLog>, client: SocketAddr) -> Trace {
+    fn sampled(log: &FrontendLog, client: SocketAddr) -> Trace {
         let n = u64::from(log.config.sample);
         if n > 1 {
             let seen = SAMPLED.get().wrapping_add(1);
@@ -151,7 +153,6 @@ impl Trace {
             }
         }
         Trace(Some(Box::new(Record {
-            log: log.clone(),
             client,
             accepted: SystemTime::now(),
             start: Instant::now(),
@@ -194,9 +195,9 @@ impl Trace {
     /// process's open connections.
     #[inline]
     pub fn relaying(&self, fe: &FrontendSnap, actconn: usize) {
-        if let Some(r) = &self.0 {
-            if r.log.config.log_connect && !r.log.config.only_errors {
-                r.emit(fe, actconn, Event::Connect, *b"--", (0, 0));
+        if let (Some(r), Some(log)) = (&self.0, &fe.log) {
+            if log.config.log_connect && !log.config.only_errors {
+                r.emit(log, fe, actconn, Event::Connect, *b"--", (0, 0));
             }
         }
     }
@@ -206,8 +207,8 @@ impl Trace {
     /// do).
     #[inline]
     pub fn finish(self, fe: &FrontendSnap, actconn: usize, end: End<'_>) {
-        if let Some(r) = self.0 {
-            r.finish(fe, actconn, end);
+        if let (Some(r), Some(log)) = (self.0, &fe.log) {
+            r.finish(log, fe, actconn, end);
         }
     }
 }
@@ -230,7 +231,7 @@ impl Record {
     }
 
     #[inline(never)]
-    fn finish(&self, fe: &FrontendSnap, actconn: usize, end: End<'_>) {
+    fn finish(&self, log: &FrontendLog, fe: &FrontendSnap, actconn: usize, end: End<'_>) {
         let (outcome, bytes) = match end {
             End::Relayed { ended, cut, meter } => {
                 let backend_up = self
@@ -254,18 +255,19 @@ impl Record {
             ),
         };
         let state = termination(outcome);
-        let c = &self.log.config;
+        let c = &log.config;
         if (c.only_errors && &state == b"--" && self.retries() == 0)
             || (c.skip_null && bytes.0 == 0)
         {
             return;
         }
-        self.emit(fe, actconn, Event::End, state, bytes);
+        self.emit(log, fe, actconn, Event::End, state, bytes);
     }
 
     #[inline(never)]
     fn emit(
         &self,
+        log: &FrontendLog,
         fe: &FrontendSnap,
         actconn: usize,
         event: Event,
@@ -293,8 +295,8 @@ impl Record {
             srvconn: backend.map_or(0, |b| b.state.active.load(Ordering::Relaxed)),
             retries: self.retries(),
         };
-        let format = self.log.config.format;
-        batch::push(&self.log.sink, |out| match format {
+        let format = log.config.format;
+        batch::push(&log.sink, |out| match format {
             LogFormat::Haproxy => line::haproxy(&entry, out),
             LogFormat::Json => line::json(&entry, out),
         });
