@@ -130,25 +130,9 @@ pub async fn relay<S: Conn>(
     mode: RelayMode,
     head: Head,
 ) -> Ended {
-    let closed_first: Cell<Option<Side>> = Cell::new(None);
-    let failed: Cell<Option<Side>> = Cell::new(None);
-    // One direction's end: `src` is the side it reads from.
-    let end = |r: Result<(), Fault>, src: Side, dst: Side| match r {
-        Ok(()) => {
-            if closed_first.get().is_none() {
-                closed_first.set(Some(src));
-            }
-        }
-        Err(f) => {
-            if failed.get().is_none() {
-                failed.set(Some(match f {
-                    Fault::Src => src,
-                    Fault::Dst => dst,
-                }));
-            }
-            end_both(client, server);
-        }
-    };
+    // Written by whichever direction ends first; read once both have. Two bytes, and no
+    // closure: the relay's future is part of every idle connection's.
+    let how = Cell::new(Outcome::default());
     let up = async {
         let sent = match head {
             Head::Nothing => Ok(false),
@@ -167,18 +151,56 @@ pub async fn relay<S: Conn>(
             Ok(readable) => pump(client, server, &meter.bytes_up, meter, mode, readable).await,
             Err(e) => Err(e),
         };
-        end(r, Side::Client, Side::Server);
+        how.set(how.get().with(r, Side::Client, Side::Server));
+        if r.is_err() {
+            end_both(client, server);
+        }
     };
     let down = async {
         let r = pump(server, client, &meter.bytes_down, meter, mode, false).await;
-        end(r, Side::Server, Side::Client);
+        how.set(how.get().with(r, Side::Server, Side::Client));
+        if r.is_err() {
+            end_both(client, server);
+        }
     };
     tokio::join!(up, down);
-    match (failed.get(), closed_first.get()) {
-        (Some(side), _) => Ended::Failed(side),
-        (None, first) => Ended::Closed {
-            first: first.unwrap_or(Side::Client),
-        },
+    how.get().ended()
+}
+
+/// What the directions of a relay reported so far.
+#[derive(Debug, Clone, Copy, Default)]
+struct Outcome {
+    /// The side whose EOF came first.
+    closed_first: Option<Side>,
+    /// The side of the first failure.
+    failed: Option<Side>,
+}
+
+impl Outcome {
+    /// With one direction's end added: `src` is the side it reads from, `dst` the other.
+    fn with(self, r: Result<(), Fault>, src: Side, dst: Side) -> Outcome {
+        match r {
+            Ok(()) => Outcome {
+                closed_first: self.closed_first.or(Some(src)),
+                ..self
+            },
+            Err(f) => Outcome {
+                failed: self.failed.or(Some(match f {
+                    Fault::Src => src,
+                    Fault::Dst => dst,
+                })),
+                ..self
+            },
+        }
+    }
+
+    fn ended(self) -> Ended {
+        match self.failed {
+            Some(side) => Ended::Failed(side),
+            None => Ended::Closed {
+                first: self.closed_first.unwrap_or(Side::Client),
+            },
+        }
     }
 }
 
