@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -730,6 +730,45 @@ fn rsyslog_receives_lines_over_udp_and_a_unix_socket_and_again_after_a_restart()
         l.iter().any(|l| l.contains("\"bytes_in\":29,")) && l.iter().any(|l| l.contains(" 31 -- "))
     }));
     assert!(metric(&lb, "ringlb_log_lines_total") >= 4.0);
+}
+
+#[test]
+fn a_sink_that_blocks_costs_dropped_lines_never_a_stalled_connection() {
+    // A FIFO nobody reads: the writer thread blocks opening it, as on a hung NFS mount.
+    let dir = TempDir::new();
+    let fifo = dir.path.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let b = Backend::start("a", Behaviour::Echo);
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "web",
+            &format!("[frontend.log]\ntarget = \"file:{}\"", fifo.display()),
+            &[("a", b.addr, "")],
+        );
+    let lb = Ringlb::start(&cfg);
+    let mut n = 0;
+    assert!(
+        wait_until(SOON, || {
+            for _ in 0..50 {
+                one_through(&lb, "web", 1);
+                n += 1;
+            }
+            metric(&lb, "ringlb_log_dropped_total") >= 1.0
+        }),
+        "no drop after {n} connections"
+    );
+    // A reader comes: the writer gets through, and lines flow again.
+    let reader = std::thread::spawn(move || {
+        let f = std::fs::File::open(&fifo).unwrap();
+        let mut lines = std::io::BufReader::new(f).lines();
+        lines.find(|l| l.as_ref().is_ok_and(|l| l.contains(" 7 -- ")))
+    });
+    let done = wait_until(SOON, || {
+        one_through(&lb, "web", 7);
+        reader.is_finished()
+    });
+    assert!(done, "no line came through after the sink unblocked");
+    assert!(reader.join().unwrap().is_some());
 }
 
 #[test]

@@ -26,9 +26,10 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::config::{LogTarget, SinkSpec, SyslogFormat};
 use crate::log::Utc;
 
-/// Batches a sink may have queued before workers start dropping (each at most
-/// [`super::batch::FLUSH_AT`] bytes plus one line).
-const QUEUE: usize = 256;
+/// Batches a sink may have queued before workers start dropping: each at most
+/// [`super::batch::FLUSH_AT`] bytes plus one line, so at most about 1 MiB, a few seconds of
+/// lines at a moderate rate and a fraction of a second at a very high one.
+const QUEUE: usize = 64;
 /// How often an idle writer looks at its reopen flag, and retries a file it could not open.
 const WRITER_TICK: Duration = Duration::from_millis(200);
 /// A syslog send that blocks longer than this (a Unix socket whose reader stalled) fails.
