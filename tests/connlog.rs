@@ -706,15 +706,23 @@ fn rsyslog_receives_lines_over_udp_and_a_unix_socket_and_again_after_a_restart()
     // The syslog daemon goes away: lines are dropped and counted, connections go on.
     rs.stop();
     let _ = std::fs::remove_file(&rs.sock);
-    let dropped = || metric(&lb, "ringlb_log_dropped_total");
+    // Each target counts its own: the Unix socket is gone (ENOENT), the UDP port answers
+    // with ICMP "port unreachable" (ECONNREFUSED on the next send).
+    let dropped = |target: String| {
+        let series = format!("ringlb_log_dropped_total{{target=\"{target}\"}}");
+        metric(&lb, &series)
+    };
+    let unix_target = format!("syslog+unix:{}", rs.sock.display());
+    let udp_target = format!("syslog+udp://{}", rs.udp);
     assert!(
         wait_until(SOON, || {
             one_through(&lb, "viaunix", 1);
             one_through(&lb, "viaudp", 1);
-            dropped() >= 2.0
+            dropped(unix_target.clone()) >= 1.0 && dropped(udp_target.clone()) >= 1.0
         }),
-        "dropped: {}",
-        dropped()
+        "dropped: unix {}, udp {}",
+        dropped(unix_target.clone()),
+        dropped(udp_target.clone())
     );
     // It comes back: logging resumes.
     let udp_port = rs.udp.port();
