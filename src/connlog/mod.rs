@@ -18,7 +18,7 @@ pub mod sink;
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -191,12 +191,14 @@ impl Trace {
         }
     }
 
-    /// The relay starts: writes the `log_connect` line if asked for. `actconn` is the
-    /// process's open connections.
+    /// The relay starts: writes the `log_connect` line if asked for. `actconn` counts the
+    /// process's open connections (read only when a line is written: it is a contended
+    /// line, and a connection that is not logged should not touch it).
     #[inline]
-    pub fn relaying(&self, fe: &FrontendSnap, actconn: usize) {
+    pub fn relaying(&self, fe: &FrontendSnap, actconn: &AtomicUsize) {
         if let (Some(r), Some(log)) = (&self.0, &fe.log) {
             if log.config.log_connect && !log.config.only_errors {
+                let actconn = actconn.load(Ordering::Relaxed);
                 r.emit(log, fe, actconn, Event::Connect, *b"--", (0, 0));
             }
         }
@@ -206,9 +208,9 @@ impl Trace {
     /// connection still counts in the open-connection numbers (they include it, as HAProxy's
     /// do).
     #[inline]
-    pub fn finish(self, fe: &FrontendSnap, actconn: usize, end: End<'_>) {
+    pub fn finish(self, fe: &FrontendSnap, actconn: &AtomicUsize, end: End<'_>) {
         if let (Some(r), Some(log)) = (self.0, &fe.log) {
-            r.finish(log, fe, actconn, end);
+            r.finish(log, fe, actconn.load(Ordering::Relaxed), end);
         }
     }
 }

@@ -205,13 +205,13 @@ async fn serve<I: Io>(
                             ActiveGuard::new(backend.state.clone()),
                             cfg.idle_timeout,
                         );
-                        trace.relaying(&fe, shared.active());
+                        trace.relaying(&fe, &shared.active);
                         let ended =
                             relay::relay(&client, &server, reg.meter(), shared.relay_mode, head)
                                 .await;
                         let (cut, meter) = (reg.cut(), reg.meter());
                         let end = connlog::End::Relayed { ended, cut, meter };
-                        trace.finish(&fe, shared.active(), end);
+                        trace.finish(&fe, &shared.active, end);
                         // `reg` goes before the sockets: the sweeper never sees a closed fd.
                         drop(reg);
                         return;
@@ -240,7 +240,7 @@ async fn serve<I: Io>(
                 fe.state
                     .rejected_local_total
                     .fetch_add(1, Ordering::Relaxed);
-                trace.finish(&fe, shared.active(), connlog::End::NotConnected);
+                trace.finish(&fe, &shared.active, connlog::End::NotConnected);
                 relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
                 return;
             }
@@ -275,7 +275,7 @@ async fn serve<I: Io>(
     fe.state
         .rejected_no_backend_total
         .fetch_add(1, Ordering::Relaxed);
-    trace.finish(&fe, shared.active(), connlog::End::NotConnected);
+    trace.finish(&fe, &shared.active, connlog::End::NotConnected);
     // A readiness poll left by `first_move` may still hold the client socket: shutting it
     // down completes that poll, so the fd is closed now rather than when the client speaks.
     relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
