@@ -3,6 +3,8 @@
 
     python3 benches/compare.py --bin target/release/ringlb            # full run, about 10 minutes
     python3 benches/compare.py --bin target/release/ringlb --quick    # a few seconds per figure
+    python3 benches/compare.py --connlog --figures close --relay copy --peers haproxy
+                                   # conn/s with connection logs on and off, HAProxy with tcplog
 
 Needs iperf3, wrk and nginx (the HTTP backend); HAProxy and nginx's stream module
 (`apt-get install haproxy nginx libnginx-mod-stream iperf3 wrk`) are compared when present.
@@ -15,6 +17,11 @@ Python 3 standard library only. Every balancer gets 2 workers (ringlb `workers =
   idle        N connections (default 10,000; fd limit 24,000), each after one echoed line, held
               open: RSS KiB and fds per connection over the balancer's idle baseline, and how many
               of the N failed
+
+--connlog starts a private rsyslogd (apt-get install rsyslog) on a loopback UDP port, runs every
+ringlb column twice, without and with `[frontend.log]` sending HAProxy-format lines to it (column
+"+log"), gives HAProxy `option tcplog` with `log` to the same rsyslogd, and reports ringlb's
+log-on / log-off ratio per figure.
 
 CPU is utime+stime from /proc/PID/stat of every process of the balancer (ringlb, HAProxy, the nginx
 master and workers), as a delta over the load run; RSS and fds are summed over the same processes.
@@ -262,20 +269,24 @@ def raise_nofile():
 
 
 class Column:
-    def __init__(self, key, title, kind, relay=None):
+    def __init__(self, key, title, kind, relay=None, log=None):
         self.key, self.title, self.kind, self.relay = key, title, kind, relay
+        # The UDP port of the rsyslogd connection logs go to, or None for no log.
+        self.log = log
         self.peer = kind != "ringlb"
 
 
-def ringlb_config(path, port, backend, relay):
+def ringlb_config(path, port, backend, relay, log=None):
     # "MODE@IO" also sets [global] io, e.g. "copy@epoll" for the epoll runtime.
     mode, _, io = relay.partition("@")
     with open(path, "w") as f:
         f.write('[global]\nworkers = 2\nrelay = "%s"\nio = "%s"\nshutdown_timeout = "1s"\n'
                 '[admin]\nlisten = ""\n'
                 '[[frontend]]\nname = "bench"\nlisten = ["127.0.0.1:%d"]\nbalance = "round-robin"\n'
-                'idle_timeout = "10m"\n[[frontend.backend]]\nname = "b"\naddress = "127.0.0.1:%d"\n'
-                'check = false\n' % (mode, io or "auto", port, backend))
+                'idle_timeout = "10m"\n%s[[frontend.backend]]\nname = "b"\naddress = "127.0.0.1:%d"\n'
+                'check = false\n' % (mode, io or "auto", port,
+                                     '[frontend.log]\ntarget = "syslog+udp://127.0.0.1:%d"\n' % log if log else "",
+                                     backend))
 
 
 def ringlb_check(binary, tmp, relay):
@@ -294,17 +305,20 @@ def start_balancer(col, args, procs, tmp, backend, nofile):
     d = tempfile.mkdtemp(prefix=col.key + "-", dir=tmp)
     if col.kind == "ringlb":
         cfg = os.path.join(d, "ringlb.toml")
-        ringlb_config(cfg, port, backend, col.relay)
+        ringlb_config(cfg, port, backend, col.relay, col.log)
         argv = [args.bin, "run", "--config", cfg]
     elif col.kind == "haproxy":
         # No maxconn: HAProxy derives it from the fd limit (it refuses to start when an explicit
         # maxconn needs more fds than the limit allows, and cannot raise the limit here).
         cfg = os.path.join(d, "haproxy.cfg")
         with open(cfg, "w") as f:
-            f.write("global\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 2s\n"
-                    "  timeout client 10m\n  timeout server 10m\n%s"
+            log_global = "  log 127.0.0.1:%d local0\n" % col.log if col.log else ""
+            log_defaults = "  log global\n  option tcplog\n" if col.log else ""
+            f.write("global\n  nbthread 2\n%sdefaults\n  mode tcp\n  timeout connect 2s\n"
+                    "  timeout client 10m\n  timeout server 10m\n%s%s"
                     "frontend f\n  bind 127.0.0.1:%d\n  default_backend b\nbackend b\n  server s1 127.0.0.1:%d\n"
-                    % ("  option splice-auto\n" if col.relay == "splice-auto" else "", port, backend))
+                    % (log_global, log_defaults, "  option splice-auto\n" if col.relay == "splice-auto" else "",
+                       port, backend))
         argv = ["haproxy", "-db", "-f", cfg]
     else:
         cfg = os.path.join(d, "nginx.conf")
@@ -324,6 +338,28 @@ def start_balancer(col, args, procs, tmp, backend, nofile):
 
 
 # ---------------------------------------------------------------- figures
+
+
+def start_rsyslog(procs, tmp):
+    """A private rsyslogd on a loopback UDP port, writing what it gets to a file; its port."""
+    binary = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
+    if not os.access(binary, os.X_OK):
+        sys.exit("--connlog needs rsyslogd (apt-get install rsyslog)")
+    port = free_port()
+    d = tempfile.mkdtemp(prefix="rsyslog-", dir=tmp)
+    conf = os.path.join(d, "rsyslog.conf")
+    with open(conf, "w") as f:
+        f.write('global(workDirectory="%s")\nmodule(load="imudp")\n'
+                'input(type="imudp" address="127.0.0.1" port="%d")\n'
+                '*.* action(type="omfile" file="%s/messages")\n' % (d, port, d))
+    pidfile = os.path.join(d, "rsyslogd.pid")
+    p = procs.start("rsyslogd", [binary, "-n", "-f", conf, "-i", pidfile])
+    end = time.time() + 10
+    while not os.path.exists(pidfile):
+        if p.poll() is not None or time.time() > end:
+            raise RuntimeError("rsyslogd did not start: %s" % tail(p.logf))
+        time.sleep(0.05)
+    return port
 
 
 def run_iperf(port, streams, secs):
@@ -570,6 +606,9 @@ def main():
                     help="RLIMIT_NOFILE of every balancer (default: %(default)s); if the hard limit is lower, "
                          "it is used and --idle is scaled down by the same factor")
     ap.add_argument("--json", metavar="FILE", help="also write the raw figures as JSON")
+    ap.add_argument("--connlog", action="store_true",
+                    help="each ringlb column also with a connection log to a private rsyslogd (+log), "
+                         "HAProxy with option tcplog to the same one")
     ap.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)  # internal: the idle backend
     args = ap.parse_args()
 
@@ -617,6 +656,7 @@ def main():
     started, load0 = time.time(), os.getloadavg()[0]
     try:
         cols = []
+        log_port = start_rsyslog(procs, tmp) if args.connlog else None
         for relay in [r for r in args.relay.split(",") if r]:
             why = ringlb_check(args.bin, tmp, relay)
             if why:
@@ -626,6 +666,9 @@ def main():
                 mode, _, io = relay.partition("@")
                 title = "ringlb %s" % mode + (" (%s)" % io if io else "")
                 cols.append(Column("ringlb-" + relay.replace("@", "-"), title, "ringlb", relay))
+                if log_port:
+                    cols.append(Column("ringlb-" + relay.replace("@", "-") + "-log", title + " +log",
+                                       "ringlb", relay, log_port))
         hv = first_line(["haproxy", "-v"]) if have("haproxy") else ""
         hver = re.search(r"version (\d+\.\d+)", hv)
         hname = "HAProxy %s" % (hver.group(1) if hver else "")
@@ -637,8 +680,9 @@ def main():
                 if not have("haproxy"):
                     skipped.append("%s: haproxy not installed" % peer)
                     continue
-                cols.append(Column(peer, hname + (" splice-auto" if peer == "haproxy-splice" else ""),
-                                   "haproxy", "splice-auto" if peer == "haproxy-splice" else None))
+                cols.append(Column(peer, hname + (" splice-auto" if peer == "haproxy-splice" else "")
+                                   + (" tcplog" if log_port else ""),
+                                   "haproxy", "splice-auto" if peer == "haproxy-splice" else None, log_port))
             elif peer == "nginx":
                 if not have("nginx"):
                     skipped.append("nginx: not installed")
@@ -709,6 +753,15 @@ def main():
     print(table(cols, results, env))
     print("\n↑ higher is better, ↓ lower is better; (N.NNx) = ringlb / best peer (%s)."
           % ", ".join(c.title for c in cols if c.peer))
+    if args.connlog:
+        for c in cols:
+            if c.kind != "ringlb" or not c.log:
+                continue
+            for key in figures:
+                on = (results.get((key, c.key)) or (None,))[0]
+                off = (results.get((key, c.key[:-len("-log")])) or (None,))[0]
+                if on and off and on[0] and off[0]:
+                    print("- %s, %s: connection log on / off = %.2fx" % (key, c.title, on[0] / off[0]))
     for s in skipped + notes:
         print("- " + s)
     if args.json:

@@ -31,6 +31,7 @@ pub fn run(
         let mut term = signal(SignalKind::terminate()).map_err(StartError::Workers)?;
         let mut int = signal(SignalKind::interrupt()).map_err(StartError::Workers)?;
         let mut hup = signal(SignalKind::hangup()).map_err(StartError::Workers)?;
+        let mut usr1 = signal(SignalKind::user_defined1()).map_err(StartError::Workers)?;
         let (mut server, mut events) = Server::start(config, config_path)?;
         let (mut health, mut health_events) = HealthChecks::new();
         health.sync(&mut server);
@@ -62,6 +63,11 @@ pub fn run(
                     server.check_foreign_listeners(admin.bound.get().copied());
                     systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
                 }
+                _ = usr1.recv() => {
+                    // logrotate moved the connection log files: write to new ones.
+                    crate::info!("SIGUSR1 received: reopening connection log files");
+                    server.registry.log_sinks.reopen_files();
+                }
                 _ = foreign_tick.tick() => server.check_foreign_listeners(admin.bound.get().copied()),
                 _ = announce_tick.tick() => announcer.tick(&server.snapshot(), false),
                 Some(ev) = events.recv() => handle_event(&mut server, &mut health, ev),
@@ -72,6 +78,8 @@ pub fn run(
         admin.ops.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
         withdraw(&mut announcer, &mut server).await;
         let left = server.drain().await;
+        // The last connections' log lines, before the process goes.
+        crate::connlog::settle(&server.registry.log_sinks, Duration::from_secs(2)).await;
         if left > 0 {
             crate::warn!("stopped with {left} connections still open after shutdown_timeout");
         } else {

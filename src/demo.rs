@@ -120,6 +120,8 @@ listen = ["127.0.0.1:{port}"]
 balance = "round-robin"
 connect_timeout = "1s"
 retries = 2
+# One line per connection on stderr, in HAProxy's tcplog format (docs/logging.md).
+log = {{ format = "haproxy", target = "stderr" }}
 
 # An HTTP check (HAProxy's `option httpchk`): a backend whose /health stops answering 2xx or
 # 3xx is taken out even while its port accepts.
@@ -182,6 +184,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
         println!("  Bring it back: type `start 2`");
         println!("  Make it sick:  type `sick 2`: its /health answers 503 (port still open), the HTTP check takes it out; `well 2` heals it");
         println!("  Status:        http://127.0.0.1:{admin}/  (metrics at /metrics)");
+        println!("  Each connection is logged below when it ends (HAProxy tcplog format)");
         println!("  Quit:          Ctrl-C");
         println!();
         std::thread::spawn(move || console(console_backends));

@@ -22,6 +22,8 @@
 //! - [`systemd`]: `sd_notify` readiness, reload and stop messages; watchdog pings.
 //! - [`demo`]: the self-contained demo behind `ringlb demo`.
 //! - [`log`]: one-line operator logs on stderr, journald-aware.
+//! - [`connlog`]: connection logs (HAProxy tcplog or JSON) to stderr, a file or syslog,
+//!   written by sink threads off the data path.
 
 // Unsafe code is confined to `relay::ops` and `worker::listener::reuseport`, which opt back
 // in; everything else is checked.
@@ -35,6 +37,7 @@ pub mod backend;
 pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod connlog;
 pub mod control;
 pub mod demo;
 pub mod health;

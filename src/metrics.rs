@@ -122,6 +122,15 @@ const LOCAL: Family = Family {
     gauges: &[],
 };
 
+/// Connection log sinks, one series per target.
+const LOG: Family = Family {
+    counters: &[
+        ("ringlb_log_lines_total", None),
+        ("ringlb_log_dropped_total", None),
+    ],
+    gauges: &[],
+};
+
 /// HELP text for every name, with the HAProxy exporter counterpart where there is one.
 const HELP: &[(&str, &str)] = &[
     ("ringlb_backend_connections_total", "Connections relayed to the backend (haproxy_server_sessions_total)."),
@@ -159,6 +168,8 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_relay_tails_in_use", "Small copies (at most 4 KiB) of the unsent bytes of sends waiting for a slow reader."),
     ("ringlb_relay_pipe_unavailable_total", "Chunks copied instead of spliced because no pipe could be had (per-worker pipe limit, or out of fds)."),
     ("ringlb_local_errors_total", "Errors of this host, not of any backend (EMFILE, ENFILE, ENOBUFS, ENOMEM), by operation (accept, connect, probe) and errno; never counted against a backend."),
+    ("ringlb_log_lines_total", "Connection log lines written to the target (docs/logging.md)."),
+    ("ringlb_log_dropped_total", "Connection log lines lost because the target could not keep up (its queue was full) or a write to it failed."),
     ("ringlb_start_time_seconds", "Unix time ringlb started (haproxy_process_start_time_seconds)."),
     ("ringlb_admin_connections_evicted_total", "Admin connections closed to make room for a newer one: the oldest still sending its request, else the oldest being answered."),
     ("ringlb_build_info", "Always 1; labels: version, io (io_uring or epoll, the workers' runtime) and relay (copy, splice or splice-auto) (haproxy_process_build_info)."),
@@ -276,6 +287,35 @@ impl Exporter {
             if t.series.get(&key).is_none_or(|s| s.seen_tick != t.tick) {
                 self.touch_backend(&mut t, &d.config, &d.state);
             }
+        }
+        // One series per target: sinks that differ only in framing (two frontends sending to
+        // one syslog socket in RFC 5424 and 3164) are summed.
+        let mut sinks: Vec<&Arc<crate::connlog::Sink>> = Vec::new();
+        for fe in snap.frontends.values() {
+            if let Some(l) = &fe.log {
+                if !sinks.iter().any(|s| Arc::ptr_eq(s, &l.sink)) {
+                    sinks.push(&l.sink);
+                }
+            }
+        }
+        sinks.sort_by_key(|s| s.spec.target.to_string());
+        for group in sinks.chunk_by(|a, b| a.spec.target == b.spec.target) {
+            let target = group[0].spec.target.to_string();
+            let sum = |f: fn(&crate::connlog::sink::SinkStats) -> u64| -> u64 {
+                group.iter().map(|s| f(&s.stats)).sum()
+            };
+            self.touch(
+                &mut t,
+                &LOG,
+                format!("g\0{target}"),
+                Arc::as_ptr(&group[0].stats) as usize,
+                || vec![Label::new("target", target.clone())],
+                &[
+                    sum(|s| s.written.load(Ordering::Relaxed)),
+                    sum(|s| s.dropped.load(Ordering::Relaxed)),
+                ],
+                &[],
+            );
         }
         let ops = &self.ops;
         let pools = self.shared.pool_totals();

@@ -672,7 +672,9 @@ fn every_metric_in_docs_metrics_md_is_exported_and_every_exported_one_is_documen
         })
         .collect();
     let b = Backend::start("a1", Behaviour::Echo);
-    let lb = Ringlb::start(&(global_toml("") + &frontend_toml("web", "", &[("a1", b.addr, "")])));
+    // With a connection log: its series exist once a frontend logs (one per target).
+    let log = "log = { target = \"stderr\" }";
+    let lb = Ringlb::start(&(global_toml("") + &frontend_toml("web", log, &[("a1", b.addr, "")])));
     let exported: std::collections::BTreeSet<String> = scrape(lb.admin.unwrap())
         .keys()
         .map(|series| series.split('{').next().unwrap().to_string())

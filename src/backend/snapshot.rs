@@ -26,6 +26,8 @@ pub struct FrontendSnap {
     pub config: Frontend,
     pub state: Arc<FrontendState>,
     pub backends: Vec<BackendRef>,
+    /// The connection log, if the frontend has a `[frontend.log]`.
+    pub log: Option<Arc<crate::connlog::FrontendLog>>,
     primary: Box<dyn BackendSelection>,
     backup: Box<dyn BackendSelection>,
 }
@@ -50,6 +52,10 @@ impl FrontendSnap {
             primary: balance::build(config, &backends, &primary),
             backup: balance::build(config, &backends, &backup),
             state: registry.frontend(&config.name),
+            log: config
+                .log
+                .as_ref()
+                .and_then(|l| crate::connlog::FrontendLog::build(l, &mut registry.log_sinks)),
             config: config.clone(),
             backends,
         }

@@ -276,6 +276,8 @@ pub struct Registry {
     /// still holds them. A reload that adds one back adopts it, so its open connections are
     /// not closed by the drain limit and its counters and health carry on.
     removed: HashMap<BackendKey, Weak<BackendState>>,
+    /// The connection logs' sinks, shared by the frontends (and snapshots) that name them.
+    pub log_sinks: crate::connlog::Sinks,
 }
 
 impl Registry {

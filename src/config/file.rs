@@ -62,8 +62,23 @@ pub struct FileFrontend {
     pub on_ready: Option<Vec<String>>,
     pub on_unready: Option<Vec<String>>,
     pub health: Option<FileHealth>,
+    pub log: Option<FileLog>,
     #[serde(default)]
     pub backend: Vec<FileBackend>,
+}
+
+/// `[frontend.log]`: the connection log (see docs/logging.md).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLog {
+    pub format: Option<String>,
+    pub target: Option<String>,
+    pub syslog_format: Option<String>,
+    pub facility: Option<String>,
+    pub only_errors: Option<bool>,
+    pub skip_null: Option<bool>,
+    pub sample: Option<i64>,
+    pub log_connect: Option<bool>,
 }
 
 /// Health settings; in a frontend they are the defaults, in a backend they override.

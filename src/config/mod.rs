@@ -10,6 +10,7 @@ mod check;
 mod diff;
 mod duration;
 mod file;
+mod log;
 mod problem;
 mod schema;
 mod suggest;
@@ -19,6 +20,7 @@ mod walk;
 pub use check::{HttpProbe, Pattern, Probe, SendExpect, StatusRange};
 pub use diff::{diff, BackendChange, ConfigDiff, FrontendChange};
 pub use duration::{format_duration, parse_duration};
+pub use log::{ConnLog, LogFormat, LogTarget, SinkSpec, SyslogFormat};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -138,6 +140,8 @@ pub struct Frontend {
     /// repeated while it stays so: how a BGP speaker is told to announce or withdraw its VIP.
     pub on_ready: Vec<String>,
     pub on_unready: Vec<String>,
+    /// `[frontend.log]`: `None` writes no connection log (and costs nothing).
+    pub log: Option<ConnLog>,
     pub backends: Vec<Backend>,
 }
 

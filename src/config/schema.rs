@@ -95,6 +95,7 @@ static FRONTEND: Table = Table {
         ("on_ready", Kind::Strs),
         ("on_unready", Kind::Strs),
         ("health", Kind::Table(&FRONTEND_HEALTH)),
+        ("log", Kind::Table(&FRONTEND_LOG)),
         ("backend", Kind::Tables(&BACKEND)),
     ],
 };
@@ -127,6 +128,20 @@ static FRONTEND_HEALTH: Table = Table {
     keys: HEALTH_KEYS,
 };
 
+static FRONTEND_LOG: Table = Table {
+    header: "[frontend.log]",
+    keys: &[
+        ("format", Kind::Str),
+        ("target", Kind::Str),
+        ("syslog_format", Kind::Str),
+        ("facility", Kind::Str),
+        ("only_errors", Kind::Bool),
+        ("skip_null", Kind::Bool),
+        ("sample", Kind::Int),
+        ("log_connect", Kind::Bool),
+    ],
+};
+
 static BACKEND: Table = Table {
     header: "[[frontend.backend]]",
     keys: &[
@@ -153,7 +168,9 @@ mod tests {
     //! reads the lists straight from `file.rs`.
     use super::*;
     use crate::config::file::FileAdmin;
-    use crate::config::file::{FileBackend, FileConfig, FileFrontend, FileGlobal, FileHealth};
+    use crate::config::file::{
+        FileBackend, FileConfig, FileFrontend, FileGlobal, FileHealth, FileLog,
+    };
     use serde::de::{self, Deserialize, Visitor};
 
     #[derive(Debug)]
@@ -216,5 +233,6 @@ mod tests {
         assert_eq!(schema_keys(&FRONTEND), serde_fields::<FileFrontend>());
         assert_eq!(schema_keys(&FRONTEND_HEALTH), serde_fields::<FileHealth>());
         assert_eq!(schema_keys(&BACKEND), serde_fields::<FileBackend>());
+        assert_eq!(schema_keys(&FRONTEND_LOG), serde_fields::<FileLog>());
     }
 }

@@ -28,7 +28,7 @@ const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Collects problems under a path: `label` for the operator (`frontend "web": backend "a"`),
 /// `path` for finding the line (`frontend.0.backend.0`).
-struct Problems<'a> {
+pub(super) struct Problems<'a> {
     out: &'a mut Vec<Problem>,
     label: String,
     path: String,
@@ -51,7 +51,7 @@ impl<'a> Problems<'a> {
         }
     }
 
-    fn push(&mut self, key: &str, msg: impl std::fmt::Display) {
+    pub(super) fn push(&mut self, key: &str, msg: impl std::fmt::Display) {
         self.push_at(key, key, msg);
     }
 
@@ -122,7 +122,14 @@ impl<'a> Problems<'a> {
         }
     }
 
-    fn int_in(&mut self, key: &str, value: Option<i64>, default: i64, lo: i64, hi: i64) -> i64 {
+    pub(super) fn int_in(
+        &mut self,
+        key: &str,
+        value: Option<i64>,
+        default: i64,
+        lo: i64,
+        hi: i64,
+    ) -> i64 {
         self.opt_int_in(key, value, lo, hi).unwrap_or(default)
     }
 }
@@ -455,6 +462,10 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
     // The frontend's health keys are checked once, here, where they are written; each
     // backend then checks only the keys it overrides.
     let fe_health = health_layer(ff.health.as_ref(), None, &mut p.nested("health", "health"));
+    let log = ff
+        .log
+        .as_ref()
+        .map(|l| super::log::validate_log(l, &mut p.nested("log", "log")));
 
     let mut backends = Vec::new();
     let mut names = HashSet::new();
@@ -511,6 +522,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         on_marked_down,
         on_ready,
         on_unready,
+        log,
         backends,
     })
 }

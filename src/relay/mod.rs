@@ -95,9 +95,44 @@ enum Step {
     Eof,
 }
 
-/// Relays until both directions end. `head` is what [`first_move`] already read from the
-/// client: it goes to the backend first.
-pub async fn relay<S: Conn>(client: &S, server: &S, meter: &Meter, mode: RelayMode, head: Head) {
+/// Which socket of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+/// How a relay ended, for the connection log: two bytes, no allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Both directions reached EOF; `first` closed its write half first.
+    Closed { first: Side },
+    /// A socket failed (a reset, a broken pipe): the relay shut both down. The first failure
+    /// is the one reported; what it causes on the other direction is not.
+    Failed(Side),
+}
+
+/// Which socket of a direction a failure came from.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// The socket read from.
+    Src,
+    /// The socket written to.
+    Dst,
+}
+
+/// Relays until both directions end, and says how they did. `head` is what [`first_move`]
+/// already read from the client: it goes to the backend first.
+pub async fn relay<S: Conn>(
+    client: &S,
+    server: &S,
+    meter: &Meter,
+    mode: RelayMode,
+    head: Head,
+) -> Ended {
+    // Written by whichever direction ends first; read once both have. Two bytes, and no
+    // closure: the relay's future is part of every idle connection's.
+    let how = Cell::new(Outcome::default());
     let up = async {
         let sent = match head {
             Head::Nothing => Ok(false),
@@ -106,26 +141,67 @@ pub async fn relay<S: Conn>(client: &S, server: &S, meter: &Meter, mode: RelayMo
                 meter.bytes_up.set(meter.bytes_up.get() + n as u64);
                 // A full read suggests more is waiting: read again at once.
                 let more = n == buf.len();
-                Box::pin(send_all(server, &buf[..n])).await.map(|()| more)
+                Box::pin(send_all(server, &buf[..n]))
+                    .await
+                    .map(|()| more)
+                    .map_err(|_| Fault::Dst)
             }
         };
         let r = match sent {
             Ok(readable) => pump(client, server, &meter.bytes_up, meter, mode, readable).await,
             Err(e) => Err(e),
         };
+        how.set(how.get().with(r, Side::Client, Side::Server));
         if r.is_err() {
             end_both(client, server);
         }
     };
     let down = async {
-        if pump(server, client, &meter.bytes_down, meter, mode, false)
-            .await
-            .is_err()
-        {
+        let r = pump(server, client, &meter.bytes_down, meter, mode, false).await;
+        how.set(how.get().with(r, Side::Server, Side::Client));
+        if r.is_err() {
             end_both(client, server);
         }
     };
     tokio::join!(up, down);
+    how.get().ended()
+}
+
+/// What the directions of a relay reported so far.
+#[derive(Debug, Clone, Copy, Default)]
+struct Outcome {
+    /// The side whose EOF came first.
+    closed_first: Option<Side>,
+    /// The side of the first failure.
+    failed: Option<Side>,
+}
+
+impl Outcome {
+    /// With one direction's end added: `src` is the side it reads from, `dst` the other.
+    fn with(self, r: Result<(), Fault>, src: Side, dst: Side) -> Outcome {
+        match r {
+            Ok(()) => Outcome {
+                closed_first: self.closed_first.or(Some(src)),
+                ..self
+            },
+            Err(f) => Outcome {
+                failed: self.failed.or(Some(match f {
+                    Fault::Src => src,
+                    Fault::Dst => dst,
+                })),
+                ..self
+            },
+        }
+    }
+
+    fn ended(self) -> Ended {
+        match self.failed {
+            Some(side) => Ended::Failed(side),
+            None => Ended::Closed {
+                first: self.closed_first.unwrap_or(Side::Client),
+            },
+        }
+    }
 }
 
 /// Shuts both sockets down: every wait pending on them completes at once, and each direction
@@ -143,11 +219,13 @@ async fn pump<S: Conn>(
     meter: &Meter,
     mode: RelayMode,
     mut readable: bool,
-) -> io::Result<()> {
+) -> Result<(), Fault> {
     let mut splicing = mode == RelayMode::Splice;
     loop {
         if !readable {
-            from.wait(Interest::READABLE).await?;
+            from.wait(Interest::READABLE)
+                .await
+                .map_err(|_| Fault::Src)?;
         }
         readable = false;
         // Move what is there until the socket runs dry or a short read says it probably has.
@@ -185,25 +263,29 @@ async fn pump<S: Conn>(
 }
 
 /// Copy mode's step: one recv into a pooled buffer, then all of it out.
-async fn copy_once<S: Conn>(from: &S, to: &S) -> io::Result<Step> {
+async fn copy_once<S: Conn>(from: &S, to: &S) -> Result<Step, Fault> {
     let mut buf = Buf::take();
     let n = match from.attempt(Interest::READABLE, || sys::recv(from.as_raw_fd(), &mut buf)) {
         Ok(0) => return Ok(Step::Eof),
         Ok(n) => n,
         Err(e) if would_block(&e) => return Ok(Step::Dry),
-        Err(e) => return Err(e),
+        Err(_) => return Err(Fault::Src),
     };
     let more = n == buf.len();
-    let sent = send_now(to, &buf[..n])?;
+    let sent = send_now(to, &buf[..n]).map_err(|_| Fault::Dst)?;
     if sent < n {
         // The reader is slow: wait with what is left, in a small copy if it is small. Boxed
         // for the same reason as the splice step: a blocked send is the rare case.
         if n - sent <= SMALL_TAIL {
             let tail = pool::Tail::new(&buf[sent..n]);
             drop(buf);
-            Box::pin(send_all(to, &tail)).await?;
+            Box::pin(send_all(to, &tail))
+                .await
+                .map_err(|_| Fault::Dst)?;
         } else {
-            Box::pin(send_all(to, &buf[sent..n])).await?;
+            Box::pin(send_all(to, &buf[sent..n]))
+                .await
+                .map_err(|_| Fault::Dst)?;
         }
     }
     Ok(Step::Moved { n, more })
@@ -238,19 +320,21 @@ pub async fn send_all<S: Conn>(to: &S, mut data: &[u8]) -> io::Result<()> {
 
 /// Splice mode's step: socket -> pipe (one pipe's worth), then pipe -> socket until empty.
 /// The pipe goes back to the pool on return; if an error leaves bytes in it, it is closed.
-async fn splice_once<S: Conn>(from: &S, to: &S, mut pipe: Pipe) -> io::Result<Step> {
+async fn splice_once<S: Conn>(from: &S, to: &S, mut pipe: Pipe) -> Result<Step, Fault> {
     let n = match from.attempt(Interest::READABLE, || pipe.fill(from)) {
         Ok(0) => return Ok(Step::Eof),
         Ok(n) => n,
         Err(e) if would_block(&e) => return Ok(Step::Dry),
-        Err(e) => return Err(e),
+        Err(_) => return Err(Fault::Src),
     };
     while pipe.in_pipe > 0 {
         match to.attempt(Interest::WRITABLE, || pipe.drain(to)) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(0) => return Err(Fault::Dst),
             Ok(_) => {}
-            Err(e) if would_block(&e) => to.wait(Interest::WRITABLE).await?,
-            Err(e) => return Err(e),
+            Err(e) if would_block(&e) => {
+                to.wait(Interest::WRITABLE).await.map_err(|_| Fault::Dst)?
+            }
+            Err(_) => return Err(Fault::Dst),
         }
     }
     Ok(Step::Moved {

@@ -15,6 +15,7 @@ use super::io::Io;
 use super::local::Op;
 use super::{shutdown_listener, DataEvent, Shared};
 use crate::backend::{per_worker, ActiveGuard};
+use crate::connlog::{self, ConnectFailed};
 use crate::relay::{self, ops::ConnectError, FirstMove};
 
 /// One listening socket on this worker.
@@ -156,6 +157,7 @@ async fn serve<I: Io>(
     per_worker::bump(&fe_counts.accepted);
     per_worker::bump(&fe_counts.active);
     let _fe_active = CounterGuard(&fe_counts.active);
+    let mut trace = connlog::Trace::begin(fe.log.as_ref(), peer);
 
     let cfg = &fe.config;
     let mut tried: Vec<usize> = Vec::new();
@@ -173,11 +175,13 @@ async fn serve<I: Io>(
             per_worker::bump(&fe.backends[prev].state.counts.local().retries);
         }
         let backend = &fe.backends[idx];
+        trace.attempt(idx);
         // Connect and first move are boxed: they are over in a moment, and keeping their
         // state (timers, ops) out of line keeps the future every idle connection lives in small.
         let connecting = Box::pin(I::connect(backend.config.address, cfg.connect_timeout));
         let failure = match connecting.await {
             Ok(server) => {
+                trace.connected();
                 // The PROXY header goes first, before the backend or the client says anything.
                 if let Some(version) = backend.config.send_proxy {
                     if let Err(e) =
@@ -199,14 +203,23 @@ async fn serve<I: Io>(
                             ActiveGuard::new(backend.state.clone()),
                             cfg.idle_timeout,
                         );
-                        relay::relay(&client, &server, reg.meter(), shared.relay_mode, head).await;
+                        trace.relaying(&fe, &shared.active);
+                        let ended =
+                            relay::relay(&client, &server, reg.meter(), shared.relay_mode, head)
+                                .await;
+                        let (cut, meter) = (reg.cut(), reg.meter());
+                        let end = connlog::End::Relayed { ended, cut, meter };
+                        trace.finish(&fe, &shared.active, end);
                         // `reg` goes before the sockets: the sweeper never sees a closed fd.
                         drop(reg);
                         return;
                     }
                     // Nothing was relayed yet, so this counts as a failed connect and the client
                     // is retried on another backend like any other.
-                    FirstMove::BackendFailed(e) => e.to_string(),
+                    FirstMove::BackendFailed(e) => {
+                        trace.failed(ConnectFailed::Refused);
+                        e.to_string()
+                    }
                 }
             }
             Err(ConnectError::Io(e))
@@ -217,6 +230,7 @@ async fn serve<I: Io>(
                     )
                 }) =>
             {
+                trace.failed(ConnectFailed::Local);
                 if Instant::now() + RESOURCE_BACKOFF < local_deadline {
                     tokio::time::sleep(RESOURCE_BACKOFF).await;
                     continue;
@@ -224,10 +238,17 @@ async fn serve<I: Io>(
                 fe.state
                     .rejected_local_total
                     .fetch_add(1, Ordering::Relaxed);
+                trace.finish(&fe, &shared.active, connlog::End::NotConnected);
                 relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
                 return;
             }
-            Err(e) => e.to_string(),
+            Err(e) => {
+                trace.failed(match &e {
+                    ConnectError::TimedOut => ConnectFailed::TimedOut,
+                    _ => ConnectFailed::Refused,
+                });
+                e.to_string()
+            }
         };
         crate::debug!(
             "frontend {}: connect to {} ({}) failed: {failure}",
@@ -252,6 +273,7 @@ async fn serve<I: Io>(
     fe.state
         .rejected_no_backend_total
         .fetch_add(1, Ordering::Relaxed);
+    trace.finish(&fe, &shared.active, connlog::End::NotConnected);
     // A readiness poll left by `first_move` may still hold the client socket: shutting it
     // down completes that poll, so the fd is closed now rather than when the client speaks.
     relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);

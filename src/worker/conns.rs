@@ -23,6 +23,15 @@ use crate::relay::{end_both, Meter};
 const MAX_TICK: Duration = Duration::from_secs(1);
 const MIN_TICK: Duration = Duration::from_millis(5);
 
+/// Why the sweeper ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// Nothing moved for `idle_timeout`.
+    Idle,
+    /// The backend's kill switch flipped (shutdown-sessions, a drain limit).
+    Killed,
+}
+
 /// What the table knows of one connection.
 pub struct Record {
     client: RawFd,
@@ -33,8 +42,9 @@ pub struct Record {
     kill_epoch: u64,
     idle_timeout: Duration,
     /// Set once the sweeper has shut the sockets down (idle timeout or kill switch), so it
-    /// does not do it again on every tick while the relay winds down.
-    ended: Cell<bool>,
+    /// does not do it again on every tick while the relay winds down; the connection log
+    /// reads why.
+    cut: Cell<Option<Cut>>,
     /// Byte counts already added to the backend's counters.
     flushed_up: Cell<u64>,
     flushed_down: Cell<u64>,
@@ -53,8 +63,9 @@ impl Record {
         }
     }
 
-    fn end_early(&self) {
-        if !self.ended.replace(true) {
+    fn end_early(&self, why: Cut) {
+        if self.cut.get().is_none() {
+            self.cut.set(Some(why));
             end_both(&self.client, &self.server);
         }
     }
@@ -64,8 +75,10 @@ impl Record {
         let killed = self.backend.state().kill_epoch() != self.kill_epoch;
         let idle =
             now.saturating_duration_since(self.meter.last_activity.get()) >= self.idle_timeout;
-        if killed || idle {
-            self.end_early();
+        if killed {
+            self.end_early(Cut::Killed);
+        } else if idle {
+            self.end_early(Cut::Idle);
         }
     }
 }
@@ -104,7 +117,7 @@ impl Registration {
             backend,
             kill_epoch,
             idle_timeout,
-            ended: Cell::new(false),
+            cut: Cell::new(None),
             flushed_up: Cell::new(0),
             flushed_down: Cell::new(0),
         });
@@ -119,6 +132,11 @@ impl Registration {
 
     pub fn meter(&self) -> &Meter {
         &self.record.meter
+    }
+
+    /// Why the sweeper ended the connection, if it did.
+    pub fn cut(&self) -> Option<Cut> {
+        self.record.cut.get()
     }
 }
 
