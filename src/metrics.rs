@@ -26,6 +26,7 @@ use crate::admin::ops::OpsState;
 use crate::admin::status::state_word;
 use crate::backend::{BackendState, Published};
 use crate::config::Backend;
+use crate::worker::gate::Reason;
 use crate::worker::Shared;
 
 /// How often the upkeep task copies the atomics into the metric handles.
@@ -76,6 +77,22 @@ const FRONTEND: Family = Family {
             Some(("reason", "no_backend")),
         ),
         ("ringlb_frontend_rejected_total", Some(("reason", "local"))),
+        // The gate's reasons, in `worker::gate::Reason::ALL` order.
+        ("ringlb_frontend_rejected_total", Some(("reason", "proxy"))),
+        (
+            "ringlb_frontend_rejected_total",
+            Some(("reason", "proxy_timeout")),
+        ),
+        ("ringlb_frontend_rejected_total", Some(("reason", "acl"))),
+        (
+            "ringlb_frontend_rejected_total",
+            Some(("reason", "source_connections")),
+        ),
+        (
+            "ringlb_frontend_rejected_total",
+            Some(("reason", "source_rate")),
+        ),
+        ("ringlb_frontend_source_table_full_total", None),
     ],
     gauges: &["ringlb_frontend_active_connections"],
 };
@@ -127,7 +144,8 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_backend_check_duration_seconds", "Duration of the last health check (haproxy_server_check_duration_seconds)."),
     ("ringlb_backend_last_state_change_seconds", "Seconds since the last UP/DOWN transition (haproxy_server_check_last_change_seconds)."),
     ("ringlb_frontend_connections_total", "Client connections accepted (haproxy_frontend_sessions_total)."),
-    ("ringlb_frontend_rejected_total", "Client connections closed without a backend, by reason: no_backend (every backend down or failing), local (this host out of fds or memory for the backend connect) or limit (no longer used: at max_connections new clients wait in the listen queue) (haproxy_frontend_denied_connections_total)."),
+    ("ringlb_frontend_rejected_total", "Client connections closed without a backend, by reason: no_backend (every backend down or failing), local (this host out of fds or memory for the backend connect), proxy (a malformed, truncated or oversized PROXY protocol header), proxy_timeout (no whole PROXY header within proxy_timeout), acl (source denied by allow/deny), source_connections (max_connections_per_source open), source_rate (over rate_per_source) or limit (no longer used: at max_connections new clients wait in the listen queue) (haproxy_frontend_denied_connections_total)."),
+    ("ringlb_frontend_source_table_full_total", "New sources admitted without per-source limits because the per-source table (65,536 addresses) was full of sources with open connections or recent ones."),
     ("ringlb_frontend_active_connections", "Open client connections (haproxy_frontend_current_sessions)."),
     ("ringlb_config_reloads_total", "Configuration reloads by result."),
     ("ringlb_config_generation", "1 for the configuration ringlb started with, +1 for each reload that changed it."),
@@ -240,6 +258,12 @@ impl Exporter {
                     s.rejected_limit_total.load(Ordering::Relaxed),
                     s.rejected_no_backend_total.load(Ordering::Relaxed),
                     s.rejected_local_total.load(Ordering::Relaxed),
+                    s.gate.rejected(Reason::Proxy),
+                    s.gate.rejected(Reason::ProxyTimeout),
+                    s.gate.rejected(Reason::Acl),
+                    s.gate.rejected(Reason::SourceConnections),
+                    s.gate.rejected(Reason::SourceRate),
+                    s.gate.source_table_full_total.load(Ordering::Relaxed),
                 ],
                 &[s.active.load(Ordering::Relaxed) as f64],
             );

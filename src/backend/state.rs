@@ -219,6 +219,8 @@ pub struct FrontendState {
     pub rejected_no_backend_total: AtomicU64,
     /// Set once the "has no server available" line was logged, cleared when one returns.
     pub no_server_logged: AtomicBool,
+    /// Traffic controls: rejections by reason, the per-source table.
+    pub gate: crate::worker::gate::GateState,
 }
 
 type BackendKey = (String, String, SocketAddr);

@@ -58,6 +58,12 @@ pub struct FileFrontend {
     pub on_marked_down: Option<String>,
     pub slow_start: Option<String>,
     pub send_proxy: Option<String>,
+    pub accept_proxy: Option<bool>,
+    pub proxy_timeout: Option<String>,
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
+    pub max_connections_per_source: Option<i64>,
+    pub rate_per_source: Option<String>,
     pub health: Option<FileHealth>,
     #[serde(default)]
     pub backend: Vec<FileBackend>,

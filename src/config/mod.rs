@@ -12,6 +12,7 @@ mod file;
 mod problem;
 mod schema;
 mod suggest;
+pub mod traffic;
 mod validate;
 mod walk;
 
@@ -129,6 +130,8 @@ pub struct Frontend {
     pub hash_key: HashKey,
     pub maglev_table_size: usize,
     pub on_marked_down: OnMarkedDown,
+    /// PROXY protocol in, source ACLs, per-source limits: all off by default.
+    pub traffic: traffic::Traffic,
     pub backends: Vec<Backend>,
 }
 

@@ -17,6 +17,8 @@ use super::{
     OnMarkedDown, ProxyVersion, RelayMode,
 };
 
+mod traffic;
+
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_MAGLEV_TABLE_SIZE: usize = 65537;
 const MAX_MAGLEV_TABLE_SIZE: i64 = 16_777_259;
@@ -447,6 +449,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
     };
     let slow_start = p.duration("slow_start", &ff.slow_start, Duration::ZERO);
     let send_proxy = proxy_version(&ff.send_proxy, None, p);
+    let traffic = traffic::validate_traffic(ff, p);
     // The frontend's health keys are checked once, here, where they are written; each
     // backend then checks only the keys it overrides.
     let fe_health = health_layer(ff.health.as_ref(), &mut p.nested("health", "health"));
@@ -504,6 +507,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         hash_key,
         maglev_table_size,
         on_marked_down,
+        traffic,
         backends,
     })
 }

@@ -152,6 +152,25 @@ async fn serve<I: Io>(
         }
     };
     drop(slot);
+    // Traffic controls (PROXY header in, ACL, per-source limits): skipped when none is set.
+    // Boxed, like the connect: the header buffer and the admission live off the connection's
+    // future, which keeps only the pointer.
+    let mut admission = None;
+    let peer = if fe.config.traffic.is_on() {
+        match Box::pin(super::gate::admit(&fe, &client, peer)).await {
+            Ok((addr, a)) => {
+                admission = Some(Box::new(a));
+                addr
+            }
+            Err(()) => {
+                relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+                return;
+            }
+        }
+    } else {
+        peer
+    };
+    let declared_dst = admission.as_ref().and_then(|a| a.dst);
     fe.state.accepted_total.fetch_add(1, Ordering::Relaxed);
     fe.state.active.fetch_add(1, Ordering::Relaxed);
     let _fe_active = CounterGuard(&fe.state.active);
@@ -182,8 +201,14 @@ async fn serve<I: Io>(
             Ok(server) => {
                 // The PROXY header goes first, before the backend or the client says anything.
                 if let Some(version) = backend.config.send_proxy {
-                    if let Err(e) =
-                        Box::pin(send_proxy_header(&client, &server, peer, version)).await
+                    if let Err(e) = Box::pin(send_proxy_header(
+                        &client,
+                        &server,
+                        peer,
+                        declared_dst,
+                        version,
+                    ))
+                    .await
                     {
                         crate::debug!(
                             "frontend {}: PROXY header to {} failed: {e}",
@@ -259,18 +284,23 @@ async fn serve<I: Io>(
     relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
 }
 
-/// Sends the PROXY protocol header naming `peer` and the address it connected to. A failure
-/// here (the backend reset at once) is left for `first_move` to see and retry elsewhere.
+/// Sends the PROXY protocol header naming `peer` and the address it connected to (`dst` when
+/// an incoming PROXY header declared one). A failure here (the backend reset at once) is left
+/// for `first_move` to see and retry elsewhere.
 async fn send_proxy_header<S: relay::Conn>(
     client: &S,
     server: &S,
     peer: SocketAddr,
+    dst: Option<SocketAddr>,
     version: crate::config::ProxyVersion,
 ) -> std::io::Result<()> {
-    let local = socket2::SockRef::from(client)
-        .local_addr()?
-        .as_socket()
-        .ok_or_else(|| std::io::Error::other("client socket has no IP address"))?;
+    let local = match dst {
+        Some(d) => d,
+        None => socket2::SockRef::from(client)
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("client socket has no IP address"))?,
+    };
     relay::send_all(server, &relay::proxy::header(version, peer, local)).await
 }
 

@@ -1,0 +1,429 @@
+//! Traffic controls on a frontend: PROXY protocol from an upstream balancer
+//! (`accept_proxy`), source ACLs (`allow`, `deny`) and per-source limits
+//! (`max_connections_per_source`, `rate_per_source`).
+//!
+//! Most tests put `send_proxy = "v1"` towards a plain echo backend: what comes back first is
+//! the header ringlb sent on, so the client reads the address ringlb believes it has.
+
+// Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// ringlb with `settings` on frontend "web" before one echo backend without health checks
+/// (so the backend's accept count is client connections only).
+fn start(settings: &str) -> (Ringlb, Backend) {
+    let b = Backend::start("echo", Behaviour::Echo);
+    let lb = Ringlb::start(
+        &(global_toml("") + &frontend_toml("web", settings, &[("echo", b.addr, "check = false")])),
+    );
+    (lb, b)
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(SOON)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// A connection from a chosen local address (loopback holds all of 127.0.0.0/8).
+fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let from: SocketAddr = format!("{from}:0").parse().unwrap();
+    let domain = if from.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+    s.bind(&from.into()).unwrap();
+    s.connect(&to.into()).unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(SOON)).unwrap();
+    s
+}
+
+/// Reads exactly `n` bytes, as text.
+fn read_text(s: &mut TcpStream, n: usize) -> String {
+    let mut got = vec![0u8; n];
+    s.read_exact(&mut got).unwrap();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Whether ringlb closed the connection (EOF or reset) rather than leaving it open.
+fn closed_by_ringlb(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => return false,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return e.kind() == ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+/// An echo round trip through `s`, after the PROXY line ringlb sends on; returns that line.
+fn proxied_line(s: &mut TcpStream, payload: &[u8]) -> String {
+    s.write_all(payload).unwrap();
+    read_back(s, payload)
+}
+
+/// Reads the PROXY line ringlb sent on, then the echo of `payload`; returns the line.
+fn read_back(s: &mut TcpStream, payload: &[u8]) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        line.push(byte[0]);
+    }
+    let mut echoed = vec![0u8; payload.len()];
+    s.read_exact(&mut echoed).unwrap();
+    assert_eq!(echoed, payload, "the client's bytes came back changed");
+    String::from_utf8(line).unwrap().trim_end().to_string()
+}
+
+/// The value of the series of `name` whose labels include every `k="v"` of `labels`.
+fn metric(lb: &Ringlb, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = get(lb.admin.unwrap(), "/metrics");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{text}"))
+}
+
+fn rejected(lb: &Ringlb, reason: &str) -> f64 {
+    metric(
+        lb,
+        "ringlb_frontend_rejected_total",
+        &[("frontend", "web"), ("reason", reason)],
+    )
+}
+
+fn v2(ver_cmd: u8, family: u8, body: &[u8]) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[ver_cmd, family]);
+    h.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    h.extend_from_slice(body);
+    h
+}
+
+fn v2_tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut body = src.to_vec();
+    body.extend_from_slice(&dst);
+    body.extend_from_slice(&sport.to_be_bytes());
+    body.extend_from_slice(&dport.to_be_bytes());
+    v2(0x21, 0x11, &body)
+}
+
+// ----- PROXY protocol in -----
+
+#[test]
+fn the_address_a_v1_or_v2_header_declares_is_the_client_ringlb_sends_on() {
+    let (lb, _b) = start("accept_proxy = true\nsend_proxy = \"v1\"");
+    let web = lb.addr("web");
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            b"PROXY TCP4 203.0.113.7 198.51.100.1 4000 443\r\n".to_vec(),
+            "PROXY TCP4 203.0.113.7 198.51.100.1 4000 443",
+        ),
+        (
+            b"PROXY TCP6 2001:db8::7 2001:db8::1 4000 443\r\n".to_vec(),
+            "PROXY TCP6 2001:db8::7 2001:db8::1 4000 443",
+        ),
+        (
+            v2_tcp4([192, 0, 2, 9], [192, 0, 2, 1], 51000, 80),
+            "PROXY TCP4 192.0.2.9 192.0.2.1 51000 80",
+        ),
+        (
+            {
+                let mut body = Vec::new();
+                body.extend_from_slice(
+                    &"2001:db8::9"
+                        .parse::<std::net::Ipv6Addr>()
+                        .unwrap()
+                        .octets(),
+                );
+                body.extend_from_slice(
+                    &"2001:db8::1"
+                        .parse::<std::net::Ipv6Addr>()
+                        .unwrap()
+                        .octets(),
+                );
+                body.extend_from_slice(&7u16.to_be_bytes());
+                body.extend_from_slice(&8u16.to_be_bytes());
+                // A TLV (NOOP, 3 bytes) after the addresses is skipped.
+                body.extend_from_slice(&[0x04, 0, 3, 1, 2, 3]);
+                v2(0x21, 0x21, &body)
+            },
+            "PROXY TCP6 2001:db8::9 2001:db8::1 7 8",
+        ),
+    ];
+    for (header, want) in cases {
+        let mut s = connect(web);
+        // Header and payload in one write: the parser must stop at the header's end.
+        let mut first = header.clone();
+        first.extend_from_slice(b"hello");
+        s.write_all(&first).unwrap();
+        assert_eq!(read_back(&mut s, b"hello"), want);
+    }
+}
+
+#[test]
+fn a_header_dribbled_one_byte_at_a_time_is_read_whole_and_the_payload_follows_intact() {
+    let (lb, _b) = start("accept_proxy = true\nsend_proxy = \"v1\"");
+    for header in [
+        b"PROXY TCP4 10.1.2.3 10.0.0.1 1111 80\r\n".to_vec(),
+        v2_tcp4([10, 1, 2, 3], [10, 0, 0, 1], 1111, 80),
+    ] {
+        let mut s = connect(lb.addr("web"));
+        for byte in &header {
+            s.write_all(&[*byte]).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            proxied_line(&mut s, b"payload"),
+            "PROXY TCP4 10.1.2.3 10.0.0.1 1111 80"
+        );
+    }
+}
+
+#[test]
+fn v2_local_and_v1_unknown_stand_for_the_real_peer() {
+    let (lb, _b) = start("accept_proxy = true\nsend_proxy = \"v1\"");
+    let web = lb.addr("web");
+    for header in [v2(0x20, 0x00, &[]), b"PROXY UNKNOWN\r\n".to_vec()] {
+        let mut s = connect(web);
+        let me = s.local_addr().unwrap();
+        s.write_all(&header).unwrap();
+        let want = format!(
+            "PROXY TCP4 {} {} {} {}",
+            me.ip(),
+            web.ip(),
+            me.port(),
+            web.port()
+        );
+        assert_eq!(proxied_line(&mut s, b"x"), want);
+    }
+}
+
+#[test]
+fn a_chain_of_two_ringlbs_keeps_the_original_client_address() {
+    let b = Backend::start("echo", Behaviour::Echo);
+    let inner = Ringlb::start(
+        &(global_toml("")
+            + &frontend_toml(
+                "web",
+                "accept_proxy = true\nsend_proxy = \"v1\"",
+                &[("echo", b.addr, "check = false")],
+            )),
+    );
+    let outer = Ringlb::start(
+        &(global_toml("")
+            + &frontend_toml(
+                "edge",
+                "send_proxy = \"v2\"",
+                &[("inner", inner.addr("web"), "check = false")],
+            )),
+    );
+    let mut s = connect_from("127.0.0.3", outer.addr("edge"));
+    let me = s.local_addr().unwrap();
+    let edge = outer.addr("edge");
+    assert_eq!(
+        proxied_line(&mut s, b"through two"),
+        format!(
+            "PROXY TCP4 127.0.0.3 {} {} {}",
+            edge.ip(),
+            me.port(),
+            edge.port()
+        )
+    );
+}
+
+fn haproxy_found() -> bool {
+    let found = Command::new("haproxy")
+        .arg("-v")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    tool_available(found, "haproxy", "apt-get install -y haproxy")
+}
+
+/// Kills and reaps a child on drop.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn haproxy_send_proxy_and_send_proxy_v2_in_front_tell_ringlb_the_clients_address() {
+    if !haproxy_found() {
+        return;
+    }
+    let (lb, _b) = start("accept_proxy = true\nsend_proxy = \"v1\"");
+    let web = lb.addr("web");
+    for option in ["send-proxy", "send-proxy-v2"] {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dir = TempDir::new();
+        let cfg = dir.path.join("haproxy.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+                 timeout client 30s\n  timeout server 30s\nfrontend f\n  bind 127.0.0.1:{port}\n  \
+                 default_backend b\nbackend b\n  server lb {web} {option}\n"
+            ),
+        )
+        .unwrap();
+        let _haproxy = Reap(
+            Command::new("haproxy")
+                .args(["-db", "-f"])
+                .arg(&cfg)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        assert!(
+            wait_until(SOON, || TcpStream::connect(front).is_ok()),
+            "haproxy did not start listening"
+        );
+        let mut s = connect_from("127.0.0.4", front);
+        let me = s.local_addr().unwrap();
+        assert_eq!(
+            proxied_line(&mut s, b"via haproxy"),
+            format!("PROXY TCP4 127.0.0.4 127.0.0.1 {} {port}", me.port()),
+            "{option}"
+        );
+    }
+}
+
+#[test]
+fn bad_truncated_oversized_and_slow_headers_are_closed_counted_and_leak_no_fd() {
+    let (lb, b) = start("accept_proxy = true\nproxy_timeout = \"300ms\"");
+    let web = lb.addr("web");
+    // One good connection first, so that anything pooled is in the baseline.
+    let mut s = connect(web);
+    s.write_all(b"PROXY UNKNOWN\r\nping").unwrap();
+    assert_eq!(read_text(&mut s, 4), "ping");
+    drop(s);
+    assert!(wait_until(SOON, || b.open() == 0));
+    let baseline = lb.fd_count();
+    let served = b.accepted();
+
+    let bad: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n".to_vec(),
+        b"PROXY TCP4 ::1 5.6.7.8 1 2\r\n".to_vec(),
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n".to_vec(),
+        [b"PROXY ".to_vec(), vec![b'A'; 200]].concat(),
+        v2(0x21, 0x11, &[0; 11]),
+        v2(0x21, 0x12, &[0; 12]),
+        v2(0x31, 0x11, &[0; 12]),
+        v2(0x21, 0x11, &vec![0; 1000]),
+        [
+            b"\r\n\r\n\0\r\nQUIT\n\x21\x11\xff\xff".to_vec(),
+            vec![0; 300],
+        ]
+        .concat(),
+    ];
+    for header in &bad {
+        let mut s = connect(web);
+        s.write_all(header).unwrap();
+        assert!(
+            closed_by_ringlb(&mut s),
+            "{:?} was not closed",
+            String::from_utf8_lossy(header)
+        );
+    }
+    // Truncated: the client closes its side inside the header.
+    for header in [
+        &b"PROXY TCP4 1.2.3.4"[..],
+        &v2_tcp4([1, 2, 3, 4], [5, 6, 7, 8], 1, 2)[..20],
+    ] {
+        let mut s = connect(web);
+        s.write_all(header).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(closed_by_ringlb(&mut s));
+    }
+    // Slow: half a header, then nothing; and a client that sends nothing at all.
+    let mut slow = Vec::new();
+    for header in [&b"PROXY TCP4 1.2.3.4 5.6.7."[..], &[][..]] {
+        let mut s = connect(web);
+        s.write_all(header).unwrap();
+        slow.push(s);
+    }
+    for s in &mut slow {
+        assert!(closed_by_ringlb(s), "a slow header was not timed out");
+    }
+
+    assert_eq!(rejected(&lb, "proxy"), (bad.len() + 2) as f64);
+    assert_eq!(rejected(&lb, "proxy_timeout"), 2.0);
+    assert_eq!(b.accepted(), served, "a bad header reached the backend");
+    drop(slow);
+    assert!(
+        wait_until(SOON, || lb.fd_count() <= baseline),
+        "fds: {} now, {baseline} before",
+        lb.fd_count()
+    );
+    // Logged at a bounded rate: one line per reason so far (the interval is 10 s).
+    let lines = lb.logs();
+    let proxy_lines = lines
+        .iter()
+        .filter(|l| l.contains("rejected") && l.contains("PROXY") && !l.contains("within"))
+        .count();
+    assert_eq!(proxy_lines, 1, "{lines:#?}");
+}
+
+#[test]
+fn on_the_epoll_fallback_headers_are_read_the_same_and_bad_ones_closed() {
+    let b = Backend::start("echo", Behaviour::Echo);
+    let lb = Ringlb::start(
+        &(global_toml("io = \"epoll\"")
+            + &frontend_toml(
+                "web",
+                "accept_proxy = true\nproxy_timeout = \"300ms\"\nsend_proxy = \"v1\"",
+                &[("echo", b.addr, "check = false")],
+            )),
+    );
+    let web = lb.addr("web");
+    let mut s = connect(web);
+    for byte in v2_tcp4([10, 9, 8, 7], [10, 0, 0, 1], 999, 80) {
+        s.write_all(&[byte]).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(
+        proxied_line(&mut s, b"epoll"),
+        "PROXY TCP4 10.9.8.7 10.0.0.1 999 80"
+    );
+    let mut bad = connect(web);
+    bad.write_all(b"PROXY TCP9 x\r\n").unwrap();
+    assert!(closed_by_ringlb(&mut bad));
+    let mut slow = connect(web);
+    slow.write_all(b"PROXY TCP4 ").unwrap();
+    assert!(closed_by_ringlb(&mut slow));
+    assert_eq!(rejected(&lb, "proxy"), 1.0);
+    assert_eq!(rejected(&lb, "proxy_timeout"), 1.0);
+}
