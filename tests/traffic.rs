@@ -36,7 +36,7 @@ fn connect(addr: SocketAddr) -> TcpStream {
 
 /// A connection from a chosen local address (loopback holds all of 127.0.0.0/8).
 fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
-    let from: SocketAddr = format!("{from}:0").parse().unwrap();
+    let from = SocketAddr::new(from.parse().unwrap(), 0);
     let domain = if from.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -426,4 +426,137 @@ fn on_the_epoll_fallback_headers_are_read_the_same_and_bad_ones_closed() {
     assert!(closed_by_ringlb(&mut slow));
     assert_eq!(rejected(&lb, "proxy"), 1.0);
     assert_eq!(rejected(&lb, "proxy_timeout"), 1.0);
+}
+
+// ----- Source ACLs -----
+
+/// Whether a connection from `from` gets an echo through, or is closed by ringlb.
+fn served(from: &str, to: SocketAddr) -> bool {
+    let mut s = connect_from(from, to);
+    // A write to a connection ringlb has already closed may fail: that is a refusal too.
+    if s.write_all(b"ping").is_err() {
+        return false;
+    }
+    let mut got = [0u8; 4];
+    match s.read_exact(&mut got) {
+        Ok(()) => {
+            assert_eq!(&got, b"ping");
+            true
+        }
+        Err(e) => {
+            assert!(
+                matches!(
+                    e.kind(),
+                    ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
+                ),
+                "{e}"
+            );
+            false
+        }
+    }
+}
+
+#[test]
+fn an_allow_list_admits_its_addresses_and_denied_ones_never_reach_a_backend() {
+    let (lb, b) = start("allow = [\"127.0.0.0/30\", \"127.0.5.5\"]\ndeny = [\"127.0.0.2\"]");
+    let web = lb.addr("web");
+    for from in ["127.0.0.1", "127.0.0.3", "127.0.5.5"] {
+        assert!(served(from, web), "{from} was refused");
+    }
+    let denied = ["127.0.0.2", "127.0.0.4", "127.0.5.6", "127.1.0.1"];
+    for from in denied {
+        assert!(!served(from, web), "{from} was served");
+    }
+    assert_eq!(b.accepted(), 3, "a denied client reached the backend");
+    assert_eq!(rejected(&lb, "acl"), denied.len() as f64);
+    // Four refusals inside 10 s: one log line.
+    let lines: Vec<_> = lb
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("denied by the ACL"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("127.0.0.2"), "{}", lines[0]);
+}
+
+#[test]
+fn ipv6_clients_are_matched_by_their_prefixes_on_an_ipv6_listener() {
+    let b = Backend::start("echo", Behaviour::Echo);
+    let cfg = |acl: &str| {
+        global_toml("")
+            + &format!(
+                "[[frontend]]\nname = \"web\"\nlisten = [\"[::1]:0\"]\n{acl}\n\
+                 [[frontend.backend]]\nname = \"echo\"\naddress = \"{}\"\ncheck = false\n",
+                b.addr
+            )
+    };
+    let lb = Ringlb::start(&cfg("deny = [\"::1\"]"));
+    assert!(!served("::1", lb.addr("web")));
+    assert_eq!(rejected(&lb, "acl"), 1.0);
+    drop(lb);
+    let lb = Ringlb::start(&cfg("allow = [\"::/127\"]"));
+    assert!(served("::1", lb.addr("web")));
+    drop(lb);
+    assert_eq!(b.accepted(), 1);
+}
+
+#[test]
+fn the_acl_judges_the_address_a_proxy_header_declares() {
+    let (lb, b) = start(
+        "accept_proxy = true\nsend_proxy = \"v1\"\n\
+         deny = [\"2001:db8::/32\", \"::ffff:198.51.100.0/120\"]",
+    );
+    let web = lb.addr("web");
+    let try_header = |h: &str| {
+        let mut s = connect(web);
+        s.write_all(h.as_bytes()).unwrap();
+        s.write_all(b"x").unwrap();
+        let mut got = [0u8; 1];
+        match s.read(&mut got) {
+            Ok(n) => n > 0,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => false,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(!try_header("PROXY TCP6 2001:db8::5 2001:db8::1 1 2\r\n"));
+    // An IPv4-mapped IPv6 client is matched as IPv4: ::ffff:198.51.100.0/120 is 198.51.100.0/24.
+    assert!(!try_header("PROXY TCP4 198.51.100.77 192.0.2.1 1 2\r\n"));
+    assert!(!try_header("PROXY TCP6 ::ffff:198.51.100.9 ::1 1 2\r\n"));
+    assert!(try_header("PROXY TCP6 2001:db9::5 2001:db8::1 1 2\r\n"));
+    assert!(try_header("PROXY TCP4 198.51.101.1 192.0.2.1 1 2\r\n"));
+    assert_eq!(rejected(&lb, "acl"), 3.0);
+    assert_eq!(b.accepted(), 2);
+}
+
+#[test]
+fn bad_acl_entries_are_refused_with_their_place() {
+    let dir = TempDir::new();
+    let path = dir.path.join("bad.toml");
+    let b = Backend::start("echo", Behaviour::Echo);
+    std::fs::write(
+        &path,
+        global_toml("")
+            + &frontend_toml(
+                "web",
+                "allow = [\"10.0.0.0/8\", \"10.0.0.0/33\", \"example.com\"]\ndeny = []\n\
+                 rate_per_source = \"lots\"\nproxy_timeout = \"1s\"",
+                &[("echo", b.addr, "")],
+            ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ringlb"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "allow: \"10.0.0.0/33\": the prefix length must be 0 to 32",
+        "allow: \"example.com\" is not an address or a prefix",
+        "rate_per_source: \"lots\" is not a rate",
+        "proxy_timeout: set without accept_proxy = true",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
 }
