@@ -560,3 +560,84 @@ fn bad_acl_entries_are_refused_with_their_place() {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
 }
+
+// ----- Per-source limits -----
+
+/// A connection from `from` that got an echo through, held open; `None` if ringlb closed it.
+fn hold(from: &str, to: SocketAddr) -> Option<TcpStream> {
+    let mut s = connect_from(from, to);
+    if s.write_all(b"ping").is_err() {
+        return None;
+    }
+    let mut got = [0u8; 4];
+    s.read_exact(&mut got).ok().map(|()| s)
+}
+
+#[test]
+fn max_connections_per_source_holds_across_workers_and_frees_a_slot_when_one_closes() {
+    // Two workers: a source's connections land on both, and the count is one table.
+    let (lb, b) = start("max_connections_per_source = 3");
+    let web = lb.addr("web");
+    let held: Vec<TcpStream> = (0..8).filter_map(|_| hold("127.0.0.1", web)).collect();
+    assert_eq!(held.len(), 3, "connections admitted from one source");
+    assert_eq!(rejected(&lb, "source_connections"), 5.0);
+    // Another source has its own three.
+    let other: Vec<TcpStream> = (0..4).filter_map(|_| hold("127.0.0.2", web)).collect();
+    assert_eq!(other.len(), 3);
+    assert_eq!(b.accepted(), 6);
+    // One closes: its slot comes back (once ringlb has seen the close).
+    let mut held = held;
+    held.pop();
+    let mut again = None;
+    assert!(wait_until(SOON, || {
+        again = hold("127.0.0.1", web);
+        again.is_some()
+    }));
+    assert!(hold("127.0.0.1", web).is_none(), "a fourth was admitted");
+    assert_eq!(
+        metric(
+            &lb,
+            "ringlb_frontend_source_table_full_total",
+            &[("frontend", "web")]
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn rate_per_source_admits_a_burst_then_refuses_until_the_bucket_refills() {
+    let (lb, _b) = start("rate_per_source = \"3/m\"");
+    let web = lb.addr("web");
+    for i in 0..3 {
+        assert!(served("127.0.0.1", web), "connection {i} of the burst");
+    }
+    assert!(!served("127.0.0.1", web), "over the rate, and served");
+    assert!(served("127.0.0.2", web), "another source was refused");
+    assert_eq!(rejected(&lb, "source_rate"), 1.0);
+    drop(lb);
+    // A fast rate refills while we wait: "2/s" lets one more in within a second or so.
+    let (lb, _b) = start("rate_per_source = \"2/s\"");
+    let web = lb.addr("web");
+    assert!(served("127.0.0.1", web) && served("127.0.0.1", web));
+    assert!(wait_until(SOON, || served("127.0.0.1", web)));
+}
+
+#[test]
+fn per_source_limits_count_the_address_a_proxy_header_declares() {
+    let (lb, b) = start("accept_proxy = true\nmax_connections_per_source = 1");
+    let web = lb.addr("web");
+    let open = |h: &str| {
+        let mut s = connect(web);
+        s.write_all(h.as_bytes()).unwrap();
+        s.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        s.read_exact(&mut got).ok().map(|()| s)
+    };
+    // Both arrive from 127.0.0.1, as from one balancer; they are two clients.
+    let a = open("PROXY TCP4 192.0.2.1 192.0.2.100 1000 80\r\n");
+    let c = open("PROXY TCP4 192.0.2.2 192.0.2.100 1000 80\r\n");
+    assert!(a.is_some() && c.is_some());
+    assert!(open("PROXY TCP4 192.0.2.1 192.0.2.100 1001 80\r\n").is_none());
+    assert_eq!(rejected(&lb, "source_connections"), 1.0);
+    assert_eq!(b.accepted(), 2);
+}

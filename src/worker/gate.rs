@@ -398,3 +398,69 @@ fn recv_flags(fd: std::os::fd::RawFd, buf: &mut [u8], flags: MsgFlags) -> io::Re
         flags | MsgFlags::MSG_DONTWAIT,
     )?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn ip(n: u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(n))
+    }
+
+    #[test]
+    fn the_source_table_stays_bounded_and_empties_when_connections_close() {
+        let g = GateState::default();
+        let n = (SHARDS * SHARD_CAP + 5000) as u32;
+        let mut tracked = Vec::new();
+        for i in 0..n {
+            if g.take_source(ip(i), Some(1), None) == Ok(true) {
+                tracked.push(ip(i));
+            }
+        }
+        assert!(g.tracked_sources() <= SHARDS * SHARD_CAP);
+        assert_eq!(
+            g.source_table_full_total.load(Ordering::Relaxed) as usize,
+            n as usize - tracked.len()
+        );
+        // A tracked source is at its limit of one.
+        assert_eq!(
+            g.take_source(tracked[0], Some(1), None),
+            Err(Reason::SourceConnections)
+        );
+        for a in tracked {
+            g.release_source(a);
+        }
+        assert_eq!(g.tracked_sources(), 0, "idle sources were kept");
+    }
+
+    #[test]
+    fn a_source_with_a_draining_bucket_is_kept_until_the_bucket_is_full_again() {
+        let s = Source {
+            open: 0,
+            tokens: 1.0,
+            at_ms: 10,
+            full_at_ms: 500,
+        };
+        assert!(!s.idle(499));
+        assert!(s.idle(500));
+        let busy = Source { open: 1, ..s };
+        assert!(!busy.idle(10_000));
+    }
+
+    #[test]
+    fn the_rate_is_a_burst_of_count_then_count_per_period() {
+        let g = GateState::default();
+        let rate = Some(Rate {
+            count: 3,
+            per: Duration::from_secs(3600),
+        });
+        for _ in 0..3 {
+            assert_eq!(g.take_source(ip(1), None, rate), Ok(false));
+        }
+        assert_eq!(g.take_source(ip(1), None, rate), Err(Reason::SourceRate));
+        assert_eq!(g.take_source(ip(2), None, rate), Ok(false));
+        // Kept (its bucket is not full), though it holds no connection.
+        assert_eq!(g.tracked_sources(), 2);
+    }
+}
