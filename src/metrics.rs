@@ -93,8 +93,18 @@ const FRONTEND: Family = Family {
             Some(("reason", "source_rate")),
         ),
         ("ringlb_frontend_source_table_full_total", None),
+        (
+            "ringlb_frontend_rejected_total",
+            Some(("reason", "queue_timeout")),
+        ),
+        ("ringlb_frontend_queued_total", None),
     ],
-    gauges: &["ringlb_frontend_active_connections"],
+    gauges: &[
+        "ringlb_frontend_active_connections",
+        "ringlb_frontend_queue_current",
+        "ringlb_frontend_queue_max",
+        "ringlb_frontend_queue_time_seconds",
+    ],
 };
 
 const PROCESS: Family = Family {
@@ -144,8 +154,12 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_backend_check_duration_seconds", "Duration of the last health check (haproxy_server_check_duration_seconds)."),
     ("ringlb_backend_last_state_change_seconds", "Seconds since the last UP/DOWN transition (haproxy_server_check_last_change_seconds)."),
     ("ringlb_frontend_connections_total", "Client connections accepted (haproxy_frontend_sessions_total)."),
-    ("ringlb_frontend_rejected_total", "Client connections closed without a backend, by reason: no_backend (every backend down or failing), local (this host out of fds or memory for the backend connect), proxy (a malformed, truncated or oversized PROXY protocol header), proxy_timeout (no whole PROXY header within proxy_timeout), acl (source denied by allow/deny), source_connections (max_connections_per_source open), source_rate (over rate_per_source) or limit (no longer used: at max_connections new clients wait in the listen queue) (haproxy_frontend_denied_connections_total)."),
+    ("ringlb_frontend_rejected_total", "Client connections closed without a backend, by reason: no_backend (every backend down or failing), local (this host out of fds or memory for the backend connect), proxy (a malformed, truncated or oversized PROXY protocol header), proxy_timeout (no whole PROXY header within proxy_timeout), acl (source denied by allow/deny), source_connections (max_connections_per_source open), source_rate (over rate_per_source), queue_timeout (every backend at max_connections for queue_timeout) or limit (no longer used: at max_connections new clients wait in the listen queue) (haproxy_frontend_denied_connections_total)."),
     ("ringlb_frontend_source_table_full_total", "New sources admitted without per-source limits because the per-source table (65,536 addresses) was full of sources with open connections or recent ones."),
+    ("ringlb_frontend_queued_total", "Clients that waited in the frontend's queue because every backend was at its max_connections."),
+    ("ringlb_frontend_queue_current", "Clients waiting now for a backend slot (haproxy_backend_current_queue, qcur)."),
+    ("ringlb_frontend_queue_max", "The most clients that waited at once (haproxy_backend_max_queue, qmax)."),
+    ("ringlb_frontend_queue_time_seconds", "Average time in the queue of the last ~1024 clients served from it (haproxy_backend_queue_time_average_seconds, qtime)."),
     ("ringlb_frontend_active_connections", "Open client connections (haproxy_frontend_current_sessions)."),
     ("ringlb_config_reloads_total", "Configuration reloads by result."),
     ("ringlb_config_generation", "1 for the configuration ringlb started with, +1 for each reload that changed it."),
@@ -264,8 +278,15 @@ impl Exporter {
                     s.gate.rejected(Reason::SourceConnections),
                     s.gate.rejected(Reason::SourceRate),
                     s.gate.source_table_full_total.load(Ordering::Relaxed),
+                    s.gate.rejected(Reason::QueueTimeout),
+                    s.gate.queue.queued_total.load(Ordering::Relaxed),
                 ],
-                &[s.active.load(Ordering::Relaxed) as f64],
+                &[
+                    s.active.load(Ordering::Relaxed) as f64,
+                    s.gate.queue.current.load(Ordering::Relaxed) as f64,
+                    s.gate.queue.max.load(Ordering::Relaxed) as f64,
+                    s.gate.queue.qtime_seconds(),
+                ],
             );
             for b in &fe.backends {
                 self.touch_backend(&mut t, &b.config, &b.state);

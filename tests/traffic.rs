@@ -641,3 +641,206 @@ fn per_source_limits_count_the_address_a_proxy_header_declares() {
     assert_eq!(rejected(&lb, "source_connections"), 1.0);
     assert_eq!(b.accepted(), 2);
 }
+
+// ----- Backend max_connections and the queue -----
+
+/// A backend that reads one byte (the client's number), notes the order it came in, holds
+/// the connection for `hold`, answers with the byte and closes; it records the most
+/// connections it ever had open at once.
+struct SlowBackend {
+    addr: SocketAddr,
+    max_open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+fn slow_backend(hold: Duration, order: std::sync::Arc<std::sync::Mutex<Vec<u8>>>) -> SlowBackend {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let open = Arc::new(AtomicUsize::new(0));
+    let max_open = Arc::new(AtomicUsize::new(0));
+    let m = max_open.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { break };
+            let n = open.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(n, Ordering::SeqCst);
+            let (open, order) = (open.clone(), order.clone());
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                if c.read_exact(&mut b).is_ok() {
+                    order.lock().unwrap().push(b[0]);
+                    std::thread::sleep(hold);
+                }
+                // Counted closed before the close, so ringlb can never see a slot free
+                // while this still counts it open.
+                open.fetch_sub(1, Ordering::SeqCst);
+                let _ = c.write_all(&b);
+            });
+        }
+    });
+    SlowBackend { addr, max_open }
+}
+
+#[test]
+fn maxconn_2_and_50_slow_clients_nobody_above_2_served_in_arrival_order() {
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let a = slow_backend(Duration::from_millis(60), order.clone());
+    let b = slow_backend(Duration::from_millis(60), order.clone());
+    let lb = Ringlb::start(
+        &(global_toml("")
+            + &frontend_toml(
+                "web",
+                "queue_timeout = \"60s\"",
+                &[
+                    ("a", a.addr, "check = false\nmax_connections = 2"),
+                    ("b", b.addr, "check = false\nmax_connections = 2"),
+                ],
+            )),
+    );
+    let web = lb.addr("web");
+    let queue_current =
+        || metric(&lb, "ringlb_frontend_queue_current", &[("frontend", "web")]) as usize;
+    let mut clients = Vec::new();
+    for i in 0..50u8 {
+        let mut s = connect(web);
+        s.write_all(&[i]).unwrap();
+        clients.push(std::thread::spawn(move || {
+            let mut got = [0u8; 1];
+            s.read_exact(&mut got).map(|()| got[0])
+        }));
+        // Each client is taken in (counted just before its pick) before the next connects,
+        // so arrival order is known although the two workers accept independently.
+        let accepted = || {
+            metric(
+                &lb,
+                "ringlb_frontend_connections_total",
+                &[("frontend", "web")],
+            )
+        };
+        assert!(wait_until(SOON, || accepted() > f64::from(i)));
+    }
+    for (i, c) in clients.into_iter().enumerate() {
+        assert_eq!(c.join().unwrap().unwrap(), i as u8, "client {i} not served");
+    }
+    assert!(a.max_open.load(std::sync::atomic::Ordering::SeqCst) <= 2);
+    assert!(b.max_open.load(std::sync::atomic::Ordering::SeqCst) <= 2);
+    // FIFO: with four slots, a client reaches a backend within four places of its arrival.
+    let order = order.lock().unwrap().clone();
+    assert_eq!(order.len(), 50);
+    for (pos, &client) in order.iter().enumerate() {
+        assert!(
+            (pos as i64 - i64::from(client)).abs() < 4,
+            "client {client} served {pos}th: {order:?}"
+        );
+    }
+    assert!(wait_until(SOON, || queue_current() == 0));
+    assert!(metric(&lb, "ringlb_frontend_queued_total", &[("frontend", "web")]) >= 20.0);
+    assert!(metric(&lb, "ringlb_frontend_queue_max", &[("frontend", "web")]) >= 2.0);
+    assert!(
+        metric(
+            &lb,
+            "ringlb_frontend_queue_time_seconds",
+            &[("frontend", "web")]
+        ) > 0.0
+    );
+    assert_eq!(rejected(&lb, "queue_timeout"), 0.0);
+}
+
+#[test]
+fn clients_still_queued_at_queue_timeout_are_closed_counted_and_leak_no_fd() {
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let a = slow_backend(Duration::from_secs(3), order.clone());
+    let lb = Ringlb::start(
+        &(global_toml("")
+            + &frontend_toml(
+                "web",
+                "queue_timeout = \"300ms\"",
+                &[("a", a.addr, "check = false\nmax_connections = 2")],
+            )),
+    );
+    let web = lb.addr("web");
+    let baseline = lb.fd_count();
+    let mut clients: Vec<TcpStream> = (0..10u8)
+        .map(|i| {
+            let mut s = connect(web);
+            s.write_all(&[i]).unwrap();
+            s
+        })
+        .collect();
+    // The two with a slot are answered after 3 s; the eight others are closed at 300 ms.
+    let (mut closed, mut answered) = (0, 0);
+    for s in &mut clients {
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => closed += 1,
+            Ok(_) => answered += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(answered, 2);
+    assert_eq!(closed, 8);
+    assert_eq!(
+        order.lock().unwrap().len(),
+        2,
+        "a timed-out client reached the backend"
+    );
+    assert!(a.max_open.load(std::sync::atomic::Ordering::SeqCst) <= 2);
+    assert_eq!(rejected(&lb, "queue_timeout"), 8.0);
+    assert_eq!(
+        metric(&lb, "ringlb_frontend_queue_current", &[("frontend", "web")]),
+        0.0
+    );
+    drop(clients);
+    assert!(
+        wait_until(SOON, || lb.fd_count() <= baseline),
+        "fds: {} now, {baseline} before",
+        lb.fd_count()
+    );
+}
+
+#[test]
+fn maglev_sends_a_client_whose_backend_is_full_to_the_next_one_in_its_table() {
+    let a = Backend::start("a", Behaviour::Named);
+    let b = Backend::start("b", Behaviour::Named);
+    let lb = Ringlb::start(
+        &(global_toml("")
+            + &frontend_toml(
+                "web",
+                "balance = \"maglev\"\nqueue_timeout = \"200ms\"",
+                &[
+                    ("a", a.addr, "check = false\nmax_connections = 1"),
+                    ("b", b.addr, "check = false\nmax_connections = 1"),
+                ],
+            )),
+    );
+    let web = lb.addr("web");
+    let name = |s: &mut TcpStream| {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while s.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        String::from_utf8(line).unwrap()
+    };
+    // One address: Maglev gives every connection the same first choice.
+    let mut first = connect_from("127.0.0.9", web);
+    let mut second = connect_from("127.0.0.9", web);
+    let (n1, n2) = (name(&mut first), name(&mut second));
+    assert_ne!(n1, n2, "the full backend took a second connection");
+    let mut third = connect_from("127.0.0.9", web);
+    assert!(closed_by_ringlb(&mut third));
+    assert_eq!(rejected(&lb, "queue_timeout"), 1.0);
+    // A slot frees: the client's own first choice again.
+    drop(first);
+    let mut again = None;
+    assert!(wait_until(SOON, || {
+        let mut s = connect_from("127.0.0.9", web);
+        let n = name(&mut s);
+        let ok = !n.is_empty();
+        again = Some(n);
+        ok
+    }));
+    assert_eq!(again.unwrap(), n1);
+}

@@ -22,10 +22,22 @@ pub struct BackendRef {
     pub state: Arc<BackendState>,
 }
 
+impl BackendRef {
+    /// Whether the backend is at its `max_connections` (never, without one).
+    #[inline]
+    pub fn full(&self) -> bool {
+        self.config.max_connections.is_some_and(|max| {
+            self.state.slots.load(std::sync::atomic::Ordering::Acquire) >= u64::from(max)
+        })
+    }
+}
+
 pub struct FrontendSnap {
     pub config: Frontend,
     pub state: Arc<FrontendState>,
     pub backends: Vec<BackendRef>,
+    /// Some backend has `max_connections`: picks take slots and may queue (`worker::queue`).
+    pub limited: bool,
     primary: Box<dyn BackendSelection>,
     backup: Box<dyn BackendSelection>,
 }
@@ -51,6 +63,7 @@ impl FrontendSnap {
             backup: balance::build(config, &backends, &backup),
             state: registry.frontend(&config.name),
             config: config.clone(),
+            limited: backends.iter().any(|b| b.config.max_connections.is_some()),
             backends,
         }
     }

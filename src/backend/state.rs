@@ -60,6 +60,9 @@ pub struct BackendState {
     /// Open connections through this backend, counted across all workers: least-connections
     /// needs one number that every core sees, or each core would pick the same "idle" backend.
     pub active: CacheLine<AtomicU64>,
+    /// Connection slots taken under the backend's `max_connections`, from the pick to the
+    /// connection's end (`worker::queue`); untouched when the backend has no limit.
+    pub slots: AtomicU64,
     pub connections_total: AtomicU64,
     pub connect_failures_total: AtomicU64,
     /// Connects to this backend that failed and were retried on another backend.
@@ -87,6 +90,7 @@ impl BackendState {
             draining: AtomicBool::new(false),
             ramp: AtomicU32::new(FULL_RAMP),
             active: CacheLine(AtomicU64::new(0)),
+            slots: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
             connect_failures_total: AtomicU64::new(0),
             retries_total: AtomicU64::new(0),

@@ -64,6 +64,7 @@ pub struct FileFrontend {
     pub deny: Option<Vec<String>>,
     pub max_connections_per_source: Option<i64>,
     pub rate_per_source: Option<String>,
+    pub queue_timeout: Option<String>,
     pub health: Option<FileHealth>,
     #[serde(default)]
     pub backend: Vec<FileBackend>,
@@ -94,5 +95,6 @@ pub struct FileBackend {
     pub check: Option<bool>,
     pub slow_start: Option<String>,
     pub send_proxy: Option<String>,
+    pub max_connections: Option<i64>,
     pub health: Option<FileHealth>,
 }

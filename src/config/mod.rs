@@ -163,6 +163,10 @@ pub struct Backend {
     /// PROXY protocol header sent to the backend before any client byte (HAProxy's
     /// `send-proxy` / `send-proxy-v2`); `None` sends nothing.
     pub send_proxy: Option<ProxyVersion>,
+    /// Most connections open to this backend at once (HAProxy's `maxconn` on a `server`);
+    /// beyond it the backend is skipped, and clients wait in the frontend's queue when
+    /// every backend is full.
+    pub max_connections: Option<u32>,
     pub health: Health,
 }
 

@@ -97,6 +97,7 @@ static FRONTEND: Table = Table {
         ("deny", Kind::Strs),
         ("max_connections_per_source", Kind::Int),
         ("rate_per_source", Kind::Str),
+        ("queue_timeout", Kind::Str),
         ("health", Kind::Table(&FRONTEND_HEALTH)),
         ("backend", Kind::Tables(&BACKEND)),
     ],
@@ -129,6 +130,7 @@ static BACKEND: Table = Table {
         ("check", Kind::Bool),
         ("slow_start", Kind::Str),
         ("send_proxy", Kind::Str),
+        ("max_connections", Kind::Int),
         ("health", Kind::Table(&BACKEND_HEALTH)),
     ],
 };

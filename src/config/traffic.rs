@@ -14,6 +14,9 @@ use std::time::Duration;
 /// client does not hold a connection slot for long (HAProxy's `timeout client` often
 /// bounds the same wait; nginx uses `proxy_protocol_timeout 30s`).
 pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
+/// The default `queue_timeout` (HAProxy's `timeout queue` defaults to `timeout connect`;
+/// 5 s is the usual explicit setting).
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Traffic {
@@ -25,6 +28,9 @@ pub struct Traffic {
     pub acl: Option<SourceAcl>,
     pub max_connections_per_source: Option<u32>,
     pub rate_per_source: Option<Rate>,
+    /// How long a client waits for a slot when every backend is at its `max_connections`;
+    /// zero closes it at once.
+    pub queue_timeout: Duration,
 }
 
 impl Traffic {

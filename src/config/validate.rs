@@ -606,6 +606,9 @@ fn validate_backend(
     };
     let slow_start = p.duration("slow_start", &fb.slow_start, defaults.slow_start);
     let send_proxy = proxy_version(&fb.send_proxy, defaults.send_proxy, p);
+    let max_connections = p
+        .opt_int_in("max_connections", fb.max_connections, 1, 10_000_000)
+        .map(|n| n as u32);
     let own = health_layer(fb.health.as_ref(), &mut p.nested("health", "health"));
     let health = own.over(defaults.health).resolve(fb.check.unwrap_or(true));
     Some(Backend {
@@ -615,6 +618,7 @@ fn validate_backend(
         backup: fb.backup.unwrap_or(false),
         slow_start,
         send_proxy,
+        max_connections,
         health,
     })
 }

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::conns::Registration;
+use super::gate::Reason;
 use super::io::Io;
 use super::local::Op;
+use super::queue::Pick;
 use super::{shutdown_listener, DataEvent, Shared};
 use crate::backend::ActiveGuard;
 use crate::relay::{self, ops::ConnectError, FirstMove};
@@ -183,8 +185,33 @@ async fn serve<I: Io>(
     // backoff until one connect timeout has passed, then the client is closed cleanly.
     let local_deadline = Instant::now() + cfg.connect_timeout;
     while attempts <= cfg.retries {
-        let Some(idx) = fe.select(&peer, &tried) else {
-            break;
+        // With max_connections on backends, a pick takes a slot (held until the connection
+        // ends, or given back before the next attempt) and may wait in the queue.
+        let mut _slot = None;
+        let idx = if fe.limited {
+            match Box::pin(super::queue::pick(&fe, &peer, &tried)).await {
+                Pick::Backend(idx, slot) => {
+                    _slot = slot.map(Box::new);
+                    idx
+                }
+                Pick::NoBackend => break,
+                Pick::TimedOut => {
+                    let detail = format!(
+                        "every backend at max_connections for queue_timeout ({})",
+                        crate::config::format_duration(cfg.traffic.queue_timeout)
+                    );
+                    fe.state
+                        .gate
+                        .reject(&cfg.name, Reason::QueueTimeout, peer, &detail);
+                    relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+                    return;
+                }
+            }
+        } else {
+            let Some(idx) = fe.select(&peer, &tried) else {
+                break;
+            };
+            idx
         };
         // Counted only now that there is another backend to retry on.
         if let Some(prev) = last_failed.take() {

@@ -38,15 +38,18 @@ pub enum Reason {
     SourceConnections = 3,
     /// The source is over `rate_per_source`.
     SourceRate = 4,
+    /// Every backend stayed at its `max_connections` for `queue_timeout`.
+    QueueTimeout = 5,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 5] = [
+    pub const ALL: [Reason; 6] = [
         Reason::Proxy,
         Reason::ProxyTimeout,
         Reason::Acl,
         Reason::SourceConnections,
         Reason::SourceRate,
+        Reason::QueueTimeout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -56,6 +59,7 @@ impl Reason {
             Reason::Acl => "acl",
             Reason::SourceConnections => "source_connections",
             Reason::SourceRate => "source_rate",
+            Reason::QueueTimeout => "queue_timeout",
         }
     }
 }
@@ -86,6 +90,8 @@ pub struct GateState {
     pub source_table_full_total: AtomicU64,
     sources: [Mutex<Shard>; SHARDS],
     start: Instant,
+    /// Clients waiting for a backend slot (`max_connections` on backends).
+    pub queue: super::queue::BackendQueue,
 }
 
 impl Default for GateState {
@@ -97,6 +103,7 @@ impl Default for GateState {
             source_table_full_total: AtomicU64::new(0),
             sources: std::array::from_fn(|_| Mutex::new(Shard::default())),
             start: Instant::now(),
+            queue: Default::default(),
         }
     }
 }
@@ -138,7 +145,7 @@ impl GateState {
 
     /// Counts a rejection and logs it unless this frontend logged one for this reason less
     /// than [`LOG_EVERY`] ago; the next line says how many went unlogged in between.
-    fn reject(&self, frontend: &str, reason: Reason, client: SocketAddr, detail: &str) {
+    pub fn reject(&self, frontend: &str, reason: Reason, client: SocketAddr, detail: &str) {
         let i = reason as usize;
         self.rejected[i].fetch_add(1, Ordering::Relaxed);
         self.unlogged[i].fetch_add(1, Ordering::Relaxed);

@@ -11,6 +11,7 @@ pub mod gate;
 pub mod io;
 pub mod listener;
 pub mod local;
+pub mod queue;
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;

@@ -4,6 +4,7 @@
 use super::super::file::FileFrontend;
 use super::super::traffic::{
     parse_net, parse_rate, Prefixes, SourceAcl, Traffic, DEFAULT_PROXY_TIMEOUT,
+    DEFAULT_QUEUE_TIMEOUT,
 };
 use super::Problems;
 
@@ -50,7 +51,9 @@ pub(super) fn validate_traffic(ff: &FileFrontend, p: &mut Problems<'_>) -> Traff
                 None
             }
         });
+    let queue_timeout = p.duration("queue_timeout", &ff.queue_timeout, DEFAULT_QUEUE_TIMEOUT);
     Traffic {
+        queue_timeout,
         accept_proxy,
         proxy_timeout,
         acl,
