@@ -844,3 +844,29 @@ fn maglev_sends_a_client_whose_backend_is_full_to_the_next_one_in_its_table() {
     }));
     assert_eq!(again.unwrap(), n1);
 }
+
+#[test]
+fn a_frontends_max_connections_queues_the_next_client_until_one_closes_or_queue_timeout() {
+    let (lb, b) = start("max_connections = 2\nqueue_timeout = \"2s\"");
+    let web = lb.addr("web");
+    let first = hold("127.0.0.1", web).expect("first");
+    let _second = hold("127.0.0.1", web).expect("second");
+    // A third waits, and is closed at queue_timeout.
+    let mut third = connect(web);
+    third.write_all(b"ping").unwrap();
+    assert!(closed_by_ringlb(&mut third));
+    assert_eq!(rejected(&lb, "queue_timeout"), 1.0);
+    assert_eq!(b.accepted(), 2);
+    // A fourth waits too; when the first closes, it gets the slot.
+    let mut fourth = connect(web);
+    fourth.write_all(b"pong").unwrap();
+    assert!(wait_until(SOON, || metric(
+        &lb,
+        "ringlb_frontend_queue_current",
+        &[("frontend", "web")]
+    ) == 1.0));
+    drop(first);
+    assert_eq!(read_text(&mut fourth, 4), "pong");
+    assert_eq!(b.accepted(), 3);
+    assert_eq!(rejected(&lb, "queue_timeout"), 1.0);
+}

@@ -65,6 +65,7 @@ pub struct FileFrontend {
     pub max_connections_per_source: Option<i64>,
     pub rate_per_source: Option<String>,
     pub queue_timeout: Option<String>,
+    pub max_connections: Option<i64>,
     pub health: Option<FileHealth>,
     #[serde(default)]
     pub backend: Vec<FileBackend>,

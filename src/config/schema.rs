@@ -98,6 +98,7 @@ static FRONTEND: Table = Table {
         ("max_connections_per_source", Kind::Int),
         ("rate_per_source", Kind::Str),
         ("queue_timeout", Kind::Str),
+        ("max_connections", Kind::Int),
         ("health", Kind::Table(&FRONTEND_HEALTH)),
         ("backend", Kind::Tables(&BACKEND)),
     ],

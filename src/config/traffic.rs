@@ -31,12 +31,15 @@ pub struct Traffic {
     /// How long a client waits for a slot when every backend is at its `max_connections`;
     /// zero closes it at once.
     pub queue_timeout: Duration,
+    /// Most open client connections on this frontend; more wait (FIFO) up to `queue_timeout`.
+    pub max_connections: Option<u32>,
 }
 
 impl Traffic {
     /// Whether any control is set: the data path skips the gate entirely otherwise.
     pub fn is_on(&self) -> bool {
         self.accept_proxy
+            || self.max_connections.is_some()
             || self.acl.is_some()
             || self.max_connections_per_source.is_some()
             || self.rate_per_source.is_some()

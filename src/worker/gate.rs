@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::MsgFlags;
 use tokio::io::Interest;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{FrontendSnap, FrontendState};
 use crate::config::traffic::{canonical, Rate, Traffic};
@@ -92,6 +93,11 @@ pub struct GateState {
     start: Instant,
     /// Clients waiting for a backend slot (`max_connections` on backends).
     pub queue: super::queue::BackendQueue,
+    /// The frontend's `max_connections`: a fair (FIFO) semaphore, and how many permits it
+    /// was given in all, so a reload that changes the limit can add or withdraw the
+    /// difference.
+    frontend_slots: Arc<Semaphore>,
+    frontend_capacity: Mutex<u32>,
 }
 
 impl Default for GateState {
@@ -104,6 +110,8 @@ impl Default for GateState {
             sources: std::array::from_fn(|_| Mutex::new(Shard::default())),
             start: Instant::now(),
             queue: Default::default(),
+            frontend_slots: Arc::new(Semaphore::new(0)),
+            frontend_capacity: Mutex::new(0),
         }
     }
 }
@@ -245,6 +253,42 @@ impl GateState {
         }
     }
 
+    /// Waits (FIFO, up to `timeout`) for one of the frontend's `max` connection slots.
+    async fn frontend_slot(&self, max: u32, timeout: Duration) -> Option<OwnedSemaphorePermit> {
+        {
+            // Follow the configured limit: add what it grew by, withdraw free permits it
+            // shrank by (busy ones are withdrawn as their connections end, on later calls).
+            let mut cap = self
+                .frontend_capacity
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if *cap < max {
+                self.frontend_slots.add_permits((max - *cap) as usize);
+                *cap = max;
+            } else if *cap > max {
+                let gone = self.frontend_slots.forget_permits((*cap - max) as usize);
+                *cap -= gone as u32;
+            }
+        }
+        if let Ok(p) = self.frontend_slots.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        let q = &self.queue;
+        let now = q.current.fetch_add(1, Ordering::Relaxed) + 1;
+        q.max.fetch_max(now, Ordering::Relaxed);
+        q.queued_total.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let got = tokio::time::timeout(timeout, self.frontend_slots.clone().acquire_owned()).await;
+        q.current.fetch_sub(1, Ordering::Relaxed);
+        match got {
+            Ok(Ok(p)) => {
+                q.record_wait(started.elapsed());
+                Some(p)
+            }
+            _ => None,
+        }
+    }
+
     /// Sources tracked now (for tests and the status of the table).
     pub fn tracked_sources(&self) -> usize {
         self.sources
@@ -260,6 +304,8 @@ pub struct Admission {
     pub dst: Option<SocketAddr>,
     /// The per-source slot, given back when the connection ends.
     _slot: Option<SourceSlot>,
+    /// One of the frontend's `max_connections`, likewise.
+    _frontend_slot: Option<OwnedSemaphorePermit>,
 }
 
 /// One open connection counted against its source.
@@ -337,7 +383,29 @@ pub async fn admit<S: Conn>(
             }
         }
     }
-    Ok((addr, Admission { dst, _slot: slot }))
+    // Last: a client refused above never waits for, or holds, one of these.
+    let mut frontend_slot = None;
+    if let Some(max) = t.max_connections {
+        match gate.frontend_slot(max, t.queue_timeout).await {
+            Some(p) => frontend_slot = Some(p),
+            None => {
+                let detail = format!(
+                    "frontend at max_connections ({max}) for queue_timeout ({})",
+                    crate::config::format_duration(t.queue_timeout)
+                );
+                gate.reject(name, Reason::QueueTimeout, addr, &detail);
+                return Err(());
+            }
+        }
+    }
+    Ok((
+        addr,
+        Admission {
+            dst,
+            _slot: slot,
+            _frontend_slot: frontend_slot,
+        },
+    ))
 }
 
 enum ProxyError {

@@ -52,7 +52,7 @@ impl BackendQueue {
         f64::from_bits(self.qtime_us.load(Ordering::Relaxed)) / 1e6
     }
 
-    fn record_wait(&self, waited: Duration) {
+    pub(super) fn record_wait(&self, waited: Duration) {
         let sample = waited.as_secs_f64() * 1e6;
         // One writer at a time is not needed for a figure like this: a lost update between
         // two workers only skips one sample.

@@ -52,7 +52,11 @@ pub(super) fn validate_traffic(ff: &FileFrontend, p: &mut Problems<'_>) -> Traff
             }
         });
     let queue_timeout = p.duration("queue_timeout", &ff.queue_timeout, DEFAULT_QUEUE_TIMEOUT);
+    let max_connections = p
+        .opt_int_in("max_connections", ff.max_connections, 1, 10_000_000)
+        .map(|n| n as u32);
     Traffic {
+        max_connections,
         queue_timeout,
         accept_proxy,
         proxy_timeout,
