@@ -172,7 +172,6 @@ async fn serve<I: Io>(
     } else {
         peer
     };
-    let declared_dst = admission.as_ref().and_then(|a| a.dst);
     fe.state.accepted_total.fetch_add(1, Ordering::Relaxed);
     fe.state.active.fetch_add(1, Ordering::Relaxed);
     let _fe_active = CounterGuard(&fe.state.active);
@@ -232,7 +231,7 @@ async fn serve<I: Io>(
                         &client,
                         &server,
                         peer,
-                        declared_dst,
+                        admission.as_ref().and_then(|a| a.dst),
                         version,
                     ))
                     .await
