@@ -870,3 +870,31 @@ fn a_frontends_max_connections_queues_the_next_client_until_one_closes_or_queue_
     assert_eq!(b.accepted(), 3);
     assert_eq!(rejected(&lb, "queue_timeout"), 1.0);
 }
+
+// ----- Reload -----
+
+#[test]
+fn a_reload_changes_the_controls_for_new_clients_and_a_bad_one_keeps_the_old() {
+    let b = Backend::start("echo", Behaviour::Echo);
+    let cfg = |settings: &str| {
+        global_toml("") + &frontend_toml("web", settings, &[("echo", b.addr, "check = false")])
+    };
+    let lb = Ringlb::start(&cfg(""));
+    let web = lb.addr("web");
+    let open = hold("127.0.0.2", web).expect("served before the reload");
+    let mark = lb.reload(&cfg("deny = [\"127.0.0.2\"]"));
+    assert!(lb
+        .wait_for_log_after(mark, "reload: applied: frontend web: settings", SOON)
+        .is_some());
+    assert!(!served("127.0.0.2", web), "denied after the reload");
+    assert!(served("127.0.0.1", web));
+    let mark = lb.reload(&cfg("deny = [\"127.0.0.2/40\"]"));
+    assert!(lb
+        .wait_for_log_after(mark, "still serving the previous configuration", SOON)
+        .is_some());
+    assert!(!served("127.0.0.2", web), "the old ACL stopped applying");
+    // A connection admitted before the reload is not judged again.
+    let mut open = open;
+    open.write_all(b"again").unwrap();
+    assert_eq!(read_text(&mut open, 5), "again");
+}
