@@ -745,6 +745,13 @@ fn maxconn_2_and_50_slow_clients_nobody_above_2_served_in_arrival_order() {
         ) > 0.0
     );
     assert_eq!(rejected(&lb, "queue_timeout"), 0.0);
+    // The same figures on /status and the status page.
+    let status: serde_json::Value =
+        serde_json::from_str(&get(lb.admin.unwrap(), "/status")).unwrap();
+    let q = &status["frontends"][0]["queue"];
+    assert!(q["max"].as_u64().unwrap() >= 2, "{q}");
+    assert!(q["time_seconds"].as_f64().unwrap() > 0.0, "{q}");
+    assert!(get(lb.admin.unwrap(), "/").contains("queue: current 0, max "));
 }
 
 #[test]
