@@ -272,6 +272,21 @@ impl Drop for Reap {
     }
 }
 
+/// Stops a child with SIGTERM and reaps it: nginx's master then stops its workers (SIGKILL
+/// would leave them running).
+struct Terminate(std::process::Child);
+
+impl Drop for Terminate {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        if !wait_until(SOON, || self.0.try_wait().ok().flatten().is_some()) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
 fn haproxy_send_proxy_and_send_proxy_v2_in_front_tell_ringlb_the_clients_address() {
     if !haproxy_found() {
@@ -904,4 +919,62 @@ fn a_reload_changes_the_controls_for_new_clients_and_a_bad_one_keeps_the_old() {
     let mut open = open;
     open.write_all(b"again").unwrap();
     assert_eq!(read_text(&mut open, 5), "again");
+}
+
+#[test]
+fn nginx_stream_with_proxy_protocol_on_in_front_tells_ringlb_the_clients_address() {
+    let module = "/usr/lib/nginx/modules/ngx_stream_module.so";
+    let found = Command::new("nginx")
+        .arg("-v")
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+        && std::path::Path::new(module).exists();
+    if !tool_available(
+        found,
+        "nginx with the stream module",
+        "apt-get install -y nginx libnginx-mod-stream",
+    ) {
+        return;
+    }
+    let (lb, _b) = start("accept_proxy = true\nsend_proxy = \"v1\"");
+    let web = lb.addr("web");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = TempDir::new();
+    let d = dir.path.display();
+    let conf = dir.path.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "load_module {module};\nworker_processes 1;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log;\nevents {{}}\nstream {{\n  server {{\n    \
+             listen 127.0.0.1:{port};\n    proxy_pass {web};\n    proxy_protocol on;\n  }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    let _nginx = Terminate(
+        Command::new("nginx")
+            .args(["-e", &format!("{d}/error.log"), "-g", "daemon off;", "-c"])
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(
+        wait_until(SOON, || TcpStream::connect(front).is_ok()),
+        "nginx did not start listening: {:?}",
+        std::fs::read_to_string(dir.path.join("error.log"))
+    );
+    let mut s = connect_from("127.0.0.5", front);
+    let me = s.local_addr().unwrap();
+    assert_eq!(
+        proxied_line(&mut s, b"via nginx"),
+        format!("PROXY TCP4 127.0.0.5 127.0.0.1 {} {port}", me.port())
+    );
 }
