@@ -978,3 +978,45 @@ fn nginx_stream_with_proxy_protocol_on_in_front_tells_ringlb_the_clients_address
         format!("PROXY TCP4 127.0.0.5 127.0.0.1 {} {port}", me.port())
     );
 }
+
+#[test]
+fn maglev_hashes_the_address_a_proxy_header_declares() {
+    let a = Backend::start("a", Behaviour::Named);
+    let b = Backend::start("b", Behaviour::Named);
+    let lb = Ringlb::start(
+        &(global_toml("")
+            + &frontend_toml(
+                "web",
+                "balance = \"maglev\"\naccept_proxy = true",
+                &[
+                    ("a", a.addr, "check = false"),
+                    ("b", b.addr, "check = false"),
+                ],
+            )),
+    );
+    let web = lb.addr("web");
+    let pick = |client: &str| {
+        let mut s = connect(web);
+        s.write_all(format!("PROXY TCP4 {client} 192.0.2.1 5000 80\r\n").as_bytes())
+            .unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while s.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        String::from_utf8(line).unwrap()
+    };
+    // Every connection comes from 127.0.0.1; the declared clients spread, each one sticking.
+    let mut seen = std::collections::HashSet::new();
+    for i in 1..=20 {
+        let client = format!("198.51.100.{i}");
+        let first = pick(&client);
+        assert_eq!(pick(&client), first, "{client} moved");
+        seen.insert(first);
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "twenty declared clients all hashed to one backend"
+    );
+}
