@@ -1,7 +1,8 @@
 //! A frontend's accept-time controls, as validated runtime values: PROXY protocol from an
-//! upstream balancer, source ACLs and per-source limits (docs/traffic-controls.md). The
-//! worker's gate (`worker::gate`) applies them; all are off by default, and a frontend with
-//! none set pays nothing for them.
+//! upstream balancer, source ACLs, per-source limits, the frontend's `max_connections` and
+//! the `queue_timeout` that also bounds the wait for a backend slot (docs/traffic-controls.md).
+//! The worker's gate (`worker::gate`) applies them; all are off by default, and a frontend
+//! with none set pays nothing for them.
 //!
 //! The ACL matcher is built here, at config load: each list becomes sorted, merged address
 //! ranges per family, so a lookup is one binary search however long the list.

@@ -3,7 +3,8 @@
 //!
 //! In order: read the PROXY header (`accept_proxy`), whose address is the client's from then
 //! on; check the source ACL (`allow`, `deny`); take a per-source slot
-//! (`max_connections_per_source`) and a token (`rate_per_source`). A client refused at any
+//! (`max_connections_per_source`) and a token (`rate_per_source`); last, wait in arrival order
+//! (up to `queue_timeout`) for one of the frontend's `max_connections`. A client refused at any
 //! step is closed at once, counted by reason (`ringlb_frontend_rejected_total`) and logged
 //! at most once per [`LOG_EVERY`] per frontend and reason, with the count since the last line.
 //!
