@@ -139,11 +139,21 @@ impl Announcer {
         }
     }
 
-    /// Whether any command is still running (the stop path waits for the `on_unready` ones).
-    pub fn busy(&self) -> bool {
-        self.frontends
-            .values()
-            .any(|f| f.running.load(Ordering::Acquire))
+    /// Whether every frontend's last verdict has been acted on: its command for it ran to
+    /// the end, or it has none. The stop path ticks until this holds, so an `on_unready` is
+    /// not skipped because an `on_ready` was still running when SIGTERM came.
+    pub fn settled(&self, snap: &Snapshot, stopping: bool) -> bool {
+        snap.config.frontends.iter().all(|fc| {
+            let Some(fe) = snap.frontend(&fc.name) else {
+                return true;
+            };
+            let ready = is_ready(fe, stopping);
+            let argv = if ready { &fc.on_ready } else { &fc.on_unready };
+            argv.is_empty()
+                || self.frontends.get(&fc.name).is_some_and(|st| {
+                    st.announced == Some(ready) && !st.running.load(Ordering::Acquire)
+                })
+        })
     }
 }
 

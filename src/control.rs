@@ -95,7 +95,6 @@ pub fn run(
 async fn withdraw(announcer: &mut Announcer, server: &mut Server) {
     let grace = server.config.global.grace;
     let start = Instant::now();
-    announcer.tick(&server.snapshot(), true);
     if !grace.is_zero() {
         crate::info!(
             "stopping: still accepting for {} (grace) while routes are withdrawn",
@@ -105,7 +104,12 @@ async fn withdraw(announcer: &mut Announcer, server: &mut Server) {
     // The on_unready commands get until the grace period ends (and at least their own
     // timeout) to finish; new connections are served meanwhile.
     let wait_commands = grace.max(crate::announce::COMMAND_TIMEOUT);
-    while announcer.busy() && start.elapsed() < wait_commands {
+    loop {
+        let snap = server.snapshot();
+        announcer.tick(&snap, true);
+        if announcer.settled(&snap, true) || start.elapsed() >= wait_commands {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if let Some(left) = grace.checked_sub(start.elapsed()) {

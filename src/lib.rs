@@ -12,10 +12,13 @@
 //! - [`worker`]: per-core threads (tokio-uring, or the epoll fallback); SO_REUSEPORT listeners,
 //!   kept to ringlb's own sockets (`worker::listener`); accept -> pick -> connect -> relay;
 //!   each worker's connection table (idle timeout, kill switch, byte counts); the fd budget;
-//!   local errors (this host out of fds) kept apart.
+//!   local errors (this host out of fds) kept apart; the accept-time gate (`worker::gate`:
+//!   PROXY header in, source ACLs, per-source limits) and backend `max_connections` with the
+//!   frontend's FIFO queue (`worker::queue`).
 //! - [`relay`]: one relay for every runtime and mode (copy, splice, splice-auto): readiness,
 //!   then plain non-blocking syscalls, with buffers and pipes lent per chunk by per-worker
-//!   pools; the io_uring ops (`unsafe` lives in `relay::ops`, and one setsockopt in
+//!   pools; the PROXY protocol header out (`relay::proxy`) and its strict parser for headers
+//!   coming in (`relay::proxy_in`); the io_uring ops (`unsafe` lives in `relay::ops`, and one setsockopt in
 //!   `worker::listener::reuseport`).
 //! - [`admin`]: the admin listener: `/metrics`, `/status`, the status page, `/healthz`.
 //! - [`metrics`]: the Prometheus recorder, fed from the data path's atomics by a periodic task.

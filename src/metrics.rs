@@ -26,6 +26,7 @@ use crate::admin::ops::OpsState;
 use crate::admin::status::state_word;
 use crate::backend::{BackendState, Published};
 use crate::config::Backend;
+use crate::worker::gate::Reason;
 use crate::worker::Shared;
 
 /// How often the upkeep task copies the atomics into the metric handles.
@@ -84,11 +85,35 @@ const FRONTEND: Family = Family {
             "ringlb_frontend_announce_commands_total",
             Some(("result", "failed")),
         ),
+        // The gate's reasons, in `worker::gate::Reason::ALL` order.
+        ("ringlb_frontend_rejected_total", Some(("reason", "proxy"))),
+        (
+            "ringlb_frontend_rejected_total",
+            Some(("reason", "proxy_timeout")),
+        ),
+        ("ringlb_frontend_rejected_total", Some(("reason", "acl"))),
+        (
+            "ringlb_frontend_rejected_total",
+            Some(("reason", "source_connections")),
+        ),
+        (
+            "ringlb_frontend_rejected_total",
+            Some(("reason", "source_rate")),
+        ),
+        ("ringlb_frontend_source_table_full_total", None),
+        (
+            "ringlb_frontend_rejected_total",
+            Some(("reason", "queue_timeout")),
+        ),
+        ("ringlb_frontend_queued_total", None),
     ],
     gauges: &[
         "ringlb_frontend_active_connections",
         "ringlb_frontend_ready",
         "ringlb_maglev_table_fingerprint",
+        "ringlb_frontend_queue_current",
+        "ringlb_frontend_queue_max",
+        "ringlb_frontend_queue_time_seconds",
     ],
 };
 
@@ -148,7 +173,12 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_backend_check_duration_seconds", "Duration of the last health check (haproxy_server_check_duration_seconds)."),
     ("ringlb_backend_last_state_change_seconds", "Seconds since the last UP/DOWN transition (haproxy_server_check_last_change_seconds)."),
     ("ringlb_frontend_connections_total", "Client connections accepted (haproxy_frontend_sessions_total)."),
-    ("ringlb_frontend_rejected_total", "Client connections closed without a backend, by reason: no_backend (every backend down or failing), local (this host out of fds or memory for the backend connect) or limit (no longer used: at max_connections new clients wait in the listen queue) (haproxy_frontend_denied_connections_total)."),
+    ("ringlb_frontend_rejected_total", "Client connections closed without a backend, by reason: no_backend (every backend down or failing), local (this host out of fds or memory for the backend connect), proxy (a malformed, truncated or oversized PROXY protocol header), proxy_timeout (no whole PROXY header within proxy_timeout), acl (source denied by allow/deny), source_connections (max_connections_per_source open), source_rate (over rate_per_source), queue_timeout (every backend at max_connections for queue_timeout) or limit (no longer used: at max_connections new clients wait in the listen queue) (haproxy_frontend_denied_connections_total)."),
+    ("ringlb_frontend_source_table_full_total", "New sources admitted without per-source limits because the per-source table (65,536 addresses) was full of sources with open connections or recent ones."),
+    ("ringlb_frontend_queued_total", "Clients that waited in the frontend's queue because every backend was at its max_connections."),
+    ("ringlb_frontend_queue_current", "Clients waiting now for a backend slot (haproxy_backend_current_queue, qcur)."),
+    ("ringlb_frontend_queue_max", "The most clients that waited at once (haproxy_backend_max_queue, qmax)."),
+    ("ringlb_frontend_queue_time_seconds", "Average time in the queue of the last ~1024 clients served from it (haproxy_backend_queue_time_average_seconds, qtime)."),
     ("ringlb_frontend_active_connections", "Open client connections (haproxy_frontend_current_sessions)."),
     ("ringlb_frontend_ready", "1 while the frontend is ready for new clients (a backend is available and ringlb is not stopping), as GET /ready/FRONTEND answers; what a BGP speaker announces the VIP on."),
     ("ringlb_frontend_announce_commands_total", "on_ready / on_unready commands run, by result (ok, or failed: could not start, non-zero exit, or killed after 5 s)."),
@@ -269,11 +299,22 @@ impl Exporter {
                     s.rejected_local_total.load(Ordering::Relaxed),
                     s.announce.ok.load(Ordering::Relaxed),
                     s.announce.failed.load(Ordering::Relaxed),
+                    s.gate.rejected(Reason::Proxy),
+                    s.gate.rejected(Reason::ProxyTimeout),
+                    s.gate.rejected(Reason::Acl),
+                    s.gate.rejected(Reason::SourceConnections),
+                    s.gate.rejected(Reason::SourceRate),
+                    s.gate.source_table_full_total.load(Ordering::Relaxed),
+                    s.gate.rejected(Reason::QueueTimeout),
+                    s.gate.queue.queued_total.load(Ordering::Relaxed),
                 ],
                 &[
                     s.active() as f64,
                     f64::from(u8::from(crate::announce::is_ready(fe, stopping))),
                     fe.fingerprint().unwrap_or(0) as f64,
+                    s.gate.queue.current.load(Ordering::Relaxed) as f64,
+                    s.gate.queue.max.load(Ordering::Relaxed) as f64,
+                    s.gate.queue.qtime_seconds(),
                 ],
             );
             for b in &fe.backends {

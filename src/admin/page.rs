@@ -5,7 +5,7 @@
 
 use std::fmt::Write;
 
-use super::status::{BackendStatus, FrontendStatus, Status};
+use super::status::{BackendStatus, FrontendStatus, Queue, Rejected, Status};
 
 /// Seconds between automatic refreshes of the page.
 pub const REFRESH_SECONDS: u32 = 5;
@@ -82,6 +82,38 @@ pub fn render(s: &Status) -> String {
     h
 }
 
+/// The traffic controls' refusals, those that happened (a frontend without the controls
+/// shows none).
+fn gate_rejections(r: &Rejected) -> String {
+    let mut out = String::new();
+    for (what, n) in [
+        ("PROXY header", r.proxy),
+        ("PROXY timeout", r.proxy_timeout),
+        ("ACL", r.acl),
+        ("per-source connections", r.source_connections),
+        ("per-source rate", r.source_rate),
+        ("queue timeout", r.queue_timeout),
+    ] {
+        if n > 0 {
+            let _ = write!(out, ", {what} {n}");
+        }
+    }
+    out
+}
+
+/// HAProxy's queue columns (qcur, qmax, qtime), once anything has queued.
+fn queue(q: &Queue) -> String {
+    if q.max == 0 {
+        return String::new();
+    }
+    format!(
+        "<span>queue: current {}, max {}, time {:.0} ms</span>",
+        q.current,
+        q.max,
+        q.time_seconds * 1000.0
+    )
+}
+
 fn frontend(h: &mut String, f: &FrontendStatus) {
     let listen = if f.listen.is_empty() {
         "not listening".to_string()
@@ -92,13 +124,15 @@ fn frontend(h: &mut String, f: &FrontendStatus) {
         h,
         "<h2 id=\"fe-{name}\">Frontend {name}{removed}</h2><div class=\"meta\">\
          <span>listen {}</span><span>balance {}</span><span>active {}</span>\
-         <span>accepted {}</span><span>rejected: limit {}, no backend {}</span></div>",
+         <span>accepted {}</span><span>rejected: limit {}, no backend {}{}</span>{}</div>",
         esc(&listen),
         esc(f.balance),
         f.active,
         f.accepted_total,
         f.rejected_total.limit,
         f.rejected_total.no_backend,
+        gate_rejections(&f.rejected_total),
+        queue(&f.queue),
         name = esc(&f.name),
         removed = if f.removed {
             " (removed, draining)"

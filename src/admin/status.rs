@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::ops::OpsState;
 use crate::backend::{BackendState, Snapshot};
 use crate::config::Backend;
+use crate::worker::gate::Reason;
 use crate::worker::Shared;
 
 #[derive(Debug, Serialize)]
@@ -62,13 +63,29 @@ pub struct FrontendStatus {
     pub active: u64,
     pub accepted_total: u64,
     pub rejected_total: Rejected,
+    /// Clients waiting for a slot (`max_connections`), as HAProxy's qcur, qmax and qtime.
+    pub queue: Queue,
     pub backends: Vec<BackendStatus>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Default)]
 pub struct Rejected {
     pub limit: u64,
     pub no_backend: u64,
+    /// The traffic controls' reasons (docs/traffic-controls.md).
+    pub proxy: u64,
+    pub proxy_timeout: u64,
+    pub acl: u64,
+    pub source_connections: u64,
+    pub source_rate: u64,
+    pub queue_timeout: u64,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct Queue {
+    pub current: u64,
+    pub max: u64,
+    pub time_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -178,6 +195,17 @@ pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState) -> Status {
                 rejected_total: Rejected {
                     limit: st.rejected_limit_total.load(Ordering::Relaxed),
                     no_backend: st.rejected_no_backend_total.load(Ordering::Relaxed),
+                    proxy: st.gate.rejected(Reason::Proxy),
+                    proxy_timeout: st.gate.rejected(Reason::ProxyTimeout),
+                    acl: st.gate.rejected(Reason::Acl),
+                    source_connections: st.gate.rejected(Reason::SourceConnections),
+                    source_rate: st.gate.rejected(Reason::SourceRate),
+                    queue_timeout: st.gate.rejected(Reason::QueueTimeout),
+                },
+                queue: Queue {
+                    current: st.gate.queue.current.load(Ordering::Relaxed),
+                    max: st.gate.queue.max.load(Ordering::Relaxed),
+                    time_seconds: st.gate.queue.qtime_seconds(),
                 },
                 backends: fe
                     .backends
@@ -202,10 +230,8 @@ pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState) -> Status {
                 maglev_fingerprint: None,
                 active: 0,
                 accepted_total: 0,
-                rejected_total: Rejected {
-                    limit: 0,
-                    no_backend: 0,
-                },
+                rejected_total: Rejected::default(),
+                queue: Queue::default(),
                 backends: vec![row],
             }),
         }

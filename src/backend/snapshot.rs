@@ -22,12 +22,24 @@ pub struct BackendRef {
     pub state: Arc<BackendState>,
 }
 
+impl BackendRef {
+    /// Whether the backend is at its `max_connections` (never, without one).
+    #[inline]
+    pub fn full(&self) -> bool {
+        self.config.max_connections.is_some_and(|max| {
+            self.state.slots.load(std::sync::atomic::Ordering::Acquire) >= u64::from(max)
+        })
+    }
+}
+
 pub struct FrontendSnap {
     pub config: Frontend,
     pub state: Arc<FrontendState>,
     pub backends: Vec<BackendRef>,
     /// The connection log, if the frontend has a `[frontend.log]`.
     pub log: Option<Arc<crate::connlog::FrontendLog>>,
+    /// Some backend has `max_connections`: picks take slots and may queue (`worker::queue`).
+    pub limited: bool,
     primary: Box<dyn BackendSelection>,
     backup: Box<dyn BackendSelection>,
 }
@@ -57,6 +69,7 @@ impl FrontendSnap {
                 .as_ref()
                 .and_then(|l| crate::connlog::FrontendLog::build(l, &mut registry.log_sinks)),
             config: config.clone(),
+            limited: backends.iter().any(|b| b.config.max_connections.is_some()),
             backends,
         }
     }

@@ -67,6 +67,9 @@ pub struct BackendState {
     pub active: CacheLine<AtomicU64>,
     /// Connections, retries and bytes: one copy per worker (see [`per_worker`]).
     pub counts: PerWorker<BackendCounts>,
+    /// Connection slots taken under the backend's `max_connections`, from the pick to the
+    /// connection's end (`worker::queue`); untouched when the backend has no limit.
+    pub slots: AtomicU64,
     pub connect_failures_total: AtomicU64,
     pub check_failures_total: AtomicU64,
     pub state_changes_total: AtomicU64,
@@ -89,6 +92,7 @@ impl BackendState {
             ramp: AtomicU32::new(FULL_RAMP),
             active: CacheLine(AtomicU64::new(0)),
             counts: PerWorker::default(),
+            slots: AtomicU64::new(0),
             connect_failures_total: AtomicU64::new(0),
             check_failures_total: AtomicU64::new(0),
             state_changes_total: AtomicU64::new(0),
@@ -253,6 +257,8 @@ pub struct FrontendState {
     pub no_server_logged: AtomicBool,
     /// Outcomes of the `on_ready` / `on_unready` commands.
     pub announce: Arc<crate::announce::AnnounceCounts>,
+    /// Traffic controls: rejections by reason, the per-source table.
+    pub gate: crate::worker::gate::GateState,
 }
 
 impl FrontendState {

@@ -48,8 +48,10 @@ pub fn build(
     }
 }
 
-/// True if `idx` may be picked: usable now and not already tried for this connection.
+/// True if `idx` may be picked: usable now, not already tried for this connection, and not
+/// at its `max_connections`.
 #[inline]
 pub(crate) fn eligible(backends: &[BackendRef], tried: &[usize], idx: usize) -> bool {
-    backends[idx].state.is_usable() && !tried.contains(&idx)
+    let b = &backends[idx];
+    b.state.is_usable() && !tried.contains(&idx) && !b.full()
 }

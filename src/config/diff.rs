@@ -100,6 +100,7 @@ fn same_settings(a: &Frontend, b: &Frontend) -> bool {
         && a.on_ready == b.on_ready
         && a.on_unready == b.on_unready
         && a.log == b.log
+        && a.traffic == b.traffic
 }
 
 /// Computes what changed from `old` to `new`. Backends are matched by name: a backend whose

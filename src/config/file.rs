@@ -61,6 +61,14 @@ pub struct FileFrontend {
     pub send_proxy: Option<String>,
     pub on_ready: Option<Vec<String>>,
     pub on_unready: Option<Vec<String>>,
+    pub accept_proxy: Option<bool>,
+    pub proxy_timeout: Option<String>,
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
+    pub max_connections_per_source: Option<i64>,
+    pub rate_per_source: Option<String>,
+    pub queue_timeout: Option<String>,
+    pub max_connections: Option<i64>,
     pub health: Option<FileHealth>,
     pub log: Option<FileLog>,
     #[serde(default)]
@@ -118,5 +126,6 @@ pub struct FileBackend {
     pub check: Option<bool>,
     pub slow_start: Option<String>,
     pub send_proxy: Option<String>,
+    pub max_connections: Option<i64>,
     pub health: Option<FileHealth>,
 }

@@ -14,6 +14,7 @@ mod log;
 mod problem;
 mod schema;
 mod suggest;
+pub mod traffic;
 mod validate;
 mod walk;
 
@@ -142,6 +143,8 @@ pub struct Frontend {
     pub on_unready: Vec<String>,
     /// `[frontend.log]`: `None` writes no connection log (and costs nothing).
     pub log: Option<ConnLog>,
+    /// PROXY protocol in, source ACLs, per-source limits: all off by default.
+    pub traffic: traffic::Traffic,
     pub backends: Vec<Backend>,
 }
 
@@ -175,6 +178,10 @@ pub struct Backend {
     /// PROXY protocol header sent to the backend before any client byte (HAProxy's
     /// `send-proxy` / `send-proxy-v2`); `None` sends nothing.
     pub send_proxy: Option<ProxyVersion>,
+    /// Most connections open to this backend at once (HAProxy's `maxconn` on a `server`);
+    /// beyond it the backend is skipped, and clients wait in the frontend's queue when
+    /// every backend is full.
+    pub max_connections: Option<u32>,
     pub health: Health,
 }
 

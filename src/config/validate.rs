@@ -18,6 +18,8 @@ use super::{
     OnMarkedDown, ProxyVersion, RelayMode,
 };
 
+mod traffic;
+
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_MAGLEV_TABLE_SIZE: usize = 65537;
 const MAX_MAGLEV_TABLE_SIZE: i64 = 16_777_259;
@@ -459,6 +461,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
     let send_proxy = proxy_version(&ff.send_proxy, None, p);
     let on_ready = command(&ff.on_ready, "on_ready", p);
     let on_unready = command(&ff.on_unready, "on_unready", p);
+    let traffic = traffic::validate_traffic(ff, p);
     // The frontend's health keys are checked once, here, where they are written; each
     // backend then checks only the keys it overrides.
     let fe_health = health_layer(ff.health.as_ref(), None, &mut p.nested("health", "health"));
@@ -523,6 +526,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         on_ready,
         on_unready,
         log,
+        traffic,
         backends,
     })
 }
@@ -640,6 +644,9 @@ fn validate_backend(
     };
     let slow_start = p.duration("slow_start", &fb.slow_start, defaults.slow_start);
     let send_proxy = proxy_version(&fb.send_proxy, defaults.send_proxy, p);
+    let max_connections = p
+        .opt_int_in("max_connections", fb.max_connections, 1, 10_000_000)
+        .map(|n| n as u32);
     let own = health_layer(
         fb.health.as_ref(),
         defaults.health.probe.kind(),
@@ -653,6 +660,7 @@ fn validate_backend(
         backup: fb.backup.unwrap_or(false),
         slow_start,
         send_proxy,
+        max_connections,
         health,
     })
 }

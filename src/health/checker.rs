@@ -246,6 +246,7 @@ mod tests {
             backup: false,
             slow_start: Duration::ZERO,
             send_proxy: None,
+            max_connections: None,
             health: h.clone(),
         };
         let state = Arc::new(BackendState::new("web", &backend));

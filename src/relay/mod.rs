@@ -24,6 +24,7 @@
 pub mod ops;
 pub mod pool;
 pub mod proxy;
+pub mod proxy_in;
 pub mod sys;
 
 use std::cell::Cell;

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::conns::Registration;
+use super::gate::Reason;
 use super::io::Io;
 use super::local::Op;
+use super::queue::Pick;
 use super::{shutdown_listener, DataEvent, Shared};
 use crate::backend::{per_worker, ActiveGuard};
 use crate::connlog::{self, ConnectFailed};
@@ -153,6 +155,24 @@ async fn serve<I: Io>(
         }
     };
     drop(slot);
+    // Traffic controls (PROXY header in, ACL, per-source limits): skipped when none is set.
+    // Boxed, like the connect: the header buffer and the admission live off the connection's
+    // future, which keeps only the pointer.
+    let mut admission = None;
+    let peer = if fe.config.traffic.is_on() {
+        match Box::pin(super::gate::admit(&fe, &client, peer)).await {
+            Ok((addr, a)) => {
+                admission = Some(Box::new(a));
+                addr
+            }
+            Err(()) => {
+                relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+                return;
+            }
+        }
+    } else {
+        peer
+    };
     let fe_counts = fe.state.counts.local();
     per_worker::bump(&fe_counts.accepted);
     per_worker::bump(&fe_counts.active);
@@ -167,8 +187,33 @@ async fn serve<I: Io>(
     // backoff until one connect timeout has passed, then the client is closed cleanly.
     let local_deadline = Instant::now() + cfg.connect_timeout;
     while attempts <= cfg.retries {
-        let Some(idx) = fe.select(&peer, &tried) else {
-            break;
+        // With max_connections on backends, a pick takes a slot (held until the connection
+        // ends, or given back before the next attempt) and may wait in the queue.
+        let mut _slot = None;
+        let idx = if fe.limited {
+            match Box::pin(super::queue::pick(&fe, &peer, &tried)).await {
+                Pick::Backend(idx, slot) => {
+                    _slot = slot.map(Box::new);
+                    idx
+                }
+                Pick::NoBackend => break,
+                Pick::TimedOut => {
+                    let detail = format!(
+                        "every backend at max_connections for queue_timeout ({})",
+                        crate::config::format_duration(cfg.traffic.queue_timeout)
+                    );
+                    fe.state
+                        .gate
+                        .reject(&cfg.name, Reason::QueueTimeout, peer, &detail);
+                    relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+                    return;
+                }
+            }
+        } else {
+            let Some(idx) = fe.select(&peer, &tried) else {
+                break;
+            };
+            idx
         };
         // Counted only now that there is another backend to retry on.
         if let Some(prev) = last_failed.take() {
@@ -184,8 +229,14 @@ async fn serve<I: Io>(
                 trace.connected();
                 // The PROXY header goes first, before the backend or the client says anything.
                 if let Some(version) = backend.config.send_proxy {
-                    if let Err(e) =
-                        Box::pin(send_proxy_header(&client, &server, peer, version)).await
+                    if let Err(e) = Box::pin(send_proxy_header(
+                        &client,
+                        &server,
+                        peer,
+                        admission.as_ref().and_then(|a| a.dst),
+                        version,
+                    ))
+                    .await
                     {
                         crate::debug!(
                             "frontend {}: PROXY header to {} failed: {e}",
@@ -279,18 +330,23 @@ async fn serve<I: Io>(
     relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
 }
 
-/// Sends the PROXY protocol header naming `peer` and the address it connected to. A failure
-/// here (the backend reset at once) is left for `first_move` to see and retry elsewhere.
+/// Sends the PROXY protocol header naming `peer` and the address it connected to (`dst` when
+/// an incoming PROXY header declared one). A failure here (the backend reset at once) is left
+/// for `first_move` to see and retry elsewhere.
 async fn send_proxy_header<S: relay::Conn>(
     client: &S,
     server: &S,
     peer: SocketAddr,
+    dst: Option<SocketAddr>,
     version: crate::config::ProxyVersion,
 ) -> std::io::Result<()> {
-    let local = socket2::SockRef::from(client)
-        .local_addr()?
-        .as_socket()
-        .ok_or_else(|| std::io::Error::other("client socket has no IP address"))?;
+    let local = match dst {
+        Some(d) => d,
+        None => socket2::SockRef::from(client)
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("client socket has no IP address"))?,
+    };
     relay::send_all(server, &relay::proxy::header(version, peer, local)).await
 }
 

@@ -7,9 +7,11 @@
 mod accept;
 pub mod budget;
 pub mod conns;
+pub mod gate;
 pub mod io;
 pub mod listener;
 pub mod local;
+pub mod queue;
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
