@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::{Backend, Config};
 
@@ -73,6 +73,15 @@ pub struct BackendState {
     pub consecutive_errors: AtomicU32,
     /// Passive health asks the control thread to mark the backend down through this.
     pub passive_tripped: AtomicBool,
+    /// Decaying estimate of the p99 of successful connect times, in nanoseconds (0: no sample
+    /// yet). Written by [`BackendState::record_connect_time`] on a fraction of connects, read
+    /// by every connect for its hedge delay (`worker::hedge`).
+    connect_p99_ns: AtomicU64,
+    /// Connects to this backend still pending at the hedge delay, for which a second connect
+    /// to another backend was opened.
+    pub hedges_total: AtomicU64,
+    /// Of those, the ones the other backend's connect won (this one was then cancelled).
+    pub hedges_won_total: AtomicU64,
     pub last_change: Mutex<Instant>,
     pub check: Mutex<CheckRecord>,
 }
@@ -97,6 +106,9 @@ impl BackendState {
             consecutive_errors: AtomicU32::new(0),
             kill_epoch: AtomicU64::new(0),
             passive_tripped: AtomicBool::new(false),
+            connect_p99_ns: AtomicU64::new(0),
+            hedges_total: AtomicU64::new(0),
+            hedges_won_total: AtomicU64::new(0),
             last_change: Mutex::new(Instant::now()),
             check: Mutex::new(CheckRecord::default()),
         }
@@ -175,10 +187,74 @@ impl BackendState {
             && !self.passive_tripped.swap(true, Ordering::Relaxed)
     }
 
+    /// A connect that a hedge beat, cancelled while still pending: its outcome is unknown,
+    /// and it counts toward `error_limit` like a failure (see docs/health-checks.md), but not
+    /// in `connect_failures_total`. Returns true when it trips `error_limit`.
+    pub fn record_lost_race(&self, error_limit: u32) -> bool {
+        self.hedges_won_total.fetch_add(1, Ordering::Relaxed);
+        let n = self.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        error_limit > 0
+            && n >= error_limit
+            && self.is_up()
+            && !self.passive_tripped.swap(true, Ordering::Relaxed)
+    }
+
+    /// The connect-time p99 estimate; `None` before the first sample.
+    #[inline]
+    pub fn connect_p99(&self) -> Option<Duration> {
+        match self.connect_p99_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+
+    /// Feeds one successful connect's duration to the p99 estimate. `weight` is how many
+    /// connects this sample stands for when it is not above the estimate: the caller feeds
+    /// every connect slower than the estimate but only one in `weight` of the others, so most
+    /// connects write nothing shared. See [`next_p99`].
+    pub fn record_connect_time(&self, took: Duration, weight: u32) {
+        let est = self.connect_p99_ns.load(Ordering::Relaxed);
+        let next = next_p99(est, duration_ns(took), weight);
+        // Load and store, not a read-modify-write: two workers racing lose one sample, which
+        // an estimate does not miss, and the common case costs no locked instruction.
+        if next != est {
+            self.connect_p99_ns.store(next, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a connect that took `took` was slower than the estimate (such a sample is
+    /// always fed to it).
+    #[inline]
+    pub fn slower_than_p99(&self, took: Duration) -> bool {
+        duration_ns(took) > self.connect_p99_ns.load(Ordering::Relaxed)
+    }
+
     pub fn record_connect_success(&self) {
         if self.consecutive_errors.load(Ordering::Relaxed) != 0 {
             self.consecutive_errors.store(0, Ordering::Relaxed);
         }
+    }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+}
+
+/// One step of a streaming quantile estimate (stochastic approximation, kept in the log
+/// domain so it works the same at 50 us and at 50 ms): a sample above the estimate raises it
+/// by 1/8, one at or below lowers it by 1/800 (times `weight`, the connects it stands for).
+/// It settles where 1/8 of the mass above equals 1/800 of the mass below: about 1% of
+/// samples above, the p99. Old samples fade on their own; a jump in connect times is
+/// followed within a few dozen slow connects, a fall within a few hundred connects.
+pub fn next_p99(est: u64, sample: u64, weight: u32) -> u64 {
+    if est == 0 {
+        return sample.max(1);
+    }
+    if sample > est {
+        est.saturating_add((est / 8).max(1))
+    } else {
+        let down = (est / 800).saturating_mul(u64::from(weight.max(1)));
+        est.saturating_sub(down).max(1)
     }
 }
 
@@ -283,5 +359,69 @@ impl Registry {
 
     pub fn backends(&self) -> impl Iterator<Item = &Arc<BackendState>> {
         self.backends.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `n` samples from `draw` with the data path's sampling (every slow one, one in
+    /// eight of the others, weighted 8).
+    fn run(mut est: u64, n: usize, mut draw: impl FnMut(usize) -> u64) -> u64 {
+        for i in 0..n {
+            let s = draw(i);
+            if s > est || i % 8 == 0 {
+                est = next_p99(est, s, 8);
+            }
+        }
+        est
+    }
+
+    #[test]
+    fn connect_p99_estimate_settles_near_the_99th_percentile() {
+        // 98% of connects at 100 us and 2% at 5 ms: the p99 is 5 ms. 99.5% at 100 us and
+        // 0.5% at 5 ms: the p99 is 100 us. The estimate must tell the two apart.
+        let heavy = run(100_000, 200_000, |i| {
+            if i % 50 == 0 {
+                5_000_000
+            } else {
+                100_000
+            }
+        });
+        assert!(
+            heavy > 1_000_000,
+            "2% slow: p99 is the slow value, got {heavy} ns"
+        );
+        let light = run(100_000, 200_000, |i| {
+            if i % 200 == 0 {
+                5_000_000
+            } else {
+                100_000
+            }
+        });
+        assert!(
+            light < 400_000,
+            "0.5% slow: p99 is the fast value, got {light} ns"
+        );
+    }
+
+    #[test]
+    fn connect_p99_estimate_follows_a_jump_up_fast_and_a_fall_slowly() {
+        let fast = run(0, 10_000, |_| 100_000);
+        assert!((50_000..=200_000).contains(&fast), "{fast}");
+        // Connects now take 10 ms: within 50 of them the estimate is there.
+        let up = run(fast, 50, |_| 10_000_000);
+        assert!(up >= 5_000_000, "{up}");
+        // Back to 100 us: the estimate falls, over a few thousand connects.
+        let down = run(up, 20_000, |_| 100_000);
+        assert!(down < 1_000_000, "{down}");
+    }
+
+    #[test]
+    fn connect_p99_estimate_never_reaches_zero_or_overflows() {
+        assert_eq!(next_p99(0, 0, 8), 1);
+        assert_eq!(next_p99(1, 0, 8), 1);
+        assert_eq!(next_p99(u64::MAX - 1, u64::MAX, 8), u64::MAX);
     }
 }

@@ -92,6 +92,7 @@ impl ConfigDiff {
 fn same_settings(a: &Frontend, b: &Frontend) -> bool {
     a.balance == b.balance
         && a.connect_timeout == b.connect_timeout
+        && a.connect_hedge == b.connect_hedge
         && a.idle_timeout == b.idle_timeout
         && a.retries == b.retries
         && a.hash_key == b.hash_key

@@ -51,6 +51,8 @@ pub struct FileFrontend {
     pub listen: Option<Vec<String>>,
     pub balance: Option<String>,
     pub connect_timeout: Option<String>,
+    /// "auto", "off" or a duration.
+    pub connect_hedge: Option<String>,
     pub idle_timeout: Option<String>,
     pub retries: Option<i64>,
     pub hash_key: Option<String>,

@@ -108,6 +108,19 @@ pub enum HashKey {
     IpPort,
 }
 
+/// When a second connect is opened to another backend while the first is still pending
+/// (`connect_hedge`; see `worker::hedge`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectHedge {
+    /// A multiple of the backend's observed connect-time p99, clamped between 10 ms and half
+    /// of `connect_timeout`.
+    Auto,
+    /// A fixed delay.
+    After(Duration),
+    /// Never: a connect waits for its own timeout, then is retried.
+    Off,
+}
+
 /// What happens to open connections when their backend is marked down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnMarkedDown {
@@ -123,6 +136,7 @@ pub struct Frontend {
     pub listen: Vec<SocketAddr>,
     pub balance: Balance,
     pub connect_timeout: Duration,
+    pub connect_hedge: ConnectHedge,
     pub idle_timeout: Duration,
     /// Extra connect attempts on other backends after the first fails.
     pub retries: u32,

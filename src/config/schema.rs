@@ -84,6 +84,7 @@ static FRONTEND: Table = Table {
         ("listen", Kind::Strs),
         ("balance", Kind::Str),
         ("connect_timeout", Kind::Str),
+        ("connect_hedge", Kind::Str),
         ("idle_timeout", Kind::Str),
         ("retries", Kind::Int),
         ("hash_key", Kind::Str),

@@ -9,12 +9,12 @@ use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use super::duration::parse_duration;
+use super::duration::{format_duration, parse_duration};
 use super::file::{FileBackend, FileConfig, FileFrontend, FileHealth, FileWorkers};
 use super::problem::{At, Problem};
 use super::{
-    Admin, Backend, Balance, Config, Frontend, Global, HashKey, Health, HostLookup, IoMode,
-    OnMarkedDown, ProxyVersion, RelayMode,
+    Admin, Backend, Balance, Config, ConnectHedge, Frontend, Global, HashKey, Health, HostLookup,
+    IoMode, OnMarkedDown, ProxyVersion, RelayMode,
 };
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -402,6 +402,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         &ff.connect_timeout,
         Duration::from_secs(2),
     );
+    let connect_hedge = connect_hedge(&ff.connect_hedge, connect_timeout, p);
     let idle_timeout =
         p.positive_duration("idle_timeout", &ff.idle_timeout, Duration::from_secs(600));
     let retries = p.int_in("retries", ff.retries, 2, 0, 100) as u32;
@@ -499,6 +500,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         listen,
         balance,
         connect_timeout,
+        connect_hedge,
         idle_timeout,
         retries,
         hash_key,
@@ -506,6 +508,48 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         on_marked_down,
         backends,
     })
+}
+
+/// `connect_hedge`: "auto" (the default), "off", or a duration shorter than `connect_timeout`
+/// (a longer one would never start a hedge: the connect times out first).
+fn connect_hedge(
+    value: &Option<String>,
+    connect_timeout: Duration,
+    p: &mut Problems<'_>,
+) -> ConnectHedge {
+    match value.as_deref() {
+        None | Some("auto") => ConnectHedge::Auto,
+        Some("off") => ConnectHedge::Off,
+        Some(text) => match parse_duration(text) {
+            Err(_) => {
+                p.push(
+                    "connect_hedge",
+                    format!("\"{text}\" is not \"auto\", \"off\" or a duration like \"50ms\""),
+                );
+                ConnectHedge::Auto
+            }
+            Ok(d) if d.is_zero() => {
+                p.push(
+                    "connect_hedge",
+                    "must be greater than zero (write \"off\" for no hedging)",
+                );
+                ConnectHedge::Auto
+            }
+            Ok(d) if d >= connect_timeout => {
+                p.push(
+                    "connect_hedge",
+                    format!(
+                        "{} is not shorter than connect_timeout ({}): no hedge would ever \
+                         start; use a shorter delay, \"auto\" or \"off\"",
+                        format_duration(d),
+                        format_duration(connect_timeout)
+                    ),
+                );
+                ConnectHedge::Auto
+            }
+            Ok(d) => ConnectHedge::After(d),
+        },
+    }
 }
 
 fn resolve(text: &str, dns: HostLookup) -> Result<SocketAddr, String> {

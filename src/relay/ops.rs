@@ -8,8 +8,8 @@
 //! under the kernel) and any address buffer (boxed, so its pointer is stable).
 //!
 //! Cancellation: a dropped op is not cancelled. A pending poll completes when its socket (or
-//! listener) is shut down; a connect that times out is aborted with `shutdown()` (in SYN_SENT
-//! that disconnects at once).
+//! listener) is shut down; a connect whose future is dropped (timed out, or lost a hedge race)
+//! aborts itself with `shutdown()` (in SYN_SENT that disconnects at once).
 
 #![allow(unsafe_code)]
 
@@ -17,7 +17,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::time::Duration;
 
 use io_uring::{cqueue, opcode, types};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -66,9 +65,13 @@ impl OneshotOutputTransform for ConnectDone {
     }
 }
 
-/// Connects to `addr` within `timeout`. The socket is non-blocking (the relay makes plain
-/// non-blocking syscalls on it), close-on-exec, with TCP_NODELAY.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Socket, ConnectError> {
+/// Connects to `addr`. The socket is non-blocking (the relay makes plain non-blocking
+/// syscalls on it), close-on-exec, with TCP_NODELAY. There is no timeout here: the caller
+/// races this future against its own timers (one for the hedge delay and the deadline, see
+/// `worker::hedge`) and simply drops it to give up. Dropping it before it completes aborts
+/// the connect at once (see [`Connecting`]), so the fd is closed on the next completion the
+/// worker reaps, not when the kernel gives up on the SYN minutes later.
+pub async fn connect(addr: SocketAddr) -> Result<Socket, ConnectError> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking().cloexec(),
@@ -82,17 +85,51 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Socket, Conn
     // SAFETY: the SQE names `fd` and points at `addr`. Both are moved into the op's stored
     // data (`addr` boxed, so the pointer stays valid when the struct moves), which tokio-uring
     // keeps alive until the completion arrives, even if this future is dropped first.
-    let mut op = unsafe { submit(ConnectData { socket, addr }, ConnectDone, sqe) };
-    match tokio::time::timeout(timeout, &mut op).await {
-        Ok((Ok(_), socket)) => Ok(socket),
-        Ok((Err(e), _socket)) => Err(ConnectError::Io(e)),
-        Err(_elapsed) => {
-            // The op still owns the socket, so `fd` is open. Shutting down a socket in SYN_SENT
-            // disconnects it, which completes the connect; dropping `op` then hands the socket
-            // to the driver, which closes it on that completion. Nothing waits for the SYN.
-            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
-            drop(op);
-            Err(ConnectError::TimedOut)
+    let op = unsafe { submit(ConnectData { socket, addr }, ConnectDone, sqe) };
+    match (Connecting { op: Some(op), fd }).await {
+        (Ok(_), socket) => Ok(socket),
+        (Err(e), _socket) => Err(ConnectError::Io(e)),
+    }
+}
+
+/// A connect op in flight that aborts itself when dropped unfinished.
+///
+/// tokio-uring does not cancel a dropped op: its stored data (here the socket) is kept until
+/// the completion arrives, and a connect to a host that drops SYNs completes only when the
+/// kernel gives up (two minutes). Shutting down a socket in SYN_SENT disconnects it, which
+/// completes the connect at once; the driver then closes the socket on that completion.
+/// `Drop::drop` runs before the fields are dropped, so `fd` is still owned by `op` (and open)
+/// when it is shut down: the number cannot have been reused by another socket.
+struct Connecting {
+    op: Option<tokio_uring::InFlightOneshot<ConnectData, ConnectDone>>,
+    fd: RawFd,
+}
+
+impl std::future::Future for Connecting {
+    type Output = (io::Result<u32>, Socket);
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Some(op) = self.op.as_mut() else {
+            // Polled after completion: never done by `connect`, which awaits once.
+            return std::task::Poll::Pending;
+        };
+        match std::pin::Pin::new(op).poll(cx) {
+            std::task::Poll::Ready(out) => {
+                self.op = None;
+                std::task::Poll::Ready(out)
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        if self.op.is_some() {
+            let _ = nix::sys::socket::shutdown(self.fd, nix::sys::socket::Shutdown::Both);
         }
     }
 }

@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use super::conns::Registration;
 use super::io::Io;
 use super::local::Op;
-use super::{shutdown_listener, DataEvent, Shared};
+use super::{hedge, shutdown_listener, Shared};
 use crate::backend::ActiveGuard;
 use crate::relay::{self, ops::ConnectError, FirstMove};
 
@@ -174,11 +174,12 @@ async fn serve<I: Io>(
                 .retries_total
                 .fetch_add(1, Ordering::Relaxed);
         }
-        let backend = &fe.backends[idx];
-        // Connect and first move are boxed: they are over in a moment, and keeping their
-        // state (timers, ops) out of line keeps the future every idle connection lives in small.
-        let connecting = Box::pin(I::connect(backend.config.address, cfg.connect_timeout));
-        let failure = match connecting.await {
+        // Connect (hedged onto another backend if slow; see `hedge`) and first move are
+        // boxed: they are over in a moment, and keeping their state (timers, ops) out of line
+        // keeps the future every idle connection lives in small.
+        let connected = Box::pin(hedge::connect::<I>(&fe, &peer, idx, &mut tried, &shared)).await;
+        let (idx, backend) = (connected.idx, &fe.backends[connected.idx]);
+        let failure = match connected.result {
             Ok(server) => {
                 // The PROXY header goes first, before the backend or the client says anything.
                 if let Some(version) = backend.config.send_proxy {
@@ -231,22 +232,7 @@ async fn serve<I: Io>(
             }
             Err(e) => e.to_string(),
         };
-        crate::debug!(
-            "frontend {}: connect to {} ({}) failed: {failure}",
-            cfg.name,
-            backend.config.name,
-            backend.config.address
-        );
-        if backend
-            .state
-            .record_connect_failure(backend.config.health.error_limit)
-        {
-            backend.state.set_up(false);
-            let _ = shared.events.send(DataEvent::PassiveDown {
-                backend: backend.state.clone(),
-                error: failure,
-            });
-        }
+        hedge::note_failure(&shared, &fe, idx, failure);
         tried.push(idx);
         last_failed = Some(idx);
         attempts += 1;

@@ -7,6 +7,7 @@
 mod accept;
 pub mod budget;
 pub mod conns;
+pub mod hedge;
 pub mod io;
 pub mod listener;
 pub mod local;
