@@ -160,7 +160,7 @@ struct Handles {
 
 struct Series {
     /// The `Arc` whose atomics feed this series now, by address (identity only).
-    owner: usize,
+    owner: u64,
     labels: Vec<Label>,
     /// `None` while the series is retired (its owner vanished).
     handles: Option<Handles>,
@@ -237,7 +237,7 @@ impl Exporter {
                 &mut t,
                 &FRONTEND,
                 format!("f\0{}", fc.name),
-                Arc::as_ptr(s) as usize,
+                s.serial,
                 || vec![Label::new("frontend", fc.name.clone())],
                 &[
                     s.accepted_total.load(Ordering::Relaxed),
@@ -345,7 +345,7 @@ impl Exporter {
             t,
             &BACKEND,
             backend_key(&s.frontend, &config.name),
-            Arc::as_ptr(s) as usize,
+            s.serial,
             || {
                 vec![
                     Label::new("frontend", s.frontend.clone()),
@@ -382,7 +382,7 @@ impl Exporter {
         t: &mut Table,
         family: &Family,
         key: String,
-        owner: usize,
+        owner: u64,
         labels: impl FnOnce() -> Vec<Label>,
         counters: &[u64],
         gauges: &[f64],

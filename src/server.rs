@@ -304,20 +304,25 @@ impl Server {
         ReloadOutcome::Applied(d)
     }
 
-    /// Stops accepting everywhere; open connections continue.
-    pub fn stop_accepting(&mut self) {
+    /// Stops accepting everywhere, once what the listen queues hold is served; open
+    /// connections continue. The receiver completes when every listener is closed.
+    pub fn stop_accepting(&mut self) -> tokio::sync::oneshot::Receiver<()> {
+        let (done, closed) = worker::ListenersClosed::new();
         for w in &self.workers {
-            w.send(WorkerCommand::StopAccepting);
+            w.send(WorkerCommand::StopAccepting { done: done.clone() });
         }
         self.listeners.clear();
+        closed
     }
 
     /// Graceful stop: stop accepting, wait for open connections up to `shutdown_timeout`.
     /// Returns the number of connections still open at the deadline.
     pub async fn drain(&mut self) -> usize {
-        self.stop_accepting();
+        let closed = self.stop_accepting();
         let limit = self.config.global.shutdown_timeout;
         let start = Instant::now();
+        // The listeners serve their queues first; a worker gone away counts as done.
+        let _ = tokio::time::timeout(limit, closed).await;
         let open = self.shared.active();
         if open > 0 {
             crate::info!(

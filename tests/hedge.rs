@@ -160,8 +160,14 @@ fn hedged_connects_leave_no_fd_behind(io: &str, hedged: usize) {
     let (_, failures) = load(addr, 4, 25);
     assert!(failures.is_empty(), "{failures:?}");
     assert!(wait_until(SOON, || good.open() == 0));
-    let baseline = lb.fd_count();
     let before = backend_metric(admin, "ringlb_backend_connect_hedges_total", "hole");
+    // Settled: the admin connection just used for the scrape is closed, nothing in flight.
+    let mut baseline = lb.fd_count();
+    assert!(wait_until(SOON, || {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = lb.fd_count();
+        std::mem::replace(&mut baseline, now) == now
+    }));
 
     // Round robin sends the silent backend about every other connection (each worker keeps
     // its own place in the schedule, so not exactly): 2.2 connections per hedge wanted.
@@ -211,7 +217,7 @@ fn hedged_connects_leave_no_fd_behind(io: &str, hedged: usize) {
     assert!(
         wait_until(SOON, || {
             now = lb.fd_count();
-            now == baseline
+            now <= baseline
         }),
         "{io}: {now} fds after {hedged} hedged connects, {baseline} before: cancelled connects leaked"
     );

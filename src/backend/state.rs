@@ -44,6 +44,10 @@ impl<T> std::ops::Deref for CacheLine<T> {
 #[derive(Debug)]
 #[repr(C)]
 pub struct BackendState {
+    /// Unique for the process's life: what the metrics exporter tells states apart by (an
+    /// `Arc`'s address can be reused by the allocator for the next state with that name,
+    /// which would make a re-added backend's series stall instead of continuing).
+    pub serial: u64,
     pub frontend: String,
     pub name: String,
     pub address: SocketAddr,
@@ -89,6 +93,7 @@ pub struct BackendState {
 impl BackendState {
     pub fn new(frontend: &str, b: &Backend) -> BackendState {
         BackendState {
+            serial: next_serial(),
             frontend: frontend.to_string(),
             name: b.name.clone(),
             address: b.address,
@@ -281,9 +286,17 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// A number no other state of this process has had (see [`BackendState::serial`]).
+pub fn next_serial() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Per-frontend counters, kept across reloads like backend state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrontendState {
+    /// See [`BackendState::serial`].
+    pub serial: u64,
     pub active: AtomicU64,
     pub accepted_total: AtomicU64,
     /// Closed at once because `max_connections` was reached (no longer happens: at the cap
@@ -295,6 +308,20 @@ pub struct FrontendState {
     pub rejected_no_backend_total: AtomicU64,
     /// Set once the "has no server available" line was logged, cleared when one returns.
     pub no_server_logged: AtomicBool,
+}
+
+impl Default for FrontendState {
+    fn default() -> FrontendState {
+        FrontendState {
+            serial: next_serial(),
+            active: AtomicU64::new(0),
+            accepted_total: AtomicU64::new(0),
+            rejected_limit_total: AtomicU64::new(0),
+            rejected_local_total: AtomicU64::new(0),
+            rejected_no_backend_total: AtomicU64::new(0),
+            no_server_logged: AtomicBool::new(false),
+        }
+    }
 }
 
 type BackendKey = (String, String, SocketAddr);

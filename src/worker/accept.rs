@@ -1,6 +1,6 @@
 //! The accept loop and the life of one connection: accept -> pick -> connect -> relay.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
@@ -14,7 +14,7 @@ use super::conns::Registration;
 use super::io::Io;
 use super::local::Op;
 use super::{hedge, shutdown_listener, Shared};
-use crate::backend::ActiveGuard;
+use crate::backend::{ActiveGuard, FrontendSnap};
 use crate::relay::{self, ops::ConnectError, FirstMove};
 
 /// One listening socket on this worker.
@@ -26,17 +26,41 @@ pub struct ListenerSlot<I: Io> {
     closed: Cell<bool>,
     /// Wakes an accept loop paused at `max_connections` when the listener closes.
     closed_bell: Notify,
+    /// The frontend's snapshot as this listener last saw it. When a reload removes the
+    /// frontend, what is still in the listener's queue is served with it (see
+    /// [`close_gracefully`]); kept up to date by `serve` at the cost of a pointer compare.
+    seen: RefCell<Option<Arc<FrontendSnap>>>,
 }
 
 impl<I: Io> ListenerSlot<I> {
-    pub fn new(frontend: String, listener: std::net::TcpListener) -> std::io::Result<Self> {
+    pub fn new(
+        frontend: String,
+        listener: std::net::TcpListener,
+        shared: &Shared,
+    ) -> std::io::Result<Self> {
+        let seen = shared.published.load().frontend(&frontend).cloned();
         Ok(ListenerSlot {
             frontend,
             fd: listener.as_raw_fd(),
             listener: I::listener(listener)?,
             closed: Cell::new(false),
             closed_bell: Notify::new(),
+            seen: RefCell::new(seen),
         })
+    }
+
+    /// The frontend this listener serves: as published, or as last seen if a reload removed
+    /// it (only a closing listener's queue is served that way).
+    fn frontend(&self, shared: &Shared) -> Option<Arc<FrontendSnap>> {
+        let snap = shared.published.load();
+        let Some(fe) = snap.frontend(&self.frontend) else {
+            return self.seen.borrow().clone();
+        };
+        let mut seen = self.seen.borrow_mut();
+        if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, fe)) {
+            *seen = Some(fe.clone());
+        }
+        Some(fe.clone())
     }
 
     pub fn close(&self) {
@@ -47,6 +71,59 @@ impl<I: Io> ListenerSlot<I> {
     }
 }
 
+/// How long a closing listener keeps accepting after it stopped taking new handshakes: a
+/// handshake already under way then completes (its last ACK is one client round trip away)
+/// and is served.
+pub const CLOSE_LINGER: Duration = Duration::from_millis(250);
+
+/// Closes a listener without losing a connection the kernel accepted on it. It stops taking
+/// new handshakes (`listener::refuse_new_handshakes`: new SYNs go unanswered, and the
+/// client's retransmission a second later is refused by the closed port), keeps accepting for
+/// [`CLOSE_LINGER`], then takes what is still queued and closes, with nothing else running on
+/// this worker in between. Closing a listening socket resets every connection in its queue;
+/// this leaves none there. If the reload removed the frontend itself, the queue is served
+/// with the frontend as the listener last saw it.
+pub async fn close_gracefully<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shared>) {
+    if slot.closed.get() {
+        return;
+    }
+    match super::listener::refuse_new_handshakes(&slot.listener) {
+        // The accept loop goes on meanwhile.
+        Ok(()) => tokio::time::sleep(CLOSE_LINGER).await,
+        Err(e) => crate::warn!(
+            "frontend {}: cannot stop new handshakes before closing a listener ({e}); \
+             connections queued at the close may be reset",
+            slot.frontend
+        ),
+    }
+    if slot.closed.get() {
+        return;
+    }
+    loop {
+        match relay::ops::accept_now(slot.fd) {
+            Ok((socket, peer)) => {
+                let Ok(stream) = I::stream(socket) else {
+                    continue;
+                };
+                // Past the cap if need be: these were accepted by the kernel already, and
+                // there are at most a listen queue's worth.
+                shared.active.fetch_add(1, Ordering::SeqCst);
+                I::spawn(serve::<I>(
+                    stream,
+                    peer,
+                    slot.clone(),
+                    shared.clone(),
+                    OpenSlot(shared.clone()),
+                ));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {}
+            // Empty (or out of fds: what is left is reset by the close, as before).
+            Err(_) => break,
+        }
+    }
+    slot.close();
+}
+
 /// Backoff after EMFILE/ENFILE/ENOBUFS: long enough not to spin, short enough to recover fast.
 const RESOURCE_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -54,7 +131,17 @@ pub async fn accept_loop<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shared>) 
     loop {
         let accepted = I::accept(&slot.listener).await;
         if slot.closed.get() {
-            // Shut down for a reload or a stop; a connection accepted in the race is closed.
+            // Shut down for a reload or a stop; a connection accepted in the race is served.
+            if let Ok((stream, peer)) = accepted {
+                shared.active.fetch_add(1, Ordering::SeqCst);
+                I::spawn(serve::<I>(
+                    stream,
+                    peer,
+                    slot,
+                    shared.clone(),
+                    OpenSlot(shared),
+                ));
+            }
             return;
         }
         let (stream, peer) = match accepted {
@@ -144,12 +231,8 @@ async fn serve<I: Io>(
     _open: OpenSlot,
 ) {
     // TCP_NODELAY comes from the listener (see `listener::bind_one`).
-    let fe = {
-        let snap = shared.published.load();
-        match snap.frontend(&slot.frontend) {
-            Some(fe) => fe.clone(),
-            None => return,
-        }
+    let Some(fe) = slot.frontend(&shared) else {
+        return;
     };
     drop(slot);
     fe.state.accepted_total.fetch_add(1, Ordering::Relaxed);
@@ -164,7 +247,10 @@ async fn serve<I: Io>(
     // backoff until one connect timeout has passed, then the client is closed cleanly.
     let local_deadline = Instant::now() + cfg.connect_timeout;
     while attempts <= cfg.retries {
-        let Some(idx) = fe.select(&peer, &tried) else {
+        let Some(idx) = fe
+            .select(&peer, &tried)
+            .or_else(|| retired_pick(&fe, &tried))
+        else {
             break;
         };
         // Counted only now that there is another backend to retry on.
@@ -243,6 +329,18 @@ async fn serve<I: Io>(
     // A readiness poll left by `first_move` may still hold the client socket: shutting it
     // down completes that poll, so the fd is closed now rather than when the client speaks.
     relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+}
+
+/// When a reload removed every backend of this frontend (or the frontend itself, whose
+/// listen queue is still being served): they are all draining, so selection finds none, and
+/// the first one still up serves the client as the connections already open on them finish.
+/// The window is short: from the reload marking them draining until the new snapshot (or the
+/// listener's close) takes over.
+fn retired_pick(fe: &FrontendSnap, tried: &[usize]) -> Option<usize> {
+    if !fe.backends.iter().all(|b| b.state.is_draining()) {
+        return None;
+    }
+    (0..fe.backends.len()).find(|i| !tried.contains(i) && fe.backends[*i].state.is_up())
 }
 
 /// Sends the PROXY protocol header naming `peer` and the address it connected to. A failure

@@ -17,7 +17,7 @@ use crate::relay::ops::{self, ConnectError};
 use crate::relay::Conn;
 
 pub trait Io: 'static {
-    type Listener: 'static;
+    type Listener: std::os::fd::AsFd + 'static;
     type Stream: Conn;
     const NAME: &'static str;
 
@@ -29,6 +29,8 @@ pub trait Io: 'static {
     /// abort the connect and release its fd at once (a hedge's loser, a timed-out connect).
     fn connect(addr: SocketAddr) -> impl Future<Output = Result<Self::Stream, ConnectError>>;
     fn spawn(f: impl Future<Output = ()> + 'static);
+    /// A connection accepted outside [`Io::accept`] (non-blocking, close-on-exec).
+    fn stream(s: Socket) -> io::Result<Self::Stream>;
 }
 
 /// io_uring through tokio-uring, with ringlb's own ops (`relay::ops`).
@@ -83,6 +85,10 @@ impl Io for Uring {
     fn spawn(f: impl Future<Output = ()> + 'static) {
         tokio_uring::spawn(f);
     }
+
+    fn stream(s: Socket) -> io::Result<Self::Stream> {
+        Ok(Rc::new(s))
+    }
 }
 
 /// The epoll fallback through plain tokio (a current-thread runtime with a LocalSet).
@@ -127,6 +133,10 @@ impl Io for Epoll {
 
     fn spawn(f: impl Future<Output = ()> + 'static) {
         tokio::task::spawn_local(f);
+    }
+
+    fn stream(s: Socket) -> io::Result<Self::Stream> {
+        tokio::net::TcpStream::from_std(s.into())
     }
 }
 

@@ -165,10 +165,31 @@ pub enum WorkerCommand {
         frontend: String,
         listener: std::net::TcpListener,
     },
-    /// Stop accepting on one listener (the frontend or address was removed).
+    /// Stop accepting on one listener (the frontend or address was removed), once what its
+    /// queue holds is served.
     Unlisten { id: u64 },
-    /// Stop accepting on all listeners (graceful stop); open connections continue.
-    StopAccepting,
+    /// Stop accepting on all listeners (graceful stop), once their queues are served; open
+    /// connections continue. `done` is dropped when every listener of the worker is closed.
+    StopAccepting { done: Arc<ListenersClosed> },
+}
+
+/// Rings when the last clone is dropped: every worker has closed its listeners (each worker
+/// holds one clone per listener until that listener is closed, then drops it).
+pub struct ListenersClosed(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl ListenersClosed {
+    pub fn new() -> (Arc<ListenersClosed>, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Arc::new(ListenersClosed(Some(tx))), rx)
+    }
+}
+
+impl Drop for ListenersClosed {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 pub struct WorkerHandle {
@@ -300,7 +321,7 @@ async fn run<I: Io>(
                 id,
                 frontend,
                 listener,
-            } => match ListenerSlot::<I>::new(frontend, listener) {
+            } => match ListenerSlot::<I>::new(frontend, listener, &shared) {
                 Ok(slot) => {
                     let slot = Rc::new(slot);
                     I::spawn(accept::accept_loop(slot.clone(), shared.clone()));
@@ -310,12 +331,16 @@ async fn run<I: Io>(
             },
             WorkerCommand::Unlisten { id } => {
                 if let Some(slot) = listeners.remove(&id) {
-                    slot.close();
+                    I::spawn(accept::close_gracefully(slot, shared.clone()));
                 }
             }
-            WorkerCommand::StopAccepting => {
+            WorkerCommand::StopAccepting { done } => {
                 for (_, slot) in listeners.drain() {
-                    slot.close();
+                    let (shared, done) = (shared.clone(), done.clone());
+                    I::spawn(async move {
+                        accept::close_gracefully(slot, shared).await;
+                        drop(done);
+                    });
                 }
             }
         }
