@@ -57,6 +57,7 @@ const BACKEND: Family = Family {
         ("ringlb_backend_bytes_out_total", None),
         ("ringlb_backend_check_failures_total", None),
         ("ringlb_backend_state_changes_total", None),
+        ("ringlb_backend_connections_shut_down_total", None),
     ],
     gauges: &[
         "ringlb_backend_up",
@@ -123,6 +124,7 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_backend_bytes_out_total", "Bytes from the backend to clients (haproxy_server_bytes_out_total)."),
     ("ringlb_backend_check_failures_total", "Failed health checks (haproxy_server_check_failures_total)."),
     ("ringlb_backend_state_changes_total", "UP/DOWN transitions (haproxy_server_check_up_down_total)."),
+    ("ringlb_backend_connections_shut_down_total", "Open connections ringlb closed itself: backend removed by a reload (drain_pace or the drain limit), marked down with on_marked_down = \"shutdown-sessions\", or ringlb stopping with a drain_pace."),
     ("ringlb_backend_up", "1 if the backend takes new connections (up and not draining), else 0 (haproxy_server_status)."),
     ("ringlb_backend_draining", "1 while a backend removed by a reload still has connections open."),
     ("ringlb_backend_active_connections", "Open connections through the backend (haproxy_server_current_sessions)."),
@@ -159,7 +161,7 @@ struct Handles {
 }
 
 struct Series {
-    /// The `Arc` whose atomics feed this series now, by address (identity only).
+    /// The state whose atomics feed this series now, by its serial (identity only).
     owner: u64,
     labels: Vec<Label>,
     /// `None` while the series is retired (its owner vanished).
@@ -176,6 +178,9 @@ struct Series {
 struct Table {
     tick: u64,
     series: HashMap<String, Series>,
+    /// Removed backends reported last tick: one that has finished draining since is copied
+    /// once more, so the closes and bytes of its last connections reach its series.
+    draining: Vec<crate::admin::ops::Draining>,
 }
 
 pub struct Exporter {
@@ -253,12 +258,22 @@ impl Exporter {
         }
         // Removed backends keep reporting while they drain, unless a live backend with the
         // same name has taken over their series.
-        for d in self.ops.draining() {
+        let now_draining = self.ops.draining();
+        let finished: Vec<_> = std::mem::take(&mut t.draining)
+            .into_iter()
+            .filter(|d| {
+                !now_draining
+                    .iter()
+                    .any(|n| n.state.serial == d.state.serial)
+            })
+            .collect();
+        for d in finished.iter().chain(&now_draining) {
             let key = backend_key(&d.state.frontend, &d.config.name);
             if t.series.get(&key).is_none_or(|s| s.seen_tick != t.tick) {
                 self.touch_backend(&mut t, &d.config, &d.state);
             }
         }
+        t.draining = now_draining;
         let ops = &self.ops;
         let pools = self.shared.pool_totals();
         for (op, errno, n) in self.shared.local.counts() {
@@ -362,6 +377,7 @@ impl Exporter {
                 s.bytes_out_total.load(Ordering::Relaxed),
                 s.check_failures_total.load(Ordering::Relaxed),
                 s.state_changes_total.load(Ordering::Relaxed),
+                s.shut_down_total.load(Ordering::Relaxed),
             ],
             &[
                 f64::from(u8::from(s.is_usable())),

@@ -261,6 +261,7 @@ impl Server {
             }
         }
         // 2. Publish the new topology; removed backends start draining.
+        let old_config = self.config.clone();
         let removed = self.registry.retain(&new);
         self.config = Arc::new(new);
         let fds = budget::plan(&self.config, self.fd_limit);
@@ -293,7 +294,18 @@ impl Server {
                 crate::info!("frontend {} stopped listening on {}", key.0, g.bound);
             }
         }
-        // 4. Connections on removed backends finish on their own, up to shutdown_timeout.
+        // 4. Connections on removed backends finish on their own, up to shutdown_timeout,
+        // or are closed spread over their frontend's drain_pace.
+        let limit = self.config.global.shutdown_timeout;
+        for b in &removed {
+            let pace = config
+                .frontend(&b.frontend)
+                .or_else(|| old_config.frontend(&b.frontend))
+                .and_then(|f| f.drain_pace);
+            if let Some(pace) = pace {
+                paced_close(&self.shared, b, pace.min(limit), "removed by reload");
+            }
+        }
         if !removed.is_empty() {
             spawn_drain_limit(
                 self.shared.clone(),
@@ -323,6 +335,16 @@ impl Server {
         let start = Instant::now();
         // The listeners serve their queues first; a worker gone away counts as done.
         let _ = tokio::time::timeout(limit, closed).await;
+        // Frontends with a drain_pace close their connections spread over it (within the
+        // limit); the others wait for theirs to end.
+        let snap = self.snapshot();
+        for fe in snap.frontends.values() {
+            if let Some(pace) = fe.config.drain_pace {
+                for b in &fe.backends {
+                    paced_close(&self.shared, &b.state, pace.min(limit), "stopping");
+                }
+            }
+        }
         let open = self.shared.active();
         if open > 0 {
             crate::info!(
@@ -335,6 +357,21 @@ impl Server {
         }
         self.shared.active()
     }
+}
+
+/// Starts closing `b`'s open connections spread over `pace`, and says so.
+fn paced_close(shared: &Shared, b: &BackendState, pace: Duration, why: &str) {
+    let open = b.active.load(Ordering::Relaxed);
+    if open == 0 {
+        return;
+    }
+    crate::info!(
+        "Server {}/{} {why}: closing its {open} open connections over {} (drain_pace)",
+        b.frontend,
+        b.name,
+        config::format_duration(pace)
+    );
+    shared.kill_connections(b, pace);
 }
 
 /// Closes whatever is still open on removed backends once `limit` has passed.
@@ -351,7 +388,7 @@ fn spawn_drain_limit(shared: Arc<Shared>, removed: Vec<Arc<BackendState>>, limit
                     b.name,
                     config::format_duration(limit)
                 );
-                shared.kill_connections(&b);
+                shared.kill_connections(&b, Duration::ZERO);
             }
         }
     });

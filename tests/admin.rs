@@ -161,6 +161,7 @@ const BACKEND_METRICS: &[&str] = &[
     "ringlb_backend_bytes_out_total",
     "ringlb_backend_check_failures_total",
     "ringlb_backend_state_changes_total",
+    "ringlb_backend_connections_shut_down_total",
     "ringlb_backend_check_duration_seconds",
     "ringlb_backend_last_state_change_seconds",
 ];

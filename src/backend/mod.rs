@@ -8,4 +8,6 @@ mod snapshot;
 mod state;
 
 pub use snapshot::{BackendRef, FrontendSnap, Published, Snapshot};
-pub use state::{ActiveGuard, BackendState, CacheLine, FrontendState, Registry};
+pub use state::{
+    pace_clock_ms, pace_ms_at, ActiveGuard, BackendState, CacheLine, FrontendState, Registry,
+};

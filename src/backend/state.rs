@@ -61,6 +61,13 @@ pub struct BackendState {
     /// remembers the value it started with, and its worker's sweeper compares (see
     /// `worker::conns` and `Shared::kill_connections`, which also wakes the sweepers).
     kill_epoch: AtomicU64,
+    /// The last kill's pace: when it started (ms on [`pace_clock_ms`]) and the window its
+    /// closes are spread over (0: all at once). Written before `kill_epoch` is bumped.
+    kill_from_ms: AtomicU64,
+    kill_pace_ms: AtomicU64,
+    /// A kill epoch withdrawn (the backend was added back while a paced drain ran): the
+    /// connections it would still close are spared.
+    spared_epoch: AtomicU64,
     /// Open connections through this backend, counted across all workers: least-connections
     /// needs one number that every core sees, or each core would pick the same "idle" backend.
     pub active: CacheLine<AtomicU64>,
@@ -73,6 +80,9 @@ pub struct BackendState {
     pub bytes_out_total: AtomicU64,
     pub check_failures_total: AtomicU64,
     pub state_changes_total: AtomicU64,
+    /// Open connections ringlb closed through the kill switch (backend removed, marked down
+    /// with shutdown-sessions, drain limit, stop), paced or not.
+    pub shut_down_total: AtomicU64,
     /// Consecutive failed connects seen on real traffic (passive health).
     pub consecutive_errors: AtomicU32,
     /// Passive health asks the control thread to mark the backend down through this.
@@ -110,6 +120,10 @@ impl BackendState {
             state_changes_total: AtomicU64::new(0),
             consecutive_errors: AtomicU32::new(0),
             kill_epoch: AtomicU64::new(0),
+            kill_from_ms: AtomicU64::new(0),
+            kill_pace_ms: AtomicU64::new(0),
+            spared_epoch: AtomicU64::new(u64::MAX),
+            shut_down_total: AtomicU64::new(0),
             passive_tripped: AtomicBool::new(false),
             connect_p99_ns: AtomicU64::new(0),
             hedges_total: AtomicU64::new(0),
@@ -177,9 +191,31 @@ impl BackendState {
         self.kill_epoch.load(Ordering::Acquire)
     }
 
-    /// Flips the kill switch; use `Shared::kill_connections`, which also wakes the workers.
-    pub fn bump_kill_epoch(&self) {
+    /// Flips the kill switch for every connection open now, to be closed spread over `pace`
+    /// (zero: at once); use `Shared::kill_connections`, which also wakes the workers.
+    pub fn bump_kill_epoch(&self, pace: Duration) {
+        self.kill_from_ms.store(pace_clock_ms(), Ordering::Relaxed);
+        self.kill_pace_ms
+            .store(duration_ms(pace), Ordering::Relaxed);
         self.kill_epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Withdraws the last kill: connections it has not closed yet stay open.
+    pub fn spare(&self) {
+        self.spared_epoch
+            .store(self.kill_epoch(), Ordering::Release);
+    }
+
+    /// Whether a connection that started at kill epoch `epoch` is to be closed by `now_ms`
+    /// (on [`pace_clock_ms`]); `place` in [0, 1) is its place in a paced drain's window.
+    pub fn kill_due(&self, epoch: u64, place: f64, now_ms: u64) -> bool {
+        let current = self.kill_epoch();
+        if current == epoch || self.spared_epoch.load(Ordering::Acquire) == current {
+            return false;
+        }
+        let pace = self.kill_pace_ms.load(Ordering::Relaxed);
+        let from = self.kill_from_ms.load(Ordering::Relaxed);
+        pace == 0 || now_ms >= from + (pace as f64 * place) as u64
     }
 
     /// Records a failed connect from real traffic; returns true when it trips `error_limit`.
@@ -239,6 +275,22 @@ impl BackendState {
             self.consecutive_errors.store(0, Ordering::Relaxed);
         }
     }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Milliseconds on a clock all threads share (since its first use), for paced drains.
+pub fn pace_clock_ms() -> u64 {
+    pace_ms_at(Instant::now())
+}
+
+/// [`pace_clock_ms`] at `at`.
+pub fn pace_ms_at(at: Instant) -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    duration_ms(at.saturating_duration_since(origin))
 }
 
 fn duration_ns(d: Duration) -> u64 {
@@ -346,6 +398,8 @@ impl Registry {
         let state = match self.removed.remove(&key).and_then(|w| w.upgrade()) {
             Some(state) => {
                 state.clear_draining();
+                // A paced drain of its connections, if one runs, stops here.
+                state.spare();
                 state
             }
             None => Arc::new(BackendState::new(frontend, b)),

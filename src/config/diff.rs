@@ -98,6 +98,7 @@ fn same_settings(a: &Frontend, b: &Frontend) -> bool {
         && a.hash_key == b.hash_key
         && a.maglev_table_size == b.maglev_table_size
         && a.on_marked_down == b.on_marked_down
+        && a.drain_pace == b.drain_pace
 }
 
 /// Computes what changed from `old` to `new`. Backends are matched by name: a backend whose

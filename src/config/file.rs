@@ -58,6 +58,7 @@ pub struct FileFrontend {
     pub hash_key: Option<String>,
     pub maglev_table_size: Option<i64>,
     pub on_marked_down: Option<String>,
+    pub drain_pace: Option<String>,
     pub slow_start: Option<String>,
     pub send_proxy: Option<String>,
     pub health: Option<FileHealth>,

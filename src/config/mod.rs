@@ -143,6 +143,9 @@ pub struct Frontend {
     pub hash_key: HashKey,
     pub maglev_table_size: usize,
     pub on_marked_down: OnMarkedDown,
+    /// Close a backend's open connections spread over this window instead of all at once,
+    /// when ringlb closes them (backend removed, marked down with shutdown-sessions, stop).
+    pub drain_pace: Option<Duration>,
     pub backends: Vec<Backend>,
 }
 

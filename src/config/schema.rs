@@ -90,6 +90,7 @@ static FRONTEND: Table = Table {
         ("hash_key", Kind::Str),
         ("maglev_table_size", Kind::Int),
         ("on_marked_down", Kind::Str),
+        ("drain_pace", Kind::Str),
         ("slow_start", Kind::Str),
         ("send_proxy", Kind::Str),
         ("health", Kind::Table(&FRONTEND_HEALTH)),

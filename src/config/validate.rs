@@ -446,6 +446,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
             OnMarkedDown::Continue
         }
     };
+    let drain_pace = p.opt_positive_duration("drain_pace", &ff.drain_pace);
     let slow_start = p.duration("slow_start", &ff.slow_start, Duration::ZERO);
     let send_proxy = proxy_version(&ff.send_proxy, None, p);
     // The frontend's health keys are checked once, here, where they are written; each
@@ -506,6 +507,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         hash_key,
         maglev_table_size,
         on_marked_down,
+        drain_pace,
         backends,
     })
 }

@@ -106,9 +106,10 @@ impl Shared {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Closes every open connection through `backend`, on every worker, now.
-    pub fn kill_connections(&self, backend: &BackendState) {
-        backend.bump_kill_epoch();
+    /// Closes every open connection through `backend`, on every worker: spread over `pace`
+    /// (a paced drain), or at once if it is zero.
+    pub fn kill_connections(&self, backend: &BackendState, pace: Duration) {
+        backend.bump_kill_epoch(pace);
         for bell in &self.kill_bells {
             bell.notify_one();
         }
