@@ -338,10 +338,11 @@ impl Server {
         // Frontends with a drain_pace close their connections spread over it (within the
         // limit); the others wait for theirs to end.
         let snap = self.snapshot();
+        let left = limit.saturating_sub(start.elapsed());
         for fe in snap.frontends.values() {
             if let Some(pace) = fe.config.drain_pace {
                 for b in &fe.backends {
-                    paced_close(&self.shared, &b.state, pace.min(limit), "stopping");
+                    paced_close(&self.shared, &b.state, pace.min(left), "stopping");
                 }
             }
         }
