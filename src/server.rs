@@ -18,7 +18,7 @@ use crate::backend::{BackendState, Published, Registry, Snapshot};
 use crate::config::{self, Config, ConfigError};
 use crate::worker::{
     self, budget,
-    listener::{bind_reuseport, ForeignWatch},
+    listener::{activation::Inherited, bind_reuseport, ForeignWatch},
     DataEvent, Shared, WorkerCommand, WorkerHandle,
 };
 
@@ -26,6 +26,9 @@ use crate::worker::{
 struct ListenerGroup {
     id: u64,
     bound: SocketAddr,
+    /// Passed by the service manager (`LISTEN_FDS`): never shut down by ringlb, and not
+    /// removable by a reload.
+    external: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Inherited(String),
     #[error("admin: cannot listen on {addr}: {source}")]
     Admin {
         addr: SocketAddr,
@@ -124,21 +129,37 @@ impl Server {
             fds.max_connections,
             fd_limit
         );
+        // Sockets passed by the service manager first, so that one no frontend names is
+        // reported as such before anything is bound.
+        let mut inherited = Inherited::take().map_err(StartError::Inherited)?;
+        let count = server.workers.len();
+        let mut passed = Vec::new();
+        for f in &config.frontends {
+            for &addr in &f.listen {
+                passed.push(inherited.take_for(addr, count));
+            }
+        }
+        if let Some(e) = inherited.leftover() {
+            return Err(StartError::Inherited(e));
+        }
+        let mut passed = passed.into_iter();
         let mut pending = Vec::new();
         for f in &config.frontends {
             for &addr in &f.listen {
-                let sockets = bind_reuseport(addr, server.workers.len()).map_err(|source| {
-                    StartError::Bind {
-                        frontend: f.name.clone(),
-                        addr,
-                        source,
-                    }
-                })?;
-                pending.push((f.name.clone(), addr, sockets));
+                let bind_error = |source| StartError::Bind {
+                    frontend: f.name.clone(),
+                    addr,
+                    source,
+                };
+                let (sockets, external) = match passed.next().flatten() {
+                    Some(shared) => (shared.map_err(bind_error)?, true),
+                    None => (bind_reuseport(addr, count).map_err(bind_error)?, false),
+                };
+                pending.push((f.name.clone(), addr, sockets, external));
             }
         }
-        for (frontend, addr, sockets) in pending {
-            server.install_listeners(frontend, addr, sockets);
+        for (frontend, addr, sockets, external) in pending {
+            server.install_listeners(frontend, addr, sockets, external);
         }
         Ok((server, events_rx))
     }
@@ -148,6 +169,7 @@ impl Server {
         frontend: String,
         addr: SocketAddr,
         sockets: Vec<std::net::TcpListener>,
+        external: bool,
     ) {
         let id = self.next_listener_id;
         self.next_listener_id += 1;
@@ -157,11 +179,21 @@ impl Server {
                 id,
                 frontend: frontend.clone(),
                 listener: socket,
+                external,
             });
         }
+        if external {
+            crate::info!("frontend {frontend}: {bound} passed by the service manager");
+        }
         crate::info!("frontend {frontend} listening on {bound}");
-        self.listeners
-            .insert((frontend, addr), ListenerGroup { id, bound });
+        self.listeners.insert(
+            (frontend, addr),
+            ListenerGroup {
+                id,
+                bound,
+                external,
+            },
+        );
     }
 
     /// The addresses actually bound, by frontend (port 0 resolved).
@@ -260,6 +292,20 @@ impl Server {
                 }
             }
         }
+        // A socket the service manager passed stays open in it whatever ringlb does: dropped
+        // here, it would queue connections that nobody accepts.
+        for ((frontend, addr), g) in &self.listeners {
+            let kept = new
+                .frontend(frontend)
+                .is_some_and(|f| f.listen.contains(addr));
+            if g.external && !kept {
+                return ReloadOutcome::Failed(format!(
+                    "frontend \"{frontend}\": {addr} was passed by the service manager \
+                     (LISTEN_FDS, the socket unit): remove it from the socket unit and restart \
+                     instead of dropping it by reload"
+                ));
+            }
+        }
         // 2. Publish the new topology; removed backends start draining.
         let old_config = self.config.clone();
         let removed = self.registry.retain(&new);
@@ -277,7 +323,7 @@ impl Server {
         self.publish();
         // 3. Start the new listeners, then stop the removed ones.
         for (frontend, addr, sockets) in bound {
-            self.install_listeners(frontend, addr, sockets);
+            self.install_listeners(frontend, addr, sockets, false);
         }
         let config = self.config.clone();
         let gone: Vec<(String, SocketAddr)> = self

@@ -1,5 +1,6 @@
-//! The io_uring operations ringlb submits itself (connect and a readiness poll), and the one
-//! syscall whose safe wrappers do not fit (accept4 with flags and the peer's address).
+//! The io_uring operations ringlb submits itself (connect and a readiness poll), the one
+//! syscall whose safe wrappers do not fit (accept4 with flags and the peer's address), and
+//! taking ownership of the sockets a service manager passed (`LISTEN_FDS`).
 //!
 //! All of ringlb's `unsafe` lives here. tokio-uring runs the ring and the executor; these ops go
 //! through its `UnsubmittedOneshot`, whose stored data lives until the completion arrives even
@@ -163,6 +164,59 @@ pub fn accept_now(fd: RawFd) -> io::Result<(Socket, SocketAddr)> {
         .as_socket()
         .ok_or_else(|| io::Error::other("accepted a connection that is not TCP/IP"))?;
     Ok((socket, peer))
+}
+
+/// The first fd of systemd's socket-passing protocol (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: RawFd = 3;
+
+/// The sockets the service manager passed to this process (systemd's `LISTEN_FDS`,
+/// `LISTEN_PID` and `LISTEN_FDNAMES`, see sd_listen_fds(3)), each with its name if given,
+/// made close-on-exec. Empty when the variables are absent or meant for another process.
+/// The variables are removed, and a second call returns nothing: each fd is owned once.
+pub fn take_listen_fds() -> io::Result<Vec<(Socket, Option<String>)>> {
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let pid = std::env::var("LISTEN_PID").ok();
+    let count = std::env::var("LISTEN_FDS").ok();
+    let names = std::env::var("LISTEN_FDNAMES").ok();
+    let (Some(pid), Some(count)) = (pid, count) else {
+        return Ok(Vec::new());
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(Vec::new());
+    }
+    if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Ok(Vec::new());
+    }
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    let count: RawFd = count.trim().parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("LISTEN_FDS is {count:?}, not a number of sockets"),
+        )
+    })?;
+    let names: Vec<String> = names
+        .map(|n| n.split(':').map(str::to_string).collect())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for (i, fd) in (LISTEN_FDS_START..LISTEN_FDS_START.saturating_add(count)).enumerate() {
+        // SAFETY: F_GETFD reads the flags of an fd number and touches no memory; on an fd
+        // that is not open it fails with EBADF, which is reported instead of taking it.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("LISTEN_FDS names fd {fd}, which is not open"),
+            ));
+        }
+        // SAFETY: the service manager passed fd numbers LISTEN_FDS_START.. to this process
+        // (LISTEN_PID is ours), nothing else in the process owns them, and `TAKEN` makes sure
+        // they are wrapped once; the fd is open (checked above).
+        let socket = Socket::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        socket.set_cloexec(true)?;
+        out.push((socket, names.get(i).cloned().filter(|n| !n.is_empty())));
+    }
+    Ok(out)
 }
 
 /// Stored data of a poll: keeps the polled socket open for as long as the kernel may look at it.

@@ -26,6 +26,9 @@ pub struct ListenerSlot<I: Io> {
     closed: Cell<bool>,
     /// Wakes an accept loop paused at `max_connections` when the listener closes.
     closed_bell: Notify,
+    /// Passed by the service manager: it keeps the socket (and its queue) for the next
+    /// process, so closing only stops accepting (see `listener::activation`).
+    external: bool,
     /// The frontend's snapshot as this listener last saw it. When a reload removes the
     /// frontend, what is still in the listener's queue is served with it (see
     /// [`close_gracefully`]); kept up to date by `serve` at the cost of a pointer compare.
@@ -36,6 +39,7 @@ impl<I: Io> ListenerSlot<I> {
     pub fn new(
         frontend: String,
         listener: std::net::TcpListener,
+        external: bool,
         shared: &Shared,
     ) -> std::io::Result<Self> {
         let seen = shared.published.load().frontend(&frontend).cloned();
@@ -45,6 +49,7 @@ impl<I: Io> ListenerSlot<I> {
             listener: I::listener(listener)?,
             closed: Cell::new(false),
             closed_bell: Notify::new(),
+            external,
             seen: RefCell::new(seen),
         })
     }
@@ -65,7 +70,9 @@ impl<I: Io> ListenerSlot<I> {
 
     pub fn close(&self) {
         if !self.closed.replace(true) {
-            shutdown_listener(self.fd);
+            if !self.external {
+                shutdown_listener(self.fd);
+            }
             self.closed_bell.notify_one();
         }
     }
@@ -85,6 +92,11 @@ pub const CLOSE_LINGER: Duration = Duration::from_millis(250);
 /// with the frontend as the listener last saw it.
 pub async fn close_gracefully<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shared>) {
     if slot.closed.get() {
+        return;
+    }
+    if slot.external {
+        // The service manager keeps the socket and its queue for the next process.
+        slot.close();
         return;
     }
     match super::listener::refuse_new_handshakes(&slot.listener) {
@@ -129,7 +141,20 @@ const RESOURCE_BACKOFF: Duration = Duration::from_millis(50);
 
 pub async fn accept_loop<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shared>) {
     loop {
-        let accepted = I::accept(&slot.listener).await;
+        if slot.closed.get() {
+            return;
+        }
+        let accepted = if slot.external {
+            // Nothing shuts this socket down to end a pending accept: the bell does. A
+            // readiness poll left in flight completes with the next connection, which stays
+            // queued for whoever accepts next.
+            tokio::select! {
+                a = I::accept(&slot.listener) => a,
+                _ = slot.closed_bell.notified() => return,
+            }
+        } else {
+            I::accept(&slot.listener).await
+        };
         if slot.closed.get() {
             // Shut down for a reload or a stop; a connection accepted in the race is served.
             if let Ok((stream, peer)) = accepted {

@@ -11,6 +11,7 @@
 //! thread looks again every few seconds and logs an ERROR for anything new
 //! ([`ForeignWatch`]).
 
+pub mod activation;
 pub mod owners;
 mod reuseport;
 

@@ -165,6 +165,9 @@ pub enum WorkerCommand {
         id: u64,
         frontend: String,
         listener: std::net::TcpListener,
+        /// Passed by the service manager: closing only stops accepting (see
+        /// `listener::activation`).
+        external: bool,
     },
     /// Stop accepting on one listener (the frontend or address was removed), once what its
     /// queue holds is served.
@@ -322,7 +325,8 @@ async fn run<I: Io>(
                 id,
                 frontend,
                 listener,
-            } => match ListenerSlot::<I>::new(frontend, listener, &shared) {
+                external,
+            } => match ListenerSlot::<I>::new(frontend, listener, external, &shared) {
                 Ok(slot) => {
                     let slot = Rc::new(slot);
                     I::spawn(accept::accept_loop(slot.clone(), shared.clone()));
