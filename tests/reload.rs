@@ -579,12 +579,13 @@ fn a_backend_marked_down_by_checks_stays_down_across_a_reload_that_keeps_it() {
 /// address away (`moved`: the frontend listens elsewhere; otherwise the frontend is removed).
 /// Every connection the kernel accepted is served; the clients after the close are refused,
 /// never reset.
-fn clients_connecting_through_a_listener_removal_are_served_or_refused(moved: bool) {
+fn clients_connecting_through_a_listener_removal_are_served_or_refused(moved: bool, io: &str) {
+    let global = global_toml(&format!("io = \"{io}\""));
     let echo = Backend::start("e1", Behaviour::Echo);
     let other = Backend::start("o1", Behaviour::Named);
     let keep = frontend_toml("other", "", &[("o1", other.addr, "")]);
     let web = frontend_toml("web", "", &[("e1", echo.addr, "")]);
-    let lb = Ringlb::start(&(global_toml("") + &web + &keep));
+    let lb = Ringlb::start(&(global.clone() + &web + &keep));
     let old = lb.addr("web");
     let served = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..200)
@@ -623,7 +624,7 @@ fn clients_connecting_through_a_listener_removal_are_served_or_refused(moved: bo
     } else {
         keep.clone()
     };
-    let mark = lb.reload(&(global_toml("") + &next));
+    let mark = lb.reload(&(global + &next));
     wait_reload(&lb, mark, "reload: applied");
     let mut failures = Vec::new();
     for c in clients {
@@ -647,12 +648,17 @@ fn clients_connecting_through_a_listener_removal_are_served_or_refused(moved: bo
 
 #[test]
 fn a_frontend_moved_off_an_address_serves_its_listen_queue_then_refuses_cleanly() {
-    clients_connecting_through_a_listener_removal_are_served_or_refused(true);
+    clients_connecting_through_a_listener_removal_are_served_or_refused(true, "io_uring");
+}
+
+#[test]
+fn on_the_epoll_fallback_a_moved_listener_serves_its_queue_then_refuses_cleanly() {
+    clients_connecting_through_a_listener_removal_are_served_or_refused(true, "epoll");
 }
 
 #[test]
 fn a_removed_frontend_serves_its_listen_queue_then_refuses_cleanly() {
-    clients_connecting_through_a_listener_removal_are_served_or_refused(false);
+    clients_connecting_through_a_listener_removal_are_served_or_refused(false, "io_uring");
 }
 
 #[test]

@@ -52,7 +52,11 @@ fn start_activated(cfg: &str, unit: &TcpListener) -> Ringlb {
 }
 
 fn config(addr: SocketAddr, backend: SocketAddr) -> String {
-    global_toml("")
+    config_on("io_uring", addr, backend)
+}
+
+fn config_on(io: &str, addr: SocketAddr, backend: SocketAddr) -> String {
+    global_toml(&format!("io = \"{io}\""))
         + &frontend_toml("web", "", &[("e1", backend, "")]).replace(
             "listen = [\"127.0.0.1:0\"]",
             &format!("listen = [\"{addr}\"]"),
@@ -61,10 +65,19 @@ fn config(addr: SocketAddr, backend: SocketAddr) -> String {
 
 #[test]
 fn twenty_restarts_under_load_refuse_reset_and_cut_nothing_with_the_socket_held_outside() {
+    restarts_under_load("io_uring");
+}
+
+#[test]
+fn on_the_epoll_fallback_restarts_refuse_reset_and_cut_nothing_too() {
+    restarts_under_load("epoll");
+}
+
+fn restarts_under_load(io: &str) {
     let echo = Backend::start("e1", Behaviour::Echo);
     let unit = socket_unit();
     let addr = unit.local_addr().unwrap();
-    let cfg = config(addr, echo.addr);
+    let cfg = config_on(io, addr, echo.addr);
     let mut lb = start_activated(&cfg, &unit);
     assert!(lb
         .logs()
@@ -153,7 +166,7 @@ fn twenty_restarts_under_load_refuse_reset_and_cut_nothing_with_the_socket_held_
         .collect();
     let transfers: usize = bulk.into_iter().map(|b| b.join().unwrap()).sum();
     eprintln!(
-        "20 restarts: {} exchanges and {transfers} 2 MiB transfers, {} failures",
+        "{io}: 20 restarts: {} exchanges and {transfers} 2 MiB transfers, {} failures",
         served.load(Ordering::Relaxed),
         failures.len()
     );
