@@ -52,10 +52,13 @@ const BACKEND: Family = Family {
         ("ringlb_backend_connections_total", None),
         ("ringlb_backend_connect_failures_total", None),
         ("ringlb_backend_retries_total", None),
+        ("ringlb_backend_connect_hedges_total", None),
+        ("ringlb_backend_connect_hedges_won_total", None),
         ("ringlb_backend_bytes_in_total", None),
         ("ringlb_backend_bytes_out_total", None),
         ("ringlb_backend_check_failures_total", None),
         ("ringlb_backend_state_changes_total", None),
+        ("ringlb_backend_connections_shut_down_total", None),
     ],
     gauges: &[
         "ringlb_backend_up",
@@ -161,10 +164,13 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_backend_connections_total", "Connections relayed to the backend (haproxy_server_sessions_total)."),
     ("ringlb_backend_connect_failures_total", "Failed connects to the backend on real traffic (haproxy_server_connection_errors_total)."),
     ("ringlb_backend_retries_total", "Failed connects to the backend that were retried on another one (haproxy_server_retry_warnings_total)."),
+    ("ringlb_backend_connect_hedges_total", "Connects to the backend still pending at the hedge delay, for which a second connect to another backend was opened (connect_hedge)."),
+    ("ringlb_backend_connect_hedges_won_total", "Hedged connects to the backend that the other backend's connect beat; the connect to this backend was cancelled."),
     ("ringlb_backend_bytes_in_total", "Bytes from clients to the backend (haproxy_server_bytes_in_total)."),
     ("ringlb_backend_bytes_out_total", "Bytes from the backend to clients (haproxy_server_bytes_out_total)."),
     ("ringlb_backend_check_failures_total", "Failed health checks (haproxy_server_check_failures_total)."),
     ("ringlb_backend_state_changes_total", "UP/DOWN transitions (haproxy_server_check_up_down_total)."),
+    ("ringlb_backend_connections_shut_down_total", "Open connections ringlb closed itself: backend removed by a reload (drain_pace or the drain limit), marked down with on_marked_down = \"shutdown-sessions\", or ringlb stopping with a drain_pace."),
     ("ringlb_backend_up", "1 if the backend takes new connections (up and not draining), else 0 (haproxy_server_status)."),
     ("ringlb_backend_draining", "1 while a backend removed by a reload still has connections open."),
     ("ringlb_backend_active_connections", "Open connections through the backend (haproxy_server_current_sessions)."),
@@ -211,8 +217,8 @@ struct Handles {
 }
 
 struct Series {
-    /// The `Arc` whose atomics feed this series now, by address (identity only).
-    owner: usize,
+    /// The state whose atomics feed this series now, by its serial (identity only).
+    owner: u64,
     labels: Vec<Label>,
     /// `None` while the series is retired (its owner vanished).
     handles: Option<Handles>,
@@ -228,6 +234,9 @@ struct Series {
 struct Table {
     tick: u64,
     series: HashMap<String, Series>,
+    /// Removed backends reported last tick: one that has finished draining since is copied
+    /// once more, so the closes and bytes of its last connections reach its series.
+    draining: Vec<crate::admin::ops::Draining>,
 }
 
 pub struct Exporter {
@@ -290,7 +299,7 @@ impl Exporter {
                 &mut t,
                 &FRONTEND,
                 format!("f\0{}", fc.name),
-                Arc::as_ptr(s) as usize,
+                s.serial,
                 || vec![Label::new("frontend", fc.name.clone())],
                 &[
                     s.accepted_total(),
@@ -323,7 +332,16 @@ impl Exporter {
         }
         // Removed backends keep reporting while they drain, unless a live backend with the
         // same name has taken over their series.
-        for d in self.ops.draining() {
+        let now_draining = self.ops.draining();
+        let finished: Vec<_> = std::mem::take(&mut t.draining)
+            .into_iter()
+            .filter(|d| {
+                !now_draining
+                    .iter()
+                    .any(|n| n.state.serial == d.state.serial)
+            })
+            .collect();
+        for d in finished.iter().chain(&now_draining) {
             let key = backend_key(&d.state.frontend, &d.config.name);
             if t.series.get(&key).is_none_or(|s| s.seen_tick != t.tick) {
                 self.touch_backend(&mut t, &d.config, &d.state);
@@ -349,7 +367,7 @@ impl Exporter {
                 &mut t,
                 &LOG,
                 format!("g\0{target}"),
-                Arc::as_ptr(&group[0].stats) as usize,
+                Arc::as_ptr(&group[0].stats) as usize as u64,
                 || vec![Label::new("target", target.clone())],
                 &[
                     sum(|s| s.written.load(Ordering::Relaxed)),
@@ -358,6 +376,7 @@ impl Exporter {
                 &[],
             );
         }
+        t.draining = now_draining;
         let ops = &self.ops;
         let pools = self.shared.pool_totals();
         for (op, errno, n) in self.shared.local.counts() {
@@ -444,7 +463,7 @@ impl Exporter {
             t,
             &BACKEND,
             backend_key(&s.frontend, &config.name),
-            Arc::as_ptr(s) as usize,
+            s.serial,
             || {
                 vec![
                     Label::new("frontend", s.frontend.clone()),
@@ -455,10 +474,13 @@ impl Exporter {
                 s.connections_total(),
                 s.connect_failures_total.load(Ordering::Relaxed),
                 s.retries_total(),
+                s.hedges_total.load(Ordering::Relaxed),
+                s.hedges_won_total.load(Ordering::Relaxed),
                 s.bytes_in_total(),
                 s.bytes_out_total(),
                 s.check_failures_total.load(Ordering::Relaxed),
                 s.state_changes_total.load(Ordering::Relaxed),
+                s.shut_down_total.load(Ordering::Relaxed),
             ],
             &[
                 f64::from(u8::from(s.is_usable())),
@@ -479,7 +501,7 @@ impl Exporter {
         t: &mut Table,
         family: &Family,
         key: String,
-        owner: usize,
+        owner: u64,
         labels: impl FnOnce() -> Vec<Label>,
         counters: &[u64],
         gauges: &[f64],

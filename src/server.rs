@@ -18,7 +18,7 @@ use crate::backend::{BackendState, Published, Registry, Snapshot};
 use crate::config::{self, Config, ConfigError};
 use crate::worker::{
     self, budget,
-    listener::{bind_reuseport, ForeignWatch},
+    listener::{activation::Inherited, bind_reuseport, ForeignWatch},
     DataEvent, Shared, WorkerCommand, WorkerHandle,
 };
 
@@ -26,6 +26,9 @@ use crate::worker::{
 struct ListenerGroup {
     id: u64,
     bound: SocketAddr,
+    /// Passed by the service manager (`LISTEN_FDS`): never shut down by ringlb, and not
+    /// removable by a reload.
+    external: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Inherited(String),
     #[error("admin: cannot listen on {addr}: {source}")]
     Admin {
         addr: SocketAddr,
@@ -124,21 +129,37 @@ impl Server {
             fds.max_connections,
             fd_limit
         );
+        // Sockets passed by the service manager first, so that one no frontend names is
+        // reported as such before anything is bound.
+        let mut inherited = Inherited::take().map_err(StartError::Inherited)?;
+        let count = server.workers.len();
+        let mut passed = Vec::new();
+        for f in &config.frontends {
+            for &addr in &f.listen {
+                passed.push(inherited.take_for(addr, count));
+            }
+        }
+        if let Some(e) = inherited.leftover() {
+            return Err(StartError::Inherited(e));
+        }
+        let mut passed = passed.into_iter();
         let mut pending = Vec::new();
         for f in &config.frontends {
             for &addr in &f.listen {
-                let sockets = bind_reuseport(addr, server.workers.len()).map_err(|source| {
-                    StartError::Bind {
-                        frontend: f.name.clone(),
-                        addr,
-                        source,
-                    }
-                })?;
-                pending.push((f.name.clone(), addr, sockets));
+                let bind_error = |source| StartError::Bind {
+                    frontend: f.name.clone(),
+                    addr,
+                    source,
+                };
+                let (sockets, external) = match passed.next().flatten() {
+                    Some(shared) => (shared.map_err(bind_error)?, true),
+                    None => (bind_reuseport(addr, count).map_err(bind_error)?, false),
+                };
+                pending.push((f.name.clone(), addr, sockets, external));
             }
         }
-        for (frontend, addr, sockets) in pending {
-            server.install_listeners(frontend, addr, sockets);
+        for (frontend, addr, sockets, external) in pending {
+            server.install_listeners(frontend, addr, sockets, external);
         }
         Ok((server, events_rx))
     }
@@ -148,6 +169,7 @@ impl Server {
         frontend: String,
         addr: SocketAddr,
         sockets: Vec<std::net::TcpListener>,
+        external: bool,
     ) {
         let id = self.next_listener_id;
         self.next_listener_id += 1;
@@ -157,11 +179,21 @@ impl Server {
                 id,
                 frontend: frontend.clone(),
                 listener: socket,
+                external,
             });
         }
+        if external {
+            crate::info!("frontend {frontend}: {bound} passed by the service manager");
+        }
         crate::info!("frontend {frontend} listening on {bound}");
-        self.listeners
-            .insert((frontend, addr), ListenerGroup { id, bound });
+        self.listeners.insert(
+            (frontend, addr),
+            ListenerGroup {
+                id,
+                bound,
+                external,
+            },
+        );
     }
 
     /// The addresses actually bound, by frontend (port 0 resolved).
@@ -260,7 +292,22 @@ impl Server {
                 }
             }
         }
+        // A socket the service manager passed stays open in it whatever ringlb does: dropped
+        // here, it would queue connections that nobody accepts.
+        for ((frontend, addr), g) in &self.listeners {
+            let kept = new
+                .frontend(frontend)
+                .is_some_and(|f| f.listen.contains(addr));
+            if g.external && !kept {
+                return ReloadOutcome::Failed(format!(
+                    "frontend \"{frontend}\": {addr} was passed by the service manager \
+                     (LISTEN_FDS, the socket unit): remove it from the socket unit and restart \
+                     instead of dropping it by reload"
+                ));
+            }
+        }
         // 2. Publish the new topology; removed backends start draining.
+        let old_config = self.config.clone();
         let removed = self.registry.retain(&new);
         self.config = Arc::new(new);
         let fds = budget::plan(&self.config, self.fd_limit);
@@ -276,7 +323,7 @@ impl Server {
         self.publish();
         // 3. Start the new listeners, then stop the removed ones.
         for (frontend, addr, sockets) in bound {
-            self.install_listeners(frontend, addr, sockets);
+            self.install_listeners(frontend, addr, sockets, false);
         }
         let config = self.config.clone();
         let gone: Vec<(String, SocketAddr)> = self
@@ -293,7 +340,18 @@ impl Server {
                 crate::info!("frontend {} stopped listening on {}", key.0, g.bound);
             }
         }
-        // 4. Connections on removed backends finish on their own, up to shutdown_timeout.
+        // 4. Connections on removed backends finish on their own, up to shutdown_timeout,
+        // or are closed spread over their frontend's drain_pace.
+        let limit = self.config.global.shutdown_timeout;
+        for b in &removed {
+            let pace = config
+                .frontend(&b.frontend)
+                .or_else(|| old_config.frontend(&b.frontend))
+                .and_then(|f| f.drain_pace);
+            if let Some(pace) = pace {
+                paced_close(&self.shared, b, pace.min(limit), "removed by reload");
+            }
+        }
         if !removed.is_empty() {
             spawn_drain_limit(
                 self.shared.clone(),
@@ -304,20 +362,36 @@ impl Server {
         ReloadOutcome::Applied(d)
     }
 
-    /// Stops accepting everywhere; open connections continue.
-    pub fn stop_accepting(&mut self) {
+    /// Stops accepting everywhere, once what the listen queues hold is served; open
+    /// connections continue. The receiver completes when every listener is closed.
+    pub fn stop_accepting(&mut self) -> tokio::sync::oneshot::Receiver<()> {
+        let (done, closed) = worker::ListenersClosed::new();
         for w in &self.workers {
-            w.send(WorkerCommand::StopAccepting);
+            w.send(WorkerCommand::StopAccepting { done: done.clone() });
         }
         self.listeners.clear();
+        closed
     }
 
     /// Graceful stop: stop accepting, wait for open connections up to `shutdown_timeout`.
     /// Returns the number of connections still open at the deadline.
     pub async fn drain(&mut self) -> usize {
-        self.stop_accepting();
+        let closed = self.stop_accepting();
         let limit = self.config.global.shutdown_timeout;
         let start = Instant::now();
+        // The listeners serve their queues first; a worker gone away counts as done.
+        let _ = tokio::time::timeout(limit, closed).await;
+        // Frontends with a drain_pace close their connections spread over it (within the
+        // limit); the others wait for theirs to end.
+        let snap = self.snapshot();
+        let left = limit.saturating_sub(start.elapsed());
+        for fe in snap.frontends.values() {
+            if let Some(pace) = fe.config.drain_pace {
+                for b in &fe.backends {
+                    paced_close(&self.shared, &b.state, pace.min(left), "stopping");
+                }
+            }
+        }
         let open = self.shared.active();
         if open > 0 {
             crate::info!(
@@ -330,6 +404,21 @@ impl Server {
         }
         self.shared.active()
     }
+}
+
+/// Starts closing `b`'s open connections spread over `pace`, and says so.
+fn paced_close(shared: &Shared, b: &BackendState, pace: Duration, why: &str) {
+    let open = b.active.load(Ordering::Relaxed);
+    if open == 0 {
+        return;
+    }
+    crate::info!(
+        "Server {}/{} {why}: closing its {open} open connections over {} (drain_pace)",
+        b.frontend,
+        b.name,
+        config::format_duration(pace)
+    );
+    shared.kill_connections(b, pace);
 }
 
 /// Closes whatever is still open on removed backends once `limit` has passed.
@@ -346,7 +435,7 @@ fn spawn_drain_limit(shared: Arc<Shared>, removed: Vec<Arc<BackendState>>, limit
                     b.name,
                     config::format_duration(limit)
                 );
-                shared.kill_connections(&b);
+                shared.kill_connections(&b, Duration::ZERO);
             }
         }
     });

@@ -155,10 +155,13 @@ const BACKEND_METRICS: &[&str] = &[
     "ringlb_backend_connections_total",
     "ringlb_backend_connect_failures_total",
     "ringlb_backend_retries_total",
+    "ringlb_backend_connect_hedges_total",
+    "ringlb_backend_connect_hedges_won_total",
     "ringlb_backend_bytes_in_total",
     "ringlb_backend_bytes_out_total",
     "ringlb_backend_check_failures_total",
     "ringlb_backend_state_changes_total",
+    "ringlb_backend_connections_shut_down_total",
     "ringlb_backend_check_duration_seconds",
     "ringlb_backend_last_state_change_seconds",
 ];

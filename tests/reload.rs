@@ -573,3 +573,180 @@ fn a_backend_marked_down_by_checks_stays_down_across_a_reload_that_keeps_it() {
     }
     assert_eq!(d1(&status(admin))["connect_failures_total"], 0);
 }
+
+/// 200 clients keep connecting to frontend "web" on its first address, each exchanging a few
+/// bytes per connection, until one of their connects is refused; meanwhile a reload takes the
+/// address away (`moved`: the frontend listens elsewhere; otherwise the frontend is removed).
+/// Every connection the kernel accepted is served; the clients after the close are refused,
+/// never reset.
+fn clients_connecting_through_a_listener_removal_are_served_or_refused(moved: bool, io: &str) {
+    let global = global_toml(&format!("io = \"{io}\""));
+    let echo = Backend::start("e1", Behaviour::Echo);
+    let other = Backend::start("o1", Behaviour::Named);
+    let keep = frontend_toml("other", "", &[("o1", other.addr, "")]);
+    let web = frontend_toml("web", "", &[("e1", echo.addr, "")]);
+    let lb = Ringlb::start(&(global.clone() + &web + &keep));
+    let old = lb.addr("web");
+    let served = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..200)
+        .map(|_| {
+            let served = served.clone();
+            std::thread::spawn(move || -> Result<usize, String> {
+                let mut refused_after = 0;
+                loop {
+                    let mut s = match TcpStream::connect_timeout(&old, Duration::from_secs(20)) {
+                        Ok(s) => s,
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                            return Ok(refused_after);
+                        }
+                        Err(e) => return Err(format!("connect: {e}")),
+                    };
+                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    let mut back = [0u8; 4];
+                    s.write_all(b"ping")
+                        .and_then(|()| s.read_exact(&mut back))
+                        .map_err(|e| format!("accepted, then: {e}"))?;
+                    if &back != b"ping" {
+                        return Err(format!("got {back:?}"));
+                    }
+                    served.fetch_add(1, Ordering::Relaxed);
+                    refused_after += 1;
+                }
+            })
+        })
+        .collect();
+    assert!(
+        wait_until(SOON, || served.load(Ordering::Relaxed) >= 2000),
+        "the clients do not get going"
+    );
+    let next = if moved {
+        web.replace("listen = [\"127.0.0.1:0\"]", "listen = [\"127.0.0.2:0\"]") + &keep
+    } else {
+        keep.clone()
+    };
+    let mark = lb.reload(&(global + &next));
+    wait_reload(&lb, mark, "reload: applied");
+    let mut failures = Vec::new();
+    for c in clients {
+        if let Err(e) = c.join().unwrap() {
+            failures.push(e);
+        }
+    }
+    eprintln!(
+        "{} connections served; {} of 200 clients failed",
+        served.load(Ordering::Relaxed),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of 200 clients saw a failure, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(ask_name(lb.addr("other")).unwrap(), "o1");
+}
+
+#[test]
+fn a_frontend_moved_off_an_address_serves_its_listen_queue_then_refuses_cleanly() {
+    clients_connecting_through_a_listener_removal_are_served_or_refused(true, "io_uring");
+}
+
+#[test]
+fn on_the_epoll_fallback_a_moved_listener_serves_its_queue_then_refuses_cleanly() {
+    clients_connecting_through_a_listener_removal_are_served_or_refused(true, "epoll");
+}
+
+#[test]
+fn a_removed_frontend_serves_its_listen_queue_then_refuses_cleanly() {
+    clients_connecting_through_a_listener_removal_are_served_or_refused(false, "io_uring");
+}
+
+#[test]
+fn a_backend_removed_and_added_back_continues_its_counters_instead_of_jumping() {
+    // A -> B -> A: the backend's state is gone in between (nothing held it), so it comes back
+    // with fresh atomics; its Prometheus series must continue from what it had exported.
+    let a = Backend::start("a1", Behaviour::Named);
+    let b = Backend::start("b1", Behaviour::Named);
+    let with_a = global_toml("") + &frontend_toml("web", "", &[("a1", a.addr, "")]);
+    let with_b = global_toml("") + &frontend_toml("web", "", &[("b1", b.addr, "")]);
+    let lb = Ringlb::start(&with_a);
+    let admin = lb.admin.unwrap();
+    let series = "ringlb_backend_connections_total{frontend=\"web\",backend=\"a1\"}";
+    let mut exported = Vec::new();
+    for round in 0..3 {
+        for _ in 0..20 {
+            assert_eq!(ask_name(lb.addr("web")).unwrap(), "a1");
+        }
+        let want = 20.0 * (round + 1) as f64;
+        assert!(
+            wait_until(SOON, || metric(admin, series) == Some(want)),
+            "round {round}: {series} = {:?}, want {want} (earlier: {exported:?})",
+            metric(admin, series)
+        );
+        exported.push(want);
+        let mark = lb.reload(&with_b);
+        wait_reload(&lb, mark, "reload: applied");
+        assert!(wait_until(SOON, || a.open() == 0));
+        // Drained: the removed backend is no longer listed.
+        assert!(wait_until(SOON, || {
+            !status(admin).to_string().contains("\"a1\"")
+        }));
+        let mark = lb.reload(&with_a);
+        wait_reload(&lb, mark, "reload: applied");
+        assert!(
+            metric(admin, series).unwrap_or(want) >= want,
+            "went backwards"
+        );
+    }
+}
+
+#[test]
+fn a_changed_frontend_keeps_its_listening_sockets() {
+    let a = Backend::start("a1", Behaviour::Named);
+    let b = Backend::start("b1", Behaviour::Named);
+    let lb = Ringlb::start(&(global_toml("") + &frontend_toml("web", "", &[("a1", a.addr, "")])));
+    let addr = lb.addr("web");
+    // The inodes of the sockets listening on the frontend's port (/proc/net/tcp: local
+    // address, state 0A = LISTEN, inode in the tenth column).
+    let inodes = || {
+        let port = format!(":{:04X}", addr.port());
+        let mut v: Vec<u64> = std::fs::read_to_string("/proc/net/tcp")
+            .unwrap()
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[1].ends_with(&port) && f[3] == "0A").then(|| f[9].parse().unwrap())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = inodes();
+    // A client waiting in the listen queue across the reload.
+    let queued = TcpStream::connect(addr).unwrap();
+    let changed = global_toml("")
+        + &frontend_toml(
+            "web",
+            "balance = \"round-robin\"\nretries = 1",
+            &[("a1", a.addr, "weight = 2"), ("b1", b.addr, "")],
+        );
+    let mark = lb.reload(&changed);
+    wait_reload(&lb, mark, "reload: applied: frontend web:");
+    assert!(
+        !lb.logs()[mark..].iter().any(|l| l.contains("listening on")),
+        "{:?}",
+        &lb.logs()[mark..]
+    );
+    assert_eq!(before.len(), 2, "one listener per worker");
+    assert_eq!(
+        inodes(),
+        before,
+        "the reload replaced the listening sockets"
+    );
+    let mut queued = queued;
+    queued.set_read_timeout(Some(SOON)).unwrap();
+    let mut name = [0u8; 3];
+    queued.read_exact(&mut name).unwrap();
+    assert_eq!(&name, b"a1\n");
+}

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::per_worker::{self, PerWorker};
 use crate::config::{Backend, Config};
@@ -49,6 +49,10 @@ impl<T> std::ops::Deref for CacheLine<T> {
 #[derive(Debug)]
 #[repr(C)]
 pub struct BackendState {
+    /// Unique for the process's life: what the metrics exporter tells states apart by (an
+    /// `Arc`'s address can be reused by the allocator for the next state with that name,
+    /// which would make a re-added backend's series stall instead of continuing).
+    pub serial: u64,
     pub frontend: String,
     pub name: String,
     pub address: SocketAddr,
@@ -62,6 +66,13 @@ pub struct BackendState {
     /// remembers the value it started with, and its worker's sweeper compares (see
     /// `worker::conns` and `Shared::kill_connections`, which also wakes the sweepers).
     kill_epoch: AtomicU64,
+    /// The last kill's pace: when it started (ms on [`pace_clock_ms`]) and the window its
+    /// closes are spread over (0: all at once). Written before `kill_epoch` is bumped.
+    kill_from_ms: AtomicU64,
+    kill_pace_ms: AtomicU64,
+    /// A kill epoch withdrawn (the backend was added back while a paced drain ran): the
+    /// connections it would still close are spared.
+    spared_epoch: AtomicU64,
     /// Open connections through this backend, counted across all workers: least-connections
     /// needs one number that every core sees, or each core would pick the same "idle" backend.
     pub active: CacheLine<AtomicU64>,
@@ -73,10 +84,22 @@ pub struct BackendState {
     pub connect_failures_total: AtomicU64,
     pub check_failures_total: AtomicU64,
     pub state_changes_total: AtomicU64,
+    /// Open connections ringlb closed through the kill switch (backend removed, marked down
+    /// with shutdown-sessions, drain limit, stop), paced or not.
+    pub shut_down_total: AtomicU64,
     /// Consecutive failed connects seen on real traffic (passive health).
     pub consecutive_errors: AtomicU32,
     /// Passive health asks the control thread to mark the backend down through this.
     pub passive_tripped: AtomicBool,
+    /// Decaying estimate of the p99 of successful connect times, in nanoseconds (0: no sample
+    /// yet). Written by [`BackendState::record_connect_time`] on a fraction of connects, read
+    /// by every connect for its hedge delay (`worker::hedge`).
+    connect_p99_ns: AtomicU64,
+    /// Connects to this backend still pending at the hedge delay, for which a second connect
+    /// to another backend was opened.
+    pub hedges_total: AtomicU64,
+    /// Of those, the ones the other backend's connect won (this one was then cancelled).
+    pub hedges_won_total: AtomicU64,
     pub last_change: Mutex<Instant>,
     pub check: Mutex<CheckRecord>,
 }
@@ -84,6 +107,7 @@ pub struct BackendState {
 impl BackendState {
     pub fn new(frontend: &str, b: &Backend) -> BackendState {
         BackendState {
+            serial: next_serial(),
             frontend: frontend.to_string(),
             name: b.name.clone(),
             address: b.address,
@@ -98,7 +122,14 @@ impl BackendState {
             state_changes_total: AtomicU64::new(0),
             consecutive_errors: AtomicU32::new(0),
             kill_epoch: AtomicU64::new(0),
+            kill_from_ms: AtomicU64::new(0),
+            kill_pace_ms: AtomicU64::new(0),
+            spared_epoch: AtomicU64::new(u64::MAX),
+            shut_down_total: AtomicU64::new(0),
             passive_tripped: AtomicBool::new(false),
+            connect_p99_ns: AtomicU64::new(0),
+            hedges_total: AtomicU64::new(0),
+            hedges_won_total: AtomicU64::new(0),
             last_change: Mutex::new(Instant::now()),
             check: Mutex::new(CheckRecord::default()),
         }
@@ -178,9 +209,31 @@ impl BackendState {
         self.kill_epoch.load(Ordering::Acquire)
     }
 
-    /// Flips the kill switch; use `Shared::kill_connections`, which also wakes the workers.
-    pub fn bump_kill_epoch(&self) {
+    /// Flips the kill switch for every connection open now, to be closed spread over `pace`
+    /// (zero: at once); use `Shared::kill_connections`, which also wakes the workers.
+    pub fn bump_kill_epoch(&self, pace: Duration) {
+        self.kill_from_ms.store(pace_clock_ms(), Ordering::Relaxed);
+        self.kill_pace_ms
+            .store(duration_ms(pace), Ordering::Relaxed);
         self.kill_epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Withdraws the last kill: connections it has not closed yet stay open.
+    pub fn spare(&self) {
+        self.spared_epoch
+            .store(self.kill_epoch(), Ordering::Release);
+    }
+
+    /// Whether a connection that started at kill epoch `epoch` is to be closed by `now_ms`
+    /// (on [`pace_clock_ms`]); `place` in [0, 1) is its place in a paced drain's window.
+    pub fn kill_due(&self, epoch: u64, place: f64, now_ms: u64) -> bool {
+        let current = self.kill_epoch();
+        if current == epoch || self.spared_epoch.load(Ordering::Acquire) == current {
+            return false;
+        }
+        let pace = self.kill_pace_ms.load(Ordering::Relaxed);
+        let from = self.kill_from_ms.load(Ordering::Relaxed);
+        pace == 0 || now_ms >= from + (pace as f64 * place) as u64
     }
 
     /// Records a failed connect from real traffic; returns true when it trips `error_limit`.
@@ -193,10 +246,90 @@ impl BackendState {
             && !self.passive_tripped.swap(true, Ordering::Relaxed)
     }
 
+    /// A connect that a hedge beat, cancelled while still pending: its outcome is unknown,
+    /// and it counts toward `error_limit` like a failure (see docs/health-checks.md), but not
+    /// in `connect_failures_total`. Returns true when it trips `error_limit`.
+    pub fn record_lost_race(&self, error_limit: u32) -> bool {
+        self.hedges_won_total.fetch_add(1, Ordering::Relaxed);
+        let n = self.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        error_limit > 0
+            && n >= error_limit
+            && self.is_up()
+            && !self.passive_tripped.swap(true, Ordering::Relaxed)
+    }
+
+    /// The connect-time p99 estimate; `None` before the first sample.
+    #[inline]
+    pub fn connect_p99(&self) -> Option<Duration> {
+        match self.connect_p99_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+
+    /// Feeds one successful connect's duration to the p99 estimate. `weight` is how many
+    /// connects this sample stands for when it is not above the estimate: the caller feeds
+    /// every connect slower than the estimate but only one in `weight` of the others, so most
+    /// connects write nothing shared. See [`next_p99`].
+    pub fn record_connect_time(&self, took: Duration, weight: u32) {
+        let est = self.connect_p99_ns.load(Ordering::Relaxed);
+        let next = next_p99(est, duration_ns(took), weight);
+        // Load and store, not a read-modify-write: two workers racing lose one sample, which
+        // an estimate does not miss, and the common case costs no locked instruction.
+        if next != est {
+            self.connect_p99_ns.store(next, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a connect that took `took` was slower than the estimate (such a sample is
+    /// always fed to it).
+    #[inline]
+    pub fn slower_than_p99(&self, took: Duration) -> bool {
+        duration_ns(took) > self.connect_p99_ns.load(Ordering::Relaxed)
+    }
+
     pub fn record_connect_success(&self) {
         if self.consecutive_errors.load(Ordering::Relaxed) != 0 {
             self.consecutive_errors.store(0, Ordering::Relaxed);
         }
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Milliseconds on a clock all threads share (since its first use), for paced drains.
+pub fn pace_clock_ms() -> u64 {
+    pace_ms_at(Instant::now())
+}
+
+/// [`pace_clock_ms`] at `at`.
+pub fn pace_ms_at(at: Instant) -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    duration_ms(at.saturating_duration_since(origin))
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+}
+
+/// One step of a streaming quantile estimate (stochastic approximation, kept in the log
+/// domain so it works the same at 50 us and at 50 ms): a sample above the estimate raises it
+/// by 1/8, one at or below lowers it by 1/800 (times `weight`, the connects it stands for).
+/// It settles where 1/8 of the mass above equals 1/800 of the mass below: about 1% of
+/// samples above, the p99. Old samples fade on their own; a jump in connect times is
+/// followed within a few dozen slow connects, a fall within a few hundred connects.
+pub fn next_p99(est: u64, sample: u64, weight: u32) -> u64 {
+    if est == 0 {
+        return sample.max(1);
+    }
+    if sample > est {
+        est.saturating_add((est / 8).max(1))
+    } else {
+        let down = (est / 800).saturating_mul(u64::from(weight.max(1)));
+        est.saturating_sub(down).max(1)
     }
 }
 
@@ -242,10 +375,18 @@ pub struct FrontendCounts {
     pub accepted: AtomicU64,
 }
 
+/// A number no other state of this process has had (see [`BackendState::serial`]).
+pub fn next_serial() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Per-frontend counters, kept across reloads like backend state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrontendState {
     pub counts: PerWorker<FrontendCounts>,
+    /// See [`BackendState::serial`].
+    pub serial: u64,
     /// Closed at once because `max_connections` was reached (no longer happens: at the cap
     /// the workers stop accepting; kept so the series stays continuous).
     pub rejected_limit_total: AtomicU64,
@@ -268,6 +409,21 @@ impl FrontendState {
 
     pub fn accepted_total(&self) -> u64 {
         self.counts.sum(|c| &c.accepted)
+    }
+}
+
+impl Default for FrontendState {
+    fn default() -> FrontendState {
+        FrontendState {
+            counts: PerWorker::default(),
+            serial: next_serial(),
+            rejected_limit_total: AtomicU64::new(0),
+            rejected_local_total: AtomicU64::new(0),
+            rejected_no_backend_total: AtomicU64::new(0),
+            no_server_logged: AtomicBool::new(false),
+            announce: Arc::default(),
+            gate: Default::default(),
+        }
     }
 }
 
@@ -295,6 +451,8 @@ impl Registry {
         let state = match self.removed.remove(&key).and_then(|w| w.upgrade()) {
             Some(state) => {
                 state.clear_draining();
+                // A paced drain of its connections, if one runs, stops here.
+                state.spare();
                 state
             }
             None => Arc::new(BackendState::new(frontend, b)),
@@ -335,5 +493,69 @@ impl Registry {
 
     pub fn backends(&self) -> impl Iterator<Item = &Arc<BackendState>> {
         self.backends.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `n` samples from `draw` with the data path's sampling (every slow one, one in
+    /// eight of the others, weighted 8).
+    fn run(mut est: u64, n: usize, mut draw: impl FnMut(usize) -> u64) -> u64 {
+        for i in 0..n {
+            let s = draw(i);
+            if s > est || i % 8 == 0 {
+                est = next_p99(est, s, 8);
+            }
+        }
+        est
+    }
+
+    #[test]
+    fn connect_p99_estimate_settles_near_the_99th_percentile() {
+        // 98% of connects at 100 us and 2% at 5 ms: the p99 is 5 ms. 99.5% at 100 us and
+        // 0.5% at 5 ms: the p99 is 100 us. The estimate must tell the two apart.
+        let heavy = run(100_000, 200_000, |i| {
+            if i % 50 == 0 {
+                5_000_000
+            } else {
+                100_000
+            }
+        });
+        assert!(
+            heavy > 1_000_000,
+            "2% slow: p99 is the slow value, got {heavy} ns"
+        );
+        let light = run(100_000, 200_000, |i| {
+            if i % 200 == 0 {
+                5_000_000
+            } else {
+                100_000
+            }
+        });
+        assert!(
+            light < 400_000,
+            "0.5% slow: p99 is the fast value, got {light} ns"
+        );
+    }
+
+    #[test]
+    fn connect_p99_estimate_follows_a_jump_up_fast_and_a_fall_slowly() {
+        let fast = run(0, 10_000, |_| 100_000);
+        assert!((50_000..=200_000).contains(&fast), "{fast}");
+        // Connects now take 10 ms: within 50 of them the estimate is there.
+        let up = run(fast, 50, |_| 10_000_000);
+        assert!(up >= 5_000_000, "{up}");
+        // Back to 100 us: the estimate falls, over a few thousand connects.
+        let down = run(up, 20_000, |_| 100_000);
+        assert!(down < 1_000_000, "{down}");
+    }
+
+    #[test]
+    fn connect_p99_estimate_never_reaches_zero_or_overflows() {
+        assert_eq!(next_p99(0, 0, 8), 1);
+        assert_eq!(next_p99(1, 0, 8), 1);
+        assert_eq!(next_p99(u64::MAX - 1, u64::MAX, 8), u64::MAX);
     }
 }

@@ -92,6 +92,7 @@ impl ConfigDiff {
 fn same_settings(a: &Frontend, b: &Frontend) -> bool {
     a.balance == b.balance
         && a.connect_timeout == b.connect_timeout
+        && a.connect_hedge == b.connect_hedge
         && a.idle_timeout == b.idle_timeout
         && a.retries == b.retries
         && a.hash_key == b.hash_key
@@ -101,6 +102,7 @@ fn same_settings(a: &Frontend, b: &Frontend) -> bool {
         && a.on_unready == b.on_unready
         && a.log == b.log
         && a.traffic == b.traffic
+        && a.drain_pace == b.drain_pace
 }
 
 /// Computes what changed from `old` to `new`. Backends are matched by name: a backend whose

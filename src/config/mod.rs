@@ -116,6 +116,19 @@ pub enum HashKey {
     IpPort,
 }
 
+/// When a second connect is opened to another backend while the first is still pending
+/// (`connect_hedge`; see `worker::hedge`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectHedge {
+    /// A multiple of the backend's observed connect-time p99, clamped between 10 ms and half
+    /// of `connect_timeout`.
+    Auto,
+    /// A fixed delay.
+    After(Duration),
+    /// Never: a connect waits for its own timeout, then is retried.
+    Off,
+}
+
 /// What happens to open connections when their backend is marked down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnMarkedDown {
@@ -131,6 +144,7 @@ pub struct Frontend {
     pub listen: Vec<SocketAddr>,
     pub balance: Balance,
     pub connect_timeout: Duration,
+    pub connect_hedge: ConnectHedge,
     pub idle_timeout: Duration,
     /// Extra connect attempts on other backends after the first fails.
     pub retries: u32,
@@ -145,6 +159,9 @@ pub struct Frontend {
     pub log: Option<ConnLog>,
     /// PROXY protocol in, source ACLs, per-source limits: all off by default.
     pub traffic: traffic::Traffic,
+    /// Close a backend's open connections spread over this window instead of all at once,
+    /// when ringlb closes them (backend removed, marked down with shutdown-sessions, stop).
+    pub drain_pace: Option<Duration>,
     pub backends: Vec<Backend>,
 }
 

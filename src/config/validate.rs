@@ -10,12 +10,12 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use super::check::{KindName, ProbeLayer};
-use super::duration::parse_duration;
+use super::duration::{format_duration, parse_duration};
 use super::file::{FileBackend, FileConfig, FileFrontend, FileHealth, FileWorkers};
 use super::problem::{At, Problem};
 use super::{
-    Admin, Backend, Balance, Config, Frontend, Global, HashKey, Health, HostLookup, IoMode,
-    OnMarkedDown, ProxyVersion, RelayMode,
+    Admin, Backend, Balance, Config, ConnectHedge, Frontend, Global, HashKey, Health, HostLookup,
+    IoMode, OnMarkedDown, ProxyVersion, RelayMode,
 };
 
 mod traffic;
@@ -414,6 +414,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         &ff.connect_timeout,
         Duration::from_secs(2),
     );
+    let connect_hedge = connect_hedge(&ff.connect_hedge, connect_timeout, p);
     let idle_timeout =
         p.positive_duration("idle_timeout", &ff.idle_timeout, Duration::from_secs(600));
     let retries = p.int_in("retries", ff.retries, 2, 0, 100) as u32;
@@ -457,6 +458,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
             OnMarkedDown::Continue
         }
     };
+    let drain_pace = p.opt_positive_duration("drain_pace", &ff.drain_pace);
     let slow_start = p.duration("slow_start", &ff.slow_start, Duration::ZERO);
     let send_proxy = proxy_version(&ff.send_proxy, None, p);
     let on_ready = command(&ff.on_ready, "on_ready", p);
@@ -518,6 +520,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         listen,
         balance,
         connect_timeout,
+        connect_hedge,
         idle_timeout,
         retries,
         hash_key,
@@ -527,6 +530,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         on_unready,
         log,
         traffic,
+        drain_pace,
         backends,
     })
 }
@@ -547,6 +551,48 @@ fn command(v: &Option<Vec<String>>, key: &str, p: &mut Problems) -> Vec<String> 
             Vec::new()
         }
         Some(argv) => argv.clone(),
+    }
+}
+
+/// `connect_hedge`: "auto" (the default), "off", or a duration shorter than `connect_timeout`
+/// (a longer one would never start a hedge: the connect times out first).
+fn connect_hedge(
+    value: &Option<String>,
+    connect_timeout: Duration,
+    p: &mut Problems<'_>,
+) -> ConnectHedge {
+    match value.as_deref() {
+        None | Some("auto") => ConnectHedge::Auto,
+        Some("off") => ConnectHedge::Off,
+        Some(text) => match parse_duration(text) {
+            Err(_) => {
+                p.push(
+                    "connect_hedge",
+                    format!("\"{text}\" is not \"auto\", \"off\" or a duration like \"50ms\""),
+                );
+                ConnectHedge::Auto
+            }
+            Ok(d) if d.is_zero() => {
+                p.push(
+                    "connect_hedge",
+                    "must be greater than zero (write \"off\" for no hedging)",
+                );
+                ConnectHedge::Auto
+            }
+            Ok(d) if d >= connect_timeout => {
+                p.push(
+                    "connect_hedge",
+                    format!(
+                        "{} is not shorter than connect_timeout ({}): no hedge would ever \
+                         start; use a shorter delay, \"auto\" or \"off\"",
+                        format_duration(d),
+                        format_duration(connect_timeout)
+                    ),
+                );
+                ConnectHedge::Auto
+            }
+            Ok(d) => ConnectHedge::After(d),
+        },
     }
 }
 

@@ -176,6 +176,14 @@ impl Trace {
         }
     }
 
+    /// The backend that carries the connection, when a hedge won the race for it.
+    #[inline]
+    pub fn carried_by(&mut self, index: usize) {
+        if let Some(r) = &mut self.0 {
+            r.backend = Some(index);
+        }
+    }
+
     /// The connect succeeded.
     #[inline]
     pub fn connected(&mut self) {

@@ -63,8 +63,9 @@ pub async fn run<C: HealthCheck>(
         // With `check = false` nothing is probed while the backend is up; probing starts
         // only to bring back a backend that passive health took out.
         let idle = !h.check && machine.is_up();
+        let due = tokio::time::Instant::now() + wait;
         tokio::select! {
-            _ = tokio::time::sleep(wait), if !idle => {}
+            _ = tokio::time::sleep_until(due), if !idle => {}
             _ = controls.forced_down.notified() => {
                 machine.force_down();
                 wait = jitter.spread(machine.next_interval(&h), h.spread_percent);
@@ -76,7 +77,10 @@ pub async fn run<C: HealthCheck>(
                 }
                 h = controls.settings.borrow_and_update().clone();
                 machine.retune(h.rise, h.fall);
-                wait = jitter.spread(machine.next_interval(&h), h.spread_percent);
+                // The probe already due stays due: restarting the wait on every reload would
+                // let a run of reloads postpone a pending transition indefinitely.
+                let retuned = jitter.spread(machine.next_interval(&h), h.spread_percent);
+                wait = retuned.min(due.saturating_duration_since(tokio::time::Instant::now()));
                 continue;
             }
         }
@@ -226,7 +230,7 @@ mod tests {
         check: Scripted,
         state: Arc<BackendState>,
         forced_down: Arc<Notify>,
-        _settings: watch::Sender<Health>,
+        settings: watch::Sender<Health>,
         events: mpsc::UnboundedReceiver<HealthEvent>,
         task: tokio::task::JoinHandle<()>,
         started: Instant,
@@ -269,7 +273,7 @@ mod tests {
             check,
             state,
             forced_down,
-            _settings: settings_tx,
+            settings: settings_tx,
             events,
             task,
             started: Instant::now(),
@@ -353,6 +357,28 @@ mod tests {
         // Back up: probing stops again.
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(h.check.asked().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reloads_that_retune_a_backend_do_not_postpone_its_pending_transition() {
+        // A dead backend (every check fails) while reloads change its health settings every
+        // 300 ms, more often than its 2 s interval: the checks must still run and mark it
+        // down, not restart their wait at every reload.
+        let mut h = start("---------------", health(true));
+        let settings = h.settings.clone();
+        let storm = tokio::spawn(async move {
+            for i in 0..200u32 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                settings.send_modify(|s| s.spread_percent = i % 2);
+            }
+        });
+        assert_eq!(next_transition(&mut h).await, Transition::Down);
+        assert!(
+            h.started.elapsed() < Duration::from_secs(10),
+            "marked down only after {:?}",
+            h.started.elapsed()
+        );
+        storm.abort();
     }
 
     #[test]

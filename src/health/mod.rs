@@ -279,7 +279,16 @@ impl HealthChecks {
         // Even with no session counted yet: one whose connect is completing may count itself
         // in a moment, and a kill with nothing to kill costs nothing.
         if on_marked_down == OnMarkedDown::ShutdownSessions {
-            server.shared.kill_connections(state);
+            let pace = fe.config.drain_pace.unwrap_or_default();
+            if !pace.is_zero() && sessions > 0 {
+                crate::info!(
+                    "Server {}/{}: closing its {sessions} open connections over {} (drain_pace)",
+                    state.frontend,
+                    state.name,
+                    crate::config::format_duration(pace)
+                );
+            }
+            server.shared.kill_connections(state, pace);
         }
         if left.active + left.backup == 0
             && !fe.state.no_server_logged.swap(true, Ordering::Relaxed)

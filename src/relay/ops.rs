@@ -1,5 +1,6 @@
-//! The io_uring operations ringlb submits itself (connect and a readiness poll), and the one
-//! syscall whose safe wrappers do not fit (accept4 with flags and the peer's address).
+//! The io_uring operations ringlb submits itself (connect and a readiness poll), the one
+//! syscall whose safe wrappers do not fit (accept4 with flags and the peer's address), and
+//! taking ownership of the sockets a service manager passed (`LISTEN_FDS`).
 //!
 //! All of ringlb's `unsafe` lives here. tokio-uring runs the ring and the executor; these ops go
 //! through its `UnsubmittedOneshot`, whose stored data lives until the completion arrives even
@@ -8,8 +9,8 @@
 //! under the kernel) and any address buffer (boxed, so its pointer is stable).
 //!
 //! Cancellation: a dropped op is not cancelled. A pending poll completes when its socket (or
-//! listener) is shut down; a connect that times out is aborted with `shutdown()` (in SYN_SENT
-//! that disconnects at once).
+//! listener) is shut down; a connect whose future is dropped (timed out, or lost a hedge race)
+//! aborts itself with `shutdown()` (in SYN_SENT that disconnects at once).
 
 #![allow(unsafe_code)]
 
@@ -17,7 +18,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::time::Duration;
 
 use io_uring::{cqueue, opcode, types};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -66,9 +66,13 @@ impl OneshotOutputTransform for ConnectDone {
     }
 }
 
-/// Connects to `addr` within `timeout`. The socket is non-blocking (the relay makes plain
-/// non-blocking syscalls on it), close-on-exec, with TCP_NODELAY.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Socket, ConnectError> {
+/// Connects to `addr`. The socket is non-blocking (the relay makes plain non-blocking
+/// syscalls on it), close-on-exec, with TCP_NODELAY. There is no timeout here: the caller
+/// races this future against its own timers (one for the hedge delay and the deadline, see
+/// `worker::hedge`) and simply drops it to give up. Dropping it before it completes aborts
+/// the connect at once (see [`Connecting`]), so the fd is closed on the next completion the
+/// worker reaps, not when the kernel gives up on the SYN minutes later.
+pub async fn connect(addr: SocketAddr) -> Result<Socket, ConnectError> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking().cloexec(),
@@ -82,17 +86,51 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Socket, Conn
     // SAFETY: the SQE names `fd` and points at `addr`. Both are moved into the op's stored
     // data (`addr` boxed, so the pointer stays valid when the struct moves), which tokio-uring
     // keeps alive until the completion arrives, even if this future is dropped first.
-    let mut op = unsafe { submit(ConnectData { socket, addr }, ConnectDone, sqe) };
-    match tokio::time::timeout(timeout, &mut op).await {
-        Ok((Ok(_), socket)) => Ok(socket),
-        Ok((Err(e), _socket)) => Err(ConnectError::Io(e)),
-        Err(_elapsed) => {
-            // The op still owns the socket, so `fd` is open. Shutting down a socket in SYN_SENT
-            // disconnects it, which completes the connect; dropping `op` then hands the socket
-            // to the driver, which closes it on that completion. Nothing waits for the SYN.
-            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
-            drop(op);
-            Err(ConnectError::TimedOut)
+    let op = unsafe { submit(ConnectData { socket, addr }, ConnectDone, sqe) };
+    match (Connecting { op: Some(op), fd }).await {
+        (Ok(_), socket) => Ok(socket),
+        (Err(e), _socket) => Err(ConnectError::Io(e)),
+    }
+}
+
+/// A connect op in flight that aborts itself when dropped unfinished.
+///
+/// tokio-uring does not cancel a dropped op: its stored data (here the socket) is kept until
+/// the completion arrives, and a connect to a host that drops SYNs completes only when the
+/// kernel gives up (two minutes). Shutting down a socket in SYN_SENT disconnects it, which
+/// completes the connect at once; the driver then closes the socket on that completion.
+/// `Drop::drop` runs before the fields are dropped, so `fd` is still owned by `op` (and open)
+/// when it is shut down: the number cannot have been reused by another socket.
+struct Connecting {
+    op: Option<tokio_uring::InFlightOneshot<ConnectData, ConnectDone>>,
+    fd: RawFd,
+}
+
+impl std::future::Future for Connecting {
+    type Output = (io::Result<u32>, Socket);
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Some(op) = self.op.as_mut() else {
+            // Polled after completion: never done by `connect`, which awaits once.
+            return std::task::Poll::Pending;
+        };
+        match std::pin::Pin::new(op).poll(cx) {
+            std::task::Poll::Ready(out) => {
+                self.op = None;
+                std::task::Poll::Ready(out)
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        if self.op.is_some() {
+            let _ = nix::sys::socket::shutdown(self.fd, nix::sys::socket::Shutdown::Both);
         }
     }
 }
@@ -126,6 +164,59 @@ pub fn accept_now(fd: RawFd) -> io::Result<(Socket, SocketAddr)> {
         .as_socket()
         .ok_or_else(|| io::Error::other("accepted a connection that is not TCP/IP"))?;
     Ok((socket, peer))
+}
+
+/// The first fd of systemd's socket-passing protocol (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: RawFd = 3;
+
+/// The sockets the service manager passed to this process (systemd's `LISTEN_FDS`,
+/// `LISTEN_PID` and `LISTEN_FDNAMES`, see sd_listen_fds(3)), each with its name if given,
+/// made close-on-exec. Empty when the variables are absent or meant for another process.
+/// The variables are removed, and a second call returns nothing: each fd is owned once.
+pub fn take_listen_fds() -> io::Result<Vec<(Socket, Option<String>)>> {
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let pid = std::env::var("LISTEN_PID").ok();
+    let count = std::env::var("LISTEN_FDS").ok();
+    let names = std::env::var("LISTEN_FDNAMES").ok();
+    let (Some(pid), Some(count)) = (pid, count) else {
+        return Ok(Vec::new());
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(Vec::new());
+    }
+    if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Ok(Vec::new());
+    }
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    let count: RawFd = count.trim().parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("LISTEN_FDS is {count:?}, not a number of sockets"),
+        )
+    })?;
+    let names: Vec<String> = names
+        .map(|n| n.split(':').map(str::to_string).collect())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for (i, fd) in (LISTEN_FDS_START..LISTEN_FDS_START.saturating_add(count)).enumerate() {
+        // SAFETY: F_GETFD reads the flags of an fd number and touches no memory; on an fd
+        // that is not open it fails with EBADF, which is reported instead of taking it.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("LISTEN_FDS names fd {fd}, which is not open"),
+            ));
+        }
+        // SAFETY: the service manager passed fd numbers LISTEN_FDS_START.. to this process
+        // (LISTEN_PID is ours), nothing else in the process owns them, and `TAKEN` makes sure
+        // they are wrapped once; the fd is open (checked above).
+        let socket = Socket::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        socket.set_cloexec(true)?;
+        out.push((socket, names.get(i).cloned().filter(|n| !n.is_empty())));
+    }
+    Ok(out)
 }
 
 /// Stored data of a poll: keeps the polled socket open for as long as the kernel may look at it.

@@ -1,6 +1,6 @@
 //! The accept loop and the life of one connection: accept -> pick -> connect -> relay.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
@@ -15,8 +15,8 @@ use super::gate::Reason;
 use super::io::Io;
 use super::local::Op;
 use super::queue::Pick;
-use super::{shutdown_listener, DataEvent, Shared};
-use crate::backend::{per_worker, ActiveGuard};
+use super::{hedge, shutdown_listener, Shared};
+use crate::backend::{per_worker, ActiveGuard, FrontendSnap};
 use crate::connlog::{self, ConnectFailed};
 use crate::relay::{self, ops::ConnectError, FirstMove};
 
@@ -29,25 +29,114 @@ pub struct ListenerSlot<I: Io> {
     closed: Cell<bool>,
     /// Wakes an accept loop paused at `max_connections` when the listener closes.
     closed_bell: Notify,
+    /// Passed by the service manager: it keeps the socket (and its queue) for the next
+    /// process, so closing only stops accepting (see `listener::activation`).
+    external: bool,
+    /// The frontend's snapshot as this listener last saw it. When a reload removes the
+    /// frontend, what is still in the listener's queue is served with it (see
+    /// [`close_gracefully`]); kept up to date by `serve` at the cost of a pointer compare.
+    seen: RefCell<Option<Arc<FrontendSnap>>>,
 }
 
 impl<I: Io> ListenerSlot<I> {
-    pub fn new(frontend: String, listener: std::net::TcpListener) -> std::io::Result<Self> {
+    pub fn new(
+        frontend: String,
+        listener: std::net::TcpListener,
+        external: bool,
+        shared: &Shared,
+    ) -> std::io::Result<Self> {
+        let seen = shared.published.load().frontend(&frontend).cloned();
         Ok(ListenerSlot {
             frontend,
             fd: listener.as_raw_fd(),
             listener: I::listener(listener)?,
             closed: Cell::new(false),
             closed_bell: Notify::new(),
+            external,
+            seen: RefCell::new(seen),
         })
+    }
+
+    /// The frontend this listener serves: as published, or as last seen if a reload removed
+    /// it (only a closing listener's queue is served that way).
+    fn frontend(&self, shared: &Shared) -> Option<Arc<FrontendSnap>> {
+        let snap = shared.published.load();
+        let Some(fe) = snap.frontend(&self.frontend) else {
+            return self.seen.borrow().clone();
+        };
+        let mut seen = self.seen.borrow_mut();
+        if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, fe)) {
+            *seen = Some(fe.clone());
+        }
+        Some(fe.clone())
     }
 
     pub fn close(&self) {
         if !self.closed.replace(true) {
-            shutdown_listener(self.fd);
+            if !self.external {
+                shutdown_listener(self.fd);
+            }
             self.closed_bell.notify_one();
         }
     }
+}
+
+/// How long a closing listener keeps accepting after it stopped taking new handshakes: a
+/// handshake already under way then completes (its last ACK is one client round trip away)
+/// and is served.
+pub const CLOSE_LINGER: Duration = Duration::from_millis(250);
+
+/// Closes a listener without losing a connection the kernel accepted on it. It stops taking
+/// new handshakes (`listener::refuse_new_handshakes`: new SYNs go unanswered, and the
+/// client's retransmission a second later is refused by the closed port), keeps accepting for
+/// [`CLOSE_LINGER`], then takes what is still queued and closes, with nothing else running on
+/// this worker in between. Closing a listening socket resets every connection in its queue;
+/// this leaves none there. If the reload removed the frontend itself, the queue is served
+/// with the frontend as the listener last saw it.
+pub async fn close_gracefully<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shared>) {
+    if slot.closed.get() {
+        return;
+    }
+    if slot.external {
+        // The service manager keeps the socket and its queue for the next process.
+        slot.close();
+        return;
+    }
+    match super::listener::refuse_new_handshakes(&slot.listener) {
+        // The accept loop goes on meanwhile.
+        Ok(()) => tokio::time::sleep(CLOSE_LINGER).await,
+        Err(e) => crate::warn!(
+            "frontend {}: cannot stop new handshakes before closing a listener ({e}); \
+             connections queued at the close may be reset",
+            slot.frontend
+        ),
+    }
+    if slot.closed.get() {
+        return;
+    }
+    loop {
+        match relay::ops::accept_now(slot.fd) {
+            Ok((socket, peer)) => {
+                let Ok(stream) = I::stream(socket) else {
+                    continue;
+                };
+                // Past the cap if need be: these were accepted by the kernel already, and
+                // there are at most a listen queue's worth.
+                shared.active.fetch_add(1, Ordering::SeqCst);
+                I::spawn(serve::<I>(
+                    stream,
+                    peer,
+                    slot.clone(),
+                    shared.clone(),
+                    OpenSlot(shared.clone()),
+                ));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {}
+            // Empty (or out of fds: what is left is reset by the close, as before).
+            Err(_) => break,
+        }
+    }
+    slot.close();
 }
 
 /// Backoff after EMFILE/ENFILE/ENOBUFS: long enough not to spin, short enough to recover fast.
@@ -55,9 +144,32 @@ const RESOURCE_BACKOFF: Duration = Duration::from_millis(50);
 
 pub async fn accept_loop<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shared>) {
     loop {
-        let accepted = I::accept(&slot.listener).await;
         if slot.closed.get() {
-            // Shut down for a reload or a stop; a connection accepted in the race is closed.
+            return;
+        }
+        let accepted = if slot.external {
+            // Nothing shuts this socket down to end a pending accept: the bell does. A
+            // readiness poll left in flight completes with the next connection, which stays
+            // queued for whoever accepts next.
+            tokio::select! {
+                a = I::accept(&slot.listener) => a,
+                _ = slot.closed_bell.notified() => return,
+            }
+        } else {
+            I::accept(&slot.listener).await
+        };
+        if slot.closed.get() {
+            // Shut down for a reload or a stop; a connection accepted in the race is served.
+            if let Ok((stream, peer)) = accepted {
+                shared.active.fetch_add(1, Ordering::SeqCst);
+                I::spawn(serve::<I>(
+                    stream,
+                    peer,
+                    slot,
+                    shared.clone(),
+                    OpenSlot(shared),
+                ));
+            }
             return;
         }
         let (stream, peer) = match accepted {
@@ -147,12 +259,8 @@ async fn serve<I: Io>(
     _open: OpenSlot,
 ) {
     // TCP_NODELAY comes from the listener (see `listener::bind_one`).
-    let fe = {
-        let snap = shared.published.load();
-        match snap.frontend(&slot.frontend) {
-            Some(fe) => fe.clone(),
-            None => return,
-        }
+    let Some(fe) = slot.frontend(&shared) else {
+        return;
     };
     drop(slot);
     // Traffic controls (PROXY header in, ACL, per-source limits): skipped when none is set.
@@ -210,7 +318,10 @@ async fn serve<I: Io>(
                 }
             }
         } else {
-            let Some(idx) = fe.select(&peer, &tried) else {
+            let Some(idx) = fe
+                .select(&peer, &tried)
+                .or_else(|| retired_pick(&fe, &tried))
+            else {
                 break;
             };
             idx
@@ -219,12 +330,14 @@ async fn serve<I: Io>(
         if let Some(prev) = last_failed.take() {
             per_worker::bump(&fe.backends[prev].state.counts.local().retries);
         }
-        let backend = &fe.backends[idx];
         trace.attempt(idx);
-        // Connect and first move are boxed: they are over in a moment, and keeping their
-        // state (timers, ops) out of line keeps the future every idle connection lives in small.
-        let connecting = Box::pin(I::connect(backend.config.address, cfg.connect_timeout));
-        let failure = match connecting.await {
+        // Connect (hedged onto another backend if slow; see `hedge`) and first move are
+        // boxed: they are over in a moment, and keeping their state (timers, ops) out of line
+        // keeps the future every idle connection lives in small.
+        let connected = Box::pin(hedge::connect::<I>(&fe, &peer, idx, &mut tried, &shared)).await;
+        let (idx, backend) = (connected.idx, &fe.backends[connected.idx]);
+        trace.carried_by(idx);
+        let failure = match connected.result {
             Ok(server) => {
                 trace.connected();
                 // The PROXY header goes first, before the backend or the client says anything.
@@ -301,22 +414,7 @@ async fn serve<I: Io>(
                 e.to_string()
             }
         };
-        crate::debug!(
-            "frontend {}: connect to {} ({}) failed: {failure}",
-            cfg.name,
-            backend.config.name,
-            backend.config.address
-        );
-        if backend
-            .state
-            .record_connect_failure(backend.config.health.error_limit)
-        {
-            backend.state.set_up(false);
-            let _ = shared.events.send(DataEvent::PassiveDown {
-                backend: backend.state.clone(),
-                error: failure,
-            });
-        }
+        hedge::note_failure(&shared, &fe, idx, failure);
         tried.push(idx);
         last_failed = Some(idx);
         attempts += 1;
@@ -328,6 +426,18 @@ async fn serve<I: Io>(
     // A readiness poll left by `first_move` may still hold the client socket: shutting it
     // down completes that poll, so the fd is closed now rather than when the client speaks.
     relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+}
+
+/// When a reload removed every backend of this frontend (or the frontend itself, whose
+/// listen queue is still being served): they are all draining, so selection finds none, and
+/// the first one still up serves the client as the connections already open on them finish.
+/// The window is short: from the reload marking them draining until the new snapshot (or the
+/// listener's close) takes over.
+fn retired_pick(fe: &FrontendSnap, tried: &[usize]) -> Option<usize> {
+    if !fe.backends.iter().all(|b| b.state.is_draining()) {
+        return None;
+    }
+    (0..fe.backends.len()).find(|i| !tried.contains(i) && fe.backends[*i].state.is_up())
 }
 
 /// Sends the PROXY protocol header naming `peer` and the address it connected to (`dst` when

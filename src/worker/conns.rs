@@ -10,6 +10,7 @@
 use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,20 @@ use crate::relay::{end_both, Meter};
 /// The sweeper's slowest tick; it runs more often when an idle timeout is short.
 const MAX_TICK: Duration = Duration::from_secs(1);
 const MIN_TICK: Duration = Duration::from_millis(5);
+/// The tick while a paced drain is closing connections on this worker: closes land within
+/// this of their turn.
+const PACE_TICK: Duration = Duration::from_millis(20);
+
+/// A connection's place in a paced drain's window, in [0, 1), from its table key: Fibonacci
+/// hashing spreads consecutive keys evenly (the golden ratio's low discrepancy), so the
+/// closes of a worker's connections are spread evenly without storing anything per
+/// connection.
+fn place_of(key: usize) -> f64 {
+    let h = (key as u64)
+        .wrapping_add(1)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
 
 /// Why the sweeper ended a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,23 +78,38 @@ impl Record {
         }
     }
 
-    fn end_early(&self, why: Cut) {
-        if self.cut.get().is_none() {
-            self.cut.set(Some(why));
-            end_both(&self.client, &self.server);
+    /// Shuts both sockets down, once, recording why; true if it did so now.
+    fn end_early(&self, why: Cut) -> bool {
+        if self.cut.get().is_some() {
+            return false;
         }
+        self.cut.set(Some(why));
+        end_both(&self.client, &self.server);
+        true
     }
 
-    fn sweep(&self, now: Instant) {
+    /// Flushes the byte counts and ends the connection if it idled out or its backend's
+    /// kill switch flipped (in a paced drain, once its turn in the window has come: `place`
+    /// is its place there). Returns true while a paced kill still waits to close it.
+    fn sweep(&self, now: Instant, now_ms: u64, place: f64) -> bool {
         self.flush();
-        let killed = self.backend.state().kill_epoch() != self.kill_epoch;
+        if self.cut.get().is_some() {
+            return false;
+        }
+        let state = self.backend.state();
+        let killed = state.kill_epoch() != self.kill_epoch;
+        if killed && state.kill_due(self.kill_epoch, place, now_ms) {
+            if self.end_early(Cut::Killed) {
+                state.shut_down_total.fetch_add(1, Ordering::Relaxed);
+            }
+            return false;
+        }
         let idle =
             now.saturating_duration_since(self.meter.last_activity.get()) >= self.idle_timeout;
-        if killed {
-            self.end_early(Cut::Killed);
-        } else if idle {
+        if idle {
             self.end_early(Cut::Idle);
         }
+        killed && self.cut.get().is_none() && state.kill_due(self.kill_epoch, 0.0, now_ms)
     }
 }
 
@@ -154,23 +184,28 @@ pub fn open() -> usize {
 
 /// The worker's sweeper: runs for the worker's life.
 pub async fn sweeper(bell: Arc<Notify>) {
+    let mut pacing = false;
     loop {
         let tick = TABLE.with(|t| {
             t.min_idle
                 .get()
                 .map_or(MAX_TICK, |m| (m / 4).clamp(MIN_TICK, MAX_TICK))
         });
+        let tick = if pacing { tick.min(PACE_TICK) } else { tick };
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
             _ = bell.notified() => {}
         }
         let now = Instant::now();
+        let now_ms = crate::backend::pace_ms_at(now);
         // Ending a connection only shuts its sockets down; its relay wakes (and drops its
         // registration) later, on the worker's next poll, so the borrow here never overlaps.
-        TABLE.with(|t| {
-            for (_, r) in t.conns.borrow().iter() {
-                r.sweep(now);
+        pacing = TABLE.with(|t| {
+            let mut waiting = false;
+            for (key, r) in t.conns.borrow().iter() {
+                waiting |= r.sweep(now, now_ms, place_of(key));
             }
+            waiting
         });
     }
 }

@@ -9,7 +9,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::time::Duration;
 
 use socket2::Socket;
 use tokio::io::Interest;
@@ -18,19 +17,20 @@ use crate::relay::ops::{self, ConnectError};
 use crate::relay::Conn;
 
 pub trait Io: 'static {
-    type Listener: 'static;
+    type Listener: std::os::fd::AsFd + 'static;
     type Stream: Conn;
     const NAME: &'static str;
 
     fn listener(l: std::net::TcpListener) -> io::Result<Self::Listener>;
     /// Accepts a connection; the socket is non-blocking and close-on-exec.
     fn accept(l: &Self::Listener) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>>;
-    /// Connects a non-blocking, close-on-exec socket with TCP_NODELAY.
-    fn connect(
-        addr: SocketAddr,
-        timeout: Duration,
-    ) -> impl Future<Output = Result<Self::Stream, ConnectError>>;
+    /// Connects a non-blocking, close-on-exec socket with TCP_NODELAY. No timeout of its
+    /// own: the caller races it against its timers. Dropping the future unfinished must
+    /// abort the connect and release its fd at once (a hedge's loser, a timed-out connect).
+    fn connect(addr: SocketAddr) -> impl Future<Output = Result<Self::Stream, ConnectError>>;
     fn spawn(f: impl Future<Output = ()> + 'static);
+    /// A connection accepted outside [`Io::accept`] (non-blocking, close-on-exec).
+    fn stream(s: Socket) -> io::Result<Self::Stream>;
 }
 
 /// io_uring through tokio-uring, with ringlb's own ops (`relay::ops`).
@@ -78,12 +78,16 @@ impl Io for Uring {
         }
     }
 
-    async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self::Stream, ConnectError> {
-        ops::connect(addr, timeout).await.map(Rc::new)
+    async fn connect(addr: SocketAddr) -> Result<Self::Stream, ConnectError> {
+        ops::connect(addr).await.map(Rc::new)
     }
 
     fn spawn(f: impl Future<Output = ()> + 'static) {
         tokio_uring::spawn(f);
+    }
+
+    fn stream(s: Socket) -> io::Result<Self::Stream> {
+        Ok(Rc::new(s))
     }
 }
 
@@ -115,7 +119,7 @@ impl Io for Epoll {
         l.accept().await
     }
 
-    async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self::Stream, ConnectError> {
+    async fn connect(addr: SocketAddr) -> Result<Self::Stream, ConnectError> {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()
         } else {
@@ -123,16 +127,16 @@ impl Io for Epoll {
         }
         .map_err(ConnectError::Io)?;
         socket.set_nodelay(true).map_err(ConnectError::Io)?;
-        // Dropping the future on timeout closes the socket: nothing is left in flight.
-        match tokio::time::timeout(timeout, socket.connect(addr)).await {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => Err(ConnectError::Io(e)),
-            Err(_) => Err(ConnectError::TimedOut),
-        }
+        // Dropping the future closes the socket: nothing is left in flight.
+        socket.connect(addr).await.map_err(ConnectError::Io)
     }
 
     fn spawn(f: impl Future<Output = ()> + 'static) {
         tokio::task::spawn_local(f);
+    }
+
+    fn stream(s: Socket) -> io::Result<Self::Stream> {
+        tokio::net::TcpStream::from_std(s.into())
     }
 }
 

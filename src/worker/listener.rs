@@ -11,6 +11,7 @@
 //! thread looks again every few seconds and logs an ERROR for anything new
 //! ([`ForeignWatch`]).
 
+pub mod activation;
 pub mod owners;
 mod reuseport;
 
@@ -73,6 +74,33 @@ pub fn bind_reuseport(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net
     Ok(out.into_iter().map(Into::into).collect())
 }
 
+/// Makes a listening socket drop new SYNs (a socket filter, SO_ATTACH_FILTER), so that its
+/// queue only shrinks from here on: connections already queued, and handshakes already under
+/// way (their final ACK passes), are still accepted; a new client's SYN goes unanswered, and
+/// its retransmission (one second later) meets the closed port and is refused. This is how a
+/// listener that a reload removes (or a stop closes) serves its queue before it closes;
+/// closing at once would reset every connection the kernel had already accepted.
+///
+/// The filter runs on the TCP header (the kernel has pulled the IP header by then): byte 13
+/// holds the flags, and a packet with SYN set and ACK clear is a new handshake.
+pub fn refuse_new_handshakes(listener: &impl std::os::fd::AsFd) -> io::Result<()> {
+    const LD_B_ABS: u16 = 0x30; // BPF_LD | BPF_B | BPF_ABS
+    const ALU_AND_K: u16 = 0x54; // BPF_ALU | BPF_AND | BPF_K
+    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const SYN: u32 = 0x02;
+    const ACK: u32 = 0x10;
+    let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let program = [
+        insn(LD_B_ABS, 0, 0, 13),         // A = TCP flags
+        insn(ALU_AND_K, 0, 0, SYN | ACK), // A &= SYN|ACK
+        insn(JEQ_K, 0, 1, SYN),           // a bare SYN?
+        insn(RET_K, 0, 0, 0),             //   drop it
+        insn(RET_K, 0, 0, u32::MAX),      // anything else: keep all of it
+    ];
+    socket2::SockRef::from(listener).attach_filter(&program)
+}
+
 /// Logs, once each, listeners of other processes that clash with our addresses; the control
 /// thread calls [`ForeignWatch::check`] periodically and after each reload.
 #[derive(Default)]
@@ -125,6 +153,36 @@ impl ForeignWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    #[test]
+    fn a_listener_refusing_new_handshakes_still_hands_out_what_it_queued() {
+        let listener: std::net::TcpListener =
+            bind_one("127.0.0.1:0".parse().unwrap()).unwrap().into();
+        let addr = listener.local_addr().unwrap();
+        let queued = std::net::TcpStream::connect(addr).unwrap();
+        refuse_new_handshakes(&listener).unwrap();
+        // A new SYN is dropped: the connect hangs (until the client's own timeout).
+        let late = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+        assert!(
+            late.is_err(),
+            "a new handshake completed on a refusing listener"
+        );
+        // The one queued before is still there, and works.
+        let (mut accepted, _) = listener.accept().unwrap();
+        let mut queued = queued;
+        queued.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        accepted.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        drop(listener);
+        // Closed: refused at once.
+        assert_eq!(
+            std::net::TcpStream::connect(addr).unwrap_err().kind(),
+            io::ErrorKind::ConnectionRefused
+        );
+    }
 
     #[test]
     fn accepted_sockets_inherit_tcp_nodelay_from_the_listener() {

@@ -8,6 +8,7 @@ mod accept;
 pub mod budget;
 pub mod conns;
 pub mod gate;
+pub mod hedge;
 pub mod io;
 pub mod listener;
 pub mod local;
@@ -107,9 +108,10 @@ impl Shared {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Closes every open connection through `backend`, on every worker, now.
-    pub fn kill_connections(&self, backend: &BackendState) {
-        backend.bump_kill_epoch();
+    /// Closes every open connection through `backend`, on every worker: spread over `pace`
+    /// (a paced drain), or at once if it is zero.
+    pub fn kill_connections(&self, backend: &BackendState, pace: Duration) {
+        backend.bump_kill_epoch(pace);
         for bell in &self.kill_bells {
             bell.notify_one();
         }
@@ -165,11 +167,35 @@ pub enum WorkerCommand {
         id: u64,
         frontend: String,
         listener: std::net::TcpListener,
+        /// Passed by the service manager: closing only stops accepting (see
+        /// `listener::activation`).
+        external: bool,
     },
-    /// Stop accepting on one listener (the frontend or address was removed).
+    /// Stop accepting on one listener (the frontend or address was removed), once what its
+    /// queue holds is served.
     Unlisten { id: u64 },
-    /// Stop accepting on all listeners (graceful stop); open connections continue.
-    StopAccepting,
+    /// Stop accepting on all listeners (graceful stop), once their queues are served; open
+    /// connections continue. `done` is dropped when every listener of the worker is closed.
+    StopAccepting { done: Arc<ListenersClosed> },
+}
+
+/// Rings when the last clone is dropped: every worker has closed its listeners (each worker
+/// holds one clone per listener until that listener is closed, then drops it).
+pub struct ListenersClosed(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl ListenersClosed {
+    pub fn new() -> (Arc<ListenersClosed>, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Arc::new(ListenersClosed(Some(tx))), rx)
+    }
+}
+
+impl Drop for ListenersClosed {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 pub struct WorkerHandle {
@@ -302,7 +328,8 @@ async fn run<I: Io>(
                 id,
                 frontend,
                 listener,
-            } => match ListenerSlot::<I>::new(frontend, listener) {
+                external,
+            } => match ListenerSlot::<I>::new(frontend, listener, external, &shared) {
                 Ok(slot) => {
                     let slot = Rc::new(slot);
                     I::spawn(accept::accept_loop(slot.clone(), shared.clone()));
@@ -312,12 +339,16 @@ async fn run<I: Io>(
             },
             WorkerCommand::Unlisten { id } => {
                 if let Some(slot) = listeners.remove(&id) {
-                    slot.close();
+                    I::spawn(accept::close_gracefully(slot, shared.clone()));
                 }
             }
-            WorkerCommand::StopAccepting => {
+            WorkerCommand::StopAccepting { done } => {
                 for (_, slot) in listeners.drain() {
-                    slot.close();
+                    let (shared, done) = (shared.clone(), done.clone());
+                    I::spawn(async move {
+                        accept::close_gracefully(slot, shared).await;
+                        drop(done);
+                    });
                 }
             }
         }

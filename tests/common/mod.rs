@@ -91,14 +91,48 @@ impl Ringlb {
     /// Like `start`, letting `customise` change the command before it is spawned (its
     /// environment, or a `pre_exec` hook that restricts the child).
     pub fn start_with(config: &str, customise: impl FnOnce(&mut Command)) -> Ringlb {
+        Self::spawn(
+            config,
+            |config_path| {
+                let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringlb"));
+                cmd.arg("run").arg("--config").arg(config_path);
+                cmd
+            },
+            customise,
+        )
+    }
+
+    /// Like `start_with`, but ringlb is exec'ed by `sh -c` after the shell assignments in
+    /// `shell_env` (e.g. `LISTEN_PID=$$`, which names ringlb's own pid: exec keeps it).
+    pub fn start_with_shell_env(
+        config: &str,
+        shell_env: &str,
+        customise: impl FnOnce(&mut Command),
+    ) -> Ringlb {
+        Self::spawn(
+            config,
+            |config_path| {
+                let mut cmd = Command::new("sh");
+                cmd.arg("-c")
+                    .arg(format!("{shell_env} exec \"$0\" run --config \"$1\""))
+                    .arg(env!("CARGO_BIN_EXE_ringlb"))
+                    .arg(config_path);
+                cmd
+            },
+            customise,
+        )
+    }
+
+    fn spawn(
+        config: &str,
+        command: impl FnOnce(&std::path::Path) -> Command,
+        customise: impl FnOnce(&mut Command),
+    ) -> Ringlb {
         let dir = TempDir::new();
         let config_path = dir.path.join("ringlb.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringlb"));
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
+        let mut cmd = command(&config_path);
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .env_remove("JOURNAL_STREAM")

@@ -1,0 +1,264 @@
+//! Hedged connects: a backend whose SYNs vanish costs a client a hedge delay, not a connect
+//! timeout; the cancelled connects leave no fd behind; healthy backends are not hedged.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// `ringlb_backend_<name>{frontend="web",backend="<backend>"}` from /metrics.
+fn backend_metric(admin: SocketAddr, name: &str, backend: &str) -> f64 {
+    let text = get(admin, "/metrics");
+    let want = format!("{name}{{frontend=\"web\",backend=\"{backend}\"}}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(want.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `threads` clients each make `per_thread` connections, reading the backend's name line;
+/// returns each connection's time to that first byte, and the failures.
+fn load(addr: SocketAddr, threads: usize, per_thread: usize) -> (Vec<Duration>, Vec<String>) {
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut times = Vec::new();
+                let mut failures = Vec::new();
+                for _ in 0..per_thread {
+                    let t = Instant::now();
+                    match ask_name(addr) {
+                        Ok(n) if n.starts_with("good") => times.push(t.elapsed()),
+                        other => failures.push(format!("{other:?}")),
+                    }
+                }
+                (times, failures)
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    let mut failures = Vec::new();
+    for h in handles {
+        let (t, f) = h.join().unwrap();
+        times.extend(t);
+        failures.extend(f);
+    }
+    times.sort();
+    (times, failures)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p) as usize]
+}
+
+#[test]
+fn with_the_shipped_defaults_a_backend_that_drops_syns_costs_clients_no_connect_timeout() {
+    let good1 = Backend::start("good1", Behaviour::Named);
+    let good2 = Backend::start("good2", Behaviour::Named);
+    let hole = Blackhole::start();
+    // Every hedge, timeout and health setting is the shipped default (connect_timeout 2s,
+    // connect_hedge "auto", active checks, error_limit 10); round robin only makes sure the
+    // silent backend gets its share from the first connection on.
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "web",
+            "balance = \"round-robin\"",
+            &[
+                ("hole", hole.addr, ""),
+                ("good1", good1.addr, ""),
+                ("good2", good2.addr, ""),
+            ],
+        );
+    let lb = Ringlb::start(&cfg);
+    let admin = lb.admin.expect("admin");
+    let (times, failures) = load(lb.addr("web"), 12, 40);
+    assert!(failures.is_empty(), "client-visible failures: {failures:?}");
+    assert_eq!(times.len(), 480);
+    let worst = *times.last().unwrap();
+    eprintln!(
+        "first byte over {} connections: p50 {:?}, p99 {:?}, max {worst:?}",
+        times.len(),
+        percentile(&times, 0.5),
+        percentile(&times, 0.99)
+    );
+    // Without hedging the clients that land on the hole wait the full 2 s connect timeout
+    // (see the "off" test below). The bound is generous: this is a test, not a benchmark.
+    assert!(
+        worst < Duration::from_millis(1000),
+        "a client waited {worst:?} for its first byte"
+    );
+    let hedges = backend_metric(admin, "ringlb_backend_connect_hedges_total", "hole");
+    let won = backend_metric(admin, "ringlb_backend_connect_hedges_won_total", "hole");
+    assert!(hedges >= 1.0, "the silent backend was never hedged");
+    assert_eq!(won, hedges, "every hedge against the silent backend won");
+    // Lost races count toward error_limit: the silent backend leaves rotation passively.
+    assert!(
+        lb.wait_for_log("Server web/hole is DOWN", SOON).is_some(),
+        "the silent backend was never marked down"
+    );
+}
+
+#[test]
+fn with_connect_hedge_off_a_backend_that_drops_syns_costs_a_full_connect_timeout() {
+    // The counterpart of the test above: what the hedge saves.
+    let good = Backend::start("good", Behaviour::Named);
+    let hole = Blackhole::start();
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "web",
+            "balance = \"round-robin\"\nconnect_timeout = \"400ms\"\nconnect_hedge = \"off\"\n\
+             [frontend.health]\nerror_limit = 0",
+            &[
+                ("hole", hole.addr, "check = false"),
+                ("good", good.addr, "check = false"),
+            ],
+        );
+    let lb = Ringlb::start(&cfg);
+    let (times, failures) = load(lb.addr("web"), 1, 6);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(
+        *times.last().unwrap() >= Duration::from_millis(400),
+        "{times:?}"
+    );
+    let admin = lb.admin.expect("admin");
+    assert_eq!(
+        backend_metric(admin, "ringlb_backend_connect_hedges_total", "hole"),
+        0.0
+    );
+}
+
+#[test]
+fn ten_thousand_hedged_connects_leave_no_fd_behind() {
+    hedged_connects_leave_no_fd_behind("io_uring", 10_000);
+}
+
+#[test]
+fn hedged_connects_on_the_epoll_fallback_leave_no_fd_behind() {
+    hedged_connects_leave_no_fd_behind("epoll", 1_000);
+}
+
+fn hedged_connects_leave_no_fd_behind(io: &str, hedged: usize) {
+    let good = Backend::start("good", Behaviour::Named);
+    let hole = Blackhole::start();
+    // The silent backend stays in rotation (no checks, no passive marking), so every other
+    // connection is hedged; a short fixed delay keeps the run short.
+    let cfg = global_toml(&format!("io = \"{io}\"\nrelay = \"copy\""))
+        + &frontend_toml(
+            "web",
+            "balance = \"round-robin\"\nconnect_hedge = \"5ms\"\n[frontend.health]\nerror_limit = 0",
+            &[("hole", hole.addr, "check = false"), ("good", good.addr, "check = false")],
+        );
+    let lb = Ringlb::start(&cfg);
+    let admin = lb.admin.expect("admin");
+    let addr = lb.addr("web");
+    let (_, failures) = load(addr, 4, 25);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(wait_until(SOON, || good.open() == 0));
+    let before = backend_metric(admin, "ringlb_backend_connect_hedges_total", "hole");
+    // Settled: the admin connection just used for the scrape is closed, nothing in flight.
+    let mut baseline = lb.fd_count();
+    assert!(wait_until(SOON, || {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = lb.fd_count();
+        std::mem::replace(&mut baseline, now) == now
+    }));
+
+    // Round robin sends the silent backend about every other connection (each worker keeps
+    // its own place in the schedule, so not exactly): 2.2 connections per hedge wanted.
+    let done = Arc::new(AtomicUsize::new(0));
+    let threads = 32;
+    let per_thread = 22 * hedged / 10 / threads + 1;
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                for _ in 0..per_thread {
+                    match ask_name(addr) {
+                        Ok(n) if n == "good" => {}
+                        other => failures.push(format!("{other:?}")),
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                failures
+            })
+        })
+        .collect();
+    let failures: Vec<String> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} failures: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let mut after = 0.0;
+    assert!(
+        wait_until(SOON, || {
+            after = backend_metric(admin, "ringlb_backend_connect_hedges_total", "hole");
+            after - before >= hedged as f64
+        }),
+        "only {} hedges over {} connections",
+        after - before,
+        done.load(Ordering::Relaxed)
+    );
+    let won = backend_metric(admin, "ringlb_backend_connect_hedges_won_total", "hole");
+    assert!(won >= hedged as f64, "{won} hedges won");
+    assert!(wait_until(SOON, || good.open() == 0));
+    let mut now = 0;
+    assert!(
+        wait_until(SOON, || {
+            now = lb.fd_count();
+            now <= baseline
+        }),
+        "{io}: {now} fds after {hedged} hedged connects, {baseline} before: cancelled connects leaked"
+    );
+}
+
+#[test]
+fn with_no_fault_hedges_stay_below_a_tenth_of_a_percent_of_connections() {
+    let good1 = Backend::start("good1", Behaviour::Named);
+    let good2 = Backend::start("good2", Behaviour::Named);
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "web",
+            "",
+            &[("good1", good1.addr, ""), ("good2", good2.addr, "")],
+        );
+    let lb = Ringlb::start(&cfg);
+    let admin = lb.admin.expect("admin");
+    let (times, failures) = load(lb.addr("web"), 8, 500);
+    assert!(failures.is_empty(), "{failures:?}");
+    let mut hedges = HashMap::new();
+    assert!(wait_until(SOON, || {
+        let m = get(admin, "/metrics");
+        m.contains("ringlb_backend_connections_total{frontend=\"web\",backend=\"good2\"}")
+    }));
+    // The metrics are copied from the atomics every 250 ms: wait for the connection totals.
+    assert!(wait_until(SOON, || {
+        backend_metric(admin, "ringlb_backend_connections_total", "good1")
+            + backend_metric(admin, "ringlb_backend_connections_total", "good2")
+            >= times.len() as f64
+    }));
+    for b in ["good1", "good2"] {
+        hedges.insert(
+            b,
+            backend_metric(admin, "ringlb_backend_connect_hedges_total", b),
+        );
+    }
+    let total: f64 = hedges.values().sum();
+    eprintln!("{total} hedges over {} connections", times.len());
+    assert!(
+        total < times.len() as f64 / 1000.0,
+        "{hedges:?} hedges over {} connections",
+        times.len()
+    );
+}

@@ -1,0 +1,256 @@
+//! Restarts that refuse nothing: with the listening socket held by the service manager
+//! (systemd socket activation, `LISTEN_FDS`; here the test holds it, as `ringlb.socket`
+//! would), a restart queues new connections in the kernel instead of refusing them, and the
+//! old process finishes its established transfers before it exits.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use common::*;
+
+/// A listening socket as the service manager keeps it for ringlb.
+fn socket_unit() -> TcpListener {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    s.listen(4096).unwrap();
+    s.into()
+}
+
+/// Makes `fd` the child's fd 3, inheritable, as the service manager passes it.
+fn pass_as_fd3(cmd: &mut Command, fd: i32) {
+    // SAFETY: dup2 and fcntl are async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+const ACTIVATION: &str = "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web";
+
+fn start_activated(cfg: &str, unit: &TcpListener) -> Ringlb {
+    let fd = unit.as_raw_fd();
+    Ringlb::start_with_shell_env(cfg, ACTIVATION, |cmd| pass_as_fd3(cmd, fd))
+}
+
+fn config(addr: SocketAddr, backend: SocketAddr) -> String {
+    config_on("io_uring", addr, backend)
+}
+
+fn config_on(io: &str, addr: SocketAddr, backend: SocketAddr) -> String {
+    global_toml(&format!("io = \"{io}\""))
+        + &frontend_toml("web", "", &[("e1", backend, "")]).replace(
+            "listen = [\"127.0.0.1:0\"]",
+            &format!("listen = [\"{addr}\"]"),
+        )
+}
+
+#[test]
+fn twenty_restarts_under_load_refuse_reset_and_cut_nothing_with_the_socket_held_outside() {
+    restarts_under_load("io_uring");
+}
+
+#[test]
+fn on_the_epoll_fallback_restarts_refuse_reset_and_cut_nothing_too() {
+    restarts_under_load("epoll");
+}
+
+fn restarts_under_load(io: &str) {
+    let echo = Backend::start("e1", Behaviour::Echo);
+    let unit = socket_unit();
+    let addr = unit.local_addr().unwrap();
+    let cfg = config_on(io, addr, echo.addr);
+    let mut lb = start_activated(&cfg, &unit);
+    assert!(lb
+        .logs()
+        .iter()
+        .any(|l| l.contains("passed by the service manager")));
+    assert_eq!(lb.addr("web"), addr);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    // Short exchanges on new connections, back to back.
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (stop, served) = (stop.clone(), served.clone());
+            std::thread::spawn(move || -> Vec<String> {
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = TcpStream::connect(addr).and_then(|mut s| {
+                        s.set_read_timeout(Some(SOON))?;
+                        s.write_all(b"ping")?;
+                        let mut back = [0u8; 4];
+                        s.read_exact(&mut back)?;
+                        Ok(back)
+                    });
+                    match r {
+                        Ok(b) if &b == b"ping" => {
+                            served.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => failures.push(format!("{other:?}")),
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    // Transfers of 2 MiB each way, sha256 checked (bulk_echo panics on a mismatch or a cut).
+    let bulk: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    bulk_echo(addr, 2 << 20);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    for round in 0..20 {
+        let before = served.load(Ordering::Relaxed);
+        assert!(
+            wait_until(SOON, || served.load(Ordering::Relaxed) > before + 20),
+            "round {round}: no traffic"
+        );
+        // A connection established before the stop finishes its transfer after it.
+        let mut held = TcpStream::connect(addr).unwrap();
+        held.set_read_timeout(Some(SOON)).unwrap();
+        let mut one = [0u8; 1];
+        held.write_all(b"h").unwrap();
+        held.read_exact(&mut one).unwrap();
+        lb.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(
+            lb.wait_for_log("SIGTERM received", SOON).is_some(),
+            "round {round}: the stop did not begin"
+        );
+        let data: Vec<u8> = (0..512 * 1024u32).map(|i| (i * 7 + round) as u8).collect();
+        let mut reader = held.try_clone().unwrap();
+        let len = data.len();
+        let echoed = std::thread::spawn(move || {
+            let mut back = vec![0u8; len];
+            reader.read_exact(&mut back).map(|()| back)
+        });
+        held.write_all(&data).unwrap();
+        let back = echoed.join().unwrap().expect("cut during the stop");
+        let digest = |b: &[u8]| <sha2::Sha256 as sha2::Digest>::digest(b);
+        assert_eq!(digest(&back), digest(&data), "round {round}: bytes differ");
+        drop(held);
+        let status = lb.wait_exit(SOON).expect("the old ringlb did not exit");
+        assert!(status.success(), "round {round}: {status:?}");
+        lb = start_activated(&cfg, &unit);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let failures: Vec<String> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    let transfers: usize = bulk.into_iter().map(|b| b.join().unwrap()).sum();
+    eprintln!(
+        "{io}: 20 restarts: {} exchanges and {transfers} 2 MiB transfers, {} failures",
+        served.load(Ordering::Relaxed),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(transfers >= 2);
+}
+
+#[test]
+fn a_passed_socket_no_frontend_listens_on_is_refused_naming_its_address() {
+    let echo = Backend::start("e1", Behaviour::Echo);
+    let unit = socket_unit();
+    let other = socket_unit();
+    // The config listens on `other`'s address; fd 3 listens elsewhere.
+    let cfg = config(other.local_addr().unwrap(), echo.addr);
+    let dir = TempDir::new();
+    let path = dir.path.join("ringlb.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("{ACTIVATION} exec \"$0\" run --config \"$1\""))
+        .arg(env!("CARGO_BIN_EXE_ringlb"))
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    pass_as_fd3(&mut cmd, unit.as_raw_fd());
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    let want = format!(
+        "LISTEN_FDS: fd 3 (\"web\") listens on {}, which no frontend's listen names",
+        unit.local_addr().unwrap()
+    );
+    assert!(text.contains(&want), "{text}");
+}
+
+#[test]
+fn a_passed_fd_that_is_not_a_listening_socket_is_refused() {
+    let echo = Backend::start("e1", Behaviour::Echo);
+    let unit = socket_unit();
+    let cfg = config(unit.local_addr().unwrap(), echo.addr);
+    let dir = TempDir::new();
+    let path = dir.path.join("ringlb.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("{ACTIVATION} exec \"$0\" run --config \"$1\""))
+        .arg(env!("CARGO_BIN_EXE_ringlb"))
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    pass_as_fd3(&mut cmd, file.as_raw_fd());
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("LISTEN_FDS: fd 3 (\"web\"): "), "{text}");
+}
+
+#[test]
+fn a_reload_cannot_drop_a_passed_socket_and_the_old_config_keeps_serving() {
+    let echo = Backend::start("e1", Behaviour::Echo);
+    let unit = socket_unit();
+    let addr = unit.local_addr().unwrap();
+    let lb = start_activated(&config(addr, echo.addr), &unit);
+    let moved = global_toml("") + &frontend_toml("web", "", &[("e1", echo.addr, "")]);
+    let mark = lb.reload(&moved);
+    let line = lb
+        .wait_for_log_after(mark, "reload failed", SOON)
+        .expect("the reload was not refused");
+    assert!(
+        line.contains(&format!("{addr} was passed by the service manager")),
+        "{line}"
+    );
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(SOON)).unwrap();
+    s.write_all(b"ok").unwrap();
+    let mut back = [0u8; 2];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"ok");
+}
