@@ -26,6 +26,8 @@ tr.up td{background:#c8f0c8}
 tr.backup td{background:#c8dcf8}
 tr.down td{background:#f6b8b8}
 tr.draining td{background:#f8e0a0}
+tr.drain td{background:#f8e0a0}
+tr.maint td{background:#c9b8e8}
 tr.total td{background:#e8e8e8;font-weight:600}
 .legend span{display:inline-block;padding:1px 8px;margin-right:6px;border:1px solid #bbb}
 ";
@@ -69,7 +71,8 @@ pub fn render(s: &Status) -> String {
         "<div class=\"legend\"><span style=\"background:#c8f0c8\">up</span>\
          <span style=\"background:#c8dcf8\">backup</span>\
          <span style=\"background:#f6b8b8\">down</span>\
-         <span style=\"background:#f8e0a0\">draining</span></div>",
+         <span style=\"background:#f8e0a0\">drain / draining</span>\
+         <span style=\"background:#c9b8e8\">maint</span></div>",
     );
     for f in &s.frontends {
         frontend(&mut h, f);

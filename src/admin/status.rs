@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::ops::OpsState;
-use crate::backend::{BackendState, Snapshot};
+use crate::backend::{AdminMode, BackendState, Snapshot};
 use crate::config::Backend;
 use crate::worker::Shared;
 
@@ -51,6 +51,8 @@ pub struct FrontendStatus {
     /// Addresses actually bound (port 0 resolved).
     pub listen: Vec<String>,
     pub balance: &'static str,
+    /// False while the runtime API has it disabled (its listeners closed).
+    pub enabled: bool,
     /// True for a frontend a reload removed, listed while its backends drain.
     pub removed: bool,
     pub active: u64,
@@ -69,10 +71,18 @@ pub struct Rejected {
 pub struct BackendStatus {
     pub name: String,
     pub address: String,
-    /// "up", "down", "backup" (an up backup server) or "draining".
+    /// "up", "down", "backup" (an up backup server), "drain" or "maint" (set through the
+    /// runtime API) or "draining" (removed by a reload, connections still open).
     pub state: &'static str,
+    /// What the runtime API set: "ready", "drain" or "maint".
+    pub admin_state: &'static str,
+    /// "up" or "down": the health verdict, whatever the operator set.
+    pub health: &'static str,
     pub backup: bool,
+    /// The weight in force (a runtime one, if set).
     pub weight: u32,
+    /// The weight in the config.
+    pub configured_weight: u32,
     /// Weight after the slow-start ramp; equals `weight` once the ramp is over.
     pub effective_weight: f64,
     pub active: u64,
@@ -93,11 +103,13 @@ pub struct LastCheck {
     pub duration_ms: Option<u64>,
 }
 
-/// The state word shown for a backend; draining wins over the health verdict, because a
-/// draining backend takes no new connections whatever its health.
+/// The state word shown for a backend; draining and the operator's drain and maint win over
+/// the health verdict, because such a backend takes no new connections whatever its health.
 pub fn state_word(config: &Backend, state: &BackendState) -> &'static str {
     if state.is_draining() {
         "draining"
+    } else if state.admin_mode() != AdminMode::Ready {
+        state.admin_mode().as_str()
     } else if !state.is_up() {
         "down"
     } else if config.backup {
@@ -126,8 +138,13 @@ fn backend_status(config: &Backend, s: &BackendState) -> BackendStatus {
         name: config.name.clone(),
         address: config.address.to_string(),
         state: state_word(config, s),
+        admin_state: s.admin_mode().as_str(),
+        health: if s.is_up() { "up" } else { "down" },
         backup: config.backup,
         weight: config.weight,
+        configured_weight: s
+            .peek_runtime_weight()
+            .map_or(config.weight, |w| w.configured),
         // `effective_weight_milli` is in thousandths of a weight unit.
         effective_weight: s.effective_weight_milli(config.weight) as f64 / 1000.0,
         active: s.active.load(Ordering::Relaxed),
@@ -164,6 +181,7 @@ pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState) -> Status {
                 name: fe.config.name.clone(),
                 listen: listeners.remove(&fe.config.name).unwrap_or_default(),
                 balance: fe.config.balance.as_str(),
+                enabled: !st.disabled.load(Ordering::Relaxed),
                 removed: false,
                 active: st.active.load(Ordering::Relaxed),
                 accepted_total: st.accepted_total.load(Ordering::Relaxed),
@@ -189,6 +207,7 @@ pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState) -> Status {
                 name: d.state.frontend.clone(),
                 listen: Vec::new(),
                 balance: "",
+                enabled: false,
                 removed: true,
                 active: 0,
                 accepted_total: 0,

@@ -8,4 +8,6 @@ mod snapshot;
 mod state;
 
 pub use snapshot::{BackendRef, FrontendSnap, Published, Snapshot};
-pub use state::{ActiveGuard, BackendState, CacheLine, FrontendState, Registry};
+pub use state::{
+    ActiveGuard, AdminMode, BackendState, CacheLine, FrontendState, Registry, RuntimeWeight,
+};

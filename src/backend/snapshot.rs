@@ -35,9 +35,15 @@ impl FrontendSnap {
         let backends: Vec<BackendRef> = config
             .backends
             .iter()
-            .map(|b| BackendRef {
-                config: b.clone(),
-                state: registry.backend(&config.name, b),
+            .map(|b| {
+                let state = registry.backend(&config.name, b);
+                let mut config = b.clone();
+                // A weight set through the runtime API reaches every selector here: the
+                // schedule and the table below are built from these configs.
+                if let Some(w) = state.runtime_weight(b.weight) {
+                    config.weight = w;
+                }
+                BackendRef { config, state }
             })
             .collect();
         let primary: Vec<usize> = (0..backends.len())

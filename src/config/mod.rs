@@ -80,6 +80,20 @@ pub struct Admin {
     /// `None` when the config says `listen = ""` (admin listener disabled).
     pub listen: Option<SocketAddr>,
     pub allow_public: bool,
+    /// The runtime API's bearer token, read from `token_file` when the config is loaded.
+    pub token: Option<Token>,
+    pub token_file: Option<std::path::PathBuf>,
+    pub state_file: Option<std::path::PathBuf>,
+}
+
+/// A secret that never shows in a `Debug` print (a config is logged in diffs and errors).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
