@@ -17,6 +17,7 @@ mod walk;
 
 pub use diff::{diff, BackendChange, ConfigDiff, FrontendChange};
 pub use duration::{format_duration, parse_duration};
+pub use validate::DEFAULT_ADMIN_LISTEN;
 
 use std::fmt;
 use std::net::SocketAddr;
