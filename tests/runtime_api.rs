@@ -591,3 +591,336 @@ fn a_write_to_a_non_loopback_admin_needs_the_token_and_without_it_changes_nothin
     assert_eq!(results.3, 200);
     assert_eq!(results.4, "maint");
 }
+
+/// Finds the browser: $CHROMIUM, or `chromium` / `chromium-browser` on PATH.
+fn chromium() -> Option<String> {
+    let candidates = std::env::var("CHROMIUM")
+        .map(|c| vec![c])
+        .unwrap_or_else(|_| vec!["chromium".into(), "chromium-browser".into()]);
+    for c in &candidates {
+        if std::process::Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return Some(c.clone());
+        }
+    }
+    tool_available(
+        false,
+        &format!("headless Chromium (tried {candidates:?})"),
+        "apt-get install chromium, or set CHROMIUM=/path/to/chromium",
+    );
+    None
+}
+
+/// Headless Chromium driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`:
+/// it reads commands on fd 3 and answers on fd 4, each message JSON ended by a NUL), so the
+/// test clicks a real button in a real page without a WebSocket client.
+struct Browser {
+    child: std::process::Child,
+    to: std::fs::File,
+    from: std::sync::mpsc::Receiver<Value>,
+    next_id: u64,
+    session: Option<String>,
+    _profile: TempDir,
+}
+
+impl Browser {
+    fn open(browser: &str, url: &str, width: u32, height: u32) -> Browser {
+        use std::os::fd::{AsRawFd, OwnedFd};
+        use std::os::unix::process::CommandExt;
+        let (cmd_r, cmd_w): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
+        let (ev_r, ev_w): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
+        let profile = TempDir::new();
+        let mut cmd = std::process::Command::new(browser);
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--no-proxy-server",
+            "--hide-scrollbars",
+            "--remote-debugging-pipe",
+        ])
+        .arg(format!("--window-size={width},{height}"))
+        .arg(format!("--user-data-dir={}", profile.path.display()))
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        let (r, w) = (cmd_r.as_raw_fd(), ev_w.as_raw_fd());
+        // SAFETY: dup2 and fcntl are async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                for (from, to) in [(r, 3), (w, 4)] {
+                    if libc::dup2(from, to) < 0 || libc::fcntl(to, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start chromium");
+        drop((cmd_r, ev_w));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut reader = std::fs::File::from(ev_r);
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 65536];
+            while let Ok(n) = reader.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                while let Some(end) = buf.iter().position(|&b| b == 0) {
+                    let msg: Vec<u8> = buf.drain(..=end).collect();
+                    if let Ok(v) = serde_json::from_slice::<Value>(&msg[..msg.len() - 1]) {
+                        if tx.send(v).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let mut b = Browser {
+            child,
+            to: std::fs::File::from(cmd_w),
+            from: rx,
+            next_id: 1,
+            session: None,
+            _profile: profile,
+        };
+        let targets = b.call("Target.getTargets", serde_json::json!({}));
+        let page = targets["targetInfos"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["type"] == "page")
+            .expect("a page target")["targetId"]
+            .clone();
+        let attached = b.call(
+            "Target.attachToTarget",
+            serde_json::json!({"targetId": page, "flatten": true}),
+        );
+        b.session = Some(attached["sessionId"].as_str().unwrap().to_string());
+        b
+    }
+
+    /// Sends one command (to the page once attached) and waits for its answer.
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        let v = self.try_call(method, params);
+        assert!(v.get("error").is_none(), "{method}: {v}");
+        v["result"].clone()
+    }
+
+    /// Like `call`, returning the whole answer, error or not.
+    fn try_call(&mut self, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = serde_json::json!({"id": id, "method": method, "params": params});
+        if let Some(s) = &self.session {
+            msg["sessionId"] = Value::String(s.clone());
+        }
+        let mut bytes = serde_json::to_vec(&msg).unwrap();
+        bytes.push(0);
+        self.to.write_all(&bytes).unwrap();
+        let deadline = std::time::Instant::now() + SOON;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let v = self
+                .from
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("chromium did not answer {method}"));
+            if v["id"] == id {
+                return v;
+            }
+        }
+    }
+
+    /// A PNG of the top `width` x `height` of the page (base64), taken again if a reload of
+    /// the page got in the way.
+    fn screenshot(&mut self, width: u32, height: u32) -> Value {
+        let params = serde_json::json!({"format": "png", "captureBeyondViewport": true,
+            "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}});
+        let deadline = std::time::Instant::now() + SOON;
+        loop {
+            let v = self.try_call("Page.captureScreenshot", params.clone());
+            if v.get("error").is_none() || std::time::Instant::now() > deadline {
+                assert!(v.get("error").is_none(), "screenshot: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluates `js` in the page (awaiting a promise); returns its value. The page reloads
+    /// itself (every few seconds, and after a click): an evaluation cut short by a navigation
+    /// is run again in the new page.
+    fn eval(&mut self, js: &str) -> Value {
+        let deadline = std::time::Instant::now() + SOON;
+        loop {
+            let v = self.try_call(
+                "Runtime.evaluate",
+                serde_json::json!({"expression": js, "awaitPromise": true, "returnByValue": true}),
+            );
+            if v.get("error").is_some() && std::time::Instant::now() < deadline {
+                continue;
+            }
+            let r = &v["result"];
+            assert!(
+                v.get("error").is_none() && r.get("exceptionDetails").is_none(),
+                "{js}: {v}"
+            );
+            return r["result"]["value"].clone();
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_status_page_shows_moving_rates_under_load_and_its_drain_button_drains() {
+    let Some(browser) = chromium() else { return };
+    let backends = three_named();
+    let lb = Ringlb::start(&config_for("round-robin", &backends, ""));
+    let admin = lb.admin.unwrap();
+    let addr = lb.addr("web");
+    // Load: connections that each move some bytes, all the time, each noting whether it
+    // began after the drain was seen applied.
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let drained = std::sync::Arc::new(AtomicBool::new(false));
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<(bool, String)>>> = Default::default();
+    let load = {
+        let (stop, drained, seen) = (stop.clone(), drained.clone(), seen.clone());
+        std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                let after = drained.load(Ordering::SeqCst);
+                let mut s = Session::open(addr);
+                s.echo(&"x".repeat(4000));
+                seen.lock().unwrap().push((after, s.backend));
+                // Pacing, not synchronisation: a load that rises and falls over 20 s, not
+                // a CPU benchmark.
+                let phase = start.elapsed().as_secs() % 20;
+                std::thread::sleep(std::time::Duration::from_millis(3 + phase));
+            }
+        })
+    };
+    // Rates need two samples (2 s apart) with traffic between them.
+    let moving = || {
+        let s: Value = serde_json::from_str(&get(admin, "/status")).unwrap();
+        s["frontends"][0]["rates"]["sessions_per_second"]
+            .as_f64()
+            .unwrap()
+            > 1.0
+            && s["frontends"][0]["backends"][2]["rates"]["bytes_in_per_second"]
+                .as_f64()
+                .unwrap()
+                > 1000.0
+    };
+    assert!(wait_until(SOON, moving), "{}", get(admin, "/status"));
+    if std::env::var_os("RINGLB_UPDATE_SCREENSHOT").is_some() {
+        // Only when refreshing the picture in docs/: a minute of history, so that the
+        // charts have a shape. Not a synchronisation; nothing is asserted on it.
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+    let url = format!("http://{admin}/");
+    let mut b = Browser::open(&browser, &url, 1640, 430);
+    // The page as the browser has it: rates, charts, buttons.
+    let wait_for_page = "new Promise(function(ok){(function f(){\
+        if(document.querySelector('button[data-state=drain][data-backend=\"web/api3\"]'))ok(true);\
+        else setTimeout(f,50)})()})";
+    assert_eq!(b.eval(wait_for_page), true);
+    let text = b
+        .eval("document.body.innerText")
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.contains("sessions/s"), "{text}");
+    let charts = b.eval("document.querySelectorAll('svg.spark polyline').length");
+    assert!(charts.as_u64().unwrap() >= 8, "{charts}");
+    // Click drain on api3, as an operator would.
+    b.eval(
+        "document.querySelector('button[data-state=drain][data-backend=\"web/api3\"]').click(); true",
+    );
+    assert!(
+        wait_until(SOON, || backend_state(admin, "web", "api3")["state"]
+            == "drain"),
+        "the button did not drain api3"
+    );
+    lb.wait_for_log("Server web/api3 enters drain state.", SOON)
+        .expect("drain line");
+    drained.store(true, Ordering::SeqCst);
+    let after = |seen: &Vec<(bool, String)>| seen.iter().filter(|(a, _)| *a).count();
+    assert!(wait_until(SOON, || after(&seen.lock().unwrap()) > 50));
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .all(|(a, name)| !*a || name != "api3"),
+        "a connection begun after the drain reached api3"
+    );
+    // The page reloaded after the click and now offers `ready` for api3.
+    let ready = "new Promise(function(ok){(function f(){\
+        if(document.querySelector('button[data-state=ready][data-backend=\"web/api3\"]'))ok(true);\
+        else setTimeout(f,50)})()})";
+    assert_eq!(b.eval(ready), true);
+    // The picture in docs/: under load, api3 drained.
+    // Its rate falls to 0 within a sample or two: the rates are measured, not assumed.
+    assert!(wait_until(SOON, || {
+        let s: Value = serde_json::from_str(&get(admin, "/status")).unwrap();
+        s["frontends"][0]["backends"][2]["rates"]["sessions_per_second"] == 0.0
+    }));
+    b.eval("location.reload(); true");
+    assert_eq!(b.eval(ready), true);
+    let shot = b.screenshot(1640, 380);
+    let png = {
+        use base64_decode::decode;
+        decode(shot["data"].as_str().unwrap())
+    };
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000);
+    // `RINGLB_UPDATE_SCREENSHOT=1 cargo test --test runtime_api` refreshes the one in docs/.
+    if std::env::var_os("RINGLB_UPDATE_SCREENSHOT").is_some() {
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/status-page.png");
+        std::fs::write(docs, &png).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+}
+
+/// Standard base64 (what DevTools sends screenshots in), decoded.
+mod base64_decode {
+    pub fn decode(text: &str) -> Vec<u8> {
+        let val = |c: u8| match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {c}"),
+        };
+        let bytes: Vec<u8> = text.bytes().filter(|&c| c != b'=' && c != b'\n').collect();
+        let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+        for chunk in bytes.chunks(4) {
+            let v: Vec<u32> = chunk.iter().map(|&c| u32::from(val(c))).collect();
+            let n = v
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, x)| n | x << (18 - 6 * i));
+            for i in 0..chunk.len().saturating_sub(1) {
+                out.push((n >> (16 - 8 * i)) as u8);
+            }
+        }
+        out
+    }
+}

@@ -212,6 +212,11 @@ fn authorize(req: &Request, peer: SocketAddr, state: &AdminState) -> Result<(), 
     }
 }
 
+/// Whether `peer` may write without a token (the status page shows its buttons then).
+pub fn writes_without_token(peer: SocketAddr, state: &AdminState) -> bool {
+    state.token.is_none() && state.loopback && is_loopback(peer)
+}
+
 fn unauthorized(state: &AdminState, msg: &str) -> Response {
     let mut r = refuse(state, WriteResult::Unauthorized, "401 Unauthorized", msg);
     r.extra_header = Some("WWW-Authenticate: Bearer realm=\"ringlb\"");

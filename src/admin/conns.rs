@@ -218,7 +218,7 @@ async fn serve(
                             if !slot.promote(Tier::Answering) {
                                 return;
                             }
-                            route(&req, &body, state).await
+                            route(&req, &body, peer, state).await
                         }
                     }
                 }
@@ -232,7 +232,11 @@ async fn serve(
             } else {
                 Tier::Answering
             };
-            (route(&req, &[], state).await, req.method == "HEAD", tier)
+            (
+                route(&req, &[], peer, state).await,
+                req.method == "HEAD",
+                tier,
+            )
         }
     };
     if !slot.promote(tier) {

@@ -12,6 +12,7 @@
 //!
 //! - [`conns`]: the accept loop, per-connection deadlines, eviction.
 //! - [`head`]: the incremental request-head parser.
+//! - [`history`]: the last minutes of counters, for the page's rates and charts.
 //! - [`api`]: the runtime API's HTTP side: routes, who may write, JSON in and out.
 //! - [`runtime`]: the runtime API's changes, applied on the control loop.
 //! - [`statefile`]: `[admin] state_file`, the runtime state kept across restarts.
@@ -22,6 +23,7 @@
 pub mod api;
 pub mod conns;
 pub mod head;
+pub mod history;
 pub mod ops;
 pub mod page;
 pub mod runtime;
@@ -63,6 +65,8 @@ pub struct AdminState {
     pub state_file: Option<std::path::PathBuf>,
     /// Runtime API writes, to the control loop.
     pub commands: mpsc::Sender<runtime::Request>,
+    /// The last minutes of counters (rates and charts).
+    pub history: Arc<history::History>,
 }
 
 /// How many runtime API writes may wait for the control loop at once; more are answered 503.
@@ -93,8 +97,13 @@ pub fn start(
         token: admin.token.clone(),
         state_file: admin.state_file.clone(),
         commands,
+        history: Arc::default(),
     });
     tokio::spawn(crate::metrics::upkeep(exporter));
+    tokio::spawn(history::run(
+        state.history.clone(),
+        server.published.clone(),
+    ));
     let Some(addr) = admin.listen else {
         crate::info!("admin listener disabled (admin.listen is empty)");
         return Ok((state, rx));
@@ -181,7 +190,7 @@ impl Response {
     }
 }
 
-async fn route(req: &head::Request, body: &[u8], state: &AdminState) -> Response {
+async fn route(req: &head::Request, body: &[u8], peer: SocketAddr, state: &AdminState) -> Response {
     if api::is_api(&req.path) {
         return api::handle(req, body, state).await;
     }
@@ -204,14 +213,29 @@ async fn route(req: &head::Request, body: &[u8], state: &AdminState) -> Response
             state.exporter.render(),
         ),
         "/status" => {
-            let s = status::build(&state.published.load(), &state.shared, &state.ops);
+            let s = status::build(
+                &state.published.load(),
+                &state.shared,
+                &state.ops,
+                &state.history,
+            );
             let mut body = serde_json::to_vec_pretty(&s).unwrap_or_default();
             body.push(b'\n');
             Response::new("200 OK", "application/json", body)
         }
         "/" => {
-            let s = status::build(&state.published.load(), &state.shared, &state.ops);
-            Response::new("200 OK", "text/html; charset=utf-8", page::render(&s))
+            let s = status::build(
+                &state.published.load(),
+                &state.shared,
+                &state.ops,
+                &state.history,
+            );
+            let writes = api::writes_without_token(peer, state);
+            Response::new(
+                "200 OK",
+                "text/html; charset=utf-8",
+                page::render(&s, writes),
+            )
         }
         _ => {
             if state.ops.stopping.load(Ordering::Relaxed) {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::history::{self, History, Rates};
 use super::ops::OpsState;
 use crate::backend::{AdminMode, BackendState, Snapshot};
 use crate::config::Backend;
@@ -58,6 +59,8 @@ pub struct FrontendStatus {
     pub active: u64,
     pub accepted_total: u64,
     pub rejected_total: Rejected,
+    /// Over the last sample interval (2 s); the page's charts cover the last minutes.
+    pub rates: Rates,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -95,6 +98,8 @@ pub struct BackendStatus {
     pub state_changes_total: u64,
     pub last_check: Option<LastCheck>,
     pub seconds_since_change: f64,
+    /// Over the last sample interval (2 s); the page's charts cover the last minutes.
+    pub rates: Rates,
 }
 
 #[derive(Debug, Serialize)]
@@ -119,7 +124,7 @@ pub fn state_word(config: &Backend, state: &BackendState) -> &'static str {
     }
 }
 
-fn backend_status(config: &Backend, s: &BackendState) -> BackendStatus {
+fn backend_status(config: &Backend, s: &BackendState, rates: Rates) -> BackendStatus {
     let check = s.check.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let last_check = if check.last_result.is_some() || check.last_duration_ms.is_some() {
         Some(LastCheck {
@@ -157,6 +162,7 @@ fn backend_status(config: &Backend, s: &BackendState) -> BackendStatus {
         state_changes_total: s.state_changes_total.load(Ordering::Relaxed),
         last_check,
         seconds_since_change: round_ms(since),
+        rates,
     }
 }
 
@@ -165,7 +171,7 @@ fn round_ms(d: Duration) -> f64 {
 }
 
 /// Builds the whole status view.
-pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState) -> Status {
+pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState, hist: &History) -> Status {
     let mut listeners: HashMap<String, Vec<String>> = HashMap::new();
     for (f, a) in ops.listeners() {
         listeners.entry(f).or_default().push(a.to_string());
@@ -189,10 +195,14 @@ pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState) -> Status {
                     limit: st.rejected_limit_total.load(Ordering::Relaxed),
                     no_backend: st.rejected_no_backend_total.load(Ordering::Relaxed),
                 },
+                rates: hist.rates(&history::frontend_key(&fe.config.name)),
                 backends: fe
                     .backends
                     .iter()
-                    .map(|b| backend_status(&b.config, &b.state))
+                    .map(|b| {
+                        let key = history::backend_key(&fe.config.name, &b.config.name);
+                        backend_status(&b.config, &b.state, hist.rates(&key))
+                    })
                     .collect(),
             }
         })
@@ -200,7 +210,7 @@ pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState) -> Status {
     // Backends a reload removed appear under their frontend while they drain; a frontend
     // that was removed altogether is listed (marked removed) until its last one is done.
     for d in ops.draining() {
-        let row = backend_status(&d.config, &d.state);
+        let row = backend_status(&d.config, &d.state, Rates::default());
         match frontends.iter_mut().find(|f| f.name == d.state.frontend) {
             Some(f) => f.backends.push(row),
             None => frontends.push(FrontendStatus {
@@ -215,6 +225,7 @@ pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState) -> Status {
                     limit: 0,
                     no_backend: 0,
                 },
+                rates: Rates::default(),
                 backends: vec![row],
             }),
         }
