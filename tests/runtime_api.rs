@@ -695,14 +695,18 @@ impl Browser {
             session: None,
             _profile: profile,
         };
-        let targets = b.call("Target.getTargets", serde_json::json!({}));
-        let page = targets["targetInfos"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["type"] == "page")
-            .expect("a page target")["targetId"]
-            .clone();
+        // The page target may appear a moment after the browser answers.
+        let mut page = Value::Null;
+        assert!(wait_until(SOON, || {
+            let targets = b.call("Target.getTargets", serde_json::json!({}));
+            if let Some(t) = targets["targetInfos"]
+                .as_array()
+                .and_then(|a| a.iter().find(|t| t["type"] == "page"))
+            {
+                page = t["targetId"].clone();
+            }
+            !page.is_null()
+        }));
         let attached = b.call(
             "Target.attachToTarget",
             serde_json::json!({"targetId": page, "flatten": true}),
@@ -923,4 +927,25 @@ mod base64_decode {
         }
         out
     }
+}
+
+#[test]
+fn the_status_page_offers_buttons_only_to_a_client_that_may_write_without_a_token() {
+    let backends = three_named();
+    let lb = Ringlb::start(&config_for("round-robin", &backends, ""));
+    let page = get(lb.admin.unwrap(), "/");
+    assert!(
+        page.contains("<button data-state=\"drain\" data-backend=\"web/api3\">"),
+        "{page}"
+    );
+    drop(lb);
+    let dir = TempDir::new();
+    let token = dir.path.join("token");
+    std::fs::write(&token, "t\n").unwrap();
+    let extra = format!("token_file = \"{}\"", token.display());
+    let lb = Ringlb::start(&config_for("round-robin", &backends, &extra));
+    let page = get(lb.admin.unwrap(), "/");
+    assert!(!page.contains("<button"), "{page}");
+    assert!(page.contains("ringlb ctl"), "{page}");
+    assert!(!page.contains("<script"), "{page}");
 }
