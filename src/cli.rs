@@ -1,4 +1,7 @@
-//! Command line: `run` (the default), `check`, `demo`.
+//! Command line: `run` (the default), `check`, `demo`, `ctl` (the runtime API's client, in
+//! [`ctl`]).
+
+pub mod ctl;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +41,10 @@ pub enum Command {
     Check(ConfigArg),
     /// Start a self-contained demo: ringlb in front of three local HTTP backends.
     Demo(crate::demo::DemoArgs),
+    /// Talk to a running ringlb: status, drain, ready, maint, weight, enable, disable.
+    /// Exit codes: 0 done, 1 refused, 2 usage or config error, 3 unreachable, 4 not allowed,
+    /// 5 cannot be done now.
+    Ctl(ctl::CtlArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -80,6 +87,7 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ctl(args) => ctl::main(args, top),
         Command::Demo(args) => {
             if top.is_some() {
                 eprintln!(

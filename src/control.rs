@@ -35,7 +35,7 @@ pub fn run(
         let (mut server, mut events) = Server::start(config, config_path)?;
         let (mut health, mut health_events) = HealthChecks::new();
         health.sync(&mut server);
-        let admin = crate::admin::start(&server)?;
+        let (admin, mut writes) = crate::admin::start(&server)?;
         let systemd = crate::systemd::start();
         on_started(&server);
         crate::info!("ready");
@@ -60,6 +60,10 @@ pub fn run(
                         health.sync(&mut server);
                     }
                     admin.ops.record_reload(&outcome, &before, &server.snapshot(), server.bound_addresses());
+                    if let ReloadOutcome::Applied(_) = outcome {
+                        // Backends a reload removed leave the saved runtime state.
+                        crate::admin::runtime::save_state(&server, admin.state_file.as_deref());
+                    }
                     server.check_foreign_listeners(admin.bound.get().copied());
                     systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
                 }
@@ -72,6 +76,14 @@ pub fn run(
                 _ = announce_tick.tick() => announcer.tick(&server.snapshot(), false),
                 Some(ev) = events.recv() => handle_event(&mut server, &mut health, ev),
                 Some(ev) = health_events.recv() => health.handle(&mut server, ev),
+                Some(w) = writes.recv() => {
+                    let result = crate::admin::runtime::apply(&mut server, &w.action);
+                    if let Ok(true) = result {
+                        crate::admin::runtime::save_state(&server, admin.state_file.as_deref());
+                        admin.ops.record_listeners(server.bound_addresses());
+                    }
+                    let _ = w.reply.send(result.map(|_| ()));
+                }
             }
         }
         systemd.stopping();

@@ -22,6 +22,7 @@ use metrics::{Counter, Gauge, Key, KeyName, Label, Level, Metadata, Recorder, Sh
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use metrics_util::MetricKindMask;
 
+use crate::admin::api::WriteResult;
 use crate::admin::ops::OpsState;
 use crate::admin::status::state_word;
 use crate::backend::{BackendState, Published};
@@ -68,6 +69,7 @@ const BACKEND: Family = Family {
         "ringlb_backend_effective_weight",
         "ringlb_backend_check_duration_seconds",
         "ringlb_backend_last_state_change_seconds",
+        "ringlb_backend_admin_state",
     ],
 };
 
@@ -117,6 +119,7 @@ const FRONTEND: Family = Family {
         "ringlb_frontend_queue_current",
         "ringlb_frontend_queue_max",
         "ringlb_frontend_queue_time_seconds",
+        "ringlb_frontend_enabled",
     ],
 };
 
@@ -127,6 +130,16 @@ const PROCESS: Family = Family {
         ("ringlb_accept_paused_total", None),
         ("ringlb_relay_pipe_unavailable_total", None),
         ("ringlb_admin_connections_evicted_total", None),
+        ("ringlb_admin_writes_total", Some(("result", "ok"))),
+        ("ringlb_admin_writes_total", Some(("result", "bad_request"))),
+        (
+            "ringlb_admin_writes_total",
+            Some(("result", "unauthorized")),
+        ),
+        ("ringlb_admin_writes_total", Some(("result", "forbidden"))),
+        ("ringlb_admin_writes_total", Some(("result", "not_found"))),
+        ("ringlb_admin_writes_total", Some(("result", "conflict"))),
+        ("ringlb_admin_writes_total", Some(("result", "too_large"))),
     ],
     gauges: &[
         "ringlb_config_generation",
@@ -171,13 +184,16 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_backend_check_failures_total", "Failed health checks (haproxy_server_check_failures_total)."),
     ("ringlb_backend_state_changes_total", "UP/DOWN transitions (haproxy_server_check_up_down_total)."),
     ("ringlb_backend_connections_shut_down_total", "Open connections ringlb closed itself: backend removed by a reload (drain_pace or the drain limit), marked down with on_marked_down = \"shutdown-sessions\", or ringlb stopping with a drain_pace."),
-    ("ringlb_backend_up", "1 if the backend takes new connections (up and not draining), else 0 (haproxy_server_status)."),
+        ("ringlb_backend_up", "1 if the backend takes new connections (up, not removed by a reload, not drained or in maintenance), else 0 (haproxy_server_status)."),
     ("ringlb_backend_draining", "1 while a backend removed by a reload still has connections open."),
     ("ringlb_backend_active_connections", "Open connections through the backend (haproxy_server_current_sessions)."),
-    ("ringlb_backend_weight", "Configured weight (haproxy_server_weight)."),
+    ("ringlb_backend_weight", "Weight in force: the configured one, or the one set through the runtime API (haproxy_server_weight)."),
     ("ringlb_backend_effective_weight", "Weight after the slow-start ramp."),
     ("ringlb_backend_check_duration_seconds", "Duration of the last health check (haproxy_server_check_duration_seconds)."),
     ("ringlb_backend_last_state_change_seconds", "Seconds since the last UP/DOWN transition (haproxy_server_check_last_change_seconds)."),
+    ("ringlb_backend_admin_state", "What the runtime API set: 0 ready, 1 drain (no new connections, established ones finish), 2 maint (no new connections, checks paused) (haproxy_server_status DRAIN / MAINT)."),
+    ("ringlb_frontend_enabled", "0 while the runtime API has the frontend disabled (its listeners closed), else 1."),
+    ("ringlb_admin_writes_total", "Runtime API writes by result: ok, bad_request, unauthorized (no or wrong token), forbidden (not allowed from this peer), not_found, conflict, too_large."),
     ("ringlb_frontend_connections_total", "Client connections accepted (haproxy_frontend_sessions_total)."),
     ("ringlb_frontend_rejected_total", "Client connections closed without a backend, by reason: no_backend (every backend down or failing), local (this host out of fds or memory for the backend connect), proxy (a malformed, truncated or oversized PROXY protocol header), proxy_timeout (no whole PROXY header within proxy_timeout), acl (source denied by allow/deny), source_connections (max_connections_per_source open), source_rate (over rate_per_source), queue_timeout (every backend at max_connections for queue_timeout) or limit (no longer used: at max_connections new clients wait in the listen queue) (haproxy_frontend_denied_connections_total)."),
     ("ringlb_frontend_source_table_full_total", "New sources admitted without per-source limits because the per-source table (65,536 addresses) was full of sources with open connections or recent ones."),
@@ -324,6 +340,7 @@ impl Exporter {
                     s.gate.queue.current.load(Ordering::Relaxed) as f64,
                     s.gate.queue.max.load(Ordering::Relaxed) as f64,
                     s.gate.queue.qtime_seconds(),
+                    f64::from(u8::from(!s.disabled.load(Ordering::Relaxed))),
                 ],
             );
             for b in &fe.backends {
@@ -402,6 +419,13 @@ impl Exporter {
                 self.shared.accept_paused_total.load(Ordering::Relaxed),
                 pools.pipe_unavailable_total,
                 ops.admin_evicted.load(Ordering::Relaxed),
+                ops.admin_writes.get(WriteResult::Ok),
+                ops.admin_writes.get(WriteResult::BadRequest),
+                ops.admin_writes.get(WriteResult::Unauthorized),
+                ops.admin_writes.get(WriteResult::Forbidden),
+                ops.admin_writes.get(WriteResult::NotFound),
+                ops.admin_writes.get(WriteResult::Conflict),
+                ops.admin_writes.get(WriteResult::TooLarge),
             ],
             &[
                 ops.config_generation.load(Ordering::Relaxed) as f64,
@@ -490,6 +514,7 @@ impl Exporter {
                 s.effective_weight_milli(config.weight) as f64 / 1000.0,
                 check_secs,
                 since_change.floor(),
+                s.admin_mode().gauge(),
             ],
         );
     }

@@ -87,6 +87,13 @@ impl Server {
     ) -> Result<(Server, mpsc::UnboundedReceiver<DataEvent>), StartError> {
         let config = Arc::new(config);
         let mut registry = Registry::default();
+        if let Some(path) = &config.admin.state_file {
+            // The registry creates each backend's live state as a snapshot is built; the saved
+            // runtime state (drain, maint, weights, disabled frontends) goes onto those states
+            // before the snapshot the workers first see.
+            let _ = Snapshot::build(config.clone(), &mut registry, 0);
+            crate::admin::statefile::restore(path, &registry);
+        }
         let snapshot = Snapshot::build(config.clone(), &mut registry, 1);
         let published: Published = Arc::new(ArcSwap::from_pointee(snapshot));
         let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -145,6 +152,13 @@ impl Server {
         let mut passed = passed.into_iter();
         let mut pending = Vec::new();
         for f in &config.frontends {
+            if server.registry.frontend_disabled(&f.name) {
+                crate::warn!(
+                    "frontend {} is disabled (saved runtime state): not listening",
+                    f.name
+                );
+                continue;
+            }
             for &addr in &f.listen {
                 let bind_error = |source| StartError::Bind {
                     frontend: f.name.clone(),
@@ -276,6 +290,10 @@ impl Server {
         // 1. Bind every new listen address before touching anything.
         let mut bound = Vec::new();
         for f in &new.frontends {
+            // Disabled through the runtime API: stays closed until enabled.
+            if self.registry.frontend_disabled(&f.name) {
+                continue;
+            }
             for &addr in &f.listen {
                 if self.listeners.contains_key(&(f.name.clone(), addr)) {
                     continue;
@@ -360,6 +378,50 @@ impl Server {
             );
         }
         ReloadOutcome::Applied(d)
+    }
+
+    /// Closes (`listening = false`) or binds again every listener of `frontend`, for the
+    /// runtime API's disable and enable. Open connections are not touched. Binding is all or
+    /// nothing: if one address cannot be bound (another process took it meanwhile), none is.
+    pub fn set_frontend_listening(
+        &mut self,
+        frontend: &str,
+        listening: bool,
+    ) -> Result<(), String> {
+        let config = self.config.clone();
+        let Some(f) = config.frontend(frontend) else {
+            return Err(format!("no frontend \"{frontend}\""));
+        };
+        if !listening {
+            let ours: Vec<(String, SocketAddr)> = self
+                .listeners
+                .keys()
+                .filter(|(name, _)| name == frontend)
+                .cloned()
+                .collect();
+            for key in ours {
+                if let Some(g) = self.listeners.remove(&key) {
+                    for w in &self.workers {
+                        w.send(WorkerCommand::Unlisten { id: g.id });
+                    }
+                    crate::info!("frontend {} stopped listening on {}", key.0, g.bound);
+                }
+            }
+            return Ok(());
+        }
+        let mut bound = Vec::new();
+        for &addr in &f.listen {
+            if self.listeners.contains_key(&(f.name.clone(), addr)) {
+                continue;
+            }
+            let sockets = bind_reuseport(addr, self.workers.len())
+                .map_err(|e| format!("frontend \"{frontend}\": cannot listen on {addr}: {e}"))?;
+            bound.push((addr, sockets));
+        }
+        for (addr, sockets) in bound {
+            self.install_listeners(f.name.clone(), addr, sockets, false);
+        }
+        Ok(())
     }
 
     /// Stops accepting everywhere, once what the listen queues hold is served; open

@@ -648,11 +648,8 @@ fn the_status_page_renders_in_headless_chromium_with_a_row_per_backend_coloured_
         "{} bytes",
         bytes.len()
     );
-    // `RINGLB_UPDATE_SCREENSHOT=1 cargo test --test admin` refreshes the one in docs/.
-    if std::env::var_os("RINGLB_UPDATE_SCREENSHOT").is_some() {
-        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/status-page.png");
-        std::fs::write(docs, &bytes).unwrap();
-    }
+    // docs/status-page.png is taken under load by tests/runtime_api.rs
+    // (`RINGLB_UPDATE_SCREENSHOT=1 cargo test --test runtime_api the_status_page`).
     drop(held);
 }
 

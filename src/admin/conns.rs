@@ -2,9 +2,10 @@
 //! many, so that no client, however slow, silent or numerous, keeps /healthz and /metrics
 //! from being answered.
 //!
-//! - Every connection must deliver its whole request head within [`HEAD_DEADLINE`] (not per
-//!   read: a client trickling a byte a second is cut at the same time as a silent one), and
-//!   its answer must be written within [`WRITE_DEADLINE`].
+//! - Every connection must deliver its whole request head, and a runtime API write its body
+//!   too, within [`HEAD_DEADLINE`] (not per read: a client trickling a byte a second is cut
+//!   at the same time as a silent one), and its answer must be written within
+//!   [`WRITE_DEADLINE`].
 //! - At most [`MAX_CONNECTIONS`] are held, and only as many as the fd budget
 //!   (`worker::budget`) leaves to the admin listener: 64 always, more only out of fds that no
 //!   relayed connection was promised. A newcomer is never turned away: when the table is
@@ -15,8 +16,9 @@
 //!   client had already sent is drained without blocking so that the close is a FIN, not a
 //!   reset, for every well-behaved client.
 //!
-//! Memory is bounded: per connection one task with a 1 KiB read buffer, the parser's
-//! request line (at most [`head::MAX_LINE`]) and a table entry.
+//! Memory is bounded: per connection one task with a 1 KiB read buffer, the parser's state
+//! (at most [`head::MAX_HELD`]), a write's body (at most [`super::api::MAX_BODY`], read only
+//! once its head passed the checks) and a table entry.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -27,6 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
+use super::api::{self, WriteResult};
 use super::head::{HeadError, HeadParser, Progress, Request};
 use super::{route, AdminState, Response};
 use crate::worker::local::Op;
@@ -105,7 +108,7 @@ pub async fn accept_loop(listener: TcpListener, state: Arc<AdminState>) {
     let table: TableRef = Arc::default();
     loop {
         let stream = match listener.accept().await {
-            Ok((stream, _peer)) => stream,
+            Ok(accepted) => accepted,
             Err(e) => {
                 let local = state
                     .shared
@@ -148,12 +151,12 @@ pub async fn accept_loop(listener: TcpListener, state: Arc<AdminState>) {
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let mut stream = stream;
+            let (mut stream, peer) = stream;
             let mut slot = slot;
             tokio::select! {
                 // Evicted: dropping the stream closes it.
                 _ = rx => {}
-                () = serve(&mut stream, &state, &mut slot) => {}
+                () = serve(&mut stream, peer, &state, &mut slot) => {}
             }
         });
         if evicted {
@@ -173,8 +176,14 @@ enum ReadError {
     Closed,
 }
 
-async fn serve(stream: &mut TcpStream, state: &AdminState, slot: &mut Slot) {
-    let head = tokio::time::timeout(HEAD_DEADLINE, read_head(stream)).await;
+async fn serve(
+    stream: &mut TcpStream,
+    peer: std::net::SocketAddr,
+    state: &AdminState,
+    slot: &mut Slot,
+) {
+    let deadline = tokio::time::Instant::now() + HEAD_DEADLINE;
+    let head = tokio::time::timeout_at(deadline, read_head(stream)).await;
     let (response, head_only, tier) = match head {
         Err(_elapsed) => (
             Response::text("408 Request Timeout", "request timeout"),
@@ -192,7 +201,31 @@ async fn serve(stream: &mut TcpStream, state: &AdminState, slot: &mut Slot) {
             false,
             Tier::Answering,
         ),
-        Ok(Ok(req)) => {
+        Ok(Ok((req, early))) if api::is_write(&req) => {
+            let response = match api::check_write_head(&req, peer, state) {
+                Err(refused) => refused,
+                Ok(len) => {
+                    match tokio::time::timeout_at(deadline, read_body(stream, early, len)).await {
+                        Err(_elapsed) => api::refuse(
+                            state,
+                            WriteResult::BadRequest,
+                            "408 Request Timeout",
+                            "the request body did not arrive in time",
+                        ),
+                        Ok(None) => return,
+                        Ok(Some(body)) => {
+                            // Past its body: from here it is being answered, not read.
+                            if !slot.promote(Tier::Answering) {
+                                return;
+                            }
+                            route(&req, &body, peer, state).await
+                        }
+                    }
+                }
+            };
+            (response, false, Tier::Answering)
+        }
+        Ok(Ok((req, _))) => {
             let monitoring = matches!(req.path.as_str(), "/healthz" | "/metrics")
                 || req.path.starts_with("/ready");
             let tier = if monitoring {
@@ -200,7 +233,11 @@ async fn serve(stream: &mut TcpStream, state: &AdminState, slot: &mut Slot) {
             } else {
                 Tier::Answering
             };
-            (route(&req, state), req.method == "HEAD", tier)
+            (
+                route(&req, &[], peer, state).await,
+                req.method == "HEAD",
+                tier,
+            )
         }
     };
     if !slot.promote(tier) {
@@ -215,8 +252,26 @@ async fn serve(stream: &mut TcpStream, state: &AdminState, slot: &mut Slot) {
     }
 }
 
-/// Reads until the blank line that ends the head; what follows it is left unread.
-async fn read_head(stream: &mut TcpStream) -> Result<Request, ReadError> {
+/// Reads a body of `len` bytes (at most `api::MAX_BODY`, checked before), `early` being what
+/// arrived with the head. `None` if the client went away first.
+async fn read_body(stream: &mut TcpStream, early: Vec<u8>, len: usize) -> Option<Vec<u8>> {
+    let mut body = early;
+    body.truncate(len);
+    body.reserve_exact(len - body.len());
+    let mut chunk = [0u8; 1024];
+    while body.len() < len {
+        let want = (len - body.len()).min(chunk.len());
+        match stream.read(&mut chunk[..want]).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Some(body)
+}
+
+/// Reads until the blank line that ends the head; returns the head and whatever arrived
+/// after it in the same read (the start of a body).
+async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>), ReadError> {
     let mut parser = HeadParser::new();
     let mut chunk = [0u8; 1024];
     loop {
@@ -233,7 +288,10 @@ async fn read_head(stream: &mut TcpStream) -> Result<Request, ReadError> {
         }
         match parser.feed(&chunk[..n]) {
             Progress::NeedMore => {}
-            Progress::Done { request, .. } => return Ok(request),
+            Progress::Done { request, consumed } => {
+                let rest = chunk[consumed.min(n)..n].to_vec();
+                return Ok((request, rest));
+            }
             Progress::Failed(e) => return Err(ReadError::Head(e)),
         }
     }

@@ -1,11 +1,14 @@
 //! The admin listener's request-head parser: incremental, byte by byte, with a fixed memory
 //! bound.
 //!
-//! Only the request line is kept (at most [`MAX_LINE`] bytes); header lines are checked for
-//! shape and counted, never stored, because nothing the admin listener answers depends on
-//! them. The whole head is capped at [`MAX_HEAD`] bytes, so a connection costs at most
-//! `MAX_LINE` bytes of parser state however much it sends, and every input of `MAX_HEAD + 1`
-//! bytes or more is decided. Feeding the same bytes in any chunking gives the same result.
+//! The request line is kept (at most [`MAX_LINE`] bytes), and so is the current header line
+//! while it arrives; of the headers only the few the runtime API needs are stored
+//! (`Content-Length`, `Content-Type`, `Authorization`, `Origin`, `Host`, whether
+//! `Transfer-Encoding` was sent), each under its own cap, at most [`MAX_KEPT`] bytes in all; other header lines
+//! are checked for shape and dropped. The whole head is capped at [`MAX_HEAD`] bytes, so a
+//! connection costs at most [`MAX_HELD`] bytes of parser state however much it sends, and
+//! every input of `MAX_HEAD + 1` bytes or more is decided. Feeding the same bytes in any
+//! chunking gives the same result.
 //!
 //! Public so that the property test in `tests/admin_fuzz.rs` can drive it.
 
@@ -13,6 +16,20 @@
 pub const MAX_LINE: usize = 2 * 1024;
 /// Largest request head accepted: request line, headers and the blank line.
 pub const MAX_HEAD: usize = 8 * 1024;
+/// Header values kept, at most, in all (see [`KEPT`]).
+pub const MAX_KEPT: usize = 2 * 1024;
+/// Parser state held at most: the line being read and the kept header values.
+pub const MAX_HELD: usize = MAX_LINE + MAX_KEPT;
+
+/// The headers kept, with the longest value accepted for each (longer: 431).
+const KEPT: &[(&str, usize)] = &[
+    ("authorization", 512),
+    ("content-type", 128),
+    ("origin", 256),
+    ("content-length", 20),
+    ("transfer-encoding", 64),
+    ("host", 256),
+];
 
 /// The parts of a request the admin listener routes on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +38,34 @@ pub struct Request {
     pub method: String,
     /// The target without its query or fragment; always starts with `/`.
     pub path: String,
+    /// `Content-Length`, if sent (sent twice: malformed).
+    pub content_length: Option<usize>,
+    /// `Content-Type`, trimmed.
+    pub content_type: Option<String>,
+    /// `Authorization`, trimmed.
+    pub authorization: Option<String>,
+    /// `Origin`, trimmed (browsers send it on a cross-site POST).
+    pub origin: Option<String>,
+    /// `Host`, trimmed.
+    pub host: Option<String>,
+    /// Whether `Transfer-Encoding` was sent (the admin listener takes no chunked bodies).
+    pub transfer_encoding: bool,
+}
+
+impl Request {
+    /// A request with no kept headers.
+    pub fn new(method: &str, path: &str) -> Request {
+        Request {
+            method: method.to_string(),
+            path: path.to_string(),
+            content_length: None,
+            content_type: None,
+            authorization: None,
+            origin: None,
+            host: None,
+            transfer_encoding: false,
+        }
+    }
 }
 
 /// Why a head was refused.
@@ -86,9 +131,21 @@ impl HeadParser {
         }
     }
 
-    /// Bytes the parser holds on the heap: never more than [`MAX_LINE`].
+    /// Bytes the parser holds on the heap: never more than [`MAX_HELD`].
     pub fn held_bytes(&self) -> usize {
-        self.line.capacity()
+        let kept = match &self.state {
+            State::Headers { request } => [
+                &request.content_type,
+                &request.authorization,
+                &request.origin,
+                &request.host,
+            ]
+            .iter()
+            .map(|v| v.as_ref().map_or(0, String::capacity))
+            .sum(),
+            _ => 0,
+        };
+        self.line.capacity() + kept
     }
 
     /// Whether nothing has been fed yet.
@@ -168,9 +225,15 @@ impl HeadParser {
                 if !self.header_colon {
                     return Err(HeadError::Malformed);
                 }
+                let line = std::mem::take(&mut self.line);
+                let overflow = self.header_len > line.len();
                 self.header_len = 0;
                 self.header_colon = false;
                 self.header_cr = false;
+                self.keep_header(&line, overflow)?;
+                // The buffer is reused for the next header line: allocated once.
+                self.line = line;
+                self.line.clear();
                 Ok(false)
             }
             // A bare CR inside a line, a NUL, or a folded (continued) header line.
@@ -180,9 +243,62 @@ impl HeadParser {
                 self.header_colon |= b == b':';
                 self.header_cr = b == b'\r';
                 self.header_len += 1;
+                // Only the start of a long line is kept: enough to know its name.
+                if self.line.len() < MAX_LINE {
+                    if self.line.capacity() == 0 {
+                        self.line.reserve_exact(MAX_LINE);
+                    }
+                    self.line.push(b);
+                }
                 Ok(false)
             }
         }
+    }
+
+    /// Stores a finished header line if it is one of [`KEPT`]; `overflow` says the line was
+    /// longer than what was kept of it.
+    fn keep_header(&mut self, line: &[u8], overflow: bool) -> Result<(), HeadError> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            return Err(HeadError::Malformed);
+        };
+        let name = &line[..colon];
+        let Some(&(kept, cap)) = KEPT
+            .iter()
+            .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(name))
+        else {
+            return Ok(());
+        };
+        let value = std::str::from_utf8(&line[colon + 1..])
+            .map_err(|_| HeadError::Malformed)?
+            .trim_matches([' ', '\t']);
+        if overflow || value.len() > cap {
+            return Err(HeadError::TooLarge);
+        }
+        let State::Headers { request } = &mut self.state else {
+            return Err(HeadError::Malformed);
+        };
+        let slot = match kept {
+            "content-length" => {
+                let n: usize = value.parse().map_err(|_| HeadError::Malformed)?;
+                if request.content_length.replace(n).is_some() {
+                    return Err(HeadError::Malformed);
+                }
+                return Ok(());
+            }
+            "transfer-encoding" => {
+                request.transfer_encoding = true;
+                return Ok(());
+            }
+            "content-type" => &mut request.content_type,
+            "authorization" => &mut request.authorization,
+            "host" => &mut request.host,
+            _ => &mut request.origin,
+        };
+        if slot.replace(value.to_string()).is_some() {
+            return Err(HeadError::Malformed);
+        }
+        Ok(())
     }
 }
 
@@ -204,10 +320,7 @@ fn parse_request_line(line: &[u8]) -> Result<Request, HeadError> {
         return Err(HeadError::Malformed);
     }
     let path = target.split(['?', '#']).next().unwrap_or("/");
-    Ok(Request {
-        method: method.to_string(),
-        path: path.to_string(),
-    })
+    Ok(Request::new(method, path))
 }
 
 #[cfg(test)]
@@ -220,17 +333,14 @@ mod tests {
 
     fn done(method: &str, path: &str, consumed: usize) -> Progress {
         Progress::Done {
-            request: Request {
-                method: method.into(),
-                path: path.into(),
-            },
+            request: Request::new(method, path),
             consumed,
         }
     }
 
     #[test]
     fn a_plain_get_is_parsed_and_the_query_is_ignored() {
-        let head = b"GET /status?x=1 HTTP/1.1\r\nHost: a\r\n\r\nbody";
+        let head = b"GET /status?x=1 HTTP/1.1\r\nX-A: a\r\n\r\nbody";
         assert_eq!(parse(head), done("GET", "/status", head.len() - 4));
     }
 
@@ -296,6 +406,40 @@ mod tests {
         }
         assert_eq!(last, Progress::Failed(HeadError::TooLarge));
         assert_eq!(p.held_bytes(), 0);
+    }
+
+    #[test]
+    fn the_runtime_api_headers_are_kept_and_others_dropped() {
+        let head = b"POST /api/x HTTP/1.1\r\nHost: a\r\ncontent-length: 12\r\n\
+            Content-Type: application/json\r\nAuthorization:  Bearer abc \r\n\r\n";
+        let Progress::Done { request, .. } = parse(head) else {
+            panic!("not parsed");
+        };
+        assert_eq!(request.content_length, Some(12));
+        assert_eq!(request.content_type.as_deref(), Some("application/json"));
+        assert_eq!(request.authorization.as_deref(), Some("Bearer abc"));
+        assert_eq!(request.origin, None);
+        assert!(!request.transfer_encoding);
+    }
+
+    #[test]
+    fn a_repeated_or_bad_content_length_and_an_oversized_token_are_refused() {
+        let twice = b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n";
+        assert_eq!(parse(twice), Progress::Failed(HeadError::Malformed));
+        let bad = b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n";
+        assert_eq!(parse(bad), Progress::Failed(HeadError::Malformed));
+        let long = format!(
+            "POST / HTTP/1.1\r\nAuthorization: {}\r\n\r\n",
+            "a".repeat(600)
+        );
+        assert_eq!(
+            parse(long.as_bytes()),
+            Progress::Failed(HeadError::TooLarge)
+        );
+        let mut p = HeadParser::new();
+        let huge = format!("GET / HTTP/1.1\r\nX-Long: {}\r\n", "b".repeat(4000));
+        assert_eq!(p.feed(huge.as_bytes()), Progress::NeedMore);
+        assert!(p.held_bytes() <= MAX_HELD);
     }
 
     #[test]

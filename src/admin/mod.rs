@@ -1,21 +1,33 @@
 //! The admin listener: `GET /metrics` (Prometheus), `GET /status` (JSON), `GET /` (the status
-//! page), `GET /healthz`. Served from the control thread's tokio runtime.
+//! page), `GET /healthz`, and the runtime API under `/api/`. Served from the control thread's
+//! tokio runtime.
 //!
 //! It speaks just enough HTTP/1.1 for Prometheus, curl and a browser: one request per
-//! connection (`Connection: close`), no request bodies. How many connections are held, their
+//! connection (`Connection: close`), request bodies only for runtime API writes (at most
+//! [`api::MAX_BODY`] bytes, with `Content-Length`). How many connections are held, their
 //! deadlines and which one is closed when there are too many is [`conns`]' business; the
-//! request head is parsed by [`head`].
+//! request head is parsed by [`head`]. A hand-written server rather than a crate: it is small,
+//! and its limits (one deadline for the whole request, bounded parser state, eviction order)
+//! are the point of it.
 //!
 //! - [`conns`]: the accept loop, per-connection deadlines, eviction.
 //! - [`head`]: the incremental request-head parser.
+//! - [`history`]: the last minutes of counters, for the page's rates and charts.
+//! - [`api`]: the runtime API's HTTP side: routes, who may write, JSON in and out.
+//! - [`runtime`]: the runtime API's changes, applied on the control loop.
+//! - [`statefile`]: `[admin] state_file`, the runtime state kept across restarts.
 //! - [`ops`]: what the control loop records for us (reloads, listeners, draining backends).
 //! - [`status`]: the status model behind `/status` and the page.
 //! - [`page`]: the HTML page.
 
+pub mod api;
 pub mod conns;
 pub mod head;
+pub mod history;
 pub mod ops;
 pub mod page;
+pub mod runtime;
+pub mod statefile;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -23,8 +35,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::mpsc;
 
 use crate::backend::Published;
+use crate::config::Token;
 use crate::metrics::Exporter;
 use crate::server::{Server, StartError};
 use crate::worker::Shared;
@@ -42,30 +56,57 @@ pub struct AdminState {
     pub exporter: Arc<Exporter>,
     /// The address the admin listener is bound to, once it is (port 0 resolved).
     pub bound: std::sync::OnceLock<SocketAddr>,
+    /// Whether the admin listener is on a loopback address (writes without a token are
+    /// allowed only then, and only from loopback peers).
+    pub loopback: bool,
+    /// The bearer token runtime API writes must present, if `admin.token_file` is set.
+    pub token: Option<Token>,
+    /// Where runtime changes are saved (`admin.state_file`), as configured at start.
+    pub state_file: Option<std::path::PathBuf>,
+    /// Runtime API writes, to the control loop.
+    pub commands: mpsc::Sender<runtime::Request>,
+    /// The last minutes of counters (rates and charts).
+    pub history: Arc<history::History>,
 }
+
+/// How many runtime API writes may wait for the control loop at once; more are answered 503.
+const PENDING_WRITES: usize = 64;
 
 /// Sets up metrics and, unless disabled in the config, binds the admin listener. Call on the
 /// control thread's runtime right after [`Server::start`]. Logs
-/// `admin listening on ADDR (up to N connections at once)` once bound.
-pub fn start(server: &Server) -> Result<Arc<AdminState>, StartError> {
+/// `admin listening on ADDR (up to N connections at once)` once bound. The receiver is for
+/// the control loop: it applies runtime API writes (see [`runtime::apply`]).
+pub fn start(
+    server: &Server,
+) -> Result<(Arc<AdminState>, mpsc::Receiver<runtime::Request>), StartError> {
     let ops = Arc::new(OpsState::new(server.bound_addresses()));
     let exporter = Arc::new(Exporter::new(
         server.published.clone(),
         server.shared.clone(),
         ops.clone(),
     ));
+    let admin = &server.config.admin;
+    let (commands, rx) = mpsc::channel(PENDING_WRITES);
     let state = Arc::new(AdminState {
         published: server.published.clone(),
         shared: server.shared.clone(),
         ops,
         exporter: exporter.clone(),
         bound: std::sync::OnceLock::new(),
+        loopback: admin.listen.is_some_and(|a| a.ip().is_loopback()),
+        token: admin.token.clone(),
+        state_file: admin.state_file.clone(),
+        commands,
+        history: Arc::default(),
     });
     tokio::spawn(crate::metrics::upkeep(exporter));
-    let admin = &server.config.admin;
+    tokio::spawn(history::run(
+        state.history.clone(),
+        server.published.clone(),
+    ));
     let Some(addr) = admin.listen else {
         crate::info!("admin listener disabled (admin.listen is empty)");
-        return Ok(state);
+        return Ok((state, rx));
     };
     // Validation already refuses this; checked again because the admin listener exposes
     // everything about the pool.
@@ -82,8 +123,14 @@ pub fn start(server: &Server) -> Result<Arc<AdminState>, StartError> {
     let _ = state.bound.set(bound);
     let cap = server.shared.admin_connections.load(Ordering::Relaxed);
     crate::info!("admin listening on {bound} (up to {cap} connections at once)");
+    let writes = match (&state.token, state.loopback) {
+        (Some(_), _) => "runtime API writes need the bearer token from admin.token_file",
+        (None, true) => "runtime API writes allowed from loopback",
+        (None, false) => "runtime API writes refused: not on loopback and no admin.token_file",
+    };
+    crate::info!("admin: {writes}");
     tokio::spawn(conns::accept_loop(listener, state.clone()));
-    Ok(state)
+    Ok((state, rx))
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -101,11 +148,14 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(listener)
 }
 
-struct Response {
+pub struct Response {
     status: &'static str,
     content_type: &'static str,
     body: Vec<u8>,
-    allow: bool,
+    /// An `Allow` header, for a 405.
+    allow: Option<&'static str>,
+    /// One more header line (without its line ending), e.g. `WWW-Authenticate`.
+    extra_header: Option<&'static str>,
 }
 
 impl Response {
@@ -114,7 +164,8 @@ impl Response {
             status,
             content_type,
             body: body.into(),
-            allow: false,
+            allow: None,
+            extra_header: None,
         }
     }
 
@@ -124,11 +175,12 @@ impl Response {
 
     fn bytes(&self, head_only: bool) -> Vec<u8> {
         let mut out = format!(
-            "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n{}\r\n",
+            "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n{}{}\r\n",
             self.status,
             self.content_type,
             self.body.len(),
-            if self.allow { "Allow: GET, HEAD\r\n" } else { "" },
+            self.allow.map_or(String::new(), |a| format!("Allow: {a}\r\n")),
+            self.extra_header.map_or(String::new(), |h| format!("{h}\r\n")),
         )
         .into_bytes();
         if !head_only {
@@ -174,19 +226,22 @@ fn readiness(path: &str, state: &AdminState) -> Response {
     }
 }
 
-fn route(req: &head::Request, state: &AdminState) -> Response {
+async fn route(req: &head::Request, body: &[u8], peer: SocketAddr, state: &AdminState) -> Response {
+    if api::is_api(&req.path) {
+        return api::handle(req, body, state).await;
+    }
     let known = matches!(req.path.as_str(), "/" | "/status" | "/metrics" | "/healthz")
         || req.path == "/ready"
         || req.path.starts_with("/ready/");
     if !known {
         return Response::text(
             "404 Not Found",
-            "not found: try /, /status, /metrics, /healthz, /ready or /ready/FRONTEND",
+            "not found: try /, /status, /metrics, /healthz, /ready, /ready/FRONTEND or /api/state",
         );
     }
     if req.method != "GET" && req.method != "HEAD" {
         let mut r = Response::text("405 Method Not Allowed", "method not allowed");
-        r.allow = true;
+        r.allow = Some("GET, HEAD");
         return r;
     }
     match req.path.as_str() {
@@ -196,14 +251,29 @@ fn route(req: &head::Request, state: &AdminState) -> Response {
             state.exporter.render(),
         ),
         "/status" => {
-            let s = status::build(&state.published.load(), &state.shared, &state.ops);
+            let s = status::build(
+                &state.published.load(),
+                &state.shared,
+                &state.ops,
+                &state.history,
+            );
             let mut body = serde_json::to_vec_pretty(&s).unwrap_or_default();
             body.push(b'\n');
             Response::new("200 OK", "application/json", body)
         }
         "/" => {
-            let s = status::build(&state.published.load(), &state.shared, &state.ops);
-            Response::new("200 OK", "text/html; charset=utf-8", page::render(&s))
+            let s = status::build(
+                &state.published.load(),
+                &state.shared,
+                &state.ops,
+                &state.history,
+            );
+            let writes = api::writes_without_token(peer, state);
+            Response::new(
+                "200 OK",
+                "text/html; charset=utf-8",
+                page::render(&s, writes),
+            )
         }
         p if p == "/ready" || p.starts_with("/ready/") => readiness(p, state),
         _ => {

@@ -37,6 +37,8 @@ pub struct OpsState {
     pub stopping: AtomicBool,
     /// Admin connections closed to make room for newer ones (see `admin::conns`).
     pub admin_evicted: AtomicU64,
+    /// Runtime API writes by result.
+    pub admin_writes: super::api::WriteCounts,
     last_reload_error: Mutex<Option<String>>,
     listeners: Mutex<Vec<(String, SocketAddr)>>,
     draining: Mutex<Vec<Draining>>,
@@ -63,6 +65,7 @@ impl OpsState {
             last_reload_ok_ms: AtomicU64::new(unix_ms(now)),
             stopping: AtomicBool::new(false),
             admin_evicted: AtomicU64::new(0),
+            admin_writes: Default::default(),
             last_reload_error: Mutex::new(None),
             listeners: Mutex::new(sorted(listeners)),
             draining: Mutex::new(Vec::new()),
@@ -110,6 +113,11 @@ impl OpsState {
                 }
             }
         }
+    }
+
+    /// The listeners now bound, after the runtime API disabled or enabled a frontend.
+    pub fn record_listeners(&self, listeners: Vec<(String, SocketAddr)>) {
+        *lock(&self.listeners) = sorted(listeners);
     }
 
     pub fn last_reload_error(&self) -> Option<String> {

@@ -1,10 +1,17 @@
 //! The status page (`GET /`): one table per frontend, a row per backend coloured by state, in
-//! the spirit of HAProxy's stats page. Self-contained HTML (inline CSS, no scripts, no external
-//! assets) that reloads itself every few seconds, so it works from an SSH tunnel to a box
-//! without internet access.
+//! the spirit of HAProxy's stats page: sessions, rates (sessions, bytes in and out, errors per
+//! second), the last check, time since the last change, and charts of the last five minutes
+//! (inline SVG drawn here from `admin::history`). Self-contained HTML (inline CSS and SVG, no
+//! external assets) that reloads itself every few seconds, so it works from an SSH tunnel to
+//! a box without internet access.
+//!
+//! When the client may write without a token (loopback, no `token_file`), each backend has
+//! drain / ready / maint buttons: a few lines of inline script that POST to the runtime API
+//! and reload the page. Without script the page is the same, minus working buttons.
 
 use std::fmt::Write;
 
+use super::history::{Rates, KEEP, SAMPLE_EVERY};
 use super::status::{BackendStatus, FrontendStatus, Queue, Rejected, Status};
 
 /// Seconds between automatic refreshes of the page.
@@ -21,17 +28,38 @@ table{border-collapse:collapse;margin-bottom:6px;background:#fff}
 th,td{border:1px solid #bbb;padding:3px 7px;text-align:right;white-space:nowrap}
 th{background:#5a6b7b;color:#fff;font-weight:600}
 td.l,th.l{text-align:left}
-td.chk{white-space:normal;max-width:330px;text-align:left}
+td.chk{white-space:normal;min-width:190px;max-width:330px;text-align:left}
 tr.up td{background:#c8f0c8}
 tr.backup td{background:#c8dcf8}
 tr.down td{background:#f6b8b8}
 tr.draining td{background:#f8e0a0}
+tr.drain td{background:#f8e0a0}
+tr.maint td{background:#c9b8e8}
 tr.total td{background:#e8e8e8;font-weight:600}
+td.c{padding:1px 4px}
+svg.spark{display:inline-block;vertical-align:middle;margin-right:8px}
+svg.spark polyline{fill:none;stroke-width:1.2}
+button{font:inherit;font-size:11px;padding:0 5px;margin:0 1px;cursor:pointer}
+.rates span{margin-right:14px}
 .legend span{display:inline-block;padding:1px 8px;margin-right:6px;border:1px solid #bbb}
 ";
 
-/// Renders the page.
-pub fn render(s: &Status) -> String {
+/// Clicks on the drain / ready / maint buttons: POST the state, then reload.
+const SCRIPT: &str = "
+document.querySelectorAll('button[data-state]').forEach(function(b){
+ b.addEventListener('click',function(){
+  b.disabled=true;
+  fetch('/api/backends/'+b.dataset.backend,{method:'POST',
+   headers:{'Content-Type':'application/json'},body:JSON.stringify({state:b.dataset.state})})
+  .then(function(r){return r.json().then(function(j){
+   if(!r.ok){alert(j.error||r.status)} location.reload()})})
+  .catch(function(e){alert(e);b.disabled=false});
+ });
+});
+";
+
+/// Renders the page; `writes` shows the action buttons.
+pub fn render(s: &Status, writes: bool) -> String {
     let mut h = String::with_capacity(8192);
     h.push_str("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">");
     let _ = write!(
@@ -69,16 +97,30 @@ pub fn render(s: &Status) -> String {
         "<div class=\"legend\"><span style=\"background:#c8f0c8\">up</span>\
          <span style=\"background:#c8dcf8\">backup</span>\
          <span style=\"background:#f6b8b8\">down</span>\
-         <span style=\"background:#f8e0a0\">draining</span></div>",
+         <span style=\"background:#f8e0a0\">drain / draining</span>\
+         <span style=\"background:#c9b8e8\">maint</span></div>",
     );
     for f in &s.frontends {
-        frontend(&mut h, f);
+        frontend(&mut h, f, writes);
     }
+    let minutes = SAMPLE_EVERY.as_secs() * KEEP as u64 / 60;
     let _ = writeln!(
         h,
-        "<p class=\"meta\">Refreshes every {REFRESH_SECONDS}s. JSON at <a href=\"/status\">/status</a>, \
-         Prometheus metrics at <a href=\"/metrics\">/metrics</a>.</p></body></html>"
+        "<p class=\"meta\">Refreshes every {REFRESH_SECONDS}s. Rates over the last {}s; charts: \
+         sessions/s (blue) and bytes/s (green) over the last {minutes} minutes. {} \
+         JSON at <a href=\"/status\">/status</a> and <a href=\"/api/state\">/api/state</a>, \
+         Prometheus metrics at <a href=\"/metrics\">/metrics</a>.</p>",
+        SAMPLE_EVERY.as_secs(),
+        if writes {
+            ""
+        } else {
+            "Actions: with <code>ringlb ctl</code> (this client may not write without the token)."
+        }
     );
+    if writes {
+        let _ = write!(h, "<script>{SCRIPT}</script>");
+    }
+    h.push_str("</body></html>\n");
     h
 }
 
@@ -114,17 +156,78 @@ fn queue(q: &Queue) -> String {
     )
 }
 
-fn frontend(h: &mut String, f: &FrontendStatus) {
+/// "12.5/s", "1.2 KiB/s".
+fn rate(v: f64) -> String {
+    if v == 0.0 {
+        "0".to_string()
+    } else if v < 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+fn byte_rate(v: f64) -> String {
+    if v == 0.0 {
+        "0".to_string()
+    } else {
+        format!("{}/s", bytes(v as u64))
+    }
+}
+
+/// A small line chart of `values` (oldest first), scaled to its own maximum.
+fn spark(values: &[f64], colour: &str, title: &str) -> String {
+    const W: f64 = 100.0;
+    const H: f64 = 20.0;
+    let max = values.iter().copied().fold(0.0, f64::max);
+    let n = values.len();
+    let mut points = String::new();
+    for (i, v) in values.iter().enumerate() {
+        // The whole history kept (up to five minutes) fills the width; newest on the right.
+        let x = if n > 1 {
+            i as f64 * W / (n - 1) as f64
+        } else {
+            W
+        };
+        let y = if max > 0.0 {
+            H - 1.0 - v / max * (H - 2.0)
+        } else {
+            H - 1.0
+        };
+        let _ = write!(points, "{x:.1},{y:.1} ");
+    }
+    format!(
+        "<svg class=\"spark\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\">\
+         <title>{} (max {})</title><rect width=\"{W}\" height=\"{H}\" fill=\"#f4f4f4\"/>\
+         <polyline stroke=\"{colour}\" points=\"{}\"/></svg>",
+        esc(title),
+        rate(max),
+        points.trim_end()
+    )
+}
+
+fn charts(r: &Rates) -> String {
+    format!(
+        "<td class=\"c\">{}</td><td class=\"c\">{}</td>",
+        spark(&r.sessions_chart, "#2a6fdb", "sessions/s"),
+        spark(&r.bytes_chart, "#2a9d4a", "bytes/s")
+    )
+}
+
+fn frontend(h: &mut String, f: &FrontendStatus, writes: bool) {
     let listen = if f.listen.is_empty() {
         "not listening".to_string()
     } else {
         f.listen.join(", ")
     };
+    let r = &f.rates;
     let _ = write!(
         h,
-        "<h2 id=\"fe-{name}\">Frontend {name}{removed}</h2><div class=\"meta\">\
-         <span>listen {}</span><span>balance {}</span><span>active {}</span>\
-         <span>accepted {}</span><span>rejected: limit {}, no backend {}{}</span>{}</div>",
+        "<h2 id=\"fe-{name}\">Frontend {name}{removed}{disabled}</h2><div class=\"meta\">\
+         <span>listen {}</span><span>balance {}</span><span>sessions {}</span>\
+         <span>accepted {}</span><span>rejected: limit {}, no backend {}{}</span>{}</div>\
+         <div class=\"meta rates\"><span>{} sessions/s</span><span>in {}</span><span>out {}</span>\
+         <span>{} errors/s</span>{}{}</div>",
         esc(&listen),
         esc(f.balance),
         f.active,
@@ -133,41 +236,56 @@ fn frontend(h: &mut String, f: &FrontendStatus) {
         f.rejected_total.no_backend,
         gate_rejections(&f.rejected_total),
         queue(&f.queue),
+        rate(r.sessions_per_second),
+        byte_rate(r.bytes_in_per_second),
+        byte_rate(r.bytes_out_per_second),
+        rate(r.errors_per_second),
+        spark(&r.sessions_chart, "#2a6fdb", "sessions/s"),
+        spark(&r.bytes_chart, "#2a9d4a", "bytes/s"),
         name = esc(&f.name),
         removed = if f.removed {
             " (removed, draining)"
         } else {
             ""
         },
+        disabled = if f.enabled || f.removed {
+            ""
+        } else {
+            " (disabled)"
+        },
     );
-    h.push_str(
+    let _ = write!(
+        h,
         "<table><tr><th class=\"l\">Backend</th><th class=\"l\">Address</th>\
-         <th class=\"l\">State</th><th>Weight</th><th>Eff. weight</th><th>Active</th>\
-         <th>Conns</th><th>Conn errors</th><th>Retries</th><th>Bytes in</th>\
-         <th>Bytes out</th><th>Check fails</th><th>Changes</th>\
-         <th class=\"l\">Last check</th><th>Since change</th></tr>",
+         <th class=\"l\">State</th><th>Weight</th><th>Sessions</th>\
+         <th>Sess/s</th><th>In/s</th><th>Out/s</th><th>Err/s</th>\
+         <th>Total</th><th>Errors</th><th>Check fails</th><th class=\"l\">Last check</th><th>Since change</th>\
+         <th>Sess/s, 5 min</th><th>Bytes/s</th>{}</tr>",
+        if writes { "<th>Action</th>" } else { "" }
     );
     for b in &f.backends {
-        backend_row(h, b);
+        backend_row(h, &f.name, b, writes && !f.removed);
     }
     let sum = |g: fn(&BackendStatus) -> u64| f.backends.iter().map(g).sum::<u64>();
     let _ = write!(
         h,
         "<tr class=\"total\"><td class=\"l\">Total</td><td class=\"l\"></td><td class=\"l\"></td>\
-         <td></td><td></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-         <td>{}</td><td>{}</td><td class=\"l\"></td><td></td></tr></table>",
+         <td></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+         <td>{}</td><td>{}</td><td class=\"l\"></td><td></td>\
+         <td></td><td></td>{}</tr></table>",
         sum(|b| b.active),
+        rate(r.sessions_per_second),
+        byte_rate(r.bytes_in_per_second),
+        byte_rate(r.bytes_out_per_second),
+        rate(r.errors_per_second),
         sum(|b| b.connections_total),
         sum(|b| b.connect_failures_total),
-        sum(|b| b.retries_total),
-        bytes(sum(|b| b.bytes_in_total)),
-        bytes(sum(|b| b.bytes_out_total)),
         sum(|b| b.check_failures_total),
-        sum(|b| b.state_changes_total),
+        if writes { "<td></td>" } else { "" }
     );
 }
 
-fn backend_row(h: &mut String, b: &BackendStatus) {
+fn backend_row(h: &mut String, frontend: &str, b: &BackendStatus, writes: bool) {
     let check = match &b.last_check {
         None => "-".to_string(),
         Some(c) => {
@@ -178,28 +296,59 @@ fn backend_row(h: &mut String, b: &BackendStatus) {
             t
         }
     };
+    let shown = if b.state == b.health || b.state == "backup" {
+        b.state.to_string()
+    } else {
+        // Drained or in maintenance: say what the checks think too.
+        format!("{} ({})", b.state, b.health)
+    };
+    let mut weight = if b.weight == b.configured_weight {
+        b.weight.to_string()
+    } else {
+        format!("{} (cfg {})", b.weight, b.configured_weight)
+    };
+    if b.effective_weight < f64::from(b.weight) {
+        // In slow start.
+        let _ = write!(weight, ", now {}", trim_float(b.effective_weight));
+    }
+    let r = &b.rates;
     let _ = write!(
         h,
         "<tr class=\"{state}\"><td class=\"l\">{}</td><td class=\"l\">{}</td>\
-         <td class=\"l\">{state}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-         <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"chk\">{}</td>\
-         <td>{}</td></tr>",
+         <td class=\"l\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+         <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+         <td class=\"chk\">{}</td><td>{}</td>{}",
         esc(&b.name),
         esc(&b.address),
-        b.weight,
-        trim_float(b.effective_weight),
+        esc(&shown),
+        esc(&weight),
         b.active,
+        rate(r.sessions_per_second),
+        byte_rate(r.bytes_in_per_second),
+        byte_rate(r.bytes_out_per_second),
+        rate(r.errors_per_second),
         b.connections_total,
         b.connect_failures_total,
-        b.retries_total,
-        bytes(b.bytes_in_total),
-        bytes(b.bytes_out_total),
         b.check_failures_total,
-        b.state_changes_total,
         esc(&check),
         duration(b.seconds_since_change),
+        charts(r),
         state = b.state,
     );
+    if writes {
+        let target = format!("{}/{}", esc(frontend), esc(&b.name));
+        h.push_str("<td>");
+        for action in ["drain", "ready", "maint"] {
+            if b.admin_state != action {
+                let _ = write!(
+                    h,
+                    "<button data-state=\"{action}\" data-backend=\"{target}\">{action}</button>"
+                );
+            }
+        }
+        h.push_str("</td>");
+    }
+    h.push_str("</tr>");
 }
 
 /// Escapes text for HTML element content and attribute values.

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::history::{self, History, Rates};
 use super::ops::OpsState;
-use crate::backend::{BackendState, Snapshot};
+use crate::backend::{AdminMode, BackendState, Snapshot};
 use crate::config::Backend;
 use crate::worker::gate::Reason;
 use crate::worker::Shared;
@@ -52,6 +53,8 @@ pub struct FrontendStatus {
     /// Addresses actually bound (port 0 resolved).
     pub listen: Vec<String>,
     pub balance: &'static str,
+    /// False while the runtime API has it disabled (its listeners closed).
+    pub enabled: bool,
     /// True for a frontend a reload removed, listed while its backends drain.
     pub removed: bool,
     /// Ready for new clients (what `GET /ready/NAME` answers).
@@ -65,6 +68,8 @@ pub struct FrontendStatus {
     pub rejected_total: Rejected,
     /// Clients waiting for a slot (`max_connections`), as HAProxy's qcur, qmax and qtime.
     pub queue: Queue,
+    /// Over the last sample interval (2 s); the page's charts cover the last minutes.
+    pub rates: Rates,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -92,10 +97,18 @@ pub struct Queue {
 pub struct BackendStatus {
     pub name: String,
     pub address: String,
-    /// "up", "down", "backup" (an up backup server) or "draining".
+    /// "up", "down", "backup" (an up backup server), "drain" or "maint" (set through the
+    /// runtime API) or "draining" (removed by a reload, connections still open).
     pub state: &'static str,
+    /// What the runtime API set: "ready", "drain" or "maint".
+    pub admin_state: &'static str,
+    /// "up" or "down": the health verdict, whatever the operator set.
+    pub health: &'static str,
     pub backup: bool,
+    /// The weight in force (a runtime one, if set).
     pub weight: u32,
+    /// The weight in the config.
+    pub configured_weight: u32,
     /// Weight after the slow-start ramp; equals `weight` once the ramp is over.
     pub effective_weight: f64,
     pub active: u64,
@@ -108,6 +121,8 @@ pub struct BackendStatus {
     pub state_changes_total: u64,
     pub last_check: Option<LastCheck>,
     pub seconds_since_change: f64,
+    /// Over the last sample interval (2 s); the page's charts cover the last minutes.
+    pub rates: Rates,
 }
 
 #[derive(Debug, Serialize)]
@@ -116,11 +131,13 @@ pub struct LastCheck {
     pub duration_ms: Option<u64>,
 }
 
-/// The state word shown for a backend; draining wins over the health verdict, because a
-/// draining backend takes no new connections whatever its health.
+/// The state word shown for a backend; draining and the operator's drain and maint win over
+/// the health verdict, because such a backend takes no new connections whatever its health.
 pub fn state_word(config: &Backend, state: &BackendState) -> &'static str {
     if state.is_draining() {
         "draining"
+    } else if state.admin_mode() != AdminMode::Ready {
+        state.admin_mode().as_str()
     } else if !state.is_up() {
         "down"
     } else if config.backup {
@@ -130,7 +147,7 @@ pub fn state_word(config: &Backend, state: &BackendState) -> &'static str {
     }
 }
 
-fn backend_status(config: &Backend, s: &BackendState) -> BackendStatus {
+fn backend_status(config: &Backend, s: &BackendState, rates: Rates) -> BackendStatus {
     let check = s.check.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let last_check = if check.last_result.is_some() || check.last_duration_ms.is_some() {
         Some(LastCheck {
@@ -149,8 +166,13 @@ fn backend_status(config: &Backend, s: &BackendState) -> BackendStatus {
         name: config.name.clone(),
         address: config.address.to_string(),
         state: state_word(config, s),
+        admin_state: s.admin_mode().as_str(),
+        health: if s.is_up() { "up" } else { "down" },
         backup: config.backup,
         weight: config.weight,
+        configured_weight: s
+            .peek_runtime_weight()
+            .map_or(config.weight, |w| w.configured),
         // `effective_weight_milli` is in thousandths of a weight unit.
         effective_weight: s.effective_weight_milli(config.weight) as f64 / 1000.0,
         active: s.active.load(Ordering::Relaxed),
@@ -163,6 +185,7 @@ fn backend_status(config: &Backend, s: &BackendState) -> BackendStatus {
         state_changes_total: s.state_changes_total.load(Ordering::Relaxed),
         last_check,
         seconds_since_change: round_ms(since),
+        rates,
     }
 }
 
@@ -171,7 +194,7 @@ fn round_ms(d: Duration) -> f64 {
 }
 
 /// Builds the whole status view.
-pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState) -> Status {
+pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState, hist: &History) -> Status {
     let mut listeners: HashMap<String, Vec<String>> = HashMap::new();
     for (f, a) in ops.listeners() {
         listeners.entry(f).or_default().push(a.to_string());
@@ -187,6 +210,7 @@ pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState) -> Status {
                 name: fe.config.name.clone(),
                 listen: listeners.remove(&fe.config.name).unwrap_or_default(),
                 balance: fe.config.balance.as_str(),
+                enabled: !st.disabled.load(Ordering::Relaxed),
                 removed: false,
                 ready: crate::announce::is_ready(fe, ops.stopping.load(Ordering::Relaxed)),
                 maglev_fingerprint: fe.fingerprint(),
@@ -207,10 +231,14 @@ pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState) -> Status {
                     max: st.gate.queue.max.load(Ordering::Relaxed),
                     time_seconds: st.gate.queue.qtime_seconds(),
                 },
+                rates: hist.rates(&history::frontend_key(&fe.config.name)),
                 backends: fe
                     .backends
                     .iter()
-                    .map(|b| backend_status(&b.config, &b.state))
+                    .map(|b| {
+                        let key = history::backend_key(&fe.config.name, &b.config.name);
+                        backend_status(&b.config, &b.state, hist.rates(&key))
+                    })
                     .collect(),
             }
         })
@@ -218,13 +246,14 @@ pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState) -> Status {
     // Backends a reload removed appear under their frontend while they drain; a frontend
     // that was removed altogether is listed (marked removed) until its last one is done.
     for d in ops.draining() {
-        let row = backend_status(&d.config, &d.state);
+        let row = backend_status(&d.config, &d.state, Rates::default());
         match frontends.iter_mut().find(|f| f.name == d.state.frontend) {
             Some(f) => f.backends.push(row),
             None => frontends.push(FrontendStatus {
                 name: d.state.frontend.clone(),
                 listen: Vec::new(),
                 balance: "",
+                enabled: false,
                 removed: true,
                 ready: false,
                 maglev_fingerprint: None,
@@ -232,6 +261,7 @@ pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState) -> Status {
                 accepted_total: 0,
                 rejected_total: Rejected::default(),
                 queue: Queue::default(),
+                rates: Rates::default(),
                 backends: vec![row],
             }),
         }

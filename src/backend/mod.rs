@@ -10,6 +10,6 @@ mod state;
 
 pub use snapshot::{BackendRef, FrontendSnap, Published, Snapshot};
 pub use state::{
-    pace_clock_ms, pace_ms_at, ActiveGuard, BackendCounts, BackendState, CacheLine, FrontendCounts,
-    FrontendState, Registry,
+    pace_clock_ms, pace_ms_at, ActiveGuard, AdminMode, BackendCounts, BackendState, CacheLine,
+    FrontendCounts, FrontendState, Registry, RuntimeWeight,
 };

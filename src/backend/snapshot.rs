@@ -49,9 +49,15 @@ impl FrontendSnap {
         let backends: Vec<BackendRef> = config
             .backends
             .iter()
-            .map(|b| BackendRef {
-                config: b.clone(),
-                state: registry.backend(&config.name, b),
+            .map(|b| {
+                let state = registry.backend(&config.name, b);
+                let mut config = b.clone();
+                // A weight set through the runtime API reaches every selector here: the
+                // schedule and the table below are built from these configs.
+                if let Some(w) = state.runtime_weight(b.weight) {
+                    config.weight = w;
+                }
+                BackendRef { config, state }
             })
             .collect();
         let primary: Vec<usize> = (0..backends.len())
@@ -131,5 +137,38 @@ impl Snapshot {
 
     pub fn frontend(&self, name: &str) -> Option<&Arc<FrontendSnap>> {
         self.frontends.get(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::RuntimeWeight;
+
+    fn config(weight: u32) -> Arc<Config> {
+        let toml = format!(
+            "[[frontend]]\nname = \"f\"\nlisten = [\"127.0.0.1:1\"]\n\
+             [[frontend.backend]]\nname = \"a\"\naddress = \"127.0.0.1:2\"\nweight = {weight}\n"
+        );
+        Arc::new(Config::parse(&toml, "t").unwrap())
+    }
+
+    #[test]
+    fn a_runtime_weight_is_built_in_until_the_configured_weight_changes() {
+        let mut registry = Registry::default();
+        let snap = Snapshot::build(config(2), &mut registry, 1);
+        snap.frontends["f"].backends[0]
+            .state
+            .set_runtime_weight(Some(RuntimeWeight {
+                weight: 50,
+                configured: 2,
+            }));
+        let snap = Snapshot::build(config(2), &mut registry, 2);
+        assert_eq!(snap.frontends["f"].backends[0].config.weight, 50);
+        // The operator edited the file: the file wins, and the runtime weight is gone.
+        let snap = Snapshot::build(config(3), &mut registry, 3);
+        assert_eq!(snap.frontends["f"].backends[0].config.weight, 3);
+        let snap = Snapshot::build(config(2), &mut registry, 4);
+        assert_eq!(snap.frontends["f"].backends[0].config.weight, 2);
     }
 }

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,71 @@ use crate::config::{Backend, Config};
 
 /// Full weight in the slow-start ramp, in thousandths.
 pub const FULL_RAMP: u32 = 1000;
+
+/// What an operator set through the runtime API (HAProxy's READY / DRAIN / MAINT). Kept in
+/// the backend's live state, so a reload that keeps the backend keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdminMode {
+    /// Takes connections as its health allows.
+    #[default]
+    Ready,
+    /// No new connections; established ones finish. Health checks go on.
+    Drain,
+    /// No new connections and no health checks.
+    Maint,
+}
+
+impl AdminMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminMode::Ready => "ready",
+            AdminMode::Drain => "drain",
+            AdminMode::Maint => "maint",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AdminMode> {
+        match s {
+            "ready" => Some(AdminMode::Ready),
+            "drain" => Some(AdminMode::Drain),
+            "maint" => Some(AdminMode::Maint),
+            _ => None,
+        }
+    }
+
+    /// The value of the `ringlb_backend_admin_state` gauge.
+    pub fn gauge(self) -> f64 {
+        match self {
+            AdminMode::Ready => 0.0,
+            AdminMode::Drain => 1.0,
+            AdminMode::Maint => 2.0,
+        }
+    }
+
+    fn from_u8(v: u8) -> AdminMode {
+        match v {
+            1 => AdminMode::Drain,
+            2 => AdminMode::Maint,
+            _ => AdminMode::Ready,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            AdminMode::Ready => 0,
+            AdminMode::Drain => 1,
+            AdminMode::Maint => 2,
+        }
+    }
+}
+
+/// A weight set through the runtime API, and the configured weight it replaced: a reload
+/// that changes the configured weight is the newer intent and drops the runtime one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuntimeWeight {
+    pub weight: u32,
+    pub configured: u32,
+}
 
 /// What the last active check found, for /status and metrics.
 #[derive(Debug, Clone, Default)]
@@ -60,6 +125,8 @@ pub struct BackendState {
     up: AtomicBool,
     /// Set by a reload that removed this backend: no new connections, existing ones drain.
     draining: AtomicBool,
+    /// [`AdminMode`] as a byte: anything but ready takes no new connections.
+    admin: AtomicU8,
     /// Slow-start ramp in thousandths of the configured weight ([`FULL_RAMP`] = full).
     ramp: AtomicU32,
     /// Incremented to ask every connection through this backend to close; each connection
@@ -102,6 +169,8 @@ pub struct BackendState {
     pub hedges_won_total: AtomicU64,
     pub last_change: Mutex<Instant>,
     pub check: Mutex<CheckRecord>,
+    /// Read only when a snapshot is built (control thread), never on a pick.
+    runtime_weight: Mutex<Option<RuntimeWeight>>,
 }
 
 impl BackendState {
@@ -113,6 +182,7 @@ impl BackendState {
             address: b.address,
             up: AtomicBool::new(b.health.initial_up),
             draining: AtomicBool::new(false),
+            admin: AtomicU8::new(0),
             ramp: AtomicU32::new(FULL_RAMP),
             active: CacheLine(AtomicU64::new(0)),
             counts: PerWorker::default(),
@@ -132,6 +202,7 @@ impl BackendState {
             hedges_won_total: AtomicU64::new(0),
             last_change: Mutex::new(Instant::now()),
             check: Mutex::new(CheckRecord::default()),
+            runtime_weight: Mutex::new(None),
         }
     }
 
@@ -151,10 +222,74 @@ impl BackendState {
         self.counts.sum(|c| &c.bytes_out)
     }
 
-    /// Up and not draining: may receive new connections.
+    /// Up, not removed by a reload and ready: may receive new connections.
     #[inline]
     pub fn is_usable(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+            && !self.draining.load(Ordering::Relaxed)
+            && self.admin.load(Ordering::Relaxed) == 0
+    }
+
+    /// Up and not removed by a reload, whatever the operator set: Maglev keeps such a backend
+    /// in its table while it is drained or in maintenance, so that its clients walk on to the
+    /// next entry and come back to it when it is ready, and nobody else's placement moves.
+    pub fn is_placeable(&self) -> bool {
         self.up.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn admin_mode(&self) -> AdminMode {
+        AdminMode::from_u8(self.admin.load(Ordering::Relaxed))
+    }
+
+    /// Sets the operator's mode; returns the previous one. Counts as a state change (the
+    /// status page's "since last change").
+    pub fn set_admin_mode(&self, mode: AdminMode) -> AdminMode {
+        let old = AdminMode::from_u8(self.admin.swap(mode.to_u8(), Ordering::Relaxed));
+        if old != mode {
+            *self.last_change.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+        old
+    }
+
+    /// The runtime weight, if one is set over `configured`. One set over another configured
+    /// weight (a reload changed it since) is dropped and `None` returned.
+    pub fn runtime_weight(&self, configured: u32) -> Option<u32> {
+        let mut w = self
+            .runtime_weight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match *w {
+            Some(rw) if rw.configured == configured => Some(rw.weight),
+            Some(rw) => {
+                crate::info!(
+                    "Server {}/{}: configured weight changed from {} to {configured}; \
+                     runtime weight {} dropped",
+                    self.frontend,
+                    self.name,
+                    rw.configured,
+                    rw.weight
+                );
+                *w = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The runtime weight as set, without checking it against the configured weight.
+    pub fn peek_runtime_weight(&self) -> Option<RuntimeWeight> {
+        *self
+            .runtime_weight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets (or with `None` clears) the runtime weight.
+    pub fn set_runtime_weight(&self, w: Option<RuntimeWeight>) {
+        *self
+            .runtime_weight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = w;
     }
 
     pub fn is_up(&self) -> bool {
@@ -394,6 +529,8 @@ pub struct FrontendState {
     pub rejected_local_total: AtomicU64,
     /// No backend could be reached (all down, or every attempt failed).
     pub rejected_no_backend_total: AtomicU64,
+    /// Set through the runtime API: the frontend's listeners are closed until enabled again.
+    pub disabled: AtomicBool,
     /// Set once the "has no server available" line was logged, cleared when one returns.
     pub no_server_logged: AtomicBool,
     /// Outcomes of the `on_ready` / `on_unready` commands.
@@ -420,6 +557,7 @@ impl Default for FrontendState {
             rejected_limit_total: AtomicU64::new(0),
             rejected_local_total: AtomicU64::new(0),
             rejected_no_backend_total: AtomicU64::new(0),
+            disabled: AtomicBool::new(false),
             no_server_logged: AtomicBool::new(false),
             announce: Arc::default(),
             gate: Default::default(),
@@ -493,6 +631,30 @@ impl Registry {
 
     pub fn backends(&self) -> impl Iterator<Item = &Arc<BackendState>> {
         self.backends.values()
+    }
+
+    /// The live state of a configured backend, by frontend and backend name.
+    pub fn find_backend(&self, frontend: &str, name: &str) -> Option<&Arc<BackendState>> {
+        self.backends
+            .iter()
+            .find(|((f, n, _), _)| f == frontend && n == name)
+            .map(|(_, s)| s)
+    }
+
+    /// The live state of a frontend, if configured.
+    pub fn find_frontend(&self, name: &str) -> Option<&Arc<FrontendState>> {
+        self.frontends.get(name)
+    }
+
+    pub fn frontends(&self) -> impl Iterator<Item = (&String, &Arc<FrontendState>)> {
+        self.frontends.iter()
+    }
+
+    /// Whether the runtime API disabled `frontend`.
+    pub fn frontend_disabled(&self, frontend: &str) -> bool {
+        self.frontends
+            .get(frontend)
+            .is_some_and(|f| f.disabled.load(Ordering::Relaxed))
     }
 }
 

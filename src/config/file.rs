@@ -43,6 +43,10 @@ pub struct FileAdmin {
     pub listen: Option<String>,
     /// The admin listener refuses non-loopback addresses unless this is true.
     pub allow_public: Option<bool>,
+    /// A file holding the bearer token that runtime API writes must present.
+    pub token_file: Option<String>,
+    /// Where the runtime API's changes are saved, to survive a restart.
+    pub state_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -22,6 +22,7 @@ pub use check::{HttpProbe, Pattern, Probe, SendExpect, StatusRange};
 pub use diff::{diff, BackendChange, ConfigDiff, FrontendChange};
 pub use duration::{format_duration, parse_duration};
 pub use log::{ConnLog, LogFormat, LogTarget, SinkSpec, SyslogFormat};
+pub use validate::DEFAULT_ADMIN_LISTEN;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -88,6 +89,20 @@ pub struct Admin {
     /// `None` when the config says `listen = ""` (admin listener disabled).
     pub listen: Option<SocketAddr>,
     pub allow_public: bool,
+    /// The runtime API's bearer token, read from `token_file` when the config is loaded.
+    pub token: Option<Token>,
+    pub token_file: Option<std::path::PathBuf>,
+    pub state_file: Option<std::path::PathBuf>,
+}
+
+/// A secret that never shows in a `Debug` print (a config is logged in diffs and errors).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -75,7 +75,12 @@ static GLOBAL: Table = Table {
 
 static ADMIN: Table = Table {
     header: "[admin]",
-    keys: &[("listen", Kind::Str), ("allow_public", Kind::Bool)],
+    keys: &[
+        ("listen", Kind::Str),
+        ("allow_public", Kind::Bool),
+        ("token_file", Kind::Str),
+        ("state_file", Kind::Str),
+    ],
 };
 
 static FRONTEND: Table = Table {

@@ -15,7 +15,7 @@ use super::file::{FileBackend, FileConfig, FileFrontend, FileHealth, FileWorkers
 use super::problem::{At, Problem};
 use super::{
     Admin, Backend, Balance, Config, ConnectHedge, Frontend, Global, HashKey, Health, HostLookup,
-    IoMode, OnMarkedDown, ProxyVersion, RelayMode,
+    IoMode, OnMarkedDown, ProxyVersion, RelayMode, Token,
 };
 
 mod traffic;
@@ -321,10 +321,65 @@ fn validate_admin(file: &FileConfig, out: &mut Vec<Problem>) -> Admin {
             }
         }
     };
+    let token_file = a
+        .and_then(|a| a.token_file.as_deref())
+        .map(std::path::PathBuf::from);
+    let token = token_file.as_ref().and_then(|path| match read_token(path) {
+        Ok(text) if text.trim().is_empty() => {
+            p.push(
+                "token_file",
+                format!("{} is empty; put the bearer token in it", path.display()),
+            );
+            None
+        }
+        Ok(text) if text.trim().chars().any(|c| !c.is_ascii_graphic()) => {
+            p.push(
+                "token_file",
+                format!(
+                    "{}: the token must be one word of printable ASCII",
+                    path.display()
+                ),
+            );
+            None
+        }
+        Ok(text) => Some(Token(text.trim().to_string())),
+        Err(e) => {
+            p.push("token_file", format!("cannot read {}: {e}", path.display()));
+            None
+        }
+    });
+    let state_file = a
+        .and_then(|a| a.state_file.as_deref())
+        .map(std::path::PathBuf::from);
+    if let Some(path) = &state_file {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        if path.file_name().is_none() {
+            p.push(
+                "state_file",
+                format!("{} is not a file name", path.display()),
+            );
+        } else if !dir.is_dir() {
+            p.push(
+                "state_file",
+                format!("directory {} does not exist", dir.display()),
+            );
+        }
+    }
     Admin {
         listen,
         allow_public,
+        token,
+        token_file,
+        state_file,
     }
+}
+
+#[allow(clippy::disallowed_methods)]
+fn read_token(path: &std::path::Path) -> std::io::Result<String> {
+    std::fs::read_to_string(path)
 }
 
 fn valid_name(name: &str) -> bool {

@@ -84,6 +84,12 @@ pub async fn run<C: HealthCheck>(
                 continue;
             }
         }
+        // In maintenance (runtime API) checks are paused, as HAProxy's MAINT pauses them; the
+        // verdict stays as it was and probing resumes within an interval of `ready`.
+        if state.admin_mode() == crate::backend::AdminMode::Maint {
+            wait = h.interval;
+            continue;
+        }
         let outcome = check.check(addr, h.timeout, &h.probe).await;
         if let CheckResult::LocalError(code) = outcome.result {
             // Says nothing about the backend: neither a pass nor a failure. Probe again soon.

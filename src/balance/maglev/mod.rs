@@ -36,13 +36,16 @@ pub struct MaglevSelector {
 }
 
 impl MaglevSelector {
-    /// Builds the table over the members of `members` that are usable now. Called on the
-    /// control thread whenever the snapshot is rebuilt (reload, health transition).
+    /// Builds the table over the members of `members` that are placeable now (up and
+    /// configured; drained or in maintenance or not). Called on the control thread whenever
+    /// the snapshot is rebuilt (reload, health transition, runtime API). A drained backend
+    /// stays in the table and `select` skips it to the next entry, so only its own clients
+    /// move, and they come back when it is ready again.
     pub fn new(frontend: &Frontend, backends: &[BackendRef], members: &[usize]) -> MaglevSelector {
         let usable: Vec<usize> = members
             .iter()
             .copied()
-            .filter(|&i| backends[i].state.is_usable())
+            .filter(|&i| backends[i].state.is_placeable())
             .collect();
         let placed: Vec<Member<'_>> = usable
             .iter()
