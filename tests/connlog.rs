@@ -10,7 +10,7 @@ mod common;
 use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
@@ -831,4 +831,60 @@ fn a_full_filesystem_drops_and_counts_lines_and_logging_resumes_when_space_retur
         one_through(&lb, "web", 5);
         metric(&lb, "ringlb_log_lines_total") > written
     }));
+}
+
+/// A backend that accepts and then runs `each` on every connection in a thread of its own.
+fn backend_doing(each: fn(TcpStream)) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || each(s));
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_client_silent_for_client_timeout_is_cut_lowercase_cd_though_the_backend_talks() {
+    // Writes a byte every 50 ms until the connection goes.
+    let talker = backend_doing(|mut s| {
+        while s.write_all(b".").is_ok() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let dir = TempDir::new();
+    let (lb, log) = start(&dir, "client_timeout = \"400ms\"", &[("a", talker, "")]);
+    let start = Instant::now();
+    let mut s = TcpStream::connect(lb.addr("web")).unwrap();
+    wait_closed(&mut s);
+    assert!(start.elapsed() >= Duration::from_millis(400), "cut early");
+    let v = &wait_lines(&log, 1)[0];
+    assert_eq!(v["termination"], "cD", "{v}");
+    assert_eq!(v["bytes_in"], 0, "{v}");
+    assert!(v["bytes_out"].as_u64().unwrap() > 0, "{v}");
+}
+
+#[test]
+fn a_backend_silent_for_server_timeout_is_cut_lowercase_sd_though_the_client_talks() {
+    // Reads everything, answers nothing.
+    let sink = backend_doing(|mut s| {
+        let mut buf = [0u8; 256];
+        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let dir = TempDir::new();
+    let (lb, log) = start(&dir, "server_timeout = \"400ms\"", &[("a", sink, "")]);
+    let start = Instant::now();
+    let mut s = TcpStream::connect(lb.addr("web")).unwrap();
+    let mut writer = s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        while writer.write_all(b".").is_ok() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    wait_closed(&mut s);
+    assert!(start.elapsed() >= Duration::from_millis(400), "cut early");
+    let v = &wait_lines(&log, 1)[0];
+    assert_eq!(v["termination"], "sD", "{v}");
+    assert_eq!(v["bytes_out"], 0, "{v}");
 }

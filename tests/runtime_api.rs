@@ -733,7 +733,8 @@ impl Browser {
         let mut bytes = serde_json::to_vec(&msg).unwrap();
         bytes.push(0);
         self.to.write_all(&bytes).unwrap();
-        let deadline = std::time::Instant::now() + SOON;
+        // Generous: a screenshot on a loaded 2-core machine can take many seconds.
+        let deadline = std::time::Instant::now() + 3 * SOON;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let v = self

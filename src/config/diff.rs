@@ -103,6 +103,10 @@ fn same_settings(a: &Frontend, b: &Frontend) -> bool {
         && a.log == b.log
         && a.traffic == b.traffic
         && a.drain_pace == b.drain_pace
+        && a.client_timeout == b.client_timeout
+        && a.server_timeout == b.server_timeout
+        && a.tcp_keepalive == b.tcp_keepalive
+        && a.source == b.source
 }
 
 /// Computes what changed from `old` to `new`. Backends are matched by name: a backend whose

@@ -177,6 +177,15 @@ pub struct Frontend {
     /// Close a backend's open connections spread over this window instead of all at once,
     /// when ringlb closes them (backend removed, marked down with shutdown-sessions, stop).
     pub drain_pace: Option<Duration>,
+    /// Close a connection whose client has sent nothing for this long (HAProxy's `timeout
+    /// client`, counted on what the client sends).
+    pub client_timeout: Option<Duration>,
+    /// Close a connection whose backend has sent nothing for this long (`timeout server`).
+    pub server_timeout: Option<Duration>,
+    /// TCP keepalive probes on client and backend sockets after this much silence.
+    pub tcp_keepalive: Option<Duration>,
+    /// The local address backend connections are made from (HAProxy's `source`).
+    pub source: Option<std::net::IpAddr>,
     pub backends: Vec<Backend>,
 }
 

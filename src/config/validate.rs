@@ -514,6 +514,30 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         }
     };
     let drain_pace = p.opt_positive_duration("drain_pace", &ff.drain_pace);
+    let client_timeout = p.opt_positive_duration("client_timeout", &ff.client_timeout);
+    let server_timeout = p.opt_positive_duration("server_timeout", &ff.server_timeout);
+    let tcp_keepalive = p.opt_positive_duration("tcp_keepalive", &ff.tcp_keepalive);
+    if tcp_keepalive.is_some_and(|k| k < Duration::from_secs(1)) {
+        p.push(
+            "tcp_keepalive",
+            "must be at least 1s (TCP keepalive counts whole seconds)",
+        );
+    }
+    let source = match ff.source.as_deref() {
+        None => None,
+        Some(text) => {
+            match text.parse::<std::net::IpAddr>() {
+                Ok(ip) => Some(ip),
+                Err(_) => {
+                    p.push(
+                    "source",
+                    format!("\"{text}\" is not an IP address (like \"10.0.0.5\" or \"2001:db8::5\")"),
+                );
+                    None
+                }
+            }
+        }
+    };
     let slow_start = p.duration("slow_start", &ff.slow_start, Duration::ZERO);
     let send_proxy = proxy_version(&ff.send_proxy, None, p);
     let on_ready = command(&ff.on_ready, "on_ready", p);
@@ -560,6 +584,21 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
             backends.push(b);
         }
     }
+    if let Some(ip) = source {
+        for b in &backends {
+            if b.address.is_ipv4() != ip.is_ipv4() {
+                p.push(
+                    "source",
+                    format!(
+                        "{ip} cannot reach backend \"{}\" at {}: the source and the backend \
+                         must both be IPv4 or both IPv6",
+                        b.name, b.address
+                    ),
+                );
+                break;
+            }
+        }
+    }
     if balance == Balance::Maglev && backends.len() > maglev_table_size {
         p.push(
             "maglev_table_size",
@@ -586,6 +625,10 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         log,
         traffic,
         drain_pace,
+        client_timeout,
+        server_timeout,
+        tcp_keepalive,
+        source,
         backends,
     })
 }

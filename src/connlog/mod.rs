@@ -74,9 +74,13 @@ pub enum Outcome {
 pub fn termination(o: Outcome) -> [u8; 2] {
     match o {
         Outcome::Relayed {
-            cut: Some(Cut::Idle),
+            cut: Some(Cut::Idle | Cut::ClientTimeout),
             ..
         } => *b"cD",
+        Outcome::Relayed {
+            cut: Some(Cut::ServerTimeout),
+            ..
+        } => *b"sD",
         // A backend marked down with `shutdown-sessions` (D), else an operator's or a
         // reload's kill (K).
         Outcome::Relayed {

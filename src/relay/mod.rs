@@ -52,7 +52,10 @@ pub trait Conn: AsRawFd + AsFd + 'static {
 /// Per-connection activity, read by the worker's connection table (idle timeout, byte counts).
 #[derive(Debug)]
 pub struct Meter {
-    pub last_activity: Cell<Instant>,
+    /// When the client last sent bytes (the start, before it has).
+    pub last_up: Cell<Instant>,
+    /// When the backend last sent bytes.
+    pub last_down: Cell<Instant>,
     /// Client to backend.
     pub bytes_up: Cell<u64>,
     /// Backend to client.
@@ -61,11 +64,20 @@ pub struct Meter {
 
 impl Meter {
     pub fn new() -> Meter {
+        let now = Instant::now();
         Meter {
-            last_activity: Cell::new(Instant::now()),
+            last_up: Cell::new(now),
+            last_down: Cell::new(now),
             bytes_up: Cell::new(0),
             bytes_down: Cell::new(0),
         }
+    }
+}
+
+impl Meter {
+    /// When anything last moved, either way.
+    pub fn last_activity(&self) -> Instant {
+        self.last_up.get().max(self.last_down.get())
     }
 }
 
@@ -149,7 +161,16 @@ pub async fn relay<S: Conn>(
             }
         };
         let r = match sent {
-            Ok(readable) => pump(client, server, &meter.bytes_up, meter, mode, readable).await,
+            Ok(readable) => {
+                pump(
+                    client,
+                    server,
+                    (&meter.bytes_up, &meter.last_up),
+                    mode,
+                    readable,
+                )
+                .await
+            }
             Err(e) => Err(e),
         };
         how.set(how.get().with(r, Side::Client, Side::Server));
@@ -158,7 +179,14 @@ pub async fn relay<S: Conn>(
         }
     };
     let down = async {
-        let r = pump(server, client, &meter.bytes_down, meter, mode, false).await;
+        let r = pump(
+            server,
+            client,
+            (&meter.bytes_down, &meter.last_down),
+            mode,
+            false,
+        )
+        .await;
         how.set(how.get().with(r, Side::Server, Side::Client));
         if r.is_err() {
             end_both(client, server);
@@ -216,8 +244,7 @@ pub fn end_both(client: &impl AsRawFd, server: &impl AsRawFd) {
 async fn pump<S: Conn>(
     from: &S,
     to: &S,
-    bytes: &Cell<u64>,
-    meter: &Meter,
+    (bytes, last): (&Cell<u64>, &Cell<Instant>),
     mode: RelayMode,
     mut readable: bool,
 ) -> Result<(), Fault> {
@@ -250,7 +277,7 @@ async fn pump<S: Conn>(
                 }
                 Step::Moved { n, more } => {
                     bytes.set(bytes.get() + n as u64);
-                    meter.last_activity.set(Instant::now());
+                    last.set(Instant::now());
                     if mode == RelayMode::SpliceAuto {
                         splicing = if splicing { n >= SPLICE_BULK } else { more };
                     }

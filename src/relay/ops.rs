@@ -72,7 +72,10 @@ impl OneshotOutputTransform for ConnectDone {
 /// `worker::hedge`) and simply drops it to give up. Dropping it before it completes aborts
 /// the connect at once (see [`Connecting`]), so the fd is closed on the next completion the
 /// worker reaps, not when the kernel gives up on the SYN minutes later.
-pub async fn connect(addr: SocketAddr) -> Result<Socket, ConnectError> {
+pub async fn connect(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> Result<Socket, ConnectError> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking().cloexec(),
@@ -80,6 +83,9 @@ pub async fn connect(addr: SocketAddr) -> Result<Socket, ConnectError> {
     )
     .map_err(ConnectError::Io)?;
     socket.set_nodelay(true).map_err(ConnectError::Io)?;
+    if let Some(ip) = source {
+        super::sys::bind_source(&socket, ip).map_err(ConnectError::Io)?;
+    }
     let fd = socket.as_raw_fd();
     let addr = Box::new(SockAddr::from(addr));
     let sqe = opcode::Connect::new(types::Fd(fd), addr.as_ptr(), addr.len()).build();

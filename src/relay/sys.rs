@@ -65,3 +65,16 @@ pub fn pipe(size: usize) -> io::Result<(std::os::fd::OwnedFd, std::os::fd::Owned
     );
     Ok((r, w))
 }
+
+/// Binds a socket that is about to connect to the local address `ip` (`source`), leaving
+/// the port to connect() (IP_BIND_ADDRESS_NO_PORT): without it, bind would reserve a port
+/// for every connection and run out of them long before connect would.
+pub fn bind_source(s: &impl AsFd, ip: std::net::IpAddr) -> io::Result<()> {
+    let fd = s.as_fd();
+    // An IPv4 socket option; an IPv6 source binds with a port reserved, as without it.
+    if ip.is_ipv4() {
+        socket::setsockopt(&fd, socket::sockopt::IpBindAddressNoPort, &true)?;
+    }
+    let addr = socket::SockaddrStorage::from(std::net::SocketAddr::new(ip, 0));
+    Ok(socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?)
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::conns::Registration;
+use super::conns::{Registration, Timeouts};
 use super::gate::Reason;
 use super::io::Io;
 use super::local::Op;
@@ -340,6 +340,9 @@ async fn serve<I: Io>(
         let failure = match connected.result {
             Ok(server) => {
                 trace.connected();
+                if let Some(idle) = cfg.tcp_keepalive {
+                    keepalive(&client, &server, idle);
+                }
                 // The PROXY header goes first, before the backend or the client says anything.
                 if let Some(version) = backend.config.send_proxy {
                     if let Err(e) = Box::pin(send_proxy_header(
@@ -365,7 +368,7 @@ async fn serve<I: Io>(
                             client.as_raw_fd(),
                             server.as_raw_fd(),
                             ActiveGuard::new(backend.state.clone()),
-                            cfg.idle_timeout,
+                            Timeouts::of(cfg),
                         );
                         trace.relaying(&fe, &shared.active);
                         let ended =
@@ -466,5 +469,21 @@ struct CounterGuard<'a>(&'a std::sync::atomic::AtomicU64);
 impl Drop for CounterGuard<'_> {
     fn drop(&mut self) {
         per_worker::drop_one(self.0);
+    }
+}
+
+/// TCP keepalive on both sockets (`tcp_keepalive`): the first probe after `idle` of silence,
+/// then one every `idle / 4` (1 to 75 s); 4 unanswered end the connection. A failure here is
+/// not worth the connection: it goes on without keepalive, and says so at debug level.
+fn keepalive<S: relay::Conn>(client: &S, server: &S, idle: Duration) {
+    let every = (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(75));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(every)
+        .with_retries(4);
+    for s in [client, server] {
+        if let Err(e) = socket2::SockRef::from(s).set_tcp_keepalive(&ka) {
+            crate::debug!("tcp_keepalive: {e}");
+        }
     }
 }

@@ -45,6 +45,39 @@ pub enum Cut {
     Idle,
     /// The backend's kill switch flipped (shutdown-sessions, a drain limit).
     Killed,
+    /// The client sent nothing for `client_timeout`.
+    ClientTimeout,
+    /// The backend sent nothing for `server_timeout`.
+    ServerTimeout,
+}
+
+/// The silences after which the sweeper ends a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Nothing moved either way.
+    pub idle: Duration,
+    /// The client sent nothing (`client_timeout`).
+    pub client: Option<Duration>,
+    /// The backend sent nothing (`server_timeout`).
+    pub server: Option<Duration>,
+}
+
+impl Timeouts {
+    pub fn of(f: &crate::config::Frontend) -> Timeouts {
+        Timeouts {
+            idle: f.idle_timeout,
+            client: f.client_timeout,
+            server: f.server_timeout,
+        }
+    }
+
+    /// The shortest of them: the sweeper ticks at a fraction of it.
+    fn shortest(&self) -> Duration {
+        [self.client, self.server]
+            .into_iter()
+            .flatten()
+            .fold(self.idle, Duration::min)
+    }
 }
 
 /// What the table knows of one connection.
@@ -55,7 +88,7 @@ pub struct Record {
     /// The backend and its open-connection count, held for the connection's life.
     backend: ActiveGuard,
     kill_epoch: u64,
-    idle_timeout: Duration,
+    timeouts: Timeouts,
     /// Set once the sweeper has shut the sockets down (idle timeout or kill switch), so it
     /// does not do it again on every tick while the relay winds down; the connection log
     /// reads why.
@@ -104,10 +137,16 @@ impl Record {
             }
             return false;
         }
-        let idle =
-            now.saturating_duration_since(self.meter.last_activity.get()) >= self.idle_timeout;
-        if idle {
+        let silent =
+            |since: Instant, limit: Duration| now.saturating_duration_since(since) >= limit;
+        let m = &self.meter;
+        let t = &self.timeouts;
+        if silent(m.last_activity(), t.idle) {
             self.end_early(Cut::Idle);
+        } else if t.client.is_some_and(|c| silent(m.last_up.get(), c)) {
+            self.end_early(Cut::ClientTimeout);
+        } else if t.server.is_some_and(|s| silent(m.last_down.get(), s)) {
+            self.end_early(Cut::ServerTimeout);
         }
         killed && self.cut.get().is_none() && state.kill_due(self.kill_epoch, 0.0, now_ms)
     }
@@ -137,7 +176,7 @@ impl Registration {
         client: RawFd,
         server: RawFd,
         backend: ActiveGuard,
-        idle_timeout: Duration,
+        timeouts: Timeouts,
     ) -> Registration {
         let kill_epoch = backend.state().kill_epoch();
         let record = Rc::new(Record {
@@ -146,14 +185,15 @@ impl Registration {
             meter: Meter::new(),
             backend,
             kill_epoch,
-            idle_timeout,
+            timeouts,
             cut: Cell::new(None),
             flushed_up: Cell::new(0),
             flushed_down: Cell::new(0),
         });
         let key = TABLE.with(|t| {
-            if t.min_idle.get().is_none_or(|m| idle_timeout < m) {
-                t.min_idle.set(Some(idle_timeout));
+            let shortest = timeouts.shortest();
+            if t.min_idle.get().is_none_or(|m| shortest < m) {
+                t.min_idle.set(Some(shortest));
             }
             t.conns.borrow_mut().insert(record.clone())
         });

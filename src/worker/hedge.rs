@@ -97,7 +97,7 @@ pub async fn connect<I: Io>(
     };
     // One timer: the hedge delay, then A's deadline.
     let mut timer = pin!(sleep_until(hedge_at.unwrap_or(a_deadline)));
-    let a = Some(I::connect(fe.backends[first].config.address));
+    let a = Some(I::connect(fe.backends[first].config.address, cfg.source));
     // The hedge, its start and its own deadline; nothing is built unless it starts.
     let b = none_like(&a);
     let (mut a, mut b) = (pin!(a), pin!(b));
@@ -158,7 +158,10 @@ pub async fn connect<I: Io>(
                         .fetch_add(1, Ordering::Relaxed);
                     second = idx;
                     b_start = Instant::now();
-                    b.set(Some(I::connect(fe.backends[idx].config.address)));
+                    b.set(Some(I::connect(
+                        fe.backends[idx].config.address,
+                        cfg.source,
+                    )));
                     b_timer.set(Some(sleep_until(b_start + timeout)));
                 }
             }

@@ -27,7 +27,11 @@ pub trait Io: 'static {
     /// Connects a non-blocking, close-on-exec socket with TCP_NODELAY. No timeout of its
     /// own: the caller races it against its timers. Dropping the future unfinished must
     /// abort the connect and release its fd at once (a hedge's loser, a timed-out connect).
-    fn connect(addr: SocketAddr) -> impl Future<Output = Result<Self::Stream, ConnectError>>;
+    /// From the local address `source` when given (`source` in the config).
+    fn connect(
+        addr: SocketAddr,
+        source: Option<std::net::IpAddr>,
+    ) -> impl Future<Output = Result<Self::Stream, ConnectError>>;
     fn spawn(f: impl Future<Output = ()> + 'static);
     /// A connection accepted outside [`Io::accept`] (non-blocking, close-on-exec).
     fn stream(s: Socket) -> io::Result<Self::Stream>;
@@ -78,8 +82,11 @@ impl Io for Uring {
         }
     }
 
-    async fn connect(addr: SocketAddr) -> Result<Self::Stream, ConnectError> {
-        ops::connect(addr).await.map(Rc::new)
+    async fn connect(
+        addr: SocketAddr,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<Self::Stream, ConnectError> {
+        ops::connect(addr, source).await.map(Rc::new)
     }
 
     fn spawn(f: impl Future<Output = ()> + 'static) {
@@ -119,7 +126,10 @@ impl Io for Epoll {
         l.accept().await
     }
 
-    async fn connect(addr: SocketAddr) -> Result<Self::Stream, ConnectError> {
+    async fn connect(
+        addr: SocketAddr,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<Self::Stream, ConnectError> {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()
         } else {
@@ -127,6 +137,9 @@ impl Io for Epoll {
         }
         .map_err(ConnectError::Io)?;
         socket.set_nodelay(true).map_err(ConnectError::Io)?;
+        if let Some(ip) = source {
+            crate::relay::sys::bind_source(&socket, ip).map_err(ConnectError::Io)?;
+        }
         // Dropping the future closes the socket: nothing is left in flight.
         socket.connect(addr).await.map_err(ConnectError::Io)
     }
