@@ -123,13 +123,7 @@ pub async fn close_gracefully<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shar
                 // Past the cap if need be: these were accepted by the kernel already, and
                 // there are at most a listen queue's worth.
                 shared.active.fetch_add(1, Ordering::SeqCst);
-                I::spawn(serve::<I>(
-                    stream,
-                    peer,
-                    slot.clone(),
-                    shared.clone(),
-                    OpenSlot(shared.clone()),
-                ));
+                spawn_serve(stream, peer, &slot, &shared);
             }
             Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {}
             // Empty (or out of fds: what is left is reset by the close, as before).
@@ -195,14 +189,24 @@ pub async fn accept_loop<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shared>) 
         // until a connection closes, instead of being accepted and closed. The fd budget
         // leaves room for one such held connection per listener per worker.
         acquire_slot(&slot, &shared).await;
-        I::spawn(serve::<I>(
-            stream,
-            peer,
-            slot.clone(),
-            shared.clone(),
-            OpenSlot(shared.clone()),
-        ));
+        spawn_serve(stream, peer, &slot, &shared);
     }
+}
+
+/// Serves one accepted client on this worker; its `max_connections` slot is already taken.
+fn spawn_serve<I: Io>(
+    stream: I::Stream,
+    peer: SocketAddr,
+    slot: &Rc<ListenerSlot<I>>,
+    shared: &Arc<Shared>,
+) {
+    I::spawn(serve::<I>(
+        stream,
+        peer,
+        slot.clone(),
+        shared.clone(),
+        OpenSlot(shared.clone()),
+    ));
 }
 
 /// Takes one of the `max_connections` slots, waiting while there is none. If the listener
