@@ -7,6 +7,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::announce::Announcer;
 use crate::config::Config;
+use crate::discovery::Discovery;
 use crate::health::HealthChecks;
 use crate::server::{ReloadOutcome, Server, StartError};
 use crate::worker::DataEvent;
@@ -34,6 +35,8 @@ pub fn run(
         let (mut server, mut events) = Server::start(config, config_path)?;
         let (mut health, mut health_events) = HealthChecks::new();
         health.sync(&mut server);
+        let (mut discovery, mut discovered) = Discovery::new(server.discovery_stats.clone());
+        discovery.sync(&server.base);
         let admin = crate::admin::start(&server)?;
         let systemd = crate::systemd::start();
         on_started(&server);
@@ -57,6 +60,7 @@ pub fn run(
                     let outcome = server.reload();
                     if let ReloadOutcome::Applied(_) = outcome {
                         health.sync(&mut server);
+                        discovery.sync(&server.base);
                     }
                     admin.ops.record_reload(&outcome, &before, &server.snapshot(), server.bound_addresses());
                     server.check_foreign_listeners(admin.bound.get().copied());
@@ -66,6 +70,11 @@ pub fn run(
                 _ = announce_tick.tick() => announcer.tick(&server.snapshot(), false),
                 Some(ev) = events.recv() => handle_event(&mut server, &mut health, ev),
                 Some(ev) = health_events.recv() => health.handle(&mut server, ev),
+                Some(update) = discovered.recv() => {
+                    if crate::discovery::apply(&mut server, update) {
+                        health.sync(&mut server);
+                    }
+                }
             }
         }
         systemd.stopping();

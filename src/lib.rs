@@ -8,6 +8,8 @@
 //! - [`server`]: owns config, registry, workers and listeners; publishes snapshots; reloads.
 //! - [`backend`]: live backend state (kept across reloads) and the published snapshot.
 //! - [`balance`]: selection behind one trait: round robin, least-connections, Maglev.
+//! - [`discovery`]: backend groups from DNS (`discover`): async lookups, re-resolution, the
+//!   expansion of the config with what they found.
 //! - [`health`]: Layer4 checks on the control thread, passive health, slow start, the logs.
 //! - [`worker`]: per-core threads (tokio-uring, or the epoll fallback); SO_REUSEPORT listeners,
 //!   kept to ringlb's own sockets (`worker::listener`); accept -> pick -> connect -> relay;
@@ -37,6 +39,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod discovery;
 pub mod health;
 pub mod metrics;
 pub mod relay;

@@ -116,6 +116,15 @@ const PROCESS: Family = Family {
     ],
 };
 
+/// DNS discovery, one series per `discover` entry.
+const DISCOVERY: Family = Family {
+    counters: &[
+        ("ringlb_discovery_lookups_total", Some(("result", "ok"))),
+        ("ringlb_discovery_lookups_total", Some(("result", "failed"))),
+    ],
+    gauges: &["ringlb_discovery_addresses"],
+};
+
 /// Local errors (this host out of fds or memory), one series per operation and errno.
 const LOCAL: Family = Family {
     counters: &[("ringlb_local_errors_total", None)],
@@ -159,6 +168,8 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_relay_tails_in_use", "Small copies (at most 4 KiB) of the unsent bytes of sends waiting for a slow reader."),
     ("ringlb_relay_pipe_unavailable_total", "Chunks copied instead of spliced because no pipe could be had (per-worker pipe limit, or out of fds)."),
     ("ringlb_local_errors_total", "Errors of this host, not of any backend (EMFILE, ENFILE, ENOBUFS, ENOMEM), by operation (accept, connect, probe) and errno; never counted against a backend."),
+    ("ringlb_discovery_lookups_total", "DNS lookups of a discover entry, by result (failed: no answer, an error code, NXDOMAIN, a malformed or empty answer; the last good addresses are kept)."),
+    ("ringlb_discovery_addresses", "Addresses a discover entry found last (each one a backend)."),
     ("ringlb_start_time_seconds", "Unix time ringlb started (haproxy_process_start_time_seconds)."),
     ("ringlb_admin_connections_evicted_total", "Admin connections closed to make room for a newer one: the oldest still sending its request, else the oldest being answered."),
     ("ringlb_build_info", "Always 1; labels: version, io (io_uring or epoll, the workers' runtime) and relay (copy, splice or splice-auto) (haproxy_process_build_info)."),
@@ -195,6 +206,7 @@ pub struct Exporter {
     published: Published,
     shared: Arc<Shared>,
     ops: Arc<OpsState>,
+    discovery: Arc<crate::discovery::Stats>,
     table: Mutex<Table>,
 }
 
@@ -219,8 +231,15 @@ impl Exporter {
             published,
             shared,
             ops,
+            discovery: Arc::default(),
             table: Mutex::new(Table::default()),
         }
+    }
+
+    /// Exports the lookup counts of `discover` entries from `stats`.
+    pub fn with_discovery(mut self, stats: Arc<crate::discovery::Stats>) -> Exporter {
+        self.discovery = stats;
+        self
     }
 
     /// The Prometheus text exposition, with values fresh from the atomics.
@@ -276,6 +295,25 @@ impl Exporter {
             if t.series.get(&key).is_none_or(|s| s.seen_tick != t.tick) {
                 self.touch_backend(&mut t, &d.config, &d.state);
             }
+        }
+        for ((frontend, entry), st) in self.discovery.all() {
+            self.touch(
+                &mut t,
+                &DISCOVERY,
+                format!("d\0{frontend}\0{entry}"),
+                Arc::as_ptr(&st) as usize,
+                || {
+                    vec![
+                        Label::new("frontend", frontend.clone()),
+                        Label::new("discover", entry.clone()),
+                    ]
+                },
+                &[
+                    st.lookups_ok.load(Ordering::Relaxed),
+                    st.lookups_failed.load(Ordering::Relaxed),
+                ],
+                &[st.addresses.load(Ordering::Relaxed) as f64],
+            );
         }
         let ops = &self.ops;
         let pools = self.shared.pool_totals();

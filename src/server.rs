@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::backend::{BackendState, Published, Registry, Snapshot};
 use crate::config::{self, Config, ConfigError};
+use crate::discovery;
 use crate::worker::{
     self, budget,
     listener::{bind_reuseport, ForeignWatch},
@@ -71,6 +72,12 @@ pub struct Server {
     pub reloads_failed: u64,
     pub last_reload_ok: Option<std::time::SystemTime>,
     foreign: ForeignWatch,
+    /// The config as loaded, before `discover` entries are expanded; `config` is this
+    /// expanded with `discovered` (`discovery::expand`).
+    pub base: Arc<Config>,
+    /// The addresses each `discover` entry found last.
+    pub discovered: discovery::Found,
+    pub discovery_stats: Arc<discovery::Stats>,
 }
 
 impl Server {
@@ -113,6 +120,9 @@ impl Server {
             reloads_failed: 0,
             last_reload_ok: None,
             foreign: ForeignWatch::default(),
+            base: config.clone(),
+            discovered: discovery::Found::new(),
+            discovery_stats: Arc::default(),
         };
         crate::info!(
             "ringlb {} starting: {} workers on {io_name} ({} relay), {} frontends, \
@@ -227,6 +237,25 @@ impl Server {
     /// Applies a validated config: binds new listeners first (all or nothing), publishes the
     /// new snapshot, then closes removed listeners and drains removed backends.
     pub fn apply(&mut self, new: Config) -> ReloadOutcome {
+        let found = discovery::kept(&self.discovered, &new);
+        self.apply_expanded(new, found, true)
+    }
+
+    /// Applies the loaded config with a new set of discovered addresses.
+    pub fn apply_discovered(&mut self, found: discovery::Found) -> ReloadOutcome {
+        let base = (*self.base).clone();
+        self.apply_expanded(base, found, false)
+    }
+
+    /// Applies `base` expanded with `found` (see [`Server::apply`]); `reload` says whether
+    /// this is a new config file, whose warnings are then logged again.
+    fn apply_expanded(
+        &mut self,
+        base: Config,
+        found: discovery::Found,
+        reload: bool,
+    ) -> ReloadOutcome {
+        let new = discovery::expand(&base, &found);
         let d = config::diff(&self.config, &new);
         if d.is_empty() {
             return ReloadOutcome::Unchanged;
@@ -263,8 +292,12 @@ impl Server {
         // 2. Publish the new topology; removed backends start draining.
         let removed = self.registry.retain(&new);
         self.config = Arc::new(new);
+        self.base = Arc::new(base);
+        self.discovered = found;
         let fds = budget::plan(&self.config, self.fd_limit);
-        fds.warn_if_lowered(self.config.global.max_connections);
+        if reload {
+            fds.warn_if_lowered(self.config.global.max_connections);
+        }
         self.shared
             .max_connections
             .store(fds.max_connections, Ordering::Relaxed);

@@ -672,7 +672,13 @@ fn every_metric_in_docs_metrics_md_is_exported_and_every_exported_one_is_documen
         })
         .collect();
     let b = Backend::start("a1", Behaviour::Echo);
-    let lb = Ringlb::start(&(global_toml("") + &frontend_toml("web", "", &[("a1", b.addr, "")])));
+    // A discover entry, so that the discovery series exist (its lookups are refused).
+    let discover = "\n[[frontend.backend]]\nname = \"d\"\ndiscover = \"tasks.web:80\"\n";
+    let lb = Ringlb::start(
+        &(global_toml("resolvers = [\"127.0.0.1:9\"]")
+            + &frontend_toml("web", "", &[("a1", b.addr, "")])
+            + discover),
+    );
     let exported: std::collections::BTreeSet<String> = scrape(lb.admin.unwrap())
         .keys()
         .map(|series| series.split('{').next().unwrap().to_string())

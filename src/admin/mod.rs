@@ -49,11 +49,10 @@ pub struct AdminState {
 /// `admin listening on ADDR (up to N connections at once)` once bound.
 pub fn start(server: &Server) -> Result<Arc<AdminState>, StartError> {
     let ops = Arc::new(OpsState::new(server.bound_addresses()));
-    let exporter = Arc::new(Exporter::new(
-        server.published.clone(),
-        server.shared.clone(),
-        ops.clone(),
-    ));
+    let exporter = Arc::new(
+        Exporter::new(server.published.clone(), server.shared.clone(), ops.clone())
+            .with_discovery(server.discovery_stats.clone()),
+    );
     let state = Arc::new(AdminState {
         published: server.published.clone(),
         shared: server.shared.clone(),

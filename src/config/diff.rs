@@ -99,6 +99,7 @@ fn same_settings(a: &Frontend, b: &Frontend) -> bool {
         && a.on_marked_down == b.on_marked_down
         && a.on_ready == b.on_ready
         && a.on_unready == b.on_unready
+        && a.discover == b.discover
 }
 
 /// Computes what changed from `old` to `new`. Backends are matched by name: a backend whose

@@ -46,6 +46,8 @@ pub struct Global {
     pub grace: Duration,
     pub io: IoMode,
     pub relay: RelayMode,
+    /// DNS servers that `discover` entries ask; empty: those of /etc/resolv.conf.
+    pub resolvers: Vec<SocketAddr>,
 }
 
 /// How the workers move bytes (on io_uring and on the epoll fallback alike).
@@ -138,7 +140,43 @@ pub struct Frontend {
     /// repeated while it stays so: how a BGP speaker is told to announce or withdraw its VIP.
     pub on_ready: Vec<String>,
     pub on_unready: Vec<String>,
+    /// The backends: those written with `address`, then (once the control loop has expanded
+    /// the config, see `discovery::expand`) one per address each `discover` entry found.
     pub backends: Vec<Backend>,
+    /// Backend groups found in DNS (`discover` / `discover_srv` entries).
+    pub discover: Vec<Discover>,
+}
+
+/// A `[[frontend.backend]]` entry with `discover` or `discover_srv` instead of `address`: a
+/// group of backends whose addresses come from DNS and change while ringlb runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Discover {
+    /// The entry's name; the backend for address A is named `NAME-A` (`web-10.0.0.5:8080`).
+    pub name: String,
+    pub target: DiscoverTarget,
+    /// How often to ask again; `None`: when the answer's TTL runs out (clamped).
+    pub resolve_interval: Option<Duration>,
+    /// Everything a discovered backend gets but its name and address (`address` here is the
+    /// unspecified address and unused). Its health starts down unless `check = false`: an
+    /// address new in DNS takes traffic only once `rise` checks have passed.
+    pub template: Backend,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DiscoverTarget {
+    /// A and AAAA records of `host`, each with `port`.
+    Host { host: String, port: u16 },
+    /// SRV records of the name: each target's addresses with the record's port.
+    Srv(String),
+}
+
+impl fmt::Display for DiscoverTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DiscoverTarget::Host { host, port } => write!(f, "{host}:{port}"),
+            DiscoverTarget::Srv(name) => write!(f, "SRV {name}"),
+        }
+    }
 }
 
 /// Health-check settings for one backend (frontend defaults with the backend's overrides).

@@ -14,8 +14,8 @@ use super::duration::parse_duration;
 use super::file::{FileBackend, FileConfig, FileFrontend, FileHealth, FileWorkers};
 use super::problem::{At, Problem};
 use super::{
-    Admin, Backend, Balance, Config, Frontend, Global, HashKey, Health, HostLookup, IoMode,
-    OnMarkedDown, ProxyVersion, RelayMode,
+    Admin, Backend, Balance, Config, Discover, DiscoverTarget, Frontend, Global, HashKey, Health,
+    HostLookup, IoMode, OnMarkedDown, ProxyVersion, RelayMode,
 };
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -269,6 +269,27 @@ fn validate_global(file: &FileConfig, out: &mut Vec<Problem>) -> Global {
             RelayMode::Copy
         }
     };
+    let mut resolvers = Vec::new();
+    for (i, text) in g
+        .and_then(|g| g.resolvers.as_ref())
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        // A bare IP address means the DNS port, as in resolv.conf.
+        let parsed = text.parse::<SocketAddr>().or_else(|_| {
+            text.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        });
+        match parsed {
+            Ok(a) if a.port() != 0 => resolvers.push(a),
+            _ => p.push_at(
+                "resolvers",
+                &format!("resolvers.{i}"),
+                format!("\"{text}\" is not an IP address (with an optional port), like \"127.0.0.1:5353\""),
+            ),
+        }
+    }
     Global {
         workers,
         max_connections,
@@ -276,6 +297,7 @@ fn validate_global(file: &FileConfig, out: &mut Vec<Problem>) -> Global {
         grace,
         io,
         relay,
+        resolvers,
     }
 }
 
@@ -457,6 +479,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
     let fe_health = health_layer(ff.health.as_ref(), None, &mut p.nested("health", "health"));
 
     let mut backends = Vec::new();
+    let mut discover = Vec::new();
     let mut names = HashSet::new();
     let mut addrs = HashSet::new();
     if ff.backend.is_empty() {
@@ -476,17 +499,26 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
             slow_start,
             send_proxy,
         };
-        if let Some(b) = validate_backend(fb, &defaults, dns, &mut bp) {
-            if !names.insert(b.name.clone()) {
-                bp.push("name", format!("duplicate backend name \"{}\"", b.name));
+        match validate_backend(fb, &defaults, dns, &mut bp) {
+            Some(Entry::Discover(d)) => {
+                if !names.insert(d.name.clone()) {
+                    bp.push("name", format!("duplicate backend name \"{}\"", d.name));
+                }
+                discover.push(d);
             }
-            if !addrs.insert(b.address) {
-                bp.push(
-                    "address",
-                    format!("{} is already used by another backend", b.address),
-                );
+            Some(Entry::Static(b)) => {
+                if !names.insert(b.name.clone()) {
+                    bp.push("name", format!("duplicate backend name \"{}\"", b.name));
+                }
+                if !addrs.insert(b.address) {
+                    bp.push(
+                        "address",
+                        format!("{} is already used by another backend", b.address),
+                    );
+                }
+                backends.push(b);
             }
-            backends.push(b);
+            None => {}
         }
     }
     if balance == Balance::Maglev && backends.len() > maglev_table_size {
@@ -512,6 +544,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         on_ready,
         on_unready,
         backends,
+        discover,
     })
 }
 
@@ -585,14 +618,100 @@ fn proxy_version(
     }
 }
 
+/// A `[[frontend.backend]]` entry: one backend, or a group found in DNS.
+enum Entry {
+    Static(Backend),
+    Discover(Discover),
+}
+
+/// Shortest and longest `resolve_interval`.
+const RESOLVE_INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(3600));
+
+/// `discover = "host:port"` or `discover_srv = "name"`, checked; `None` when neither is set
+/// (or it is wrong, which is reported).
+fn discover_target(fb: &FileBackend, p: &mut Problems<'_>) -> Option<DiscoverTarget> {
+    if let Some(text) = &fb.discover {
+        let Some((host, port)) = text.rsplit_once(':') else {
+            p.push(
+                "discover",
+                format!(
+                    "\"{text}\" has no port: write it as \"host:port\", like \"tasks.web:8080\""
+                ),
+            );
+            return None;
+        };
+        let port = match port.parse::<u16>() {
+            Ok(0) | Err(_) => {
+                p.push(
+                    "discover",
+                    format!("\"{text}\": \"{port}\" is not a port (1-65535)"),
+                );
+                return None;
+            }
+            Ok(port) => port,
+        };
+        if let Err(why) = crate::discovery::dns::check_name(host) {
+            p.push("discover", format!("\"{text}\": {why}"));
+            return None;
+        }
+        return Some(DiscoverTarget::Host {
+            host: host.to_string(),
+            port,
+        });
+    }
+    let text = fb.discover_srv.as_ref()?;
+    match crate::discovery::dns::check_name(text) {
+        Ok(()) => Some(DiscoverTarget::Srv(text.clone())),
+        Err(why) => {
+            p.push("discover_srv", format!("\"{text}\": {why}"));
+            None
+        }
+    }
+}
+
 fn validate_backend(
     fb: &FileBackend,
     defaults: &BackendDefaults<'_>,
     dns: HostLookup,
     p: &mut Problems<'_>,
-) -> Option<Backend> {
+) -> Option<Entry> {
     let name = checked_name(&fb.name, "backend", p);
+    let sources = [
+        ("address", fb.address.is_some()),
+        ("discover", fb.discover.is_some()),
+        ("discover_srv", fb.discover_srv.is_some()),
+    ];
+    let given: Vec<&str> = sources
+        .iter()
+        .filter(|(_, s)| *s)
+        .map(|(k, _)| *k)
+        .collect();
+    if given.len() > 1 {
+        p.push(
+            given[1],
+            format!("{} and {} both given: a backend entry has one of address, discover and discover_srv", given[0], given[1]),
+        );
+    }
+    let target = discover_target(fb, p);
+    let resolve_interval = p.opt_positive_duration("resolve_interval", &fb.resolve_interval);
+    if fb.resolve_interval.is_some() && fb.discover.is_none() && fb.discover_srv.is_none() {
+        p.push(
+            "resolve_interval",
+            "only for entries with discover or discover_srv",
+        );
+    }
+    if let Some(d) = resolve_interval {
+        let (lo, hi) = RESOLVE_INTERVAL_RANGE;
+        if d < lo || d > hi {
+            p.push("resolve_interval", "out of range: must be 100ms to 1h");
+        }
+    }
     let address = match &fb.address {
+        None if fb.discover.is_some() || fb.discover_srv.is_some() => {
+            target.as_ref()?;
+            Some(SocketAddr::from(([0, 0, 0, 0], 0)))
+        }
         None => {
             p.push(
                 "address",
@@ -633,16 +752,27 @@ fn validate_backend(
         defaults.health.probe.kind(),
         &mut p.nested("health", "health"),
     );
-    let health = own.over(defaults.health).resolve(fb.check.unwrap_or(true));
-    Some(Backend {
+    let mut health = own.over(defaults.health).resolve(fb.check.unwrap_or(true));
+    let backend = Backend {
         name,
         address: address?,
         weight,
         backup: fb.backup.unwrap_or(false),
         slow_start,
         send_proxy,
-        health,
-    })
+        health: health.clone(),
+    };
+    let Some(target) = target else {
+        return Some(Entry::Static(backend));
+    };
+    // An address new in DNS may not answer yet: it takes traffic once `rise` checks passed.
+    health.initial_up = !health.check;
+    Some(Entry::Discover(Discover {
+        name: backend.name.clone(),
+        target,
+        resolve_interval,
+        template: Backend { health, ..backend },
+    }))
 }
 
 /// One level's health settings, checked: `None` where that level does not set the key (or
