@@ -7,6 +7,12 @@
 //! `gauge.set`). The recorder is built with `build_recorder()` and never installed globally,
 //! so several servers in one process (tests, the demo) do not fight over a global.
 //!
+//! `/metrics` is rendered on a thread of its own ([`spawn_renderer`]), which also runs the
+//! periodic update: the render of a large config (50 frontends x 20 backends is 900 KB, tens of
+//! milliseconds) never runs on the control thread, where it would delay health checks and
+//! reloads. A scrape asks that thread for a render and awaits it ([`Exporter::fresh`]), so its
+//! values are as fresh as before; scrapes that arrive together share one render.
+//!
 //! A series is identified by its labels. When the state behind a series is replaced (a
 //! backend's address changed, a frontend was removed and added back) the new counters start
 //! from zero, so the exporter adds what the series had counted before: exported counters
@@ -28,8 +34,10 @@ use crate::backend::{BackendState, Published};
 use crate::config::Backend;
 use crate::worker::Shared;
 
-/// How often the upkeep task copies the atomics into the metric handles.
+/// How often the renderer thread copies the atomics into the metric handles and renders.
 pub const UPDATE_EVERY: Duration = Duration::from_millis(250);
+/// The longest pause between renders, however slow they are.
+pub const RENDER_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
 /// Series not updated for this long are dropped from the output.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a vanished series' last values are remembered, so a series that comes back
@@ -208,6 +216,10 @@ pub struct Exporter {
     ops: Arc<OpsState>,
     discovery: Arc<crate::discovery::Stats>,
     table: Mutex<Table>,
+    /// The text the renderer thread rendered last.
+    rendered: arc_swap::ArcSwapOption<String>,
+    /// Asks the renderer thread for a render; `None` until it runs.
+    requests: Mutex<Option<std::sync::mpsc::Sender<RenderRequest>>>,
 }
 
 impl Exporter {
@@ -233,6 +245,8 @@ impl Exporter {
             ops,
             discovery: Arc::default(),
             table: Mutex::new(Table::default()),
+            rendered: arc_swap::ArcSwapOption::empty(),
+            requests: Mutex::new(None),
         }
     }
 
@@ -246,6 +260,30 @@ impl Exporter {
     pub fn render(&self) -> String {
         self.update();
         self.handle.render()
+    }
+
+    /// Has the renderer thread render the text with values fresh from the atomics, and waits
+    /// for it without blocking the caller's thread; without that thread, renders here.
+    pub async fn fresh(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|r| r.send(tx).is_ok());
+        if !sent || rx.await.is_err() {
+            self.rendered.store(Some(Arc::new(self.render())));
+        }
+    }
+
+    /// What `/metrics` serves: the text of the last render (call [`Exporter::fresh`] first),
+    /// or one rendered here if there was none.
+    pub fn text(&self) -> Arc<String> {
+        match self.rendered.load_full() {
+            Some(text) => text,
+            None => Arc::new(self.render()),
+        }
     }
 
     /// Periodic maintenance the recorder needs (expiring idle series).
@@ -500,18 +538,74 @@ fn register(recorder: &PrometheusRecorder, family: &Family, labels: &[Label]) ->
     Handles { counters, gauges }
 }
 
-/// Runs on the control thread for the life of the process: keeps the handles fresh so a
-/// scrape is cheap, and lets the recorder expire idle series.
-pub async fn upkeep(exporter: Arc<Exporter>) {
-    let mut every = tokio::time::interval(UPDATE_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut n: u64 = 0;
-    loop {
-        every.tick().await;
-        exporter.update();
-        n += 1;
-        if n % 20 == 0 {
-            exporter.run_upkeep();
-        }
+/// A scrape waiting for a render (see [`Exporter::fresh`]).
+type RenderRequest = tokio::sync::oneshot::Sender<()>;
+
+/// Starts the `ringlb-metrics` thread: every [`UPDATE_EVERY`] it copies the atomics into the
+/// handles and (every 20th time) lets the recorder expire idle series; on each scrape's
+/// request it renders the text `/metrics` serves. It ends once the exporter is dropped.
+pub fn spawn_renderer(exporter: &Arc<Exporter>) -> std::io::Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<RenderRequest>();
+    let weak = Arc::downgrade(exporter);
+    std::thread::Builder::new()
+        .name("ringlb-metrics".into())
+        .spawn(move || {
+            let mut n: u64 = 0;
+            let mut waiting: Vec<RenderRequest> = Vec::new();
+            while let Some(e) = weak.upgrade() {
+                let start = Instant::now();
+                if waiting.is_empty() {
+                    e.update();
+                } else {
+                    // One render answers every scrape that asked before it began.
+                    e.rendered.store(Some(Arc::new(e.render())));
+                    for w in waiting.drain(..) {
+                        let _ = w.send(());
+                    }
+                }
+                n += 1;
+                if n % 20 == 0 {
+                    e.run_upkeep();
+                }
+                drop(e);
+                match rx.recv_timeout(render_pause(start.elapsed())) {
+                    Ok(first) => {
+                        waiting.push(first);
+                        waiting.extend(rx.try_iter());
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    // The exporter, which holds the sender, is gone.
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        })?;
+    *exporter.requests.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    Ok(())
+}
+
+/// The pause after an update that took `took`: [`UPDATE_EVERY`], or longer for a slow one so
+/// that the periodic updates take at most a tenth of a core, but never more than
+/// [`RENDER_AT_LEAST_EVERY`] between two. A scrape ends the pause at once.
+pub fn render_pause(took: Duration) -> Duration {
+    let pause = UPDATE_EVERY.max(took.saturating_mul(10));
+    pause.min(RENDER_AT_LEAST_EVERY.saturating_sub(took))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_render_waits_longer_but_renders_at_least_once_a_second() {
+        assert_eq!(render_pause(Duration::from_millis(1)), UPDATE_EVERY);
+        assert_eq!(
+            render_pause(Duration::from_millis(50)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            render_pause(Duration::from_millis(200)),
+            Duration::from_millis(800)
+        );
+        assert_eq!(render_pause(Duration::from_secs(2)), Duration::ZERO);
     }
 }

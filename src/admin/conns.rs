@@ -200,6 +200,14 @@ async fn serve(stream: &mut TcpStream, state: &AdminState, slot: &mut Slot) {
             } else {
                 Tier::Answering
             };
+            if req.path == "/metrics" {
+                // Out of the tier evicted first while it waits, as if already answering.
+                if !slot.promote(tier) {
+                    return;
+                }
+                // Rendered on the metrics thread: this one (the control thread) only waits.
+                state.exporter.fresh().await;
+            }
             (route(&req, state), req.method == "HEAD", tier)
         }
     };

@@ -60,7 +60,11 @@ pub fn start(server: &Server) -> Result<Arc<AdminState>, StartError> {
         exporter: exporter.clone(),
         bound: std::sync::OnceLock::new(),
     });
-    tokio::spawn(crate::metrics::upkeep(exporter));
+    if let Err(e) = crate::metrics::spawn_renderer(&exporter) {
+        crate::error!(
+            "cannot start the metrics thread ({e}): /metrics renders on the control thread"
+        );
+    }
     let admin = &server.config.admin;
     let Some(addr) = admin.listen else {
         crate::info!("admin listener disabled (admin.listen is empty)");
@@ -192,7 +196,7 @@ fn route(req: &head::Request, state: &AdminState) -> Response {
         "/metrics" => Response::new(
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            state.exporter.render(),
+            state.exporter.text().as_bytes(),
         ),
         "/status" => {
             let s = status::build(&state.published.load(), &state.shared, &state.ops);
