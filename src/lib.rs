@@ -10,7 +10,7 @@
 //! - [`balance`]: selection behind one trait: round robin, least-connections, Maglev.
 //! - [`discovery`]: backend groups from DNS (`discover`): async lookups, re-resolution, the
 //!   expansion of the config with what they found.
-//! - [`health`]: Layer4 checks on the control thread, passive health, slow start, the logs.
+//! - [`health`]: active checks on a thread of their own, passive health, slow start, the logs.
 //! - [`worker`]: per-core threads (tokio-uring, or the epoll fallback); SO_REUSEPORT listeners,
 //!   kept to ringlb's own sockets (`worker::listener`); accept -> pick -> connect -> relay;
 //!   each worker's connection table (idle timeout, kill switch, byte counts); the fd budget;
