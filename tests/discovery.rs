@@ -26,6 +26,9 @@ enum Mode {
     NxDomain,
     /// No answer at all (a hung server).
     Silent,
+    /// SRV records (priority, port, target), with an A record in the additional section for
+    /// the targets listed in `glue`.
+    Srv(Vec<(u16, u16, String)>, Vec<(String, Ipv4Addr)>),
 }
 
 /// An in-process DNS server: answers A/AAAA questions per name from `modes`.
@@ -159,7 +162,39 @@ fn answer(query: &[u8], qtype: u16, mode: &Mode) -> Vec<Vec<u8>> {
             vec![r]
         }
         Mode::Records(..) => vec![head(0, 0)],
+        Mode::Srv(records, glue) if qtype == 33 => {
+            let mut r = head(0, records.len() as u16);
+            r[10..12].copy_from_slice(&(glue.len() as u16).to_be_bytes());
+            for (priority, port, target) in records {
+                let mut data = Vec::new();
+                data.extend_from_slice(&priority.to_be_bytes());
+                data.extend_from_slice(&1u16.to_be_bytes());
+                data.extend_from_slice(&port.to_be_bytes());
+                data.extend_from_slice(&wire_name(target));
+                r.extend_from_slice(&[0xC0, 12, 0, 33, 0, 1, 0, 0, 0, 30]);
+                r.extend_from_slice(&(data.len() as u16).to_be_bytes());
+                r.extend_from_slice(&data);
+            }
+            for (name, ip) in glue {
+                r.extend_from_slice(&wire_name(name));
+                r.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+                r.extend_from_slice(&ip.octets());
+            }
+            vec![r]
+        }
+        Mode::Srv(..) => vec![head(0, 0)],
     }
+}
+
+/// `name` as DNS labels, uncompressed.
+fn wire_name(name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for label in name.split('.') {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label.as_bytes());
+    }
+    out.push(0);
+    out
 }
 
 /// Three listeners on 127.0.0.2-4 on one port, each answering with its name.
@@ -444,4 +479,48 @@ fn a_reload_keeps_what_an_unchanged_entry_found_and_drops_what_a_changed_one_did
         let n = names(&lb, 10);
         !n.contains(&"r2".to_string()) && n.contains(&"r3".to_string())
     }));
+}
+
+#[test]
+fn srv_records_give_targets_and_ports_and_only_the_best_priority_is_used() {
+    let reps = replicas();
+    let port = reps[0].addr.port();
+    let stat = Backend::start("static", Behaviour::Named);
+    let start = Instant::now();
+    let dns = Dns::start(vec![
+        (
+            "_api._tcp.test",
+            Mode::Srv(
+                vec![
+                    (10, port, "r2.test".into()),
+                    (10, port, "r3.test".into()),
+                    (20, port, "r4.test".into()),
+                ],
+                vec![("r3.test".into(), Ipv4Addr::new(127, 0, 0, 3))],
+            ),
+        ),
+        (
+            "r2.test",
+            Mode::Records(vec![Ipv4Addr::new(127, 0, 0, 2)], 30),
+        ),
+        (
+            "r4.test",
+            Mode::Records(vec![Ipv4Addr::new(127, 0, 0, 4)], 30),
+        ),
+    ]);
+    let cfg = config(dns.addr, port, stat.addr).replace(
+        &format!("discover = \"tasks.web:{port}\""),
+        "discover_srv = \"_api._tcp.test\"",
+    );
+    let lb = Ringlb::start(&cfg);
+    assert!(lb
+        .wait_for_log("discover web/api: SRV _api._tcp.test has 2 addresses", SOON)
+        .is_some());
+    assert!(wait_until(SOON, || {
+        let n = names(&lb, 9);
+        n.contains(&"r2".to_string()) && n.contains(&"r3".to_string())
+    }));
+    assert!(!names(&lb, 12).contains(&"r4".to_string()));
+    // r3.test came as glue: it was never asked for.
+    assert_eq!(dns.asked_since("r3.test", start), 0);
 }
