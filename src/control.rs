@@ -49,15 +49,30 @@ pub fn run(
         let mut announce_tick = tokio::time::interval(crate::announce::TICK);
         announce_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
+        // A reload reads and validates the file (and looks host names up) on a thread of its
+        // own, so a slow file system or resolver stalls nothing here; the loaded config
+        // comes back on this channel. One load at a time; SIGHUPs meanwhile make one more.
+        let (loaded_tx, mut loaded_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (mut loading, mut again) = (false, false);
         loop {
             tokio::select! {
                 _ = term.recv() => { crate::info!("SIGTERM received: stopping"); break; }
                 _ = int.recv() => { crate::info!("SIGINT received: stopping"); break; }
                 _ = hup.recv() => {
-                    crate::info!("SIGHUP received: reloading");
-                    systemd.reloading();
+                    if loading {
+                        crate::info!("SIGHUP received: reloading again once the reload in progress is done");
+                        again = true;
+                    } else {
+                        crate::info!("SIGHUP received: reloading");
+                        systemd.reloading();
+                        start_load(&server, &loaded_tx);
+                        loading = true;
+                    }
+                }
+                Some(loaded) = loaded_rx.recv() => {
+                    loading = false;
                     let before = server.snapshot();
-                    let outcome = server.reload();
+                    let outcome = server.finish_reload(loaded);
                     if let ReloadOutcome::Applied(_) = outcome {
                         health.sync(&mut server);
                         discovery.sync(&server.base);
@@ -65,6 +80,11 @@ pub fn run(
                     admin.ops.record_reload(&outcome, &before, &server.snapshot(), server.bound_addresses());
                     server.check_foreign_listeners(admin.bound.get().copied());
                     systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
+                    if std::mem::take(&mut again) {
+                        systemd.reloading();
+                        start_load(&server, &loaded_tx);
+                        loading = true;
+                    }
                 }
                 _ = foreign_tick.tick() => server.check_foreign_listeners(admin.bound.get().copied()),
                 _ = announce_tick.tick() => announcer.tick(&server.snapshot(), false),
@@ -111,6 +131,26 @@ async fn withdraw(announcer: &mut Announcer, server: &mut Server) {
     }
     if let Some(left) = grace.checked_sub(start.elapsed()) {
         tokio::time::sleep(left).await;
+    }
+}
+
+/// What a reload's load gave: `None` when there is no config file.
+type Loaded = Option<Result<Config, crate::config::ConfigError>>;
+
+/// Loads the config file on a short-lived thread and sends the result to the control loop.
+/// A plain thread rather than tokio's blocking pool: a read that never returns (a hung file
+/// system) must not keep the runtime from shutting down.
+fn start_load(server: &Server, tx: &tokio::sync::mpsc::UnboundedSender<Loaded>) {
+    let path = server.config_path.clone();
+    let tx2 = tx.clone();
+    let spawned = std::thread::Builder::new()
+        .name("ringlb-load".into())
+        .spawn(move || {
+            let _ = tx2.send(path.map(|p| Config::load(&p)));
+        });
+    if let Err(e) = spawned {
+        crate::warn!("cannot start a thread to load the config ({e}): loading it here");
+        let _ = tx.send(server.config_path.as_deref().map(Config::load));
     }
 }
 

@@ -208,12 +208,17 @@ impl Server {
 
     /// Re-reads the config file and applies it; on any problem nothing changes.
     pub fn reload(&mut self) -> ReloadOutcome {
-        let Some(path) = self.config_path.clone() else {
-            return ReloadOutcome::Failed("no config file to reload".into());
-        };
-        let outcome = match Config::load(&path) {
-            Err(e) => ReloadOutcome::Failed(e.to_string()),
-            Ok(new) => self.apply(new),
+        let loaded = self.config_path.as_deref().map(Config::load);
+        self.finish_reload(loaded)
+    }
+
+    /// Applies what loading the config file gave (`None`: there is no file), then logs and
+    /// counts the outcome. The control loop loads off its thread and calls this.
+    pub fn finish_reload(&mut self, loaded: Option<Result<Config, ConfigError>>) -> ReloadOutcome {
+        let outcome = match loaded {
+            None => return ReloadOutcome::Failed("no config file to reload".into()),
+            Some(Err(e)) => ReloadOutcome::Failed(e.to_string()),
+            Some(Ok(new)) => self.apply(new),
         };
         match &outcome {
             ReloadOutcome::Unchanged => {
