@@ -128,6 +128,9 @@ async fn withdraw(announcer: &mut Announcer, server: &mut Server) {
     let wait_commands = grace.max(crate::announce::COMMAND_TIMEOUT);
     while announcer.busy() && start.elapsed() < wait_commands {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        // A command that was still running at SIGTERM (an on_ready refresh) made the first
+        // tick skip on_unready; once it ends, this tick starts on_unready.
+        announcer.tick(&server.snapshot(), true);
     }
     if let Some(left) = grace.checked_sub(start.elapsed()) {
         tokio::time::sleep(left).await;
