@@ -579,8 +579,9 @@ fn resolve(text: &str, dns: HostLookup) -> Result<SocketAddr, String> {
             "\"{text}\" is a host name, and host names are not looked up here"
         ));
     }
-    // Known debt: a blocking getaddrinfo, on the control thread during a reload. Backend
-    // host names should be resolved asynchronously with re-resolution (DNS discovery).
+    // A blocking getaddrinfo: `check` runs on the main thread and a reload loads on a thread
+    // of its own (`control::start_load`), never on an async thread. Names that change while
+    // ringlb runs belong in `discover`, which re-resolves them (`discovery`).
     #[allow(clippy::disallowed_methods)]
     let resolved = text.to_socket_addrs();
     match resolved {
