@@ -260,8 +260,8 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let name = path.display().to_string();
-        // Blocking, on purpose: `check` runs it on the main thread, and a reload on the control
-        // thread reads one small local file before anything else happens on it.
+        // Blocking, on purpose: `check` runs it on the main thread, and a reload on a thread of
+        // its own (`control::start_load`), so a slow file system stalls no async thread.
         #[allow(clippy::disallowed_methods)]
         let bytes = std::fs::read(path).map_err(|e| ConfigError {
             source_name: name.clone(),
