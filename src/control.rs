@@ -7,6 +7,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::announce::Announcer;
 use crate::config::Config;
+use crate::discovery::Discovery;
 use crate::health::HealthChecks;
 use crate::server::{ReloadOutcome, Server, StartError};
 use crate::worker::DataEvent;
@@ -35,6 +36,8 @@ pub fn run(
         let (mut server, mut events) = Server::start(config, config_path)?;
         let (mut health, mut health_events) = HealthChecks::new();
         health.sync(&mut server);
+        let (mut discovery, mut discovered) = Discovery::new(server.discovery_stats.clone());
+        discovery.sync(&server.base);
         let (admin, mut writes) = crate::admin::start(&server)?;
         let systemd = crate::systemd::start();
         on_started(&server);
@@ -47,17 +50,33 @@ pub fn run(
         let mut announce_tick = tokio::time::interval(crate::announce::TICK);
         announce_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
+        // A reload reads and validates the file (and looks host names up) on a thread of its
+        // own, so a slow file system or resolver stalls nothing here; the loaded config
+        // comes back on this channel. One load at a time; SIGHUPs meanwhile make one more.
+        let (loaded_tx, mut loaded_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (mut loading, mut again) = (false, false);
         loop {
             tokio::select! {
                 _ = term.recv() => { crate::info!("SIGTERM received: stopping"); break; }
                 _ = int.recv() => { crate::info!("SIGINT received: stopping"); break; }
                 _ = hup.recv() => {
-                    crate::info!("SIGHUP received: reloading");
-                    systemd.reloading();
+                    if loading {
+                        crate::info!("SIGHUP received: reloading again once the reload in progress is done");
+                        again = true;
+                    } else {
+                        crate::info!("SIGHUP received: reloading");
+                        systemd.reloading();
+                        start_load(&server, &loaded_tx);
+                        loading = true;
+                    }
+                }
+                Some(loaded) = loaded_rx.recv() => {
+                    loading = false;
                     let before = server.snapshot();
-                    let outcome = server.reload();
+                    let outcome = server.finish_reload(loaded);
                     if let ReloadOutcome::Applied(_) = outcome {
                         health.sync(&mut server);
+                        discovery.sync(&server.base);
                     }
                     admin.ops.record_reload(&outcome, &before, &server.snapshot(), server.bound_addresses());
                     if let ReloadOutcome::Applied(_) = outcome {
@@ -66,6 +85,11 @@ pub fn run(
                     }
                     server.check_foreign_listeners(admin.bound.get().copied());
                     systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
+                    if std::mem::take(&mut again) {
+                        systemd.reloading();
+                        start_load(&server, &loaded_tx);
+                        loading = true;
+                    }
                 }
                 _ = usr1.recv() => {
                     // logrotate moved the connection log files: write to new ones.
@@ -83,6 +107,11 @@ pub fn run(
                         admin.ops.record_listeners(server.bound_addresses());
                     }
                     let _ = w.reply.send(result.map(|_| ()));
+                }
+                Some(update) = discovered.recv() => {
+                    if crate::discovery::apply(&mut server, update) {
+                        health.sync(&mut server);
+                    }
                 }
             }
         }
@@ -126,6 +155,26 @@ async fn withdraw(announcer: &mut Announcer, server: &mut Server) {
     }
     if let Some(left) = grace.checked_sub(start.elapsed()) {
         tokio::time::sleep(left).await;
+    }
+}
+
+/// What a reload's load gave: `None` when there is no config file.
+type Loaded = Option<Result<Config, crate::config::ConfigError>>;
+
+/// Loads the config file on a short-lived thread and sends the result to the control loop.
+/// A plain thread rather than tokio's blocking pool: a read that never returns (a hung file
+/// system) must not keep the runtime from shutting down.
+fn start_load(server: &Server, tx: &tokio::sync::mpsc::UnboundedSender<Loaded>) {
+    let path = server.config_path.clone();
+    let tx2 = tx.clone();
+    let spawned = std::thread::Builder::new()
+        .name("ringlb-load".into())
+        .spawn(move || {
+            let _ = tx2.send(path.map(|p| Config::load(&p)));
+        });
+    if let Err(e) = spawned {
+        crate::warn!("cannot start a thread to load the config ({e}): loading it here");
+        let _ = tx.send(server.config_path.as_deref().map(Config::load));
     }
 }
 

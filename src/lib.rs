@@ -8,7 +8,9 @@
 //! - [`server`]: owns config, registry, workers and listeners; publishes snapshots; reloads.
 //! - [`backend`]: live backend state (kept across reloads) and the published snapshot.
 //! - [`balance`]: selection behind one trait: round robin, least-connections, Maglev.
-//! - [`health`]: Layer4 checks on the control thread, passive health, slow start, the logs.
+//! - [`discovery`]: backend groups from DNS (`discover`): async lookups, re-resolution, the
+//!   expansion of the config with what they found.
+//! - [`health`]: active checks on a thread of their own, passive health, slow start, the logs.
 //! - [`worker`]: per-core threads (tokio-uring, or the epoll fallback); SO_REUSEPORT listeners,
 //!   kept to ringlb's own sockets (`worker::listener`); accept -> pick -> connect -> relay;
 //!   each worker's connection table (idle timeout, kill switch, byte counts); the fd budget;
@@ -43,6 +45,7 @@ pub mod config;
 pub mod connlog;
 pub mod control;
 pub mod demo;
+pub mod discovery;
 pub mod health;
 pub mod metrics;
 pub mod relay;

@@ -7,6 +7,12 @@
 //! `gauge.set`). The recorder is built with `build_recorder()` and never installed globally,
 //! so several servers in one process (tests, the demo) do not fight over a global.
 //!
+//! `/metrics` is rendered on a thread of its own ([`spawn_renderer`]), which also runs the
+//! periodic update: the render of a large config (50 frontends x 20 backends is 900 KB, tens of
+//! milliseconds) never runs on the control thread, where it would delay health checks and
+//! reloads. A scrape asks that thread for a render and awaits it ([`Exporter::fresh`]), so its
+//! values are as fresh as before; scrapes that arrive together share one render.
+//!
 //! A series is identified by its labels. When the state behind a series is replaced (a
 //! backend's address changed, a frontend was removed and added back) the new counters start
 //! from zero, so the exporter adds what the series had counted before: exported counters
@@ -30,8 +36,10 @@ use crate::config::Backend;
 use crate::worker::gate::Reason;
 use crate::worker::Shared;
 
-/// How often the upkeep task copies the atomics into the metric handles.
+/// How often the renderer thread copies the atomics into the metric handles and renders.
 pub const UPDATE_EVERY: Duration = Duration::from_millis(250);
+/// The longest pause between renders, however slow they are.
+pub const RENDER_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
 /// Series not updated for this long are dropped from the output.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a vanished series' last values are remembered, so a series that comes back
@@ -157,6 +165,15 @@ const PROCESS: Family = Family {
     ],
 };
 
+/// DNS discovery, one series per `discover` entry.
+const DISCOVERY: Family = Family {
+    counters: &[
+        ("ringlb_discovery_lookups_total", Some(("result", "ok"))),
+        ("ringlb_discovery_lookups_total", Some(("result", "failed"))),
+    ],
+    gauges: &["ringlb_discovery_addresses"],
+};
+
 /// Local errors (this host out of fds or memory), one series per operation and errno.
 const LOCAL: Family = Family {
     counters: &[("ringlb_local_errors_total", None)],
@@ -222,6 +239,8 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_local_errors_total", "Errors of this host, not of any backend (EMFILE, ENFILE, ENOBUFS, ENOMEM), by operation (accept, connect, probe) and errno; never counted against a backend."),
     ("ringlb_log_lines_total", "Connection log lines written to the target (docs/logging.md)."),
     ("ringlb_log_dropped_total", "Connection log lines lost because the target could not keep up (its queue was full) or a write to it failed."),
+    ("ringlb_discovery_lookups_total", "DNS lookups of a discover entry, by result (failed: no answer, an error code, NXDOMAIN, a malformed or empty answer; the last good addresses are kept)."),
+    ("ringlb_discovery_addresses", "Addresses a discover entry found last (each one a backend)."),
     ("ringlb_start_time_seconds", "Unix time ringlb started (haproxy_process_start_time_seconds)."),
     ("ringlb_admin_connections_evicted_total", "Admin connections closed to make room for a newer one: the oldest still sending its request, else the oldest being answered."),
     ("ringlb_build_info", "Always 1; labels: version, io (io_uring or epoll, the workers' runtime) and relay (copy, splice or splice-auto) (haproxy_process_build_info)."),
@@ -261,7 +280,12 @@ pub struct Exporter {
     published: Published,
     shared: Arc<Shared>,
     ops: Arc<OpsState>,
+    discovery: Arc<crate::discovery::Stats>,
     table: Mutex<Table>,
+    /// The text the renderer thread rendered last.
+    rendered: arc_swap::ArcSwapOption<String>,
+    /// Asks the renderer thread for a render; `None` until it runs.
+    requests: Mutex<Option<std::sync::mpsc::Sender<RenderRequest>>>,
 }
 
 impl Exporter {
@@ -285,14 +309,47 @@ impl Exporter {
             published,
             shared,
             ops,
+            discovery: Arc::default(),
             table: Mutex::new(Table::default()),
+            rendered: arc_swap::ArcSwapOption::empty(),
+            requests: Mutex::new(None),
         }
+    }
+
+    /// Exports the lookup counts of `discover` entries from `stats`.
+    pub fn with_discovery(mut self, stats: Arc<crate::discovery::Stats>) -> Exporter {
+        self.discovery = stats;
+        self
     }
 
     /// The Prometheus text exposition, with values fresh from the atomics.
     pub fn render(&self) -> String {
         self.update();
         self.handle.render()
+    }
+
+    /// Has the renderer thread render the text with values fresh from the atomics, and waits
+    /// for it without blocking the caller's thread; without that thread, renders here.
+    pub async fn fresh(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|r| r.send(tx).is_ok());
+        if !sent || rx.await.is_err() {
+            self.rendered.store(Some(Arc::new(self.render())));
+        }
+    }
+
+    /// What `/metrics` serves: the text of the last render (call [`Exporter::fresh`] first),
+    /// or one rendered here if there was none.
+    pub fn text(&self) -> Arc<String> {
+        match self.rendered.load_full() {
+            Some(text) => text,
+            None => Arc::new(self.render()),
+        }
     }
 
     /// Periodic maintenance the recorder needs (expiring idle series).
@@ -394,6 +451,25 @@ impl Exporter {
             );
         }
         t.draining = now_draining;
+        for ((frontend, entry), st) in self.discovery.all() {
+            self.touch(
+                &mut t,
+                &DISCOVERY,
+                format!("d\0{frontend}\0{entry}"),
+                Arc::as_ptr(&st) as usize as u64,
+                || {
+                    vec![
+                        Label::new("frontend", frontend.clone()),
+                        Label::new("discover", entry.clone()),
+                    ]
+                },
+                &[
+                    st.lookups_ok.load(Ordering::Relaxed),
+                    st.lookups_failed.load(Ordering::Relaxed),
+                ],
+                &[st.addresses.load(Ordering::Relaxed) as f64],
+            );
+        }
         let ops = &self.ops;
         let pools = self.shared.pool_totals();
         for (op, errno, n) in self.shared.local.counts() {
@@ -590,18 +666,74 @@ fn register(recorder: &PrometheusRecorder, family: &Family, labels: &[Label]) ->
     Handles { counters, gauges }
 }
 
-/// Runs on the control thread for the life of the process: keeps the handles fresh so a
-/// scrape is cheap, and lets the recorder expire idle series.
-pub async fn upkeep(exporter: Arc<Exporter>) {
-    let mut every = tokio::time::interval(UPDATE_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut n: u64 = 0;
-    loop {
-        every.tick().await;
-        exporter.update();
-        n += 1;
-        if n % 20 == 0 {
-            exporter.run_upkeep();
-        }
+/// A scrape waiting for a render (see [`Exporter::fresh`]).
+type RenderRequest = tokio::sync::oneshot::Sender<()>;
+
+/// Starts the `ringlb-metrics` thread: every [`UPDATE_EVERY`] it copies the atomics into the
+/// handles and (every 20th time) lets the recorder expire idle series; on each scrape's
+/// request it renders the text `/metrics` serves. It ends once the exporter is dropped.
+pub fn spawn_renderer(exporter: &Arc<Exporter>) -> std::io::Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<RenderRequest>();
+    let weak = Arc::downgrade(exporter);
+    std::thread::Builder::new()
+        .name("ringlb-metrics".into())
+        .spawn(move || {
+            let mut n: u64 = 0;
+            let mut waiting: Vec<RenderRequest> = Vec::new();
+            while let Some(e) = weak.upgrade() {
+                let start = Instant::now();
+                if waiting.is_empty() {
+                    e.update();
+                } else {
+                    // One render answers every scrape that asked before it began.
+                    e.rendered.store(Some(Arc::new(e.render())));
+                    for w in waiting.drain(..) {
+                        let _ = w.send(());
+                    }
+                }
+                n += 1;
+                if n % 20 == 0 {
+                    e.run_upkeep();
+                }
+                drop(e);
+                match rx.recv_timeout(render_pause(start.elapsed())) {
+                    Ok(first) => {
+                        waiting.push(first);
+                        waiting.extend(rx.try_iter());
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    // The exporter, which holds the sender, is gone.
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        })?;
+    *exporter.requests.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    Ok(())
+}
+
+/// The pause after an update that took `took`: [`UPDATE_EVERY`], or longer for a slow one so
+/// that the periodic updates take at most a tenth of a core, but never more than
+/// [`RENDER_AT_LEAST_EVERY`] between two. A scrape ends the pause at once.
+pub fn render_pause(took: Duration) -> Duration {
+    let pause = UPDATE_EVERY.max(took.saturating_mul(10));
+    pause.min(RENDER_AT_LEAST_EVERY.saturating_sub(took))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_render_waits_longer_but_renders_at_least_once_a_second() {
+        assert_eq!(render_pause(Duration::from_millis(1)), UPDATE_EVERY);
+        assert_eq!(
+            render_pause(Duration::from_millis(50)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            render_pause(Duration::from_millis(200)),
+            Duration::from_millis(800)
+        );
+        assert_eq!(render_pause(Duration::from_secs(2)), Duration::ZERO);
     }
 }

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::backend::{BackendState, Published, Registry, Snapshot};
 use crate::config::{self, Config, ConfigError};
+use crate::discovery;
 use crate::worker::{
     self, budget,
     listener::{activation::Inherited, bind_reuseport, ForeignWatch},
@@ -76,6 +77,12 @@ pub struct Server {
     pub reloads_failed: u64,
     pub last_reload_ok: Option<std::time::SystemTime>,
     foreign: ForeignWatch,
+    /// The config as loaded, before `discover` entries are expanded; `config` is this
+    /// expanded with `discovered` (`discovery::expand`).
+    pub base: Arc<Config>,
+    /// The addresses each `discover` entry found last.
+    pub discovered: discovery::Found,
+    pub discovery_stats: Arc<discovery::Stats>,
 }
 
 impl Server {
@@ -125,6 +132,9 @@ impl Server {
             reloads_failed: 0,
             last_reload_ok: None,
             foreign: ForeignWatch::default(),
+            base: config.clone(),
+            discovered: discovery::Found::new(),
+            discovery_stats: Arc::default(),
         };
         crate::info!(
             "ringlb {} starting: {} workers on {io_name} ({} relay), {} frontends, \
@@ -244,12 +254,17 @@ impl Server {
 
     /// Re-reads the config file and applies it; on any problem nothing changes.
     pub fn reload(&mut self) -> ReloadOutcome {
-        let Some(path) = self.config_path.clone() else {
-            return ReloadOutcome::Failed("no config file to reload".into());
-        };
-        let outcome = match Config::load(&path) {
-            Err(e) => ReloadOutcome::Failed(e.to_string()),
-            Ok(new) => self.apply(new),
+        let loaded = self.config_path.as_deref().map(Config::load);
+        self.finish_reload(loaded)
+    }
+
+    /// Applies what loading the config file gave (`None`: there is no file), then logs and
+    /// counts the outcome. The control loop loads off its thread and calls this.
+    pub fn finish_reload(&mut self, loaded: Option<Result<Config, ConfigError>>) -> ReloadOutcome {
+        let outcome = match loaded {
+            None => return ReloadOutcome::Failed("no config file to reload".into()),
+            Some(Err(e)) => ReloadOutcome::Failed(e.to_string()),
+            Some(Ok(new)) => self.apply(new),
         };
         match &outcome {
             ReloadOutcome::Unchanged => {
@@ -273,6 +288,25 @@ impl Server {
     /// Applies a validated config: binds new listeners first (all or nothing), publishes the
     /// new snapshot, then closes removed listeners and drains removed backends.
     pub fn apply(&mut self, new: Config) -> ReloadOutcome {
+        let found = discovery::kept(&self.discovered, &new);
+        self.apply_expanded(new, found, true)
+    }
+
+    /// Applies the loaded config with a new set of discovered addresses.
+    pub fn apply_discovered(&mut self, found: discovery::Found) -> ReloadOutcome {
+        let base = (*self.base).clone();
+        self.apply_expanded(base, found, false)
+    }
+
+    /// Applies `base` expanded with `found` (see [`Server::apply`]); `reload` says whether
+    /// this is a new config file, whose warnings are then logged again.
+    fn apply_expanded(
+        &mut self,
+        base: Config,
+        found: discovery::Found,
+        reload: bool,
+    ) -> ReloadOutcome {
+        let new = discovery::expand(&base, &found);
         let d = config::diff(&self.config, &new);
         if d.is_empty() {
             return ReloadOutcome::Unchanged;
@@ -328,8 +362,12 @@ impl Server {
         let old_config = self.config.clone();
         let removed = self.registry.retain(&new);
         self.config = Arc::new(new);
+        self.base = Arc::new(base);
+        self.discovered = found;
         let fds = budget::plan(&self.config, self.fd_limit);
-        fds.warn_if_lowered(self.config.global.max_connections);
+        if reload {
+            fds.warn_if_lowered(self.config.global.max_connections);
+        }
         self.shared
             .max_connections
             .store(fds.max_connections, Ordering::Relaxed);

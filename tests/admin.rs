@@ -672,9 +672,15 @@ fn every_metric_in_docs_metrics_md_is_exported_and_every_exported_one_is_documen
         })
         .collect();
     let b = Backend::start("a1", Behaviour::Echo);
-    // With a connection log: its series exist once a frontend logs (one per target).
+    // With a connection log (its series exist once a frontend logs, one per target) and a
+    // discover entry (so that the discovery series exist; its lookups are refused).
     let log = "log = { target = \"stderr\" }";
-    let lb = Ringlb::start(&(global_toml("") + &frontend_toml("web", log, &[("a1", b.addr, "")])));
+    let discover = "\n[[frontend.backend]]\nname = \"d\"\ndiscover = \"tasks.web:80\"\n";
+    let lb = Ringlb::start(
+        &(global_toml("resolvers = [\"127.0.0.1:9\"]")
+            + &frontend_toml("web", log, &[("a1", b.addr, "")])
+            + discover),
+    );
     let exported: std::collections::BTreeSet<String> = scrape(lb.admin.unwrap())
         .keys()
         .map(|series| series.split('{').next().unwrap().to_string())

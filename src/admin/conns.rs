@@ -233,6 +233,14 @@ async fn serve(
             } else {
                 Tier::Answering
             };
+            if req.path == "/metrics" {
+                // Out of the tier evicted first while it waits, as if already answering.
+                if !slot.promote(tier) {
+                    return;
+                }
+                // Rendered on the metrics thread: this one (the control thread) only waits.
+                state.exporter.fresh().await;
+            }
             (
                 route(&req, &[], peer, state).await,
                 req.method == "HEAD",

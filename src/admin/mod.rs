@@ -80,11 +80,10 @@ pub fn start(
     server: &Server,
 ) -> Result<(Arc<AdminState>, mpsc::Receiver<runtime::Request>), StartError> {
     let ops = Arc::new(OpsState::new(server.bound_addresses()));
-    let exporter = Arc::new(Exporter::new(
-        server.published.clone(),
-        server.shared.clone(),
-        ops.clone(),
-    ));
+    let exporter = Arc::new(
+        Exporter::new(server.published.clone(), server.shared.clone(), ops.clone())
+            .with_discovery(server.discovery_stats.clone()),
+    );
     let admin = &server.config.admin;
     let (commands, rx) = mpsc::channel(PENDING_WRITES);
     let state = Arc::new(AdminState {
@@ -99,7 +98,11 @@ pub fn start(
         commands,
         history: Arc::default(),
     });
-    tokio::spawn(crate::metrics::upkeep(exporter));
+    if let Err(e) = crate::metrics::spawn_renderer(&exporter) {
+        crate::error!(
+            "cannot start the metrics thread ({e}): /metrics renders on the control thread"
+        );
+    }
     tokio::spawn(history::run(
         state.history.clone(),
         server.published.clone(),
@@ -248,7 +251,7 @@ async fn route(req: &head::Request, body: &[u8], peer: SocketAddr, state: &Admin
         "/metrics" => Response::new(
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            state.exporter.render(),
+            state.exporter.text().as_bytes(),
         ),
         "/status" => {
             let s = status::build(

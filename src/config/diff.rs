@@ -107,6 +107,7 @@ fn same_settings(a: &Frontend, b: &Frontend) -> bool {
         && a.server_timeout == b.server_timeout
         && a.tcp_keepalive == b.tcp_keepalive
         && a.source == b.source
+        && a.discover == b.discover
 }
 
 /// Computes what changed from `old` to `new`. Backends are matched by name: a backend whose

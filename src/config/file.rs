@@ -35,6 +35,8 @@ pub struct FileGlobal {
     pub grace: Option<String>,
     pub io: Option<String>,
     pub relay: Option<String>,
+    /// DNS servers for `discover` (`"127.0.0.1:5353"`); absent: /etc/resolv.conf.
+    pub resolvers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -132,6 +134,11 @@ pub struct FileHealth {
 pub struct FileBackend {
     pub name: Option<String>,
     pub address: Option<String>,
+    /// `"host:port"` whose A/AAAA records are the backends (instead of `address`).
+    pub discover: Option<String>,
+    /// An SRV name whose records are the backends (instead of `address`).
+    pub discover_srv: Option<String>,
+    pub resolve_interval: Option<String>,
     pub weight: Option<i64>,
     pub backup: Option<bool>,
     pub check: Option<bool>,

@@ -50,6 +50,8 @@ pub struct Global {
     pub grace: Duration,
     pub io: IoMode,
     pub relay: RelayMode,
+    /// DNS servers that `discover` entries ask; empty: those of /etc/resolv.conf.
+    pub resolvers: Vec<SocketAddr>,
 }
 
 /// How the workers move bytes (on io_uring and on the epoll fallback alike).
@@ -186,7 +188,43 @@ pub struct Frontend {
     pub tcp_keepalive: Option<Duration>,
     /// The local address backend connections are made from (HAProxy's `source`).
     pub source: Option<std::net::IpAddr>,
+    /// The backends: those written with `address`, then (once the control loop has expanded
+    /// the config, see `discovery::expand`) one per address each `discover` entry found.
     pub backends: Vec<Backend>,
+    /// Backend groups found in DNS (`discover` / `discover_srv` entries).
+    pub discover: Vec<Discover>,
+}
+
+/// A `[[frontend.backend]]` entry with `discover` or `discover_srv` instead of `address`: a
+/// group of backends whose addresses come from DNS and change while ringlb runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Discover {
+    /// The entry's name; the backend for address A is named `NAME-A` (`web-10.0.0.5:8080`).
+    pub name: String,
+    pub target: DiscoverTarget,
+    /// How often to ask again; `None`: when the answer's TTL runs out (clamped).
+    pub resolve_interval: Option<Duration>,
+    /// Everything a discovered backend gets but its name and address (`address` here is the
+    /// unspecified address and unused). Its health starts down unless `check = false`: an
+    /// address new in DNS takes traffic only once `rise` checks have passed.
+    pub template: Backend,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DiscoverTarget {
+    /// A and AAAA records of `host`, each with `port`.
+    Host { host: String, port: u16 },
+    /// SRV records of the name: each target's addresses with the record's port.
+    Srv(String),
+}
+
+impl fmt::Display for DiscoverTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DiscoverTarget::Host { host, port } => write!(f, "{host}:{port}"),
+            DiscoverTarget::Srv(name) => write!(f, "SRV {name}"),
+        }
+    }
 }
 
 /// Health-check settings for one backend (frontend defaults with the backend's overrides).
@@ -274,8 +312,8 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let name = path.display().to_string();
-        // Blocking, on purpose: `check` runs it on the main thread, and a reload on the control
-        // thread reads one small local file before anything else happens on it.
+        // Blocking, on purpose: `check` runs it on the main thread, and a reload on a thread of
+        // its own (`control::start_load`), so a slow file system stalls no async thread.
         #[allow(clippy::disallowed_methods)]
         let bytes = std::fs::read(path).map_err(|e| ConfigError {
             source_name: name.clone(),

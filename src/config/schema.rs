@@ -70,6 +70,7 @@ static GLOBAL: Table = Table {
         ("grace", Kind::Str),
         ("io", Kind::Str),
         ("relay", Kind::Str),
+        ("resolvers", Kind::Strs),
     ],
 };
 
@@ -166,6 +167,9 @@ static BACKEND: Table = Table {
     keys: &[
         ("name", Kind::Str),
         ("address", Kind::Str),
+        ("discover", Kind::Str),
+        ("discover_srv", Kind::Str),
+        ("resolve_interval", Kind::Str),
         ("weight", Kind::Int),
         ("backup", Kind::Bool),
         ("check", Kind::Bool),

@@ -14,8 +14,8 @@ use super::duration::{format_duration, parse_duration};
 use super::file::{FileBackend, FileConfig, FileFrontend, FileHealth, FileWorkers};
 use super::problem::{At, Problem};
 use super::{
-    Admin, Backend, Balance, Config, ConnectHedge, Frontend, Global, HashKey, Health, HostLookup,
-    IoMode, OnMarkedDown, ProxyVersion, RelayMode, Token,
+    Admin, Backend, Balance, Config, ConnectHedge, Discover, DiscoverTarget, Frontend, Global,
+    HashKey, Health, HostLookup, IoMode, OnMarkedDown, ProxyVersion, RelayMode, Token,
 };
 
 mod traffic;
@@ -278,6 +278,27 @@ fn validate_global(file: &FileConfig, out: &mut Vec<Problem>) -> Global {
             RelayMode::Copy
         }
     };
+    let mut resolvers = Vec::new();
+    for (i, text) in g
+        .and_then(|g| g.resolvers.as_ref())
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        // A bare IP address means the DNS port, as in resolv.conf.
+        let parsed = text.parse::<SocketAddr>().or_else(|_| {
+            text.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        });
+        match parsed {
+            Ok(a) if a.port() != 0 => resolvers.push(a),
+            _ => p.push_at(
+                "resolvers",
+                &format!("resolvers.{i}"),
+                format!("\"{text}\" is not an IP address (with an optional port), like \"127.0.0.1:5353\""),
+            ),
+        }
+    }
     Global {
         workers,
         max_connections,
@@ -285,6 +306,7 @@ fn validate_global(file: &FileConfig, out: &mut Vec<Problem>) -> Global {
         grace,
         io,
         relay,
+        resolvers,
     }
 }
 
@@ -552,6 +574,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         .map(|l| super::log::validate_log(l, &mut p.nested("log", "log")));
 
     let mut backends = Vec::new();
+    let mut discover = Vec::new();
     let mut names = HashSet::new();
     let mut addrs = HashSet::new();
     if ff.backend.is_empty() {
@@ -571,17 +594,26 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
             slow_start,
             send_proxy,
         };
-        if let Some(b) = validate_backend(fb, &defaults, dns, &mut bp) {
-            if !names.insert(b.name.clone()) {
-                bp.push("name", format!("duplicate backend name \"{}\"", b.name));
+        match validate_backend(fb, &defaults, dns, &mut bp) {
+            Some(Entry::Discover(d)) => {
+                if !names.insert(d.name.clone()) {
+                    bp.push("name", format!("duplicate backend name \"{}\"", d.name));
+                }
+                discover.push(d);
             }
-            if !addrs.insert(b.address) {
-                bp.push(
-                    "address",
-                    format!("{} is already used by another backend", b.address),
-                );
+            Some(Entry::Static(b)) => {
+                if !names.insert(b.name.clone()) {
+                    bp.push("name", format!("duplicate backend name \"{}\"", b.name));
+                }
+                if !addrs.insert(b.address) {
+                    bp.push(
+                        "address",
+                        format!("{} is already used by another backend", b.address),
+                    );
+                }
+                backends.push(b);
             }
-            backends.push(b);
+            None => {}
         }
     }
     if let Some(ip) = source {
@@ -630,6 +662,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         tcp_keepalive,
         source,
         backends,
+        discover,
     })
 }
 
@@ -706,8 +739,9 @@ fn resolve(text: &str, dns: HostLookup) -> Result<SocketAddr, String> {
             "\"{text}\" is a host name, and host names are not looked up here"
         ));
     }
-    // Known debt: a blocking getaddrinfo, on the control thread during a reload. Backend
-    // host names should be resolved asynchronously with re-resolution (DNS discovery).
+    // A blocking getaddrinfo: `check` runs on the main thread and a reload loads on a thread
+    // of its own (`control::start_load`), never on an async thread. Names that change while
+    // ringlb runs belong in `discover`, which re-resolves them (`discovery`).
     #[allow(clippy::disallowed_methods)]
     let resolved = text.to_socket_addrs();
     match resolved {
@@ -745,14 +779,100 @@ fn proxy_version(
     }
 }
 
+/// A `[[frontend.backend]]` entry: one backend, or a group found in DNS.
+enum Entry {
+    Static(Backend),
+    Discover(Discover),
+}
+
+/// Shortest and longest `resolve_interval`.
+const RESOLVE_INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(3600));
+
+/// `discover = "host:port"` or `discover_srv = "name"`, checked; `None` when neither is set
+/// (or it is wrong, which is reported).
+fn discover_target(fb: &FileBackend, p: &mut Problems<'_>) -> Option<DiscoverTarget> {
+    if let Some(text) = &fb.discover {
+        let Some((host, port)) = text.rsplit_once(':') else {
+            p.push(
+                "discover",
+                format!(
+                    "\"{text}\" has no port: write it as \"host:port\", like \"tasks.web:8080\""
+                ),
+            );
+            return None;
+        };
+        let port = match port.parse::<u16>() {
+            Ok(0) | Err(_) => {
+                p.push(
+                    "discover",
+                    format!("\"{text}\": \"{port}\" is not a port (1-65535)"),
+                );
+                return None;
+            }
+            Ok(port) => port,
+        };
+        if let Err(why) = crate::discovery::dns::check_name(host) {
+            p.push("discover", format!("\"{text}\": {why}"));
+            return None;
+        }
+        return Some(DiscoverTarget::Host {
+            host: host.to_string(),
+            port,
+        });
+    }
+    let text = fb.discover_srv.as_ref()?;
+    match crate::discovery::dns::check_name(text) {
+        Ok(()) => Some(DiscoverTarget::Srv(text.clone())),
+        Err(why) => {
+            p.push("discover_srv", format!("\"{text}\": {why}"));
+            None
+        }
+    }
+}
+
 fn validate_backend(
     fb: &FileBackend,
     defaults: &BackendDefaults<'_>,
     dns: HostLookup,
     p: &mut Problems<'_>,
-) -> Option<Backend> {
+) -> Option<Entry> {
     let name = checked_name(&fb.name, "backend", p);
+    let sources = [
+        ("address", fb.address.is_some()),
+        ("discover", fb.discover.is_some()),
+        ("discover_srv", fb.discover_srv.is_some()),
+    ];
+    let given: Vec<&str> = sources
+        .iter()
+        .filter(|(_, s)| *s)
+        .map(|(k, _)| *k)
+        .collect();
+    if given.len() > 1 {
+        p.push(
+            given[1],
+            format!("{} and {} both given: a backend entry has one of address, discover and discover_srv", given[0], given[1]),
+        );
+    }
+    let target = discover_target(fb, p);
+    let resolve_interval = p.opt_positive_duration("resolve_interval", &fb.resolve_interval);
+    if fb.resolve_interval.is_some() && fb.discover.is_none() && fb.discover_srv.is_none() {
+        p.push(
+            "resolve_interval",
+            "only for entries with discover or discover_srv",
+        );
+    }
+    if let Some(d) = resolve_interval {
+        let (lo, hi) = RESOLVE_INTERVAL_RANGE;
+        if d < lo || d > hi {
+            p.push("resolve_interval", "out of range: must be 100ms to 1h");
+        }
+    }
     let address = match &fb.address {
+        None if fb.discover.is_some() || fb.discover_srv.is_some() => {
+            target.as_ref()?;
+            Some(SocketAddr::from(([0, 0, 0, 0], 0)))
+        }
         None => {
             p.push(
                 "address",
@@ -796,8 +916,8 @@ fn validate_backend(
         defaults.health.probe.kind(),
         &mut p.nested("health", "health"),
     );
-    let health = own.over(defaults.health).resolve(fb.check.unwrap_or(true));
-    Some(Backend {
+    let mut health = own.over(defaults.health).resolve(fb.check.unwrap_or(true));
+    let backend = Backend {
         name,
         address: address?,
         weight,
@@ -805,8 +925,19 @@ fn validate_backend(
         slow_start,
         send_proxy,
         max_connections,
-        health,
-    })
+        health: health.clone(),
+    };
+    let Some(target) = target else {
+        return Some(Entry::Static(backend));
+    };
+    // An address new in DNS may not answer yet: it takes traffic once `rise` checks passed.
+    health.initial_up = !health.check;
+    Some(Entry::Discover(Discover {
+        name: backend.name.clone(),
+        target,
+        resolve_interval,
+        template: Backend { health, ..backend },
+    }))
 }
 
 /// One level's health settings, checked: `None` where that level does not set the key (or

@@ -2,7 +2,8 @@
 //! and Layer6 words), passive health from real traffic, slow start.
 //!
 //! Where it sits: [`HealthChecks`] lives in the control loop next to the `Server`. It runs one
-//! tokio task per backend ([`checker`]) on the control thread's runtime; the tasks send
+//! tokio task per backend ([`checker`]) on a runtime and thread of their own ([`thread`]), so
+//! nothing the control loop does delays a probe; the tasks send
 //! [`HealthEvent`]s back to the loop, which calls [`HealthChecks::handle`] to flip the
 //! backend's verdict, log HAProxy's line ([`report`]), republish the snapshot, close sessions
 //! if `on_marked_down = "shutdown-sessions"`, and start a slow-start ramp. Passive mark-downs
@@ -16,6 +17,7 @@
 //! - [`proto`]: what each kind sends and how it judges the answer (pure, unit-tested).
 //! - [`checker`]: the per-backend task and the spread.
 //! - [`report`]: the log lines.
+//! - [`thread`]: the `ringlb-health` thread the checkers run on.
 
 pub mod app;
 pub mod checker;
@@ -24,6 +26,7 @@ pub mod machine;
 pub mod probe;
 pub mod proto;
 pub mod report;
+pub mod thread;
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
@@ -63,6 +66,8 @@ pub struct HealthChecks {
     /// Slow-start ramps in progress, by backend.
     ramps: HashMap<Key, JoinHandle<()>>,
     events: mpsc::UnboundedSender<HealthEvent>,
+    /// Where the checkers run. Declared last: dropped after the tasks were aborted.
+    probes: thread::ProbeRuntime,
 }
 
 fn key_of(state: &BackendState) -> Key {
@@ -78,6 +83,7 @@ impl HealthChecks {
             tasks: HashMap::new(),
             ramps: HashMap::new(),
             events,
+            probes: thread::ProbeRuntime::start(),
         };
         (me, rx)
     }
@@ -145,7 +151,7 @@ impl HealthChecks {
         let forced_down = Arc::new(Notify::new());
         let mut hasher = DefaultHasher::new();
         key.hash(&mut hasher);
-        let handle = tokio::spawn(checker::run(
+        let handle = self.probes.spawn(checker::run(
             Checker,
             state.clone(),
             Controls {
