@@ -84,6 +84,9 @@ pub struct Rejected {
     pub source_connections: u64,
     pub source_rate: u64,
     pub queue_timeout: u64,
+    /// SNI routing's reasons.
+    pub sni: u64,
+    pub sni_timeout: u64,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -225,6 +228,8 @@ pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState, hist: &History) -
                     source_connections: st.gate.rejected(Reason::SourceConnections),
                     source_rate: st.gate.rejected(Reason::SourceRate),
                     queue_timeout: st.gate.rejected(Reason::QueueTimeout),
+                    sni: st.gate.rejected(Reason::Sni),
+                    sni_timeout: st.gate.rejected(Reason::SniTimeout),
                 },
                 queue: Queue {
                     current: st.gate.queue.current.load(Ordering::Relaxed),

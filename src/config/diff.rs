@@ -103,6 +103,7 @@ fn same_settings(a: &Frontend, b: &Frontend) -> bool {
         && a.log == b.log
         && a.traffic == b.traffic
         && a.drain_pace == b.drain_pace
+        && a.sni == b.sni
 }
 
 /// Computes what changed from `old` to `new`. Backends are matched by name: a backend whose

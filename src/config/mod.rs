@@ -177,6 +177,9 @@ pub struct Frontend {
     /// Close a backend's open connections spread over this window instead of all at once,
     /// when ringlb closes them (backend removed, marked down with shutdown-sessions, stop).
     pub drain_pace: Option<Duration>,
+    /// `[[frontend.route]]`: route by the TLS server name; `None` without routes (and then
+    /// nothing is read before the backend is picked).
+    pub sni: Option<traffic::SniRouting>,
     pub backends: Vec<Backend>,
 }
 
@@ -214,6 +217,8 @@ pub struct Backend {
     /// beyond it the backend is skipped, and clients wait in the frontend's queue when
     /// every backend is full.
     pub max_connections: Option<u32>,
+    /// The pool a route sends clients to; `None` is the default pool.
+    pub pool: Option<String>,
     pub health: Health,
 }
 

@@ -17,6 +17,7 @@ use super::local::Op;
 use super::queue::Pick;
 use super::{hedge, shutdown_listener, Shared};
 use crate::backend::{per_worker, ActiveGuard, FrontendSnap};
+use crate::balance::pools::DEFAULT_POOL;
 use crate::connlog::{self, ConnectFailed};
 use crate::relay::{self, ops::ConnectError, FirstMove};
 
@@ -281,6 +282,18 @@ async fn serve<I: Io>(
     } else {
         peer
     };
+    // SNI routing: the ClientHello is read (into a pooled buffer, relayed first) and picks
+    // the pool. Boxed, like the gate; frontends without routes skip it and use pool 0.
+    let mut hello = None;
+    if fe.routes.is_some() {
+        match Box::pin(super::route::read_hello(&fe, &client, peer)).await {
+            Some(h) => hello = Some(Box::new(h)),
+            None => {
+                relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+                return;
+            }
+        }
+    }
     let fe_counts = fe.state.counts.local();
     per_worker::bump(&fe_counts.accepted);
     per_worker::bump(&fe_counts.active);
@@ -299,7 +312,8 @@ async fn serve<I: Io>(
         // ends, or given back before the next attempt) and may wait in the queue.
         let mut _slot = None;
         let idx = if fe.limited {
-            match Box::pin(super::queue::pick(&fe, &peer, &tried)).await {
+            let pool = hello.as_ref().map_or(DEFAULT_POOL, |h| h.pool);
+            match Box::pin(super::queue::pick(&fe, pool, &peer, &tried)).await {
                 Pick::Backend(idx, slot) => {
                     _slot = slot.map(Box::new);
                     idx
@@ -318,9 +332,10 @@ async fn serve<I: Io>(
                 }
             }
         } else {
+            let pool = hello.as_ref().map_or(DEFAULT_POOL, |h| h.pool);
             let Some(idx) = fe
-                .select(&peer, &tried)
-                .or_else(|| retired_pick(&fe, &tried))
+                .select_in(pool, &peer, &tried)
+                .or_else(|| retired_pick(&fe, pool, &tried))
             else {
                 break;
             };
@@ -334,7 +349,11 @@ async fn serve<I: Io>(
         // Connect (hedged onto another backend if slow; see `hedge`) and first move are
         // boxed: they are over in a moment, and keeping their state (timers, ops) out of line
         // keeps the future every idle connection lives in small.
-        let connected = Box::pin(hedge::connect::<I>(&fe, &peer, idx, &mut tried, &shared)).await;
+        let pool = hello.as_ref().map_or(DEFAULT_POOL, |h| h.pool);
+        let connected = Box::pin(hedge::connect::<I>(
+            &fe, &peer, pool, idx, &mut tried, &shared,
+        ))
+        .await;
         let (idx, backend) = (connected.idx, &fe.backends[connected.idx]);
         trace.carried_by(idx);
         let failure = match connected.result {
@@ -358,7 +377,14 @@ async fn serve<I: Io>(
                         );
                     }
                 }
-                match Box::pin(relay::first_move(&client, &server, cfg.connect_timeout)).await {
+                // A routed client's ClientHello was read already: it is the first data.
+                let first = match hello.as_mut().and_then(|h| h.head.take()) {
+                    Some(head) => FirstMove::Relay(head),
+                    None => {
+                        Box::pin(relay::first_move(&client, &server, cfg.connect_timeout)).await
+                    }
+                };
+                match first {
                     FirstMove::Relay(head) => {
                         backend.state.record_connect_success();
                         let reg = Registration::new(
@@ -428,16 +454,20 @@ async fn serve<I: Io>(
     relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
 }
 
-/// When a reload removed every backend of this frontend (or the frontend itself, whose
+/// When a reload removed every backend of this frontend's pool (or the frontend itself, whose
 /// listen queue is still being served): they are all draining, so selection finds none, and
 /// the first one still up serves the client as the connections already open on them finish.
 /// The window is short: from the reload marking them draining until the new snapshot (or the
 /// listener's close) takes over.
-fn retired_pick(fe: &FrontendSnap, tried: &[usize]) -> Option<usize> {
-    if !fe.backends.iter().all(|b| b.state.is_draining()) {
+fn retired_pick(fe: &FrontendSnap, pool: usize, tried: &[usize]) -> Option<usize> {
+    let members = &fe.pools.get(pool)?.members;
+    if !members.iter().all(|&i| fe.backends[i].state.is_draining()) {
         return None;
     }
-    (0..fe.backends.len()).find(|i| !tried.contains(i) && fe.backends[*i].state.is_up())
+    members
+        .iter()
+        .copied()
+        .find(|i| !tried.contains(i) && fe.backends[*i].state.is_up())
 }
 
 /// Sends the PROXY protocol header naming `peer` and the address it connected to (`dst` when
