@@ -36,9 +36,12 @@ pub const NAME_MAX: usize = 255;
 pub enum Parsed {
     /// The ClientHello is not complete yet.
     Partial,
-    /// A whole ClientHello; its server name (lowercased, without a trailing dot), if it
-    /// sent one.
-    Hello { name: Option<ServerName> },
+    /// A whole ClientHello, ending at byte `len`; its server name (lowercased, without a
+    /// trailing dot), if it sent one.
+    Hello {
+        name: Option<ServerName>,
+        len: usize,
+    },
     /// The first bytes are not a TLS handshake record: some other protocol.
     NotTls,
 }
@@ -204,7 +207,10 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, Bad> {
         in_record: 0,
     };
     match hello(&mut s) {
-        Ok(name) => Ok(Parsed::Hello { name }),
+        // Small records can carry a ClientHello that fits the cap past it: refused alike,
+        // so the answer never depends on how much was read beyond the cap.
+        Ok(_) if s.pos > HELLO_MAX => Err(Bad::TooLong),
+        Ok(name) => Ok(Parsed::Hello { name, len: s.pos }),
         Err(Stop::Bad(b)) => Err(b),
         // Every byte up to the cap was read and the ClientHello is still not whole.
         Err(Stop::Partial) if buf.len() >= HELLO_MAX => Err(Bad::TooLong),
@@ -312,7 +318,8 @@ fn server_name(b: &mut Body<'_, '_>, ext_len: usize) -> Result<Option<ServerName
         }
         // "example.com." names the same host as "example.com".
         let len = if name.bytes[n - 1] == b'.' { n - 1 } else { n };
-        if len == 0 {
+        // "." or "a..": not a host name.
+        if len == 0 || name.bytes[len - 1] == b'.' {
             return Err(Bad::ServerName.into());
         }
         name.len = len as u8;
@@ -372,7 +379,7 @@ mod tests {
 
     fn name_of(bytes: &[u8]) -> Option<String> {
         match parse(bytes) {
-            Ok(Parsed::Hello { name }) => name.map(|n| n.as_str().to_string()),
+            Ok(Parsed::Hello { name, .. }) => name.map(|n| n.as_str().to_string()),
             other => panic!("not a whole hello: {other:?}"),
         }
     }

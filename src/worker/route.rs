@@ -68,7 +68,7 @@ pub async fn read_hello<S: Conn>(fe: &FrontendSnap, client: &S, peer: SocketAddr
         }
     };
     let server_name = match &parsed {
-        Parsed::Hello { name: Some(n) } => Some(n.as_str()),
+        Parsed::Hello { name: Some(n), .. } => Some(n.as_str()),
         _ => None,
     };
     let pool = server_name
