@@ -214,11 +214,20 @@ fn echoed(addr: SocketAddr, bytes: &[u8], piece: usize) -> Vec<u8> {
 #[test]
 fn bytes_read_for_routing_reach_the_backend_first_and_intact_and_bad_hellos_are_closed_and_counted()
 {
+    routing_bytes_and_bad_hellos("auto");
+}
+
+#[test]
+fn on_the_epoll_fallback_too_bytes_are_replayed_and_bad_hellos_closed_without_a_leak() {
+    routing_bytes_and_bad_hellos("epoll");
+}
+
+fn routing_bytes_and_bad_hellos(io: &str) {
     let echo_default = Backend::start("default", Behaviour::Echo);
     let echo_a = Backend::start("a", Behaviour::Echo);
     let strict_a = Backend::start("strict-a", Behaviour::Echo);
     let routes = "sni_timeout = \"1s\"\n[[frontend.route]]\nsni = [\"a.example\"]\npool = \"a\"\n";
-    let cfg = global_toml("")
+    let cfg = global_toml(&format!("io = \"{io}\""))
         + &frontend_toml(
             "mixed",
             routes,
@@ -320,4 +329,87 @@ fn bytes_read_for_routing_reach_the_backend_first_and_intact_and_bad_hellos_are_
         )
         .expect("a log line for the slow ClientHello");
     assert!(line.contains("frontend mixed"), "{line}");
+}
+
+#[test]
+fn a_proxy_header_is_read_before_the_client_hello_and_sent_before_it() {
+    let echo = Backend::start("a", Behaviour::Echo);
+    let other = Backend::start("other", Behaviour::Echo);
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "tls",
+            "accept_proxy = true\n[[frontend.route]]\nsni = [\"a.example\"]\npool = \"a\"\n",
+            &[
+                (
+                    "a",
+                    echo.addr,
+                    "pool = \"a\"\nsend_proxy = \"v1\"\ncheck = false",
+                ),
+                ("other", other.addr, "check = false"),
+            ],
+        );
+    let lb = Ringlb::start(&cfg);
+    let header = b"PROXY TCP4 203.0.113.7 198.51.100.1 4000 443\r\n";
+    let hello = sample_hello(Some("a.example"), 0);
+    let mut sent = header.to_vec();
+    sent.extend_from_slice(&hello);
+    // The header as ringlb sends it on names the declared client: the same line.
+    assert_eq!(echoed(lb.addr("tls"), &sent, 30), sent);
+    assert_eq!((echo.accepted(), other.accepted()), (1, 0));
+}
+
+#[test]
+fn a_reload_that_adds_a_route_moves_its_name_to_the_new_pool() {
+    let first = Backend::start("first", Behaviour::Named);
+    let second = Backend::start("second", Behaviour::Named);
+    let cfg = |routed: bool| {
+        let (settings, pool) = if routed {
+            (
+                "balance = \"round-robin\"\n\
+                 [[frontend.route]]\nsni = [\"*.b.example\"]\npool = \"b\"\n",
+                "pool = \"b\"\ncheck = false",
+            )
+        } else {
+            ("balance = \"round-robin\"\n", "check = false")
+        };
+        global_toml("")
+            + &frontend_toml(
+                "tls",
+                settings,
+                &[
+                    ("first", first.addr, "check = false"),
+                    ("second", second.addr, pool),
+                ],
+            )
+    };
+    let lb = Ringlb::start(&cfg(false));
+    let addr = lb.addr("tls");
+    let name_for = |server: &str| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(&sample_hello(Some(server), 0)).unwrap();
+        s.set_read_timeout(Some(SOON)).unwrap();
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        String::from_utf8(line).unwrap()
+    };
+    // Without routes, both take turns whatever the name.
+    let mut seen: Vec<String> = (0..6).map(|_| name_for("x.b.example")).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, ["first", "second"]);
+    let mark = lb.reload(&cfg(true));
+    let line = lb
+        .wait_for_log_after(mark, "reload: applied", SOON)
+        .unwrap_or_else(|| panic!("no reload line: {:?}", lb.logs()));
+    assert!(
+        line.contains("settings") && line.contains("~second"),
+        "{line}"
+    );
+    for _ in 0..5 {
+        assert_eq!(name_for("x.b.example"), "second");
+        assert_eq!(name_for("c.example"), "first");
+    }
 }
