@@ -108,6 +108,9 @@ pub struct BackendStatus {
     /// "up" or "down": the health verdict, whatever the operator set.
     pub health: &'static str,
     pub backup: bool,
+    /// The pool a `[[frontend.route]]` sends clients to; absent for the default pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     /// The weight in force (a runtime one, if set).
     pub weight: u32,
     /// The weight in the config.
@@ -172,6 +175,7 @@ fn backend_status(config: &Backend, s: &BackendState, rates: Rates) -> BackendSt
         admin_state: s.admin_mode().as_str(),
         health: if s.is_up() { "up" } else { "down" },
         backup: config.backup,
+        pool: config.pool.clone(),
         weight: config.weight,
         configured_weight: s
             .peek_runtime_weight()

@@ -193,6 +193,9 @@ impl Body<'_, '_> {
 
 /// Parses the ClientHello at the start of `buf` (every byte read from the client so far).
 pub fn parse(buf: &[u8]) -> Result<Parsed, Bad> {
+    // Nothing past the cap is looked at, so the answer for an input over it is the answer
+    // for its first HELLO_MAX bytes, whatever follows.
+    let buf = &buf[..buf.len().min(HELLO_MAX)];
     // Not TLS: the first record is not a handshake record of TLS 1.x (SSL 3 to TLS 1.3 all
     // write major version 3 there). Anything else is some other protocol.
     match buf {
@@ -207,12 +210,10 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, Bad> {
         in_record: 0,
     };
     match hello(&mut s) {
-        // Small records can carry a ClientHello that fits the cap past it: refused alike,
-        // so the answer never depends on how much was read beyond the cap.
-        Ok(_) if s.pos > HELLO_MAX => Err(Bad::TooLong),
         Ok(name) => Ok(Parsed::Hello { name, len: s.pos }),
         Err(Stop::Bad(b)) => Err(b),
-        // Every byte up to the cap was read and the ClientHello is still not whole.
+        // Every byte up to the cap was read and the ClientHello is still not whole (small
+        // records can carry one that would fit the cap past it: refused alike).
         Err(Stop::Partial) if buf.len() >= HELLO_MAX => Err(Bad::TooLong),
         Err(Stop::Partial) => Ok(Parsed::Partial),
     }
@@ -448,5 +449,9 @@ mod tests {
         let small = records(&h[5..], 16);
         assert_eq!(parse(&small[..HELLO_MAX - 1]), Ok(Parsed::Partial));
         assert_eq!(parse(&small[..HELLO_MAX]), Err(Bad::TooLong));
+        // Nothing past the cap counts: not valid records, nor an alert right after it.
+        let mut past = small[..HELLO_MAX + 3].to_vec();
+        past.extend_from_slice(&[0x15; 40]);
+        assert_eq!(parse(&past), Err(Bad::TooLong));
     }
 }

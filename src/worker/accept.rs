@@ -377,9 +377,13 @@ async fn serve<I: Io>(
                         );
                     }
                 }
-                // A routed client's ClientHello was read already: it is the first data.
+                // A routed client's ClientHello was read already: it is the first data, and
+                // the routing is done with (nothing of it is kept for the relay's life).
                 let first = match hello.as_mut().and_then(|h| h.head.take()) {
-                    Some(head) => FirstMove::Relay(head),
+                    Some(head) => {
+                        hello = None;
+                        FirstMove::Relay(head)
+                    }
                     None => {
                         Box::pin(relay::first_move(&client, &server, cfg.connect_timeout)).await
                     }
