@@ -15,7 +15,7 @@ use super::gate::Reason;
 use super::io::Io;
 use super::local::Op;
 use super::queue::Pick;
-use super::{hedge, shutdown_listener, Shared};
+use super::{hedge, route, shutdown_listener, Shared};
 use crate::backend::{per_worker, ActiveGuard, FrontendSnap};
 use crate::balance::pools::DEFAULT_POOL;
 use crate::connlog::{self, ConnectFailed};
@@ -286,7 +286,7 @@ async fn serve<I: Io>(
     // the pool. Boxed, like the gate; frontends without routes skip it and use pool 0.
     let mut hello = None;
     if fe.routes.is_some() {
-        match Box::pin(super::route::read_hello(&fe, &client, peer)).await {
+        match Box::pin(route::read_hello(&fe, &client, peer)).await {
             Some(h) => hello = Some(Box::new(h)),
             None => {
                 relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
@@ -312,8 +312,7 @@ async fn serve<I: Io>(
         // ends, or given back before the next attempt) and may wait in the queue.
         let mut _slot = None;
         let idx = if fe.limited {
-            let pool = hello.as_ref().map_or(DEFAULT_POOL, |h| h.pool);
-            match Box::pin(super::queue::pick(&fe, pool, &peer, &tried)).await {
+            match Box::pin(super::queue::pick(&fe, pool_of(&hello), &peer, &tried)).await {
                 Pick::Backend(idx, slot) => {
                     _slot = slot.map(Box::new);
                     idx
@@ -332,10 +331,9 @@ async fn serve<I: Io>(
                 }
             }
         } else {
-            let pool = hello.as_ref().map_or(DEFAULT_POOL, |h| h.pool);
             let Some(idx) = fe
-                .select_in(pool, &peer, &tried)
-                .or_else(|| retired_pick(&fe, pool, &tried))
+                .select_in(pool_of(&hello), &peer, &tried)
+                .or_else(|| retired_pick(&fe, pool_of(&hello), &tried))
             else {
                 break;
             };
@@ -349,9 +347,13 @@ async fn serve<I: Io>(
         // Connect (hedged onto another backend if slow; see `hedge`) and first move are
         // boxed: they are over in a moment, and keeping their state (timers, ops) out of line
         // keeps the future every idle connection lives in small.
-        let pool = hello.as_ref().map_or(DEFAULT_POOL, |h| h.pool);
         let connected = Box::pin(hedge::connect::<I>(
-            &fe, &peer, pool, idx, &mut tried, &shared,
+            &fe,
+            &peer,
+            pool_of(&hello),
+            idx,
+            &mut tried,
+            &shared,
         ))
         .await;
         let (idx, backend) = (connected.idx, &fe.backends[connected.idx]);
@@ -377,18 +379,14 @@ async fn serve<I: Io>(
                         );
                     }
                 }
-                // A routed client's ClientHello was read already: it is the first data, and
-                // the routing is done with (nothing of it is kept for the relay's life).
-                let first = match hello.as_mut().and_then(|h| h.head.take()) {
-                    Some(head) => {
-                        hello = None;
-                        FirstMove::Relay(head)
-                    }
-                    None => {
-                        Box::pin(relay::first_move(&client, &server, cfg.connect_timeout)).await
-                    }
-                };
-                match first {
+                match Box::pin(first_move(
+                    &mut hello,
+                    &client,
+                    &server,
+                    cfg.connect_timeout,
+                ))
+                .await
+                {
                     FirstMove::Relay(head) => {
                         backend.state.record_connect_success();
                         let reg = Registration::new(
@@ -456,6 +454,27 @@ async fn serve<I: Io>(
     // A readiness poll left by `first_move` may still hold the client socket: shutting it
     // down completes that poll, so the fd is closed now rather than when the client speaks.
     relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+}
+
+/// The client's SNI routing pool: the default pool (every backend) without routes.
+fn pool_of(hello: &Option<Box<route::Hello>>) -> usize {
+    hello.as_ref().map_or(DEFAULT_POOL, |h| h.pool)
+}
+
+/// What first happened on the new connection (see `relay::first_move`). A routed client's
+/// ClientHello was read already: it is the first data, and the routing is done with, so
+/// nothing of it is kept for the relay's life. Kept out of `serve`'s future, boxed.
+async fn first_move<S: relay::Conn>(
+    hello: &mut Option<Box<route::Hello>>,
+    client: &S,
+    server: &S,
+    limit: Duration,
+) -> FirstMove {
+    if let Some(head) = hello.as_mut().and_then(|h| h.head.take()) {
+        *hello = None;
+        return FirstMove::Relay(head);
+    }
+    relay::first_move(client, server, limit).await
 }
 
 /// When a reload removed every backend of this frontend's pool (or the frontend itself, whose
