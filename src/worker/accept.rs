@@ -266,12 +266,15 @@ async fn serve<I: Io>(
     drop(slot);
     // Traffic controls (PROXY header in, ACL, per-source limits): skipped when none is set.
     // Boxed, like the connect: the header buffer and the admission live off the connection's
-    // future, which keeps only the pointer.
-    let mut admission = None;
+    // future, which keeps only the pointer (one for the gate and SNI routing together).
+    let mut extras: Option<Box<Extras>> = None;
     let peer = if fe.config.traffic.is_on() {
         match Box::pin(super::gate::admit(&fe, &client, peer)).await {
             Ok((addr, a)) => {
-                admission = Some(Box::new(a));
+                extras = Some(Box::new(Extras {
+                    admission: Some(a),
+                    hello: None,
+                }));
                 addr
             }
             Err(()) => {
@@ -284,10 +287,18 @@ async fn serve<I: Io>(
     };
     // SNI routing: the ClientHello is read (into a pooled buffer, relayed first) and picks
     // the pool. Boxed, like the gate; frontends without routes skip it and use pool 0.
-    let mut hello = None;
     if fe.routes.is_some() {
         match Box::pin(route::read_hello(&fe, &client, peer)).await {
-            Some(h) => hello = Some(Box::new(h)),
+            Some(h) => {
+                extras
+                    .get_or_insert_with(|| {
+                        Box::new(Extras {
+                            admission: None,
+                            hello: None,
+                        })
+                    })
+                    .hello = Some(Box::new(h))
+            }
             None => {
                 relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
                 return;
@@ -312,7 +323,7 @@ async fn serve<I: Io>(
         // ends, or given back before the next attempt) and may wait in the queue.
         let mut _slot = None;
         let idx = if fe.limited {
-            match Box::pin(super::queue::pick(&fe, pool_of(&hello), &peer, &tried)).await {
+            match Box::pin(super::queue::pick(&fe, pool_of(&extras), &peer, &tried)).await {
                 Pick::Backend(idx, slot) => {
                     _slot = slot.map(Box::new);
                     idx
@@ -332,8 +343,8 @@ async fn serve<I: Io>(
             }
         } else {
             let Some(idx) = fe
-                .select_in(pool_of(&hello), &peer, &tried)
-                .or_else(|| retired_pick(&fe, pool_of(&hello), &tried))
+                .select_in(pool_of(&extras), &peer, &tried)
+                .or_else(|| retired_pick(&fe, pool_of(&extras), &tried))
             else {
                 break;
             };
@@ -350,7 +361,7 @@ async fn serve<I: Io>(
         let connected = Box::pin(hedge::connect::<I>(
             &fe,
             &peer,
-            pool_of(&hello),
+            pool_of(&extras),
             idx,
             &mut tried,
             &shared,
@@ -367,7 +378,10 @@ async fn serve<I: Io>(
                         &client,
                         &server,
                         peer,
-                        admission.as_ref().and_then(|a| a.dst),
+                        extras
+                            .as_ref()
+                            .and_then(|e| e.admission.as_ref())
+                            .and_then(|a| a.dst),
                         version,
                     ))
                     .await
@@ -380,7 +394,7 @@ async fn serve<I: Io>(
                     }
                 }
                 match Box::pin(first_move(
-                    &mut hello,
+                    &mut extras,
                     &client,
                     &server,
                     cfg.connect_timeout,
@@ -456,22 +470,39 @@ async fn serve<I: Io>(
     relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
 }
 
+/// What the gate and SNI routing found about a client, when its frontend uses them: kept in
+/// one box so that `serve`'s future, which every idle connection lives in, holds one pointer
+/// for both (the future's size decides the allocator's size class of every connection's task).
+struct Extras {
+    /// Held for the connection's life (per-source and frontend slots).
+    admission: Option<super::gate::Admission>,
+    /// Given up once the relay has the ClientHello (boxed: a frontend with the gate and no
+    /// routes pays a pointer for it, not the buffer's handle).
+    hello: Option<Box<route::Hello>>,
+}
+
 /// The client's SNI routing pool: the default pool (every backend) without routes.
-fn pool_of(hello: &Option<Box<route::Hello>>) -> usize {
-    hello.as_ref().map_or(DEFAULT_POOL, |h| h.pool)
+fn pool_of(extras: &Option<Box<Extras>>) -> usize {
+    extras
+        .as_ref()
+        .and_then(|e| e.hello.as_ref())
+        .map_or(DEFAULT_POOL, |h| h.pool)
 }
 
 /// What first happened on the new connection (see `relay::first_move`). A routed client's
-/// ClientHello was read already: it is the first data, and the routing is done with, so
-/// nothing of it is kept for the relay's life. Kept out of `serve`'s future, boxed.
+/// ClientHello was read already: it is the first data, and the routing is done with, so its
+/// buffer goes to the relay. Kept out of `serve`'s future, boxed.
 async fn first_move<S: relay::Conn>(
-    hello: &mut Option<Box<route::Hello>>,
+    extras: &mut Option<Box<Extras>>,
     client: &S,
     server: &S,
     limit: Duration,
 ) -> FirstMove {
-    if let Some(head) = hello.as_mut().and_then(|h| h.head.take()) {
-        *hello = None;
+    let routed = extras.as_mut().and_then(|e| e.hello.as_mut());
+    if let Some(head) = routed.and_then(|h| h.head.take()) {
+        if let Some(e) = extras.as_mut() {
+            e.hello = None;
+        }
         return FirstMove::Relay(head);
     }
     relay::first_move(client, server, limit).await
