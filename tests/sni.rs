@@ -413,3 +413,35 @@ fn a_reload_that_adds_a_route_moves_its_name_to_the_new_pool() {
         assert_eq!(name_for("c.example"), "first");
     }
 }
+
+#[test]
+fn a_pool_whose_backends_are_all_down_says_so_and_its_clients_are_not_sent_elsewhere() {
+    let other = Backend::start("other", Behaviour::Echo);
+    let dead = refused_addr();
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "tls",
+            "retries = 1\n[frontend.health]\ninterval = \"100ms\"\nfall = 1\n\
+             [[frontend.route]]\nsni = [\"a.example\"]\npool = \"a\"\n",
+            &[
+                ("a1", dead, "pool = \"a\""),
+                ("other", other.addr, "check = false"),
+            ],
+        );
+    let lb = Ringlb::start(&cfg);
+    let line = lb
+        .wait_for_log("pool a has no server available!", SOON)
+        .unwrap_or_else(|| panic!("no pool line: {:?}", lb.logs()));
+    assert!(line.contains("frontend tls pool a"), "{line}");
+    // Pool a's client is closed, not sent to the default pool's backend.
+    let mut s = TcpStream::connect(lb.addr("tls")).unwrap();
+    s.write_all(&sample_hello(Some("a.example"), 0)).unwrap();
+    let (got, _) = read_to_close(&mut s);
+    assert!(got.is_empty());
+    assert_eq!(other.accepted(), 0);
+    assert!(wait_until(SOON, || metric(
+        &lb,
+        "ringlb_frontend_rejected_total",
+        &[("frontend", "tls"), ("reason", "no_backend")]
+    ) == 1.0));
+}
