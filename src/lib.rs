@@ -7,7 +7,8 @@
 //! - [`control`]: the control thread's loop: signals, reloads, events, graceful stop.
 //! - [`server`]: owns config, registry, workers and listeners; publishes snapshots; reloads.
 //! - [`backend`]: live backend state (kept across reloads) and the published snapshot.
-//! - [`balance`]: selection behind one trait: round robin, least-connections, Maglev.
+//! - [`balance`]: selection behind one trait: round robin, least-connections, Maglev; the
+//!   pools SNI routes pick from (`balance::pools`).
 //! - [`discovery`]: backend groups from DNS (`discover`): async lookups, re-resolution, the
 //!   expansion of the config with what they found.
 //! - [`health`]: active checks on a thread of their own, passive health, slow start, the logs.
@@ -15,12 +16,13 @@
 //!   kept to ringlb's own sockets (`worker::listener`); accept -> pick -> connect -> relay;
 //!   each worker's connection table (idle timeout, kill switch, byte counts); the fd budget;
 //!   local errors (this host out of fds) kept apart; the accept-time gate (`worker::gate`:
-//!   PROXY header in, source ACLs, per-source limits) and backend `max_connections` with the
-//!   frontend's FIFO queue (`worker::queue`).
+//!   PROXY header in, source ACLs, per-source limits), backend `max_connections` with the
+//!   frontend's FIFO queue (`worker::queue`), and SNI routing's read of the ClientHello
+//!   (`worker::route`).
 //! - [`relay`]: one relay for every runtime and mode (copy, splice, splice-auto): readiness,
 //!   then plain non-blocking syscalls, with buffers and pipes lent per chunk by per-worker
 //!   pools; the PROXY protocol header out (`relay::proxy`) and its strict parser for headers
-//!   coming in (`relay::proxy_in`); the io_uring ops (`unsafe` lives in `relay::ops`, and one setsockopt in
+//!   coming in (`relay::proxy_in`); the TLS ClientHello parser (`relay::sni`); the io_uring ops (`unsafe` lives in `relay::ops`, and one setsockopt in
 //!   `worker::listener::reuseport`).
 //! - [`admin`]: the admin listener: `/metrics`, `/status`, the status page, `/healthz`.
 //! - [`metrics`]: the Prometheus recorder, fed from the data path's atomics by a periodic task.

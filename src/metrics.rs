@@ -119,6 +119,11 @@ const FRONTEND: Family = Family {
             Some(("reason", "queue_timeout")),
         ),
         ("ringlb_frontend_queued_total", None),
+        ("ringlb_frontend_rejected_total", Some(("reason", "sni"))),
+        (
+            "ringlb_frontend_rejected_total",
+            Some(("reason", "sni_timeout")),
+        ),
     ],
     gauges: &[
         "ringlb_frontend_active_connections",
@@ -212,7 +217,7 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_frontend_enabled", "0 while the runtime API has the frontend disabled (its listeners closed), else 1."),
     ("ringlb_admin_writes_total", "Runtime API writes by result: ok, bad_request, unauthorized (no or wrong token), forbidden (not allowed from this peer), not_found, conflict, too_large."),
     ("ringlb_frontend_connections_total", "Client connections accepted (haproxy_frontend_sessions_total)."),
-    ("ringlb_frontend_rejected_total", "Client connections closed without a backend, by reason: no_backend (every backend down or failing), local (this host out of fds or memory for the backend connect), proxy (a malformed, truncated or oversized PROXY protocol header), proxy_timeout (no whole PROXY header within proxy_timeout), acl (source denied by allow/deny), source_connections (max_connections_per_source open), source_rate (over rate_per_source), queue_timeout (every backend at max_connections for queue_timeout) or limit (no longer used: at max_connections new clients wait in the listen queue) (haproxy_frontend_denied_connections_total)."),
+    ("ringlb_frontend_rejected_total", "Client connections closed without a backend, by reason: no_backend (every backend down or failing), local (this host out of fds or memory for the backend connect), proxy (a malformed, truncated or oversized PROXY protocol header), proxy_timeout (no whole PROXY header within proxy_timeout), acl (source denied by allow/deny), source_connections (max_connections_per_source open), source_rate (over rate_per_source), queue_timeout (every backend at max_connections for queue_timeout), sni (a malformed, truncated or oversized TLS ClientHello on a frontend with SNI routes, or no route and an empty default pool), sni_timeout (no whole ClientHello within sni_timeout) or limit (no longer used: at max_connections new clients wait in the listen queue) (haproxy_frontend_denied_connections_total)."),
     ("ringlb_frontend_source_table_full_total", "New sources admitted without per-source limits because the per-source table (65,536 addresses) was full of sources with open connections or recent ones."),
     ("ringlb_frontend_queued_total", "Clients that waited in the frontend's queue because every backend was at its max_connections."),
     ("ringlb_frontend_queue_current", "Clients waiting now for a backend slot (haproxy_backend_current_queue, qcur)."),
@@ -389,6 +394,8 @@ impl Exporter {
                     s.gate.source_table_full_total.load(Ordering::Relaxed),
                     s.gate.rejected(Reason::QueueTimeout),
                     s.gate.queue.queued_total.load(Ordering::Relaxed),
+                    s.gate.rejected(Reason::Sni),
+                    s.gate.rejected(Reason::SniTimeout),
                 ],
                 &[
                     s.active() as f64,

@@ -341,6 +341,7 @@ pub fn backend_json(b: &BackendRef) -> Value {
         "state": s.admin_mode().as_str(),
         "health": if s.is_up() { "up" } else { "down" },
         "backup": b.config.backup,
+        "pool": b.config.pool,
         "weight": b.config.weight,
         "configured_weight": configured,
         "active": s.active.load(Ordering::Relaxed),

@@ -135,6 +135,8 @@ fn gate_rejections(r: &Rejected) -> String {
         ("per-source connections", r.source_connections),
         ("per-source rate", r.source_rate),
         ("queue timeout", r.queue_timeout),
+        ("TLS ClientHello", r.sni),
+        ("ClientHello timeout", r.sni_timeout),
     ] {
         if n > 0 {
             let _ = write!(out, ", {what} {n}");

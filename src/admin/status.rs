@@ -84,6 +84,9 @@ pub struct Rejected {
     pub source_connections: u64,
     pub source_rate: u64,
     pub queue_timeout: u64,
+    /// SNI routing's reasons.
+    pub sni: u64,
+    pub sni_timeout: u64,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -105,6 +108,9 @@ pub struct BackendStatus {
     /// "up" or "down": the health verdict, whatever the operator set.
     pub health: &'static str,
     pub backup: bool,
+    /// The pool a `[[frontend.route]]` sends clients to; absent for the default pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     /// The weight in force (a runtime one, if set).
     pub weight: u32,
     /// The weight in the config.
@@ -169,6 +175,7 @@ fn backend_status(config: &Backend, s: &BackendState, rates: Rates) -> BackendSt
         admin_state: s.admin_mode().as_str(),
         health: if s.is_up() { "up" } else { "down" },
         backup: config.backup,
+        pool: config.pool.clone(),
         weight: config.weight,
         configured_weight: s
             .peek_runtime_weight()
@@ -225,6 +232,8 @@ pub fn build(snap: &Snapshot, shared: &Shared, ops: &OpsState, hist: &History) -
                     source_connections: st.gate.rejected(Reason::SourceConnections),
                     source_rate: st.gate.rejected(Reason::SourceRate),
                     queue_timeout: st.gate.rejected(Reason::QueueTimeout),
+                    sni: st.gate.rejected(Reason::Sni),
+                    sni_timeout: st.gate.rejected(Reason::SniTimeout),
                 },
                 queue: Queue {
                     current: st.gate.queue.current.load(Ordering::Relaxed),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use super::state::{BackendState, FrontendState, Registry};
-use crate::balance::{self, BackendSelection};
+use crate::balance::pools::{self, Pool, SniTable, DEFAULT_POOL};
 use crate::config::{Backend, Config, Frontend};
 
 /// The handle every worker holds.
@@ -40,8 +40,14 @@ pub struct FrontendSnap {
     pub log: Option<Arc<crate::connlog::FrontendLog>>,
     /// Some backend has `max_connections`: picks take slots and may queue (`worker::queue`).
     pub limited: bool,
-    primary: Box<dyn BackendSelection>,
-    backup: Box<dyn BackendSelection>,
+    /// The frontend's pools, the default pool first; one pool of every backend without
+    /// routes. Each has its prebuilt selectors, so a pick only indexes this.
+    pub pools: Vec<Pool>,
+    /// The pool of each backend (indices as in `backends`).
+    pub pool_of: Vec<usize>,
+    /// Server name -> pool, with `[[frontend.route]]`s; `None` without (nothing is read
+    /// from the client before the pick then).
+    pub routes: Option<Box<SniTable>>,
 }
 
 impl FrontendSnap {
@@ -60,15 +66,14 @@ impl FrontendSnap {
                 BackendRef { config, state }
             })
             .collect();
-        let primary: Vec<usize> = (0..backends.len())
-            .filter(|&i| !backends[i].config.backup)
-            .collect();
-        let backup: Vec<usize> = (0..backends.len())
-            .filter(|&i| backends[i].config.backup)
-            .collect();
+        let (pools, pool_of) = pools::build(config, &backends);
         FrontendSnap {
-            primary: balance::build(config, &backends, &primary),
-            backup: balance::build(config, &backends, &backup),
+            routes: config
+                .sni
+                .as_ref()
+                .map(|sni| Box::new(SniTable::build(sni, &pools))),
+            pools,
+            pool_of,
             state: registry.frontend(&config.name),
             log: config
                 .log
@@ -80,22 +85,35 @@ impl FrontendSnap {
         }
     }
 
-    /// Picks a backend for `client`, skipping those already `tried`. Backup servers are used
-    /// only when no primary can be picked.
+    /// Picks a backend of the default pool (every backend, without routes) for `client`,
+    /// skipping those already `tried`. Backup servers are used only when no primary can be
+    /// picked.
     pub fn select(&self, client: &SocketAddr, tried: &[usize]) -> Option<usize> {
-        self.primary
-            .select(client, &self.backends, tried)
-            .or_else(|| self.backup.select(client, &self.backends, tried))
+        self.select_in(DEFAULT_POOL, client, tried)
+    }
+
+    /// Like [`select`](Self::select), within pool `pool`.
+    #[inline]
+    pub fn select_in(&self, pool: usize, client: &SocketAddr, tried: &[usize]) -> Option<usize> {
+        self.pools.get(pool)?.select(client, &self.backends, tried)
+    }
+
+    /// Whether backend `idx` is in pool `pool`.
+    #[inline]
+    pub fn in_pool(&self, pool: usize, idx: usize) -> bool {
+        self.pool_of.get(idx) == Some(&pool)
     }
 
     /// A hash of the routing when the balancer is Maglev (see
     /// `balance::maglev::fingerprint`): equal on every node that routes clients alike.
     pub fn fingerprint(&self) -> Option<u64> {
-        let p = self.primary.fingerprint()?;
-        Some(match self.backup.fingerprint() {
-            Some(b) => crate::balance::maglev::hash::mix64(p ^ b.rotate_left(17)) >> 12,
-            None => p,
-        })
+        let mut pools = self.pools.iter();
+        let mut f = pools.next()?.fingerprint()?;
+        // Routed frontends: every pool's table counts.
+        for p in pools {
+            f = crate::balance::maglev::hash::mix64(f ^ p.fingerprint()?.rotate_left(29)) >> 12;
+        }
+        Some(f)
     }
 
     pub fn usable_counts(&self) -> (usize, usize) {

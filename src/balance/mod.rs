@@ -7,9 +7,13 @@
 //! - [`round_robin::SmoothRoundRobin`]: nginx-style smooth weighted round robin, precomputed.
 //! - [`least_conn::LeastConnections`]: weighted, over the cross-worker active counts.
 //! - [`maglev::MaglevSelector`]: Maglev consistent hashing of the client address.
+//!
+//! Each of a frontend's [`pools::Pool`]s (SNI routing) has its own selectors; a frontend
+//! without routes has one pool.
 
 pub mod least_conn;
 pub mod maglev;
+pub mod pools;
 pub mod round_robin;
 
 use std::net::SocketAddr;

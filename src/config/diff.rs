@@ -108,6 +108,7 @@ fn same_settings(a: &Frontend, b: &Frontend) -> bool {
         && a.tcp_keepalive == b.tcp_keepalive
         && a.source == b.source
         && a.discover == b.discover
+        && a.sni == b.sni
 }
 
 /// Computes what changed from `old` to `new`. Backends are matched by name: a backend whose

@@ -82,10 +82,24 @@ pub struct FileFrontend {
     pub rate_per_source: Option<String>,
     pub queue_timeout: Option<String>,
     pub max_connections: Option<i64>,
+    /// How long a routed frontend waits for a whole TLS ClientHello.
+    pub sni_timeout: Option<String>,
     pub health: Option<FileHealth>,
     pub log: Option<FileLog>,
+    /// `[[frontend.route]]`: SNI routes to named pools of backends.
+    #[serde(default)]
+    pub route: Vec<FileRoute>,
     #[serde(default)]
     pub backend: Vec<FileBackend>,
+}
+
+/// `[[frontend.route]]`: clients whose TLS server name is in `sni` go to the backends with
+/// `pool = <pool>` (docs/traffic-controls.md, "SNI routing").
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRoute {
+    pub sni: Option<Vec<String>>,
+    pub pool: Option<String>,
 }
 
 /// `[frontend.log]`: the connection log (see docs/logging.md).
@@ -145,5 +159,7 @@ pub struct FileBackend {
     pub slow_start: Option<String>,
     pub send_proxy: Option<String>,
     pub max_connections: Option<i64>,
+    /// The pool a `[[frontend.route]]` names; without it the backend is in the default pool.
+    pub pool: Option<String>,
     pub health: Option<FileHealth>,
 }

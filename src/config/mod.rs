@@ -188,6 +188,9 @@ pub struct Frontend {
     pub tcp_keepalive: Option<Duration>,
     /// The local address backend connections are made from (HAProxy's `source`).
     pub source: Option<std::net::IpAddr>,
+    /// `[[frontend.route]]`: route by the TLS server name; `None` without routes (and then
+    /// nothing is read before the backend is picked).
+    pub sni: Option<traffic::SniRouting>,
     /// The backends: those written with `address`, then (once the control loop has expanded
     /// the config, see `discovery::expand`) one per address each `discover` entry found.
     pub backends: Vec<Backend>,
@@ -261,6 +264,8 @@ pub struct Backend {
     /// beyond it the backend is skipped, and clients wait in the frontend's queue when
     /// every backend is full.
     pub max_connections: Option<u32>,
+    /// The pool a route sends clients to; `None` is the default pool.
+    pub pool: Option<String>,
     pub health: Health,
 }
 

@@ -114,8 +114,10 @@ static FRONTEND: Table = Table {
         ("rate_per_source", Kind::Str),
         ("queue_timeout", Kind::Str),
         ("max_connections", Kind::Int),
+        ("sni_timeout", Kind::Str),
         ("health", Kind::Table(&FRONTEND_HEALTH)),
         ("log", Kind::Table(&FRONTEND_LOG)),
+        ("route", Kind::Tables(&ROUTE)),
         ("backend", Kind::Tables(&BACKEND)),
     ],
 };
@@ -176,8 +178,14 @@ static BACKEND: Table = Table {
         ("slow_start", Kind::Str),
         ("send_proxy", Kind::Str),
         ("max_connections", Kind::Int),
+        ("pool", Kind::Str),
         ("health", Kind::Table(&BACKEND_HEALTH)),
     ],
+};
+
+static ROUTE: Table = Table {
+    header: "[[frontend.route]]",
+    keys: &[("sni", Kind::Strs), ("pool", Kind::Str)],
 };
 
 static BACKEND_HEALTH: Table = Table {
@@ -193,7 +201,7 @@ mod tests {
     use super::*;
     use crate::config::file::FileAdmin;
     use crate::config::file::{
-        FileBackend, FileConfig, FileFrontend, FileGlobal, FileHealth, FileLog,
+        FileBackend, FileConfig, FileFrontend, FileGlobal, FileHealth, FileLog, FileRoute,
     };
     use serde::de::{self, Deserialize, Visitor};
 
@@ -258,5 +266,6 @@ mod tests {
         assert_eq!(schema_keys(&FRONTEND_HEALTH), serde_fields::<FileHealth>());
         assert_eq!(schema_keys(&BACKEND), serde_fields::<FileBackend>());
         assert_eq!(schema_keys(&FRONTEND_LOG), serde_fields::<FileLog>());
+        assert_eq!(schema_keys(&ROUTE), serde_fields::<FileRoute>());
     }
 }

@@ -19,6 +19,60 @@ pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
 /// 5 s is the usual explicit setting).
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The default `sni_timeout`: a ClientHello is the client's first flight, sent at once
+/// after the TCP handshake; a client that has not sent it whole in 5 s is slow or not there.
+pub const DEFAULT_SNI_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A frontend's SNI routes (`[[frontend.route]]`, `sni_timeout`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniRouting {
+    pub routes: Vec<Route>,
+    /// How long the whole ClientHello may take to arrive.
+    pub timeout: Duration,
+}
+
+/// Clients whose server name is one of `names` go to the backends with `pool = pool`.
+/// A name is lowercase, exact (`a.example`) or a wildcard for one label (`*.b.example`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub names: Vec<String>,
+    pub pool: String,
+}
+
+/// Why `name` cannot be a route's server name, if it cannot: lowercase DNS labels of
+/// letters, digits, '-' and '_', with at most a leading `*.` label.
+pub fn check_route_name(name: &str) -> Result<(), String> {
+    let rest = name.strip_prefix("*.").unwrap_or(name);
+    if name.len() > 253 {
+        return Err(format!("\"{name}\" is longer than 253 characters"));
+    }
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(format!(
+            "\"{name}\" must be lowercase (server names are matched without case): write \"{}\"",
+            name.to_ascii_lowercase()
+        ));
+    }
+    for label in rest.split('.') {
+        if label == "*" {
+            return Err(format!(
+                "\"{name}\": a wildcard may only be the first label, like \"*.example.com\""
+            ));
+        }
+        if label.is_empty()
+            || label.len() > 63
+            || !label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "\"{name}\" is not a host name: labels of 1-63 letters, digits, '-' or '_' \
+                 separated by dots, optionally after \"*.\""
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Traffic {
     /// Read a PROXY header (v1 or v2) first; its address is the client's from then on.

@@ -565,6 +565,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
     let on_ready = command(&ff.on_ready, "on_ready", p);
     let on_unready = command(&ff.on_unready, "on_unready", p);
     let traffic = traffic::validate_traffic(ff, p);
+    let sni = traffic::validate_routes(ff, p);
     // The frontend's health keys are checked once, here, where they are written; each
     // backend then checks only the keys it overrides.
     let fe_health = health_layer(ff.health.as_ref(), None, &mut p.nested("health", "health"));
@@ -661,6 +662,7 @@ fn validate_frontend(ff: &FileFrontend, dns: HostLookup, p: &mut Problems<'_>) -
         server_timeout,
         tcp_keepalive,
         source,
+        sni,
         backends,
         discover,
     })
@@ -908,6 +910,12 @@ fn validate_backend(
     };
     let slow_start = p.duration("slow_start", &fb.slow_start, defaults.slow_start);
     let send_proxy = proxy_version(&fb.send_proxy, defaults.send_proxy, p);
+    if let Some(pool) = fb.pool.as_deref().filter(|n| !valid_name(n)) {
+        p.push(
+            "pool",
+            format!("\"{pool}\" must be 1-64 letters, digits, '-', '_' or '.'"),
+        );
+    }
     let max_connections = p
         .opt_int_in("max_connections", fb.max_connections, 1, 10_000_000)
         .map(|n| n as u32);
@@ -925,6 +933,7 @@ fn validate_backend(
         slow_start,
         send_proxy,
         max_connections,
+        pool: fb.pool.clone(),
         health: health.clone(),
     };
     let Some(target) = target else {

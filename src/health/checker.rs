@@ -257,6 +257,7 @@ mod tests {
             slow_start: Duration::ZERO,
             send_proxy: None,
             max_connections: None,
+            pool: None,
             health: h.clone(),
         };
         let state = Arc::new(BackendState::new("web", &backend));

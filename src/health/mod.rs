@@ -300,6 +300,9 @@ impl HealthChecks {
             && !fe.state.no_server_logged.swap(true, Ordering::Relaxed)
         {
             crate::error!("{}", report::no_server_line(&state.frontend));
+        } else if let Some(pool) = emptied_pool(fe, state) {
+            // SNI routing: this pool's clients have nowhere to go, though others do.
+            crate::error!("{}", report::no_pool_server_line(&state.frontend, pool));
         }
     }
 
@@ -381,6 +384,24 @@ fn subject(state: &BackendState, backup: bool) -> Subject<'_> {
         backend: &state.name,
         backup,
     }
+}
+
+/// The name of `state`'s SNI routing pool if it has no usable backend left.
+fn emptied_pool<'a>(fe: &'a FrontendSnap, state: &BackendState) -> Option<&'a str> {
+    fe.routes.as_ref()?;
+    let i = fe
+        .backends
+        .iter()
+        .position(|b| std::ptr::eq(Arc::as_ptr(&b.state), state))?;
+    let pool = fe.pools.get(*fe.pool_of.get(i)?)?;
+    if pool
+        .members
+        .iter()
+        .any(|&m| fe.backends[m].state.is_usable())
+    {
+        return None;
+    }
+    Some(pool.name.as_deref().unwrap_or("default"))
 }
 
 #[cfg(test)]

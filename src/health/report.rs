@@ -75,6 +75,11 @@ pub fn no_server_line(frontend: &str) -> String {
     format!("frontend {frontend} has no server available!")
 }
 
+/// The same for one SNI routing pool (HAProxy's line names the backend a route uses).
+pub fn no_pool_server_line(frontend: &str, pool: &str) -> String {
+    format!("frontend {frontend} pool {pool} has no server available!")
+}
+
 /// The reason for a passive-health mark-down, after HAProxy's `observe layer4` wording.
 pub fn passive_reason(consecutive: u32, last_error: &str) -> String {
     format!(

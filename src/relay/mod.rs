@@ -25,6 +25,7 @@ pub mod ops;
 pub mod pool;
 pub mod proxy;
 pub mod proxy_in;
+pub mod sni;
 pub mod sys;
 
 use std::cell::Cell;

@@ -15,8 +15,9 @@ use super::gate::Reason;
 use super::io::Io;
 use super::local::Op;
 use super::queue::Pick;
-use super::{hedge, shutdown_listener, Shared};
+use super::{hedge, route, shutdown_listener, Shared};
 use crate::backend::{per_worker, ActiveGuard, FrontendSnap};
+use crate::balance::pools::DEFAULT_POOL;
 use crate::connlog::{self, ConnectFailed};
 use crate::relay::{self, ops::ConnectError, FirstMove};
 
@@ -269,12 +270,15 @@ async fn serve<I: Io>(
     drop(slot);
     // Traffic controls (PROXY header in, ACL, per-source limits): skipped when none is set.
     // Boxed, like the connect: the header buffer and the admission live off the connection's
-    // future, which keeps only the pointer.
-    let mut admission = None;
+    // future, which keeps only the pointer (one for the gate and SNI routing together).
+    let mut extras: Option<Box<Extras>> = None;
     let peer = if fe.config.traffic.is_on() {
         match Box::pin(super::gate::admit(&fe, &client, peer)).await {
             Ok((addr, a)) => {
-                admission = Some(Box::new(a));
+                extras = Some(Box::new(Extras {
+                    admission: Some(a),
+                    hello: None,
+                }));
                 addr
             }
             Err(()) => {
@@ -285,6 +289,26 @@ async fn serve<I: Io>(
     } else {
         peer
     };
+    // SNI routing: the ClientHello is read (into a pooled buffer, relayed first) and picks
+    // the pool. Boxed, like the gate; frontends without routes skip it and use pool 0.
+    if fe.routes.is_some() {
+        match Box::pin(route::read_hello(&fe, &client, peer)).await {
+            Some(h) => {
+                extras
+                    .get_or_insert_with(|| {
+                        Box::new(Extras {
+                            admission: None,
+                            hello: None,
+                        })
+                    })
+                    .hello = Some(Box::new(h))
+            }
+            None => {
+                relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+                return;
+            }
+        }
+    }
     let fe_counts = fe.state.counts.local();
     per_worker::bump(&fe_counts.accepted);
     per_worker::bump(&fe_counts.active);
@@ -303,7 +327,7 @@ async fn serve<I: Io>(
         // ends, or given back before the next attempt) and may wait in the queue.
         let mut _slot = None;
         let idx = if fe.limited {
-            match Box::pin(super::queue::pick(&fe, &peer, &tried)).await {
+            match Box::pin(super::queue::pick(&fe, pool_of(&extras), &peer, &tried)).await {
                 Pick::Backend(idx, slot) => {
                     _slot = slot.map(Box::new);
                     idx
@@ -323,8 +347,8 @@ async fn serve<I: Io>(
             }
         } else {
             let Some(idx) = fe
-                .select(&peer, &tried)
-                .or_else(|| retired_pick(&fe, &tried))
+                .select_in(pool_of(&extras), &peer, &tried)
+                .or_else(|| retired_pick(&fe, pool_of(&extras), &tried))
             else {
                 break;
             };
@@ -338,7 +362,15 @@ async fn serve<I: Io>(
         // Connect (hedged onto another backend if slow; see `hedge`) and first move are
         // boxed: they are over in a moment, and keeping their state (timers, ops) out of line
         // keeps the future every idle connection lives in small.
-        let connected = Box::pin(hedge::connect::<I>(&fe, &peer, idx, &mut tried, &shared)).await;
+        let connected = Box::pin(hedge::connect::<I>(
+            &fe,
+            &peer,
+            pool_of(&extras),
+            idx,
+            &mut tried,
+            &shared,
+        ))
+        .await;
         let (idx, backend) = (connected.idx, &fe.backends[connected.idx]);
         trace.carried_by(idx);
         let failure = match connected.result {
@@ -353,7 +385,10 @@ async fn serve<I: Io>(
                         &client,
                         &server,
                         peer,
-                        admission.as_ref().and_then(|a| a.dst),
+                        extras
+                            .as_ref()
+                            .and_then(|e| e.admission.as_ref())
+                            .and_then(|a| a.dst),
                         version,
                     ))
                     .await
@@ -365,7 +400,14 @@ async fn serve<I: Io>(
                         );
                     }
                 }
-                match Box::pin(relay::first_move(&client, &server, cfg.connect_timeout)).await {
+                match Box::pin(first_move(
+                    &mut extras,
+                    &client,
+                    &server,
+                    cfg.connect_timeout,
+                ))
+                .await
+                {
                     FirstMove::Relay(head) => {
                         backend.state.record_connect_success();
                         let reg = Registration::new(
@@ -435,16 +477,58 @@ async fn serve<I: Io>(
     relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
 }
 
-/// When a reload removed every backend of this frontend (or the frontend itself, whose
+/// What the gate and SNI routing found about a client, when its frontend uses them: kept in
+/// one box so that `serve`'s future, which every idle connection lives in, holds one pointer
+/// for both (the future's size decides the allocator's size class of every connection's task).
+struct Extras {
+    /// Held for the connection's life (per-source and frontend slots).
+    admission: Option<super::gate::Admission>,
+    /// Given up once the relay has the ClientHello (boxed: a frontend with the gate and no
+    /// routes pays a pointer for it, not the buffer's handle).
+    hello: Option<Box<route::Hello>>,
+}
+
+/// The client's SNI routing pool: the default pool (every backend) without routes.
+fn pool_of(extras: &Option<Box<Extras>>) -> usize {
+    extras
+        .as_ref()
+        .and_then(|e| e.hello.as_ref())
+        .map_or(DEFAULT_POOL, |h| h.pool)
+}
+
+/// What first happened on the new connection (see `relay::first_move`). A routed client's
+/// ClientHello was read already: it is the first data, and the routing is done with, so its
+/// buffer goes to the relay. Kept out of `serve`'s future, boxed.
+async fn first_move<S: relay::Conn>(
+    extras: &mut Option<Box<Extras>>,
+    client: &S,
+    server: &S,
+    limit: Duration,
+) -> FirstMove {
+    let routed = extras.as_mut().and_then(|e| e.hello.as_mut());
+    if let Some(head) = routed.and_then(|h| h.head.take()) {
+        if let Some(e) = extras.as_mut() {
+            e.hello = None;
+        }
+        return FirstMove::Relay(head);
+    }
+    relay::first_move(client, server, limit).await
+}
+
+/// When a reload removed every backend of this frontend's pool (or the frontend itself, whose
 /// listen queue is still being served): they are all draining, so selection finds none, and
 /// the first one still up serves the client as the connections already open on them finish.
 /// The window is short: from the reload marking them draining until the new snapshot (or the
 /// listener's close) takes over.
-fn retired_pick(fe: &FrontendSnap, tried: &[usize]) -> Option<usize> {
-    if !fe.backends.iter().all(|b| b.state.is_draining()) {
+fn retired_pick(fe: &FrontendSnap, pool: usize, tried: &[usize]) -> Option<usize> {
+    let members = &fe.pools.get(pool)?.members;
+    if !members.iter().all(|&i| fe.backends[i].state.is_draining()) {
         return None;
     }
-    (0..fe.backends.len()).find(|i| !tried.contains(i) && fe.backends[*i].state.is_up())
+    members
+        .iter()
+        .copied()
+        .find(|i| !tried.contains(i) && fe.backends[*i].state.is_up())
 }
 
 /// Sends the PROXY protocol header naming `peer` and the address it connected to (`dst` when

@@ -42,16 +42,23 @@ pub enum Reason {
     SourceRate = 4,
     /// Every backend stayed at its `max_connections` for `queue_timeout`.
     QueueTimeout = 5,
+    /// SNI routing: a malformed, truncated or oversized TLS ClientHello, or no pool for the
+    /// client (no route matched and the default pool is empty).
+    Sni = 6,
+    /// SNI routing: no whole ClientHello within `sni_timeout`.
+    SniTimeout = 7,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 8] = [
         Reason::Proxy,
         Reason::ProxyTimeout,
         Reason::Acl,
         Reason::SourceConnections,
         Reason::SourceRate,
         Reason::QueueTimeout,
+        Reason::Sni,
+        Reason::SniTimeout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -62,6 +69,8 @@ impl Reason {
             Reason::SourceConnections => "source_connections",
             Reason::SourceRate => "source_rate",
             Reason::QueueTimeout => "queue_timeout",
+            Reason::Sni => "sni",
+            Reason::SniTimeout => "sni_timeout",
         }
     }
 }

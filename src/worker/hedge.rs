@@ -73,13 +73,14 @@ pub struct Connected<S> {
 }
 
 /// Connects the client from `peer` to `fe.backends[first]`, hedging onto another backend if
-/// the connect is still pending at the hedge delay. Backends in `tried` are not picked for a
-/// hedge. When both connects of a hedge fail, the one that failed first is accounted here
+/// the connect is still pending at the hedge delay; a hedge stays in `pool`. Backends in
+/// `tried` are not picked for a hedge. When both connects of a hedge fail, the one that failed first is accounted here
 /// (passive health, retries, pushed onto `tried`) and the other is returned for the caller to
 /// account as any failed connect.
 pub async fn connect<I: Io>(
     fe: &FrontendSnap,
     peer: &SocketAddr,
+    pool: usize,
     first: usize,
     tried: &mut Vec<usize>,
     shared: &Shared,
@@ -151,7 +152,7 @@ pub async fn connect<I: Io>(
                 timer.as_mut().reset(a_deadline);
                 let mut skip = tried.clone();
                 skip.push(first);
-                if let Some(idx) = fe.select(peer, &skip) {
+                if let Some(idx) = fe.select_in(pool, peer, &skip) {
                     fe.backends[first]
                         .state
                         .hedges_total

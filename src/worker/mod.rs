@@ -13,6 +13,7 @@ pub mod io;
 pub mod listener;
 pub mod local;
 pub mod queue;
+pub mod route;
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;

@@ -134,13 +134,13 @@ pub enum Pick {
     TimedOut,
 }
 
-/// Picks a backend for `client` and takes a slot on it, waiting in the frontend's queue while
-/// every usable backend not yet `tried` is full.
-pub async fn pick(fe: &FrontendSnap, client: &SocketAddr, tried: &[usize]) -> Pick {
+/// Picks a backend of `pool` for `client` and takes a slot on it, waiting in the frontend's
+/// queue while every usable backend of the pool not yet `tried` is full.
+pub async fn pick(fe: &FrontendSnap, pool: usize, client: &SocketAddr, tried: &[usize]) -> Pick {
     let queue = &fe.state.gate.queue;
     // Clients already waiting go first: a newcomer joins the queue rather than overtake.
     if queue.current.load(Ordering::Relaxed) == 0 {
-        if let Some(p) = try_pick(fe, client, tried) {
+        if let Some(p) = try_pick(fe, pool, client, tried) {
             return p;
         }
     }
@@ -154,7 +154,7 @@ pub async fn pick(fe: &FrontendSnap, client: &SocketAddr, tried: &[usize]) -> Pi
         let mut waiters = queue.waiters.lock().unwrap_or_else(|e| e.into_inner());
         // Under the lock no slot can be handed out unseen: look once more before waiting.
         if waiters.is_empty() {
-            if let Some(p) = try_pick(fe, client, tried) {
+            if let Some(p) = try_pick(fe, pool, client, tried) {
                 return p;
             }
         }
@@ -182,9 +182,13 @@ pub async fn pick(fe: &FrontendSnap, client: &SocketAddr, tried: &[usize]) -> Pi
                 frontend: fe.state.clone(),
             };
             // The slot may be on a backend this client cannot use (tried, down, removed by a
-            // reload); then it goes on to the next client and this one looks again.
+            // reload, in another pool); then it goes on to the next client and this one
+            // looks again.
             let idx = fe.backends.iter().enumerate().position(|(i, b)| {
-                Arc::ptr_eq(&b.state, &slot.backend) && b.state.is_usable() && !tried.contains(&i)
+                Arc::ptr_eq(&b.state, &slot.backend)
+                    && b.state.is_usable()
+                    && !tried.contains(&i)
+                    && fe.in_pool(pool, i)
             });
             match idx {
                 Some(i) => {
@@ -207,7 +211,7 @@ pub async fn pick(fe: &FrontendSnap, client: &SocketAddr, tried: &[usize]) -> Pi
         }
         let at_head = waiters.front().is_some_and(|w| Arc::ptr_eq(w, &me));
         if at_head {
-            if let Some(p) = try_pick(fe, client, tried) {
+            if let Some(p) = try_pick(fe, pool, client, tried) {
                 waiters.pop_front();
                 queue.current.fetch_sub(1, Ordering::Relaxed);
                 drop(waiters);
@@ -230,9 +234,9 @@ pub async fn pick(fe: &FrontendSnap, client: &SocketAddr, tried: &[usize]) -> Pi
 
 /// One look: a backend with room, `NoBackend` when nothing usable is left at all, `None`
 /// when the usable ones are all full (wait).
-fn try_pick(fe: &FrontendSnap, client: &SocketAddr, tried: &[usize]) -> Option<Pick> {
+fn try_pick(fe: &FrontendSnap, pool: usize, client: &SocketAddr, tried: &[usize]) -> Option<Pick> {
     loop {
-        match fe.select(client, tried) {
+        match fe.select_in(pool, client, tried) {
             Some(idx) => match take(fe, idx) {
                 Some(slot) => return Some(Pick::Backend(idx, slot)),
                 // Another worker took the last slot between the look and the take: look
@@ -240,11 +244,9 @@ fn try_pick(fe: &FrontendSnap, client: &SocketAddr, tried: &[usize]) -> Option<P
                 None => continue,
             },
             None => {
-                let waiting_helps = fe
-                    .backends
-                    .iter()
-                    .enumerate()
-                    .any(|(i, b)| b.state.is_usable() && !tried.contains(&i) && b.full());
+                let waiting_helps = fe.backends.iter().enumerate().any(|(i, b)| {
+                    b.state.is_usable() && !tried.contains(&i) && b.full() && fe.in_pool(pool, i)
+                });
                 return if waiting_helps {
                     None
                 } else {

@@ -1,10 +1,13 @@
 //! Validation of a frontend's accept-time controls (`accept_proxy`, `proxy_timeout`, `allow`,
-//! `deny`, `max_connections_per_source`, `rate_per_source`) into [`Traffic`].
+//! `deny`, `max_connections_per_source`, `rate_per_source`) into [`Traffic`], and of its SNI
+//! routes (`[[frontend.route]]`, `sni_timeout`, a backend's `pool`) into [`SniRouting`].
+
+use std::collections::{HashMap, HashSet};
 
 use super::super::file::FileFrontend;
 use super::super::traffic::{
-    parse_net, parse_rate, Prefixes, SourceAcl, Traffic, DEFAULT_PROXY_TIMEOUT,
-    DEFAULT_QUEUE_TIMEOUT,
+    check_route_name, parse_net, parse_rate, Prefixes, Route, SniRouting, SourceAcl, Traffic,
+    DEFAULT_PROXY_TIMEOUT, DEFAULT_QUEUE_TIMEOUT, DEFAULT_SNI_TIMEOUT,
 };
 use super::Problems;
 
@@ -76,4 +79,105 @@ fn prefixes(key: &str, list: &[String], p: &mut Problems<'_>) -> Prefixes {
         }
     }
     Prefixes::build(&nets)
+}
+
+/// The frontend's routes: `None` without `[[frontend.route]]`. Every route names a pool some
+/// backend is in, every backend's pool is named by a route, and no server name is listed
+/// twice.
+pub(super) fn validate_routes(ff: &FileFrontend, p: &mut Problems<'_>) -> Option<SniRouting> {
+    let timeout = p.positive_duration("sni_timeout", &ff.sni_timeout, DEFAULT_SNI_TIMEOUT);
+    let pools: HashSet<&str> = ff
+        .backend
+        .iter()
+        .filter_map(|b| b.pool.as_deref())
+        .collect();
+    if ff.route.is_empty() {
+        if ff.sni_timeout.is_some() {
+            p.push(
+                "sni_timeout",
+                "set without a [[frontend.route]], so it would do nothing",
+            );
+        }
+        for (i, b) in ff.backend.iter().enumerate() {
+            if let Some(pool) = &b.pool {
+                backend_problems(ff, i, p).push(
+                    "pool",
+                    format!(
+                        "pool \"{pool}\" without a [[frontend.route]] naming it: its backends would take no traffic"
+                    ),
+                );
+            }
+        }
+        return None;
+    }
+    let mut routes = Vec::new();
+    // Each name, and the route (1-based) that lists it.
+    let mut listed: HashMap<String, usize> = HashMap::new();
+    for (i, fr) in ff.route.iter().enumerate() {
+        let mut rp = p.nested(&format!("route #{}", i + 1), &format!("route.{i}"));
+        let pool = match fr.pool.as_deref() {
+            None => {
+                rp.push("pool", "missing: name the pool, like pool = \"a\", that the backends for these names carry");
+                None
+            }
+            Some(pool) if !pools.contains(pool) => {
+                rp.push("pool", format!("no backend has pool = \"{pool}\""));
+                None
+            }
+            Some(pool) => Some(pool.to_string()),
+        };
+        let mut names = Vec::new();
+        match &fr.sni {
+            None => rp.push(
+                "sni",
+                "missing: list the server names, like sni = [\"a.example\", \"*.b.example\"]",
+            ),
+            Some(l) if l.is_empty() => rp.push("sni", "empty: list at least one server name"),
+            Some(l) => {
+                for (j, name) in l.iter().enumerate() {
+                    let at = format!("sni.{j}");
+                    if let Err(e) = check_route_name(name) {
+                        rp.push_at("sni", &at, e);
+                        continue;
+                    }
+                    if let Some(other) = listed.insert(name.clone(), i + 1) {
+                        rp.push_at(
+                            "sni",
+                            &at,
+                            if other == i + 1 {
+                                format!("\"{name}\" is listed twice")
+                            } else {
+                                format!("\"{name}\" is also listed in route #{other}")
+                            },
+                        );
+                        continue;
+                    }
+                    names.push(name.clone());
+                }
+            }
+        }
+        if let Some(pool) = pool {
+            routes.push(Route { names, pool });
+        }
+    }
+    for (i, b) in ff.backend.iter().enumerate() {
+        if let Some(pool) = &b.pool {
+            if ff.route.iter().all(|r| r.pool.as_deref() != Some(pool)) {
+                backend_problems(ff, i, p).push(
+                    "pool",
+                    format!("no [[frontend.route]] names pool \"{pool}\": its backends would take no traffic"),
+                );
+            }
+        }
+    }
+    Some(SniRouting { routes, timeout })
+}
+
+/// Problems about `ff.backend[i]`, labelled like the backend's own.
+fn backend_problems<'p>(ff: &FileFrontend, i: usize, p: &'p mut Problems<'_>) -> Problems<'p> {
+    let label = match &ff.backend[i].name {
+        Some(n) => format!("backend \"{n}\""),
+        None => format!("backend #{}", i + 1),
+    };
+    p.nested(&label, &format!("backend.{i}"))
 }
