@@ -35,12 +35,17 @@ fn two_nodes_behind_ecmp_agree_and_withdraw_cleanly() {
         return;
     }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scale-out.sh");
-    let out = Command::new("bash")
+    let child = Command::new("bash")
         .arg(script)
         .arg(env!("CARGO_BIN_EXE_ringlb"))
         .env("RINGLB_SCALE_OUT_FLOWS", "10000")
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // The script names its namespaces after its pid (another run may have its own).
+    let prefix = format!("rlbso{}-", child.id());
+    let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -52,5 +57,5 @@ fn two_nodes_behind_ecmp_agree_and_withdraw_cleanly() {
     // The lab removes every namespace it made, also on failure.
     let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let left = String::from_utf8_lossy(&left.stdout);
-    assert!(!left.contains("rlbso"), "namespaces left behind: {left}");
+    assert!(!left.contains(&prefix), "namespaces left behind: {left}");
 }

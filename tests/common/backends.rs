@@ -177,9 +177,14 @@ impl Blackhole {
     }
 }
 
-/// An address on which nothing listens (connects are refused).
+/// An address on which nothing listens (connects are refused). Each call in a process gets
+/// another loopback address, so two calls never return the same address (a port freed by
+/// the first could otherwise be handed out again to the second).
 pub fn refused_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let ip = std::net::Ipv4Addr::new(127, 0, 1 + (n / 250 % 250) as u8, (n % 250) as u8 + 1);
+    let l = TcpListener::bind((ip, 0)).unwrap();
     l.local_addr().unwrap()
 }
 
