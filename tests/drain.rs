@@ -96,7 +96,9 @@ fn marked_down_config(a: SocketAddr, b: SocketAddr, pace: &str) -> String {
         + &frontend_toml(
             "web",
             &format!(
-                "balance = \"round-robin\"\non_marked_down = \"shutdown-sessions\"\n{pace}\n\
+                // No hedging: a connect slowed by the load of 2,000 at once must not move a
+                // connection to the other backend, or the halves are not exact.
+                "balance = \"round-robin\"\nconnect_hedge = \"off\"\non_marked_down = \"shutdown-sessions\"\n{pace}\n\
                  [frontend.health]\ninterval = \"200ms\"\ntimeout = \"200ms\"\nfall = 2"
             ),
             &[("a1", a, ""), ("b1", b, "")],
@@ -164,7 +166,12 @@ fn a_backend_removed_by_reload_with_drain_pace_closes_its_connections_spread_and
     let a = Backend::start("a1", Behaviour::Echo);
     let b = Backend::start("b1", Behaviour::Echo);
     let cfg = |backends: &[(&str, SocketAddr, &str)]| {
-        global_toml("") + &frontend_toml("web", "drain_pace = \"2s\"", backends)
+        global_toml("")
+            + &frontend_toml(
+                "web",
+                "connect_hedge = \"off\"\ndrain_pace = \"2s\"",
+                backends,
+            )
     };
     let lb = Ringlb::start(&cfg(&[("a1", a.addr, "")]));
     let admin = lb.admin.unwrap();
@@ -190,7 +197,12 @@ fn a_backend_added_back_during_its_paced_drain_keeps_the_connections_left() {
     let a = Backend::start("a1", Behaviour::Echo);
     let b = Backend::start("b1", Behaviour::Echo);
     let cfg = |backends: &[(&str, SocketAddr, &str)]| {
-        global_toml("") + &frontend_toml("web", "drain_pace = \"4s\"", backends)
+        global_toml("")
+            + &frontend_toml(
+                "web",
+                "connect_hedge = \"off\"\ndrain_pace = \"4s\"",
+                backends,
+            )
     };
     let with_a = cfg(&[("a1", a.addr, "")]);
     let lb = Ringlb::start(&with_a);
