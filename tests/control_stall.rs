@@ -7,27 +7,9 @@
 mod common;
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// A listener that records when each connection (each probe) arrived.
-fn probe_recorder() -> (SocketAddr, Arc<Mutex<Vec<Instant>>>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let s = seen.clone();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(c) = c else { break };
-            s.lock().unwrap().push(Instant::now());
-            drop(c);
-        }
-    });
-    (addr, seen)
-}
 
 #[test]
 fn a_reload_stuck_reading_its_file_stalls_neither_probes_nor_the_admin_listener() {

@@ -8,28 +8,12 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// A listener that records when each connection (each probe) arrived.
-fn probe_recorder() -> (SocketAddr, Arc<Mutex<Vec<Instant>>>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let s = seen.clone();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(c) = c else { break };
-            s.lock().unwrap().push(Instant::now());
-            drop(c);
-        }
-    });
-    (addr, seen)
-}
 
 fn big_config(probed: SocketAddr) -> String {
     let mut cfg = global_toml("");

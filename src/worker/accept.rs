@@ -275,10 +275,7 @@ async fn serve<I: Io>(
     let peer = if fe.config.traffic.is_on() {
         match Box::pin(super::gate::admit(&fe, &client, peer)).await {
             Ok((addr, a)) => {
-                extras = Some(Box::new(Extras {
-                    admission: Some(a),
-                    hello: None,
-                }));
+                extras.get_or_insert_with(Box::default).admission = Some(a);
                 addr
             }
             Err(()) => {
@@ -293,16 +290,7 @@ async fn serve<I: Io>(
     // the pool. Boxed, like the gate; frontends without routes skip it and use pool 0.
     if fe.routes.is_some() {
         match Box::pin(route::read_hello(&fe, &client, peer)).await {
-            Some(h) => {
-                extras
-                    .get_or_insert_with(|| {
-                        Box::new(Extras {
-                            admission: None,
-                            hello: None,
-                        })
-                    })
-                    .hello = Some(Box::new(h))
-            }
+            Some(h) => extras.get_or_insert_with(Box::default).hello = Some(Box::new(h)),
             None => {
                 relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
                 return;
@@ -480,6 +468,7 @@ async fn serve<I: Io>(
 /// What the gate and SNI routing found about a client, when its frontend uses them: kept in
 /// one box so that `serve`'s future, which every idle connection lives in, holds one pointer
 /// for both (the future's size decides the allocator's size class of every connection's task).
+#[derive(Default)]
 struct Extras {
     /// Held for the connection's life (per-source and frontend slots).
     admission: Option<super::gate::Admission>,

@@ -208,3 +208,19 @@ pub fn ask_name(addr: SocketAddr) -> std::io::Result<String> {
     }
     Ok(String::from_utf8_lossy(&name).into_owned())
 }
+
+/// A listener that records when each connection (each health probe) arrived, and closes it.
+pub fn probe_recorder() -> (SocketAddr, Arc<Mutex<Vec<std::time::Instant>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { break };
+            s.lock().unwrap().push(std::time::Instant::now());
+            drop(c);
+        }
+    });
+    (addr, seen)
+}
