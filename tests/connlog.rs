@@ -296,6 +296,73 @@ fn no_backend_to_pick_is_sc_without_a_backend() {
     check_line(v, "SC", None, (0, 0));
 }
 
+/// Queue time (`Tw`) for one queue: a client that times out in it is `sQ` with no backend
+/// and Tw of at least queue_timeout; a client that waits and is then served logs `--` with
+/// Tw of at least the time the test kept it waiting. `settings` holds the limit of one.
+fn queue_time_is_logged(settings: &str, backend_extra: &str) {
+    let b = Backend::start("a", Behaviour::Echo);
+    let dir = TempDir::new();
+    let (lb, log) = start(
+        &dir,
+        &format!("queue_timeout = \"300ms\"\n{settings}"),
+        &[("a", b.addr, backend_extra)],
+    );
+    let queued = || {
+        let text = get(lb.admin.unwrap(), "/metrics");
+        text.lines()
+            .filter(|l| l.starts_with("ringlb_frontend_queue_current{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let mut holder = TcpStream::connect(lb.addr("web")).unwrap();
+    exchange(&mut holder, 10);
+    // Times out in the queue.
+    let mut late = TcpStream::connect(lb.addr("web")).unwrap();
+    wait_closed(&mut late);
+    let v = &wait_lines(&log, 1)[0];
+    check_line(v, "sQ", None, (0, 0));
+    assert!(v["tw_ms"].as_i64().unwrap() >= 300, "{v}");
+    assert_eq!(v["tc_ms"], -1, "{v}");
+    assert_eq!(v["client"], late.local_addr().unwrap().to_string(), "{v}");
+    // Waits while the holder stays, then is served when it leaves.
+    let mut waiter = TcpStream::connect(lb.addr("web")).unwrap();
+    assert!(wait_until(SOON, || queued() >= 1.0), "never queued");
+    let held = Instant::now();
+    // The wait itself is what the line must show: keep the client queued for 100 ms.
+    std::thread::sleep(Duration::from_millis(100));
+    holder.shutdown(std::net::Shutdown::Write).unwrap();
+    wait_closed(&mut holder);
+    exchange(&mut waiter, 5);
+    let kept = held.elapsed().as_millis() as i64;
+    waiter.shutdown(std::net::Shutdown::Write).unwrap();
+    wait_closed(&mut waiter);
+    let lines = wait_lines(&log, 3);
+    let v = lines
+        .iter()
+        .find(|v| v["client"] == waiter.local_addr().unwrap().to_string())
+        .unwrap();
+    check_line(v, "--", Some("a"), (5, 5));
+    let tw = v["tw_ms"].as_i64().unwrap();
+    assert!((100..=kept + 50).contains(&tw), "Tw {tw}, kept {kept}: {v}");
+    assert!(v["tc_ms"].as_i64().unwrap() >= tw, "{v}");
+    // The holder never waited.
+    let h = lines
+        .iter()
+        .find(|v| v["client"] == holder.local_addr().unwrap().to_string())
+        .unwrap();
+    assert_eq!(h["tw_ms"], 0, "{h}");
+}
+
+#[test]
+fn a_backend_queue_timeout_is_sq_and_queue_time_is_tw() {
+    queue_time_is_logged("", "check = false\nmax_connections = 1");
+}
+
+#[test]
+fn a_frontend_queue_timeout_is_sq_and_queue_time_is_tw() {
+    queue_time_is_logged("max_connections = 1", "check = false");
+}
+
 #[test]
 fn an_idle_timeout_is_lowercase_cd() {
     let b = Backend::start("a", Behaviour::Echo);

@@ -68,6 +68,8 @@ pub enum Outcome {
     /// No backend was ever connected; `last` is the last attempt's failure (`None`: no
     /// backend could be picked at all).
     NotConnected { last: Option<ConnectFailed> },
+    /// It waited in the frontend's queue (`max_connections`) until `queue_timeout`.
+    QueueTimeout,
 }
 
 /// HAProxy's termination state: who or what ended the connection, then at which stage.
@@ -104,6 +106,7 @@ pub fn termination(o: Outcome) -> [u8; 2] {
             Some(ConnectFailed::TimedOut) => *b"sC",
             Some(ConnectFailed::Local) => *b"RC",
         },
+        Outcome::QueueTimeout => *b"sQ",
     }
 }
 
@@ -120,6 +123,8 @@ struct Record {
     client: SocketAddr,
     accepted: SystemTime,
     start: Instant,
+    /// Time spent waiting in queues (frontend and backend `max_connections`): HAProxy's Tw.
+    waited: Duration,
     /// Milliseconds from accept to the backend connection, -1 until then.
     tc_ms: i64,
     backend: Option<usize>,
@@ -160,11 +165,28 @@ impl Trace {
             client,
             accepted: SystemTime::now(),
             start: Instant::now(),
+            waited: Duration::ZERO,
             tc_ms: -1,
             backend: None,
             tries: 0,
             last_failure: None,
         })))
+    }
+
+    /// The client's address as a PROXY header declared it.
+    #[inline]
+    pub fn client(&mut self, addr: SocketAddr) {
+        if let Some(r) = &mut self.0 {
+            r.client = addr;
+        }
+    }
+
+    /// The connection waited `d` in a queue.
+    #[inline]
+    pub fn waited(&mut self, d: Duration) {
+        if let Some(r) = &mut self.0 {
+            r.waited += d;
+        }
     }
 
     /// A connect to backend `index` begins.
@@ -237,6 +259,8 @@ pub enum End<'a> {
     },
     /// No backend connection was ever made (the trace knows the last failure).
     NotConnected,
+    /// Refused after waiting in the queue for `queue_timeout`.
+    QueueTimeout,
 }
 
 impl Record {
@@ -267,6 +291,7 @@ impl Record {
                 },
                 (0, 0),
             ),
+            End::QueueTimeout => (Outcome::QueueTimeout, (0, 0)),
         };
         let state = termination(outcome);
         let c = &log.config;
@@ -296,7 +321,7 @@ impl Record {
             accepted: self.accepted,
             frontend: &fe.config.name,
             backend: backend.map(|b| b.config.name.as_str()),
-            tw_ms: 0,
+            tw_ms: ms(self.waited),
             tc_ms: self.tc_ms,
             tt_ms: ms(self.start.elapsed()),
             bytes_in,

@@ -268,6 +268,7 @@ async fn serve<I: Io>(
         return;
     };
     drop(slot);
+    let mut trace = connlog::Trace::begin(fe.log.as_ref(), peer);
     // Traffic controls (PROXY header in, ACL, per-source limits): skipped when none is set.
     // Boxed, like the connect: the header buffer and the admission live off the connection's
     // future, which keeps only the pointer (one for the gate and SNI routing together).
@@ -275,10 +276,17 @@ async fn serve<I: Io>(
     let peer = if fe.config.traffic.is_on() {
         match Box::pin(super::gate::admit(&fe, &client, peer)).await {
             Ok((addr, a)) => {
+                trace.client(addr);
+                trace.waited(a.waited);
                 extras.get_or_insert_with(Box::default).admission = Some(a);
                 addr
             }
-            Err(()) => {
+            Err(refused) => {
+                if let Some(waited) = refused.queued {
+                    trace.client(refused.client);
+                    trace.waited(waited);
+                    trace.finish(&fe, &shared.active, connlog::End::QueueTimeout);
+                }
                 relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
                 return;
             }
@@ -301,7 +309,6 @@ async fn serve<I: Io>(
     per_worker::bump(&fe_counts.accepted);
     per_worker::bump(&fe_counts.active);
     let _fe_active = CounterGuard(&fe_counts.active);
-    let mut trace = connlog::Trace::begin(fe.log.as_ref(), peer);
 
     let cfg = &fe.config;
     let mut tried: Vec<usize> = Vec::new();
@@ -316,12 +323,14 @@ async fn serve<I: Io>(
         let mut _slot = None;
         let idx = if fe.limited {
             match Box::pin(super::queue::pick(&fe, pool_of(&extras), &peer, &tried)).await {
-                Pick::Backend(idx, slot) => {
+                Pick::Backend(idx, slot, waited) => {
+                    trace.waited(waited);
                     _slot = slot.map(Box::new);
                     idx
                 }
                 Pick::NoBackend => break,
-                Pick::TimedOut => {
+                Pick::TimedOut(waited) => {
+                    trace.waited(waited);
                     let detail = format!(
                         "every backend at max_connections for queue_timeout ({})",
                         crate::config::format_duration(cfg.traffic.queue_timeout)
@@ -329,6 +338,7 @@ async fn serve<I: Io>(
                     fe.state
                         .gate
                         .reject(&cfg.name, Reason::QueueTimeout, peer, &detail);
+                    trace.finish(&fe, &shared.active, connlog::End::QueueTimeout);
                     relay::sys::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Both);
                     return;
                 }

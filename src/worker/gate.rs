@@ -264,7 +264,14 @@ impl GateState {
     }
 
     /// Waits (FIFO, up to `timeout`) for one of the frontend's `max` connection slots.
-    async fn frontend_slot(&self, max: u32, timeout: Duration) -> Option<OwnedSemaphorePermit> {
+    /// One of the frontend's `max_connections`, waiting in its queue up to `timeout`: the
+    /// permit and how long the wait was (zero when one was free), or `Err` with the wait when
+    /// the timeout passed.
+    async fn frontend_slot(
+        &self,
+        max: u32,
+        timeout: Duration,
+    ) -> Result<(OwnedSemaphorePermit, Duration), Duration> {
         {
             // Follow the configured limit: add what it grew by, withdraw free permits it
             // shrank by (busy ones are withdrawn as their connections end, on later calls).
@@ -281,7 +288,7 @@ impl GateState {
             }
         }
         if let Ok(p) = self.frontend_slots.clone().try_acquire_owned() {
-            return Some(p);
+            return Ok((p, Duration::ZERO));
         }
         let q = &self.queue;
         let now = q.current.fetch_add(1, Ordering::Relaxed) + 1;
@@ -290,12 +297,13 @@ impl GateState {
         let started = Instant::now();
         let got = tokio::time::timeout(timeout, self.frontend_slots.clone().acquire_owned()).await;
         q.current.fetch_sub(1, Ordering::Relaxed);
+        let waited = started.elapsed();
         match got {
             Ok(Ok(p)) => {
-                q.record_wait(started.elapsed());
-                Some(p)
+                q.record_wait(waited);
+                Ok((p, waited))
             }
-            _ => None,
+            _ => Err(waited),
         }
     }
 
@@ -312,6 +320,8 @@ impl GateState {
 pub struct Admission {
     /// The address the client connected to, as a PROXY header declared it.
     pub dst: Option<SocketAddr>,
+    /// Time spent in the frontend's queue (`max_connections`), for the log's `Tw`.
+    pub waited: Duration,
     /// The per-source slot, given back when the connection ends.
     _slot: Option<SourceSlot>,
     /// One of the frontend's `max_connections`, likewise.
@@ -330,14 +340,26 @@ impl Drop for SourceSlot {
     }
 }
 
+/// A client the gate refused (already counted, and logged at most once per interval).
+pub struct Refused {
+    /// The client's address (as a PROXY header declared it, when one was read).
+    pub client: SocketAddr,
+    /// How long it waited for one of the frontend's `max_connections` before
+    /// `queue_timeout` refused it; `None` when it was refused without waiting (ACL, PROXY
+    /// header, per-source limits). Only a queue timeout gets a connection log line (`sQ`):
+    /// like HAProxy's `tcp-request connection reject`, the other refusals write none, so a
+    /// flood of refused clients cannot flood the log.
+    pub queued: Option<Duration>,
+}
+
 /// Runs the frontend's gate on a new client: `Ok` with the client's address (as declared by
-/// a PROXY header, else `peer`) to use from now on, or `Err` when the client must be closed
-/// (already counted and logged). The caller shuts the socket down either way it ends.
+/// a PROXY header, else `peer`) to use from now on, or `Err` when the client must be closed.
+/// The caller shuts the socket down either way it ends.
 pub async fn admit<S: Conn>(
     fe: &FrontendSnap,
     client: &S,
     peer: SocketAddr,
-) -> Result<(SocketAddr, Admission), ()> {
+) -> Result<(SocketAddr, Admission), Refused> {
     let t: &Traffic = &fe.config.traffic;
     let gate = &fe.state.gate;
     let name = &fe.config.name;
@@ -355,11 +377,17 @@ pub async fn admit<S: Conn>(
                     crate::config::format_duration(t.proxy_timeout)
                 );
                 gate.reject(name, Reason::ProxyTimeout, peer, &detail);
-                return Err(());
+                return Err(Refused {
+                    client: addr,
+                    queued: None,
+                });
             }
             Err(ProxyError::Bad(why)) => {
                 gate.reject(name, Reason::Proxy, peer, why);
-                return Err(());
+                return Err(Refused {
+                    client: addr,
+                    queued: None,
+                });
             }
         }
     }
@@ -367,7 +395,10 @@ pub async fn admit<S: Conn>(
     if let Some(acl) = &t.acl {
         if !acl.admits(ip) {
             gate.reject(name, Reason::Acl, addr, "source address denied by the ACL");
-            return Err(());
+            return Err(Refused {
+                client: addr,
+                queued: None,
+            });
         }
     }
     let mut slot = None;
@@ -389,22 +420,28 @@ pub async fn admit<S: Conn>(
                     _ => "source is over rate_per_source".to_string(),
                 };
                 gate.reject(name, reason, addr, &detail);
-                return Err(());
+                return Err(Refused {
+                    client: addr,
+                    queued: None,
+                });
             }
         }
     }
     // Last: a client refused above never waits for, or holds, one of these.
-    let mut frontend_slot = None;
+    let (mut frontend_slot, mut waited) = (None, Duration::ZERO);
     if let Some(max) = t.max_connections {
         match gate.frontend_slot(max, t.queue_timeout).await {
-            Some(p) => frontend_slot = Some(p),
-            None => {
+            Ok((p, w)) => (frontend_slot, waited) = (Some(p), w),
+            Err(w) => {
                 let detail = format!(
                     "frontend at max_connections ({max}) for queue_timeout ({})",
                     crate::config::format_duration(t.queue_timeout)
                 );
                 gate.reject(name, Reason::QueueTimeout, addr, &detail);
-                return Err(());
+                return Err(Refused {
+                    client: addr,
+                    queued: Some(w),
+                });
             }
         }
     }
@@ -412,6 +449,7 @@ pub async fn admit<S: Conn>(
         addr,
         Admission {
             dst,
+            waited,
             _slot: slot,
             _frontend_slot: frontend_slot,
         },

@@ -126,12 +126,13 @@ fn take(fe: &FrontendSnap, idx: usize) -> Option<Option<BackendSlot>> {
 
 /// What [`pick`] found.
 pub enum Pick {
-    /// This backend, with its slot if it has a limit.
-    Backend(usize, Option<BackendSlot>),
+    /// This backend, with its slot if it has a limit, and how long the client waited in the
+    /// queue for it (zero when it did not).
+    Backend(usize, Option<BackendSlot>, Duration),
     /// Nothing usable (all down, or all tried): not a matter of capacity.
     NoBackend,
-    /// Every usable backend stayed full for `queue_timeout`.
-    TimedOut,
+    /// Every usable backend stayed full for `queue_timeout`; how long the client waited.
+    TimedOut(Duration),
 }
 
 /// Picks a backend of `pool` for `client` and takes a slot on it, waiting in the frontend's
@@ -160,7 +161,7 @@ pub async fn pick(fe: &FrontendSnap, pool: usize, client: &SocketAddr, tried: &[
         }
         if fe.config.traffic.queue_timeout.is_zero() {
             drop(waiters);
-            return Pick::TimedOut;
+            return Pick::TimedOut(Duration::ZERO);
         }
         waiters.push_back(me.clone());
         let now = queue.current.fetch_add(1, Ordering::Relaxed) + 1;
@@ -192,8 +193,9 @@ pub async fn pick(fe: &FrontendSnap, pool: usize, client: &SocketAddr, tried: &[
             });
             match idx {
                 Some(i) => {
-                    queue.record_wait(started.elapsed());
-                    return Pick::Backend(i, Some(slot));
+                    let waited = started.elapsed();
+                    queue.record_wait(waited);
+                    return Pick::Backend(i, Some(slot), waited);
                 }
                 None => {
                     drop(slot);
@@ -201,7 +203,7 @@ pub async fn pick(fe: &FrontendSnap, pool: usize, client: &SocketAddr, tried: &[
                     let mut waiters = queue.waiters.lock().unwrap_or_else(|e| e.into_inner());
                     if Instant::now() >= deadline {
                         drop(waiters);
-                        return Pick::TimedOut;
+                        return Pick::TimedOut(started.elapsed());
                     }
                     waiters.push_back(me.clone());
                     queue.current.fetch_add(1, Ordering::Relaxed);
@@ -215,10 +217,14 @@ pub async fn pick(fe: &FrontendSnap, pool: usize, client: &SocketAddr, tried: &[
                 waiters.pop_front();
                 queue.current.fetch_sub(1, Ordering::Relaxed);
                 drop(waiters);
-                if let Pick::Backend(..) = p {
-                    queue.record_wait(started.elapsed());
-                }
-                return p;
+                return match p {
+                    Pick::Backend(i, slot, _) => {
+                        let waited = started.elapsed();
+                        queue.record_wait(waited);
+                        Pick::Backend(i, slot, waited)
+                    }
+                    other => other,
+                };
             }
         }
         if Instant::now() >= deadline {
@@ -227,7 +233,7 @@ pub async fn pick(fe: &FrontendSnap, pool: usize, client: &SocketAddr, tried: &[
                 queue.current.fetch_sub(1, Ordering::Relaxed);
             }
             drop(waiters);
-            return Pick::TimedOut;
+            return Pick::TimedOut(started.elapsed());
         }
     }
 }
@@ -238,7 +244,7 @@ fn try_pick(fe: &FrontendSnap, pool: usize, client: &SocketAddr, tried: &[usize]
     loop {
         match fe.select_in(pool, client, tried) {
             Some(idx) => match take(fe, idx) {
-                Some(slot) => return Some(Pick::Backend(idx, slot)),
+                Some(slot) => return Some(Pick::Backend(idx, slot, Duration::ZERO)),
                 // Another worker took the last slot between the look and the take: look
                 // again (selection now sees it full).
                 None => continue,
