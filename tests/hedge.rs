@@ -134,6 +134,41 @@ fn with_connect_hedge_off_a_backend_that_drops_syns_costs_a_full_connect_timeout
 }
 
 #[test]
+fn backends_with_max_connections_are_hedged_each_hedge_on_a_slot_of_its_own() {
+    // max_connections 1 on the silent backend: if the slot of a connect abandoned to a hedge
+    // were not given back, it would stay full and never be picked (nor hedged) again. 2 on
+    // the good one: if hedges' slots leaked there, clients would queue until queue_timeout.
+    let good = Backend::start("good", Behaviour::Named);
+    let hole = Blackhole::start();
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "web",
+            "balance = \"round-robin\"\nconnect_hedge = \"20ms\"\nqueue_timeout = \"5s\"\n\
+             [frontend.health]\nerror_limit = 0",
+            &[
+                ("hole", hole.addr, "check = false\nmax_connections = 1"),
+                ("good", good.addr, "check = false\nmax_connections = 2"),
+            ],
+        );
+    let lb = Ringlb::start(&cfg);
+    let (times, failures) = load(lb.addr("web"), 1, 20);
+    assert!(failures.is_empty(), "{failures:?}");
+    // Unhedged, each client picked for the hole waits connect_timeout (2 s) for its retry.
+    let worst = *times.last().unwrap();
+    assert!(worst < Duration::from_millis(1500), "{times:?}");
+    let admin = lb.admin.expect("admin");
+    let hedges = backend_metric(admin, "ringlb_backend_connect_hedges_total", "hole");
+    assert!(
+        hedges >= 5.0,
+        "only {hedges} hedges in 20 round-robin picks"
+    );
+    assert_eq!(
+        backend_metric(admin, "ringlb_backend_connect_hedges_won_total", "hole"),
+        hedges
+    );
+}
+
+#[test]
 fn ten_thousand_hedged_connects_leave_no_fd_behind() {
     hedged_connects_leave_no_fd_behind("io_uring", 10_000);
 }

@@ -369,6 +369,10 @@ async fn serve<I: Io>(
             &shared,
         ))
         .await;
+        if connected.idx != idx {
+            // The hedge carries the client: its slot replaces the first backend's.
+            _slot = connected.slot.map(Box::new);
+        }
         let (idx, backend) = (connected.idx, &fe.backends[connected.idx]);
         trace.carried_by(idx);
         let failure = match connected.result {

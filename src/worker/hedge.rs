@@ -27,6 +27,7 @@ use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::io::Io;
 use super::local::Op;
+use super::queue::BackendSlot;
 use super::{DataEvent, Shared};
 use crate::backend::{BackendState, FrontendSnap};
 use crate::config::ConnectHedge;
@@ -70,6 +71,9 @@ pub fn delay(
 pub struct Connected<S> {
     pub idx: usize,
     pub result: Result<S, ConnectError>,
+    /// When the hedge won on a backend with `max_connections`: the slot it took there. The
+    /// caller swaps it for the first backend's slot, which the client no longer uses.
+    pub slot: Option<BackendSlot>,
 }
 
 /// Connects the client from `peer` to `fe.backends[first]`, hedging onto another backend if
@@ -89,13 +93,8 @@ pub async fn connect<I: Io>(
     let timeout = cfg.connect_timeout;
     let start = Instant::now();
     let a_deadline = start + timeout;
-    // No hedge where backends have max_connections: the second connect would need a slot of
-    // its own, taken without queueing; the queue is the better wait there.
-    let mut hedge_at = if fe.limited {
-        None
-    } else {
-        delay(cfg.connect_hedge, &fe.backends[first].state, timeout).map(|d| start + d)
-    };
+    let mut hedge_at =
+        delay(cfg.connect_hedge, &fe.backends[first].state, timeout).map(|d| start + d);
     // One timer: the hedge delay, then A's deadline.
     let mut timer = pin!(sleep_until(hedge_at.unwrap_or(a_deadline)));
     let a = Some(I::connect(fe.backends[first].config.address, cfg.source));
@@ -103,6 +102,8 @@ pub async fn connect<I: Io>(
     let b = none_like(&a);
     let (mut a, mut b) = (pin!(a), pin!(b));
     let mut b_timer: Pin<&mut Option<Sleep>> = pin!(None);
+    // The hedge's own slot where its backend has `max_connections`.
+    let mut b_slot: Option<BackendSlot> = None;
     let mut second = first;
     let mut b_start = start;
     loop {
@@ -135,6 +136,7 @@ pub async fn connect<I: Io>(
                 return Connected {
                     idx: first,
                     result: Ok(stream),
+                    slot: None,
                 };
             }
             Event::B(Ok(stream)) => {
@@ -146,13 +148,24 @@ pub async fn connect<I: Io>(
                 return Connected {
                     idx: second,
                     result: Ok(stream),
+                    slot: b_slot.take(),
                 };
             }
             Event::Timer if hedge_at.take().is_some() => {
                 timer.as_mut().reset(a_deadline);
                 let mut skip = tried.clone();
                 skip.push(first);
-                if let Some(idx) = fe.select_in(pool, peer, &skip) {
+                // Where backends have `max_connections`, the hedge needs a slot of its own,
+                // taken without waiting; none is free (or clients are queued for one): no
+                // hedge, and the first connect carries on alone.
+                let pick = fe.select_in(pool, peer, &skip).and_then(|idx| {
+                    if !fe.limited {
+                        return Some((idx, None));
+                    }
+                    super::queue::take_now(fe, idx).map(|slot| (idx, slot))
+                });
+                if let Some((idx, slot)) = pick {
+                    b_slot = slot;
                     fe.backends[first]
                         .state
                         .hedges_total
@@ -172,6 +185,7 @@ pub async fn connect<I: Io>(
                     return Connected {
                         idx: first,
                         result: Err(e),
+                        slot: None,
                     };
                 }
                 failed_in_race(shared, fe, first, e, tried);
@@ -182,6 +196,7 @@ pub async fn connect<I: Io>(
                     return Connected {
                         idx: first,
                         result: Err(ConnectError::TimedOut),
+                        slot: None,
                     };
                 }
                 failed_in_race(shared, fe, first, ConnectError::TimedOut, tried);
@@ -189,10 +204,12 @@ pub async fn connect<I: Io>(
             Event::B(Err(e)) => {
                 b.set(None);
                 b_timer.set(None);
+                b_slot = None;
                 if a.is_none() {
                     return Connected {
                         idx: second,
                         result: Err(e),
+                        slot: None,
                     };
                 }
                 failed_in_race(shared, fe, second, e, tried);
@@ -200,10 +217,12 @@ pub async fn connect<I: Io>(
             Event::BTimedOut => {
                 b.set(None);
                 b_timer.set(None);
+                b_slot = None;
                 if a.is_none() {
                     return Connected {
                         idx: second,
                         result: Err(ConnectError::TimedOut),
+                        slot: None,
                     };
                 }
                 failed_in_race(shared, fe, second, ConnectError::TimedOut, tried);

@@ -124,6 +124,16 @@ fn take(fe: &FrontendSnap, idx: usize) -> Option<Option<BackendSlot>> {
     None
 }
 
+/// A slot on `backends[idx]` taken now or never, for a hedged connect (`Some(None)`: the
+/// backend has no limit). `None` when it is full, or when clients wait in the queue: a free
+/// slot is theirs first, and a hedge never overtakes them.
+pub(super) fn take_now(fe: &FrontendSnap, idx: usize) -> Option<Option<BackendSlot>> {
+    if fe.state.gate.queue.current.load(Ordering::Relaxed) > 0 {
+        return None;
+    }
+    take(fe, idx)
+}
+
 /// What [`pick`] found.
 pub enum Pick {
     /// This backend, with its slot if it has a limit, and how long the client waited in the
