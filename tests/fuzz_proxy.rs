@@ -12,9 +12,9 @@
 // Tests and benches: a failed unwrap is a failed run, and blocking file I/O is fine here.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+
+mod fuzzing;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -25,12 +25,7 @@ use ringlb::relay::proxy_in::{parse, Bad, Parsed, HEADER_MAX};
 const DEFAULT_CASES: u32 = 5000;
 
 fn cases() -> u32 {
-    match std::env::var("RINGLB_FUZZ_CASES") {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("RINGLB_FUZZ_CASES={v:?} is not a number")),
-        Err(_) => DEFAULT_CASES,
-    }
+    fuzzing::cases(DEFAULT_CASES)
 }
 
 const SIG: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
@@ -90,7 +85,7 @@ fn mutated_header() -> impl Strategy<Value = Vec<u8>> {
         any::<([u8; 16], u16)>()
             .prop_map(|(ip, port)| SocketAddr::from((std::net::Ipv6Addr::from(ip), port))),
     ];
-    let edit = (any::<prop::sample::Index>(), any::<u8>(), 0u8..4);
+    let edit = fuzzing::edit();
     (
         any::<bool>(),
         addr.clone(),
@@ -105,20 +100,7 @@ fn mutated_header() -> impl Strategy<Value = Vec<u8>> {
                 ProxyVersion::V2
             };
             let mut h = header(v, src, dst);
-            for (at, byte, op) in edits {
-                if h.is_empty() {
-                    break;
-                }
-                let i = at.index(h.len());
-                match op {
-                    0 => h[i] = byte,
-                    1 => h.insert(i, byte),
-                    2 => {
-                        h.remove(i);
-                    }
-                    _ => h.truncate(i),
-                }
-            }
+            fuzzing::apply(&mut h, edits);
             h.extend_from_slice(&payload);
             h
         })
@@ -230,28 +212,14 @@ fn check((bytes, suffix, reads): (Vec<u8>, Vec<u8>, Vec<usize>)) -> Result<(), T
 
 #[test]
 fn the_proxy_header_parser_survives_arbitrary_bytes_and_never_reads_past_the_header() {
-    let n = cases();
-    let done = AtomicU64::new(0);
-    let complete = AtomicU64::new(0);
-    let mut runner = TestRunner::new(Config {
-        cases: n,
-        failure_persistence: None,
-        ..Config::default()
-    });
-    runner
-        .run(&input(), |case| {
-            done.fetch_add(1, Ordering::Relaxed);
-            if matches!(parse(&case.0), Ok(Parsed::Done { .. })) {
-                complete.fetch_add(1, Ordering::Relaxed);
-            }
-            check(case)
-        })
-        .unwrap();
-    let _ = writeln!(
-        std::io::stderr(),
-        "PROXY header fuzzing: {} cases run ({n} asked; RINGLB_FUZZ_CASES sets it), {} complete headers",
-        done.load(Ordering::Relaxed),
-        complete.load(Ordering::Relaxed)
+    fuzzing::run(
+        "PROXY header fuzzing",
+        cases(),
+        &input(),
+        ("complete headers", |case| {
+            matches!(parse(&case.0), Ok(Parsed::Done { .. }))
+        }),
+        check,
     );
 }
 

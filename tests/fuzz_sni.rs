@@ -13,22 +13,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
-use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+mod fuzzing;
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use ringlb::relay::sni::{parse, records, sample_hello, Parsed, HELLO_MAX};
 
 const DEFAULT_CASES: u32 = 3000;
 
 fn cases() -> u32 {
-    match std::env::var("RINGLB_FUZZ_CASES") {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("RINGLB_FUZZ_CASES={v:?} is not a number")),
-        Err(_) => DEFAULT_CASES,
-    }
+    fuzzing::cases(DEFAULT_CASES)
 }
 
 /// Random bytes, half of them behind a TLS handshake record header of a random length.
@@ -69,7 +63,7 @@ fn name() -> impl Strategy<Value = Option<String>> {
 /// A well-formed ClientHello, with random byte edits, cut into records of a random size,
 /// with random bytes after it.
 fn mutated_hello() -> impl Strategy<Value = Vec<u8>> {
-    let edit = (any::<prop::sample::Index>(), any::<u8>(), 0u8..4);
+    let edit = fuzzing::edit();
     (
         name(),
         prop_oneof![3 => Just(0usize), 3 => 0usize..300, 1 => 16_300usize..16_500],
@@ -80,20 +74,7 @@ fn mutated_hello() -> impl Strategy<Value = Vec<u8>> {
         .prop_map(|(name, padding, record, edits, after)| {
             let one = sample_hello(name.as_deref(), padding);
             let mut h = records(&one[5..], record);
-            for (at, byte, op) in edits {
-                if h.is_empty() {
-                    break;
-                }
-                let i = at.index(h.len());
-                match op {
-                    0 => h[i] = byte,
-                    1 => h.insert(i, byte),
-                    2 => {
-                        h.remove(i);
-                    }
-                    _ => h.truncate(i),
-                }
-            }
+            fuzzing::apply(&mut h, edits);
             h.extend_from_slice(&after);
             h
         })
@@ -188,27 +169,13 @@ fn handshake_bytes(mut recs: &[u8]) -> Vec<u8> {
 
 #[test]
 fn the_client_hello_parser_survives_arbitrary_bytes_and_never_reads_past_the_hello() {
-    let n = cases();
-    let done = AtomicU64::new(0);
-    let named = AtomicU64::new(0);
-    let mut runner = TestRunner::new(Config {
-        cases: n,
-        failure_persistence: None,
-        ..Config::default()
-    });
-    runner
-        .run(&input(), |case| {
-            done.fetch_add(1, Ordering::Relaxed);
-            if matches!(parse(&case.0), Ok(Parsed::Hello { name: Some(_), .. })) {
-                named.fetch_add(1, Ordering::Relaxed);
-            }
-            check(case)
-        })
-        .unwrap();
-    let _ = writeln!(
-        std::io::stderr(),
-        "ClientHello fuzzing: {} cases run ({n} asked; RINGLB_FUZZ_CASES sets it), {} whole hellos with a server name",
-        done.load(Ordering::Relaxed),
-        named.load(Ordering::Relaxed)
+    fuzzing::run(
+        "ClientHello fuzzing",
+        cases(),
+        &input(),
+        ("whole hellos with a server name", |case| {
+            matches!(parse(&case.0), Ok(Parsed::Hello { name: Some(_), .. }))
+        }),
+        check,
     );
 }
