@@ -445,3 +445,63 @@ fn a_pool_whose_backends_are_all_down_says_so_and_its_clients_are_not_sent_elsew
         &[("frontend", "tls"), ("reason", "no_backend")]
     ) == 1.0));
 }
+
+#[test]
+fn a_client_queued_for_one_pool_does_not_hold_back_a_client_of_another() {
+    let a = Backend::start("a", Behaviour::Echo);
+    let b = Backend::start("b", Behaviour::Echo);
+    let routes = "queue_timeout = \"30s\"\n\
+                  [[frontend.route]]\nsni = [\"a.example\"]\npool = \"a\"\n\
+                  [[frontend.route]]\nsni = [\"b.example\"]\npool = \"b\"\n";
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "tls",
+            routes,
+            &[
+                (
+                    "a",
+                    a.addr,
+                    "pool = \"a\"\ncheck = false\nmax_connections = 1",
+                ),
+                (
+                    "b",
+                    b.addr,
+                    "pool = \"b\"\ncheck = false\nmax_connections = 1",
+                ),
+            ],
+        );
+    let lb = Ringlb::start(&cfg);
+    let addr = lb.addr("tls");
+    let queued = || metric(&lb, "ringlb_frontend_queue_current", &[("frontend", "tls")]);
+    // Sends a ClientHello for `name` and reads its echo: the client reached its backend.
+    let hello = |name: &str| sample_hello(Some(name), 0);
+    let echo = |s: &mut TcpStream, bytes: &[u8]| {
+        s.set_read_timeout(Some(SOON)).unwrap();
+        let mut back = vec![0u8; bytes.len()];
+        s.read_exact(&mut back).map(|()| back == bytes)
+    };
+    let mut holder = TcpStream::connect(addr).unwrap();
+    holder.write_all(&hello("a.example")).unwrap();
+    assert!(echo(&mut holder, &hello("a.example")).unwrap());
+    // Pool a is full: the next client for it waits in the frontend's queue.
+    let mut waiter = TcpStream::connect(addr).unwrap();
+    waiter.write_all(&hello("a.example")).unwrap();
+    assert!(wait_until(SOON, || queued() == 1.0), "never queued");
+    // A client for pool b, which has room, is served at once: it does not queue behind the
+    // client of pool a (before, it waited behind it until queue_timeout).
+    let mut other = TcpStream::connect(addr).unwrap();
+    other.write_all(&hello("b.example")).unwrap();
+    assert!(echo(&mut other, &hello("b.example")).expect("pool b's client was held back"));
+    assert_eq!(queued(), 1.0);
+    // b's slot, freed, is not handed to a's client (it could not use it)...
+    drop(other);
+    assert!(wait_until(SOON, || b
+        .open
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 0));
+    assert_eq!(queued(), 1.0);
+    // ...a's is, when its holder leaves.
+    drop(holder);
+    assert!(echo(&mut waiter, &hello("a.example")).unwrap());
+    assert!(wait_until(SOON, || queued() == 0.0));
+}

@@ -72,6 +72,36 @@ impl BackendQueue {
 struct Waiter {
     grant: Mutex<Option<Arc<BackendState>>>,
     bell: Notify,
+    /// On a frontend with several pools (SNI routes), the backends of the client's pool (by
+    /// address of their state): a slot freed on another pool's backend goes to a client of
+    /// that pool instead, and a client only waits behind clients of its own pool. `None`:
+    /// one pool, every backend fits.
+    pool: Option<Box<[usize]>>,
+}
+
+impl Waiter {
+    fn fits(&self, b: &Arc<BackendState>) -> bool {
+        let me = Arc::as_ptr(b) as usize;
+        self.pool.as_ref().is_none_or(|m| m.contains(&me))
+    }
+}
+
+/// The members of `pool` as [`Waiter::pool`] keeps them.
+fn pool_key(fe: &FrontendSnap, pool: usize) -> Option<Box<[usize]>> {
+    if fe.pools.len() < 2 {
+        return None;
+    }
+    let members = fe
+        .pools
+        .get(pool)
+        .map(|p| p.members.as_slice())
+        .unwrap_or(&[]);
+    Some(
+        members
+            .iter()
+            .map(|&i| Arc::as_ptr(&fe.backends[i].state) as usize)
+            .collect(),
+    )
 }
 
 /// One slot taken on a backend with `max_connections`; given to the next waiting client, or
@@ -85,7 +115,8 @@ impl Drop for BackendSlot {
     fn drop(&mut self) {
         let queue = &self.frontend.gate.queue;
         let mut waiters = queue.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        match waiters.pop_front() {
+        let next = waiters.iter().position(|w| w.fits(&self.backend));
+        match next.and_then(|i| waiters.remove(i)) {
             Some(w) => {
                 queue.current.fetch_sub(1, Ordering::Relaxed);
                 *w.grant.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.backend.clone());
@@ -160,11 +191,13 @@ pub async fn pick(fe: &FrontendSnap, pool: usize, client: &SocketAddr, tried: &[
     let me = Arc::new(Waiter {
         grant: Mutex::new(None),
         bell: Notify::new(),
+        pool: pool_key(fe, pool),
     });
     {
         let mut waiters = queue.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        // Under the lock no slot can be handed out unseen: look once more before waiting.
-        if waiters.is_empty() {
+        // Under the lock no slot can be handed out unseen: look once more before waiting
+        // (clients of other pools waiting do not hold this one back).
+        if !waiters.iter().any(|w| w.pool == me.pool) {
             if let Some(p) = try_pick(fe, pool, client, tried) {
                 return p;
             }
@@ -221,10 +254,10 @@ pub async fn pick(fe: &FrontendSnap, pool: usize, client: &SocketAddr, tried: &[
                 }
             }
         }
-        let at_head = waiters.front().is_some_and(|w| Arc::ptr_eq(w, &me));
-        if at_head {
+        let head = waiters.iter().position(|w| w.pool == me.pool);
+        if let Some(at) = head.filter(|&i| Arc::ptr_eq(&waiters[i], &me)) {
             if let Some(p) = try_pick(fe, pool, client, tried) {
-                waiters.pop_front();
+                waiters.remove(at);
                 queue.current.fetch_sub(1, Ordering::Relaxed);
                 drop(waiters);
                 return match p {
