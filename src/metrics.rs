@@ -391,7 +391,7 @@ impl Exporter {
                     s.gate.rejected(Reason::Acl),
                     s.gate.rejected(Reason::SourceConnections),
                     s.gate.rejected(Reason::SourceRate),
-                    s.gate.source_table_full_total.load(Ordering::Relaxed),
+                    s.gate.sources.full_total.load(Ordering::Relaxed),
                     s.gate.rejected(Reason::QueueTimeout),
                     s.gate.queue.queued_total.load(Ordering::Relaxed),
                     s.gate.rejected(Reason::Sni),

@@ -11,7 +11,6 @@
 //! `accept.rs` calls [`admit`] only when the frontend sets one of these keys, so a plain
 //! frontend pays no syscall and no allocation for the gate.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,8 +21,9 @@ use nix::sys::socket::MsgFlags;
 use tokio::io::Interest;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::sources::SourceTable;
 use crate::backend::{FrontendSnap, FrontendState};
-use crate::config::traffic::{canonical, Rate, Traffic};
+use crate::config::traffic::{canonical, Traffic};
 use crate::relay::proxy_in::{self, Declared, Parsed, HEADER_MAX};
 use crate::relay::Conn;
 
@@ -78,17 +78,6 @@ impl Reason {
 /// How often each frontend may log each kind of rejection.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Shards of the per-source table: one lock each, picked by address, so workers admitting
-/// different sources rarely meet on one lock.
-const SHARDS: usize = 64;
-/// Sources tracked per shard (65,536 in all). A shard that is full sweeps out sources with no
-/// open connection and a full bucket; if none can go, the new source is admitted untracked
-/// and counted (`ringlb_frontend_source_table_full_total`): an address spray must not turn
-/// the limits into a refusal of every new client.
-const SHARD_CAP: usize = 1024;
-/// A full shard sweeps at most this often; between sweeps new sources go untracked.
-const SWEEP_EVERY_MS: u64 = 100;
-
 /// A frontend's gate counters and per-source table; lives in its `FrontendState`, so both
 /// survive reloads.
 #[derive(Debug)]
@@ -97,9 +86,8 @@ pub struct GateState {
     /// Rejections not yet told in a log line, and when the last line was (ms since `start`).
     unlogged: [AtomicU64; Reason::ALL.len()],
     last_logged_ms: [AtomicU64; Reason::ALL.len()],
-    /// Sources admitted untracked because their shard of the table was full.
-    pub source_table_full_total: AtomicU64,
-    sources: [Mutex<Shard>; SHARDS],
+    /// The per-source table (`max_connections_per_source`, `rate_per_source`).
+    pub sources: SourceTable,
     start: Instant,
     /// Clients waiting for a backend slot (`max_connections` on backends).
     pub queue: super::queue::BackendQueue,
@@ -116,39 +104,12 @@ impl Default for GateState {
             rejected: Default::default(),
             unlogged: Default::default(),
             last_logged_ms: Default::default(),
-            source_table_full_total: AtomicU64::new(0),
-            sources: std::array::from_fn(|_| Mutex::new(Shard::default())),
+            sources: SourceTable::default(),
             start: Instant::now(),
             queue: Default::default(),
             frontend_slots: Arc::new(Semaphore::new(0)),
             frontend_capacity: Mutex::new(0),
         }
-    }
-}
-
-#[derive(Debug, Default)]
-struct Shard {
-    // RandomState on purpose: the keys are chosen by clients (any IPv6 address), and a fixed
-    // hash would let them pick colliding ones. Nothing here decides placement.
-    map: HashMap<IpAddr, Source>,
-    last_sweep_ms: u64,
-}
-
-/// One source address's open connections and rate bucket.
-#[derive(Debug)]
-struct Source {
-    open: u32,
-    tokens: f64,
-    /// When `tokens` was last brought up to date (ms since the table's start).
-    at_ms: u64,
-    /// When the bucket will be full again; 0 without a rate. With `open == 0` and this
-    /// passed, the entry says nothing a fresh one would not: it can go.
-    full_at_ms: u64,
-}
-
-impl Source {
-    fn idle(&self, now_ms: u64) -> bool {
-        self.open == 0 && now_ms >= self.full_at_ms
     }
 }
 
@@ -191,79 +152,6 @@ impl GateState {
         }
     }
 
-    fn shard(&self, ip: &IpAddr) -> &Mutex<Shard> {
-        // A fixed mix of the address bytes: only spreads the locks, decides nothing else.
-        let h = match ip {
-            IpAddr::V4(a) => u64::from(u32::from(*a)),
-            IpAddr::V6(a) => {
-                let v = u128::from(*a);
-                (v as u64) ^ ((v >> 64) as u64)
-            }
-        };
-        let h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        &self.sources[(h >> 58) as usize % SHARDS]
-    }
-
-    /// Takes a connection slot and a rate token for `ip`, or says which limit refused it.
-    fn take_source(
-        &self,
-        ip: IpAddr,
-        max_open: Option<u32>,
-        rate: Option<Rate>,
-    ) -> Result<bool, Reason> {
-        let now = self.now_ms();
-        let mut shard = self.shard(&ip).lock().unwrap_or_else(|e| e.into_inner());
-        if !shard.map.contains_key(&ip) && shard.map.len() >= SHARD_CAP {
-            if now.saturating_sub(shard.last_sweep_ms) < SWEEP_EVERY_MS {
-                self.source_table_full_total.fetch_add(1, Ordering::Relaxed);
-                return Ok(false);
-            }
-            shard.last_sweep_ms = now;
-            shard.map.retain(|_, s| !s.idle(now));
-            if shard.map.len() >= SHARD_CAP {
-                self.source_table_full_total.fetch_add(1, Ordering::Relaxed);
-                return Ok(false);
-            }
-        }
-        let src = shard.map.entry(ip).or_insert_with(|| Source {
-            open: 0,
-            tokens: rate.map_or(0.0, |r| f64::from(r.count)),
-            at_ms: now,
-            full_at_ms: 0,
-        });
-        if max_open.is_some_and(|max| src.open >= max) {
-            return Err(Reason::SourceConnections);
-        }
-        if let Some(r) = rate {
-            let per_ms = f64::from(r.count) / r.per.as_millis().max(1) as f64;
-            let cap = f64::from(r.count);
-            let elapsed = now.saturating_sub(src.at_ms) as f64;
-            src.tokens = (src.tokens + elapsed * per_ms).min(cap);
-            src.at_ms = now;
-            if src.tokens < 1.0 {
-                return Err(Reason::SourceRate);
-            }
-            src.tokens -= 1.0;
-            src.full_at_ms = now + ((cap - src.tokens) / per_ms).ceil() as u64;
-        }
-        if max_open.is_some() {
-            src.open += 1;
-        }
-        Ok(max_open.is_some())
-    }
-
-    fn release_source(&self, ip: IpAddr) {
-        let now = self.now_ms();
-        let mut shard = self.shard(&ip).lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(src) = shard.map.get_mut(&ip) {
-            src.open = src.open.saturating_sub(1);
-            if src.idle(now) {
-                shard.map.remove(&ip);
-            }
-        }
-    }
-
-    /// Waits (FIFO, up to `timeout`) for one of the frontend's `max` connection slots.
     /// One of the frontend's `max_connections`, waiting in its queue up to `timeout`: the
     /// permit and how long the wait was (zero when one was free), or `Err` with the wait when
     /// the timeout passed.
@@ -306,14 +194,6 @@ impl GateState {
             _ => Err(waited),
         }
     }
-
-    /// Sources tracked now (for tests and the status of the table).
-    pub fn tracked_sources(&self) -> usize {
-        self.sources
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).map.len())
-            .sum()
-    }
 }
 
 /// What the gate found out about an admitted client; held for the connection's life.
@@ -336,7 +216,7 @@ struct SourceSlot {
 
 impl Drop for SourceSlot {
     fn drop(&mut self) {
-        self.state.gate.release_source(self.ip);
+        self.state.gate.sources.release(self.ip);
     }
 }
 
@@ -403,7 +283,10 @@ pub async fn admit<S: Conn>(
     }
     let mut slot = None;
     if t.tracks_sources() {
-        match gate.take_source(ip, t.max_connections_per_source, t.rate_per_source) {
+        match gate
+            .sources
+            .take(ip, t.max_connections_per_source, t.rate_per_source)
+        {
             Ok(true) => {
                 slot = Some(SourceSlot {
                     state: fe.state.clone(),
@@ -520,70 +403,4 @@ fn recv_flags(fd: std::os::fd::RawFd, buf: &mut [u8], flags: MsgFlags) -> io::Re
         buf,
         flags | MsgFlags::MSG_DONTWAIT,
     )?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::net::Ipv4Addr;
-
-    fn ip(n: u32) -> IpAddr {
-        IpAddr::V4(Ipv4Addr::from(n))
-    }
-
-    #[test]
-    fn the_source_table_stays_bounded_and_empties_when_connections_close() {
-        let g = GateState::default();
-        let n = (SHARDS * SHARD_CAP + 5000) as u32;
-        let mut tracked = Vec::new();
-        for i in 0..n {
-            if g.take_source(ip(i), Some(1), None) == Ok(true) {
-                tracked.push(ip(i));
-            }
-        }
-        assert!(g.tracked_sources() <= SHARDS * SHARD_CAP);
-        assert_eq!(
-            g.source_table_full_total.load(Ordering::Relaxed) as usize,
-            n as usize - tracked.len()
-        );
-        // A tracked source is at its limit of one.
-        assert_eq!(
-            g.take_source(tracked[0], Some(1), None),
-            Err(Reason::SourceConnections)
-        );
-        for a in tracked {
-            g.release_source(a);
-        }
-        assert_eq!(g.tracked_sources(), 0, "idle sources were kept");
-    }
-
-    #[test]
-    fn a_source_with_a_draining_bucket_is_kept_until_the_bucket_is_full_again() {
-        let s = Source {
-            open: 0,
-            tokens: 1.0,
-            at_ms: 10,
-            full_at_ms: 500,
-        };
-        assert!(!s.idle(499));
-        assert!(s.idle(500));
-        let busy = Source { open: 1, ..s };
-        assert!(!busy.idle(10_000));
-    }
-
-    #[test]
-    fn the_rate_is_a_burst_of_count_then_count_per_period() {
-        let g = GateState::default();
-        let rate = Some(Rate {
-            count: 3,
-            per: Duration::from_secs(3600),
-        });
-        for _ in 0..3 {
-            assert_eq!(g.take_source(ip(1), None, rate), Ok(false));
-        }
-        assert_eq!(g.take_source(ip(1), None, rate), Err(Reason::SourceRate));
-        assert_eq!(g.take_source(ip(2), None, rate), Ok(false));
-        // Kept (its bucket is not full), though it holds no connection.
-        assert_eq!(g.tracked_sources(), 2);
-    }
 }

@@ -14,6 +14,7 @@ pub mod listener;
 pub mod local;
 pub mod queue;
 pub mod route;
+pub mod sources;
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
