@@ -1119,3 +1119,83 @@ fn a_reload_that_turns_a_tcp_check_into_an_http_check_applies_it_to_the_running_
         "{line}"
     );
 }
+
+// ----- PROXY protocol -----
+
+#[test]
+fn checks_of_a_send_proxy_backend_start_with_a_proxy_header_that_nginx_accepts() {
+    let nginx = on_path("nginx")
+        .or_else(|| Some(PathBuf::from("/usr/sbin/nginx")).filter(|p| is_executable(p)));
+    if !tool_available(nginx.is_some(), "nginx", "apt-get install -y nginx") {
+        return;
+    }
+    let nginx = nginx.unwrap();
+    let dir = TempDir::new();
+    let d = dir.path.display();
+    let ports = [free_port(), free_port(), free_port()];
+    // A real PROXY-protocol receiver: nginx's HTTP server with `proxy_protocol` on its
+    // listener refuses a request that does not start with a header.
+    let conf = dir.path.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "master_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{}}\nhttp {{\n  access_log off;\n  client_body_temp_path {d};\n  \
+             proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  \
+             scgi_temp_path {d};\n  server {{\n{listen}    \
+             location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
+            listen = ports
+                .iter()
+                .map(|p| format!("    listen 127.0.0.1:{p} proxy_protocol;\n"))
+                .collect::<String>()
+        ),
+    )
+    .unwrap();
+    let _nginx = Proc(
+        Command::new(&nginx)
+            .args(["-e", &format!("{d}/error.log"), "-c"])
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = |i: usize| -> SocketAddr { format!("127.0.0.1:{}", ports[i]).parse().unwrap() };
+    assert!(
+        wait_until(SOON, || TcpStream::connect(addr(2)).is_ok()),
+        "nginx did not start: {:?}",
+        std::fs::read_to_string(dir.path.join("error.log"))
+    );
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "web",
+            "[frontend.health]\nkind = \"http\"\npath = \"/\"\ninterval = \"100ms\"\n",
+            &[
+                ("v1", addr(0), "send_proxy = \"v1\""),
+                ("v2", addr(1), "send_proxy = \"v2\""),
+                ("plain", addr(2), ""),
+            ],
+        );
+    let lb = Ringlb::start(&cfg);
+    let admin = lb.admin.unwrap();
+    let passed = || ("Layer7 check passed".to_string(), "up".to_string());
+    assert!(
+        wait_until(SOON, || backend_status(admin, "web", "v1") == passed()),
+        "v1: {:?}",
+        backend_status(admin, "web", "v1")
+    );
+    assert!(
+        wait_until(SOON, || backend_status(admin, "web", "v2") == passed()),
+        "v2: {:?}",
+        backend_status(admin, "web", "v2")
+    );
+    // The same server, checked without the header, fails: the test tells the two apart.
+    assert!(
+        wait_until(SOON, || backend_status(admin, "web", "plain").1 == "down"),
+        "plain: {:?}",
+        backend_status(admin, "web", "plain")
+    );
+    let log = std::fs::read_to_string(dir.path.join("error.log")).unwrap_or_default();
+    assert!(log.contains("broken header"), "{log}");
+}

@@ -248,6 +248,11 @@ pub struct Health {
     pub spread_percent: u32,
     /// What the check says on its connection (`kind` and its keys).
     pub probe: Probe,
+    /// The backend's `send_proxy`: an application check sends a PROXY header first, with no
+    /// addresses (v2 `LOCAL`, v1 `UNKNOWN`: the connection is ringlb's own), as HAProxy's
+    /// checks of a `send-proxy` server do; a backend that requires the header would refuse
+    /// the check's request otherwise. The Layer4 check sends nothing.
+    pub send_proxy: Option<ProxyVersion>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

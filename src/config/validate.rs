@@ -925,6 +925,7 @@ fn validate_backend(
         &mut p.nested("health", "health"),
     );
     let mut health = own.over(defaults.health).resolve(fb.check.unwrap_or(true));
+    health.send_proxy = send_proxy;
     let backend = Backend {
         name,
         address: address?,
@@ -1039,6 +1040,7 @@ impl HealthLayer {
             error_limit: self.error_limit.unwrap_or(10),
             initial_up: self.initial_up.unwrap_or(true),
             spread_percent: self.spread.unwrap_or(10),
+            send_proxy: None,
             probe: self.probe.resolve(),
         }
     }

@@ -17,14 +17,20 @@ use tokio::time::Instant;
 use super::https;
 use super::probe::{connect_within, os_error_text, CheckOutcome, CheckResult, Layer};
 use super::proto::{End, Exchange, READ_CAP};
-use crate::config::Probe;
+use crate::config::{Probe, ProxyVersion};
 
 /// Reads per check. An answer dribbled in tiny pieces is judged again after each piece;
 /// this bounds that work (16 KiB judged at most 256 times) and such an answer fails.
 pub const MAX_READS: usize = 256;
 
-/// One application check of `addr`.
-pub async fn check(addr: SocketAddr, timeout: Duration, probe: &Probe) -> CheckOutcome {
+/// One application check of `addr`; with `send_proxy`, the connection starts with a PROXY
+/// header that names no client (see `relay::proxy::local_header`).
+pub async fn check(
+    addr: SocketAddr,
+    timeout: Duration,
+    probe: &Probe,
+    send_proxy: Option<ProxyVersion>,
+) -> CheckOutcome {
     let start = Instant::now();
     let deadline = start + timeout;
     let result = match (
@@ -34,24 +40,41 @@ pub async fn check(addr: SocketAddr, timeout: Duration, probe: &Probe) -> CheckO
         (_, Err(layer4)) => layer4,
         // `Tcp` has no exchange: the connect was the check.
         (None, Ok(_)) => CheckResult::Passed,
-        (Some(ex), Ok(stream)) => match probe {
-            Probe::Http(h) if h.tls => {
-                let name = https::server_name(h.host.as_deref(), addr.ip());
-                match tokio::time::timeout_at(deadline, https::handshake(stream, name)).await {
-                    Err(_) => CheckResult::AppTimeout(Layer::L6),
-                    Ok(Err(failed)) => failed,
-                    Ok(Ok(mut tls)) => exchange(&mut tls, &ex, deadline).await,
+        (Some(ex), Ok(mut stream)) => match proxy_first(&mut stream, send_proxy, deadline).await {
+            Err(failed) => failed,
+            Ok(()) => match probe {
+                Probe::Http(h) if h.tls => {
+                    let name = https::server_name(h.host.as_deref(), addr.ip());
+                    match tokio::time::timeout_at(deadline, https::handshake(stream, name)).await {
+                        Err(_) => CheckResult::AppTimeout(Layer::L6),
+                        Ok(Err(failed)) => failed,
+                        Ok(Ok(mut tls)) => exchange(&mut tls, &ex, deadline).await,
+                    }
                 }
-            }
-            _ => {
-                let mut stream = stream;
-                exchange(&mut stream, &ex, deadline).await
-            }
+                _ => exchange(&mut stream, &ex, deadline).await,
+            },
         },
     };
     CheckOutcome {
         result,
         duration: start.elapsed(),
+    }
+}
+
+/// Sends the PROXY header before anything else (TLS included), when the backend wants one.
+async fn proxy_first<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    send_proxy: Option<ProxyVersion>,
+    deadline: Instant,
+) -> Result<(), CheckResult> {
+    let Some(version) = send_proxy else {
+        return Ok(());
+    };
+    let header = crate::relay::proxy::local_header(version);
+    match tokio::time::timeout_at(deadline, stream.write_all(&header)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(CheckResult::ConnectionProblem(os_error_text(&e))),
+        Err(_) => Err(CheckResult::Timeout),
     }
 }
 
@@ -144,7 +167,7 @@ mod tests {
     #[tokio::test]
     async fn an_http_check_sends_the_configured_request_and_reads_the_status() {
         let (addr, t) = serve_once(b"HTTP/1.1 503 Service Unavailable\r\n\r\n".to_vec());
-        let o = check(addr, Duration::from_secs(5), &http()).await;
+        let o = check(addr, Duration::from_secs(5), &http(), None).await;
         assert_eq!(
             o.result.to_string(),
             "Layer7 wrong status, code: 503, info: \"Service Unavailable\""
@@ -162,7 +185,7 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let o = check(addr, Duration::from_secs(5), &Probe::Redis).await;
+        let o = check(addr, Duration::from_secs(5), &Probe::Redis, None).await;
         assert_eq!(
             o.result,
             CheckResult::ConnectionProblem("Connection refused".into())
@@ -172,7 +195,7 @@ mod tests {
     #[tokio::test]
     async fn an_endless_answer_stops_at_the_read_cap() {
         let (addr, _t) = serve_once(vec![b'x'; 1 << 20]);
-        let o = check(addr, Duration::from_secs(5), &Probe::Redis).await;
+        let o = check(addr, Duration::from_secs(5), &Probe::Redis, None).await;
         assert_eq!(
             o.result.to_string(),
             format!("Layer7 invalid response, info: \"no complete answer in the first {READ_CAP} bytes\"")

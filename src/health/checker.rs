@@ -90,7 +90,7 @@ pub async fn run<C: HealthCheck>(
             wait = h.interval;
             continue;
         }
-        let outcome = check.check(addr, h.timeout, &h.probe).await;
+        let outcome = check.check(addr, &h).await;
         if let CheckResult::LocalError(code) = outcome.result {
             // Says nothing about the backend: neither a pass nor a failure. Probe again soon.
             let e = std::io::Error::from_raw_os_error(code);
@@ -205,12 +205,7 @@ mod tests {
     }
 
     impl HealthCheck for Scripted {
-        async fn check(
-            &self,
-            _addr: SocketAddr,
-            _timeout: Duration,
-            _: &crate::config::Probe,
-        ) -> CheckOutcome {
+        async fn check(&self, _addr: SocketAddr, _: &Health) -> CheckOutcome {
             self.asked.lock().unwrap().push(Instant::now());
             let next = self.script.lock().unwrap().pop_front();
             match next {

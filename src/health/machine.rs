@@ -122,6 +122,7 @@ pub(crate) fn test_health(check: bool) -> Health {
         initial_up: true,
         spread_percent: 0,
         probe: crate::config::Probe::Tcp,
+        send_proxy: None,
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
-use crate::config::Probe;
+use crate::config::{Health, Probe};
 
 /// What one check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,13 +101,8 @@ pub struct CheckOutcome {
 
 /// Checks whether a backend can take connections.
 pub trait HealthCheck: Send + Sync + 'static {
-    /// One check of `addr` within `timeout`, speaking as `probe` says.
-    fn check(
-        &self,
-        addr: SocketAddr,
-        timeout: Duration,
-        probe: &Probe,
-    ) -> impl Future<Output = CheckOutcome> + Send;
+    /// One check of `addr` within `h.timeout`, speaking as `h.probe` says.
+    fn check(&self, addr: SocketAddr, h: &Health) -> impl Future<Output = CheckOutcome> + Send;
 }
 
 /// The check every backend's checker runs: the Layer4 connect for `kind = "tcp"`, else the
@@ -116,10 +111,10 @@ pub trait HealthCheck: Send + Sync + 'static {
 pub struct Checker;
 
 impl HealthCheck for Checker {
-    async fn check(&self, addr: SocketAddr, timeout: Duration, probe: &Probe) -> CheckOutcome {
-        match probe {
-            Probe::Tcp => TcpCheck.check(addr, timeout, probe).await,
-            _ => super::app::check(addr, timeout, probe).await,
+    async fn check(&self, addr: SocketAddr, h: &Health) -> CheckOutcome {
+        match &h.probe {
+            Probe::Tcp => TcpCheck.check(addr, h).await,
+            probe => super::app::check(addr, h.timeout, probe, h.send_proxy).await,
         }
     }
 }
@@ -129,9 +124,9 @@ impl HealthCheck for Checker {
 pub struct TcpCheck;
 
 impl HealthCheck for TcpCheck {
-    async fn check(&self, addr: SocketAddr, timeout: Duration, _: &Probe) -> CheckOutcome {
+    async fn check(&self, addr: SocketAddr, h: &Health) -> CheckOutcome {
         let start = Instant::now();
-        let result = match connect_within(addr, start + timeout).await {
+        let result = match connect_within(addr, start + h.timeout).await {
             Ok(stream) => {
                 drop(stream);
                 CheckResult::Passed
@@ -190,12 +185,13 @@ pub(super) fn os_error_text(e: &std::io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::machine::test_health;
 
     #[tokio::test]
     async fn a_listening_port_passes() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let o = TcpCheck
-            .check(l.local_addr().unwrap(), Duration::from_secs(5), &Probe::Tcp)
+            .check(l.local_addr().unwrap(), &test_health(true))
             .await;
         assert_eq!(o.result, CheckResult::Passed);
     }
@@ -206,9 +202,7 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let o = TcpCheck
-            .check(addr, Duration::from_secs(5), &Probe::Tcp)
-            .await;
+        let o = TcpCheck.check(addr, &test_health(true)).await;
         assert_eq!(
             o.result,
             CheckResult::ConnectionProblem("Connection refused".into())

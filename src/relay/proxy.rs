@@ -16,6 +16,8 @@ const V2_SIGNATURE: [u8; 12] = [
 ];
 /// Version 2, command PROXY (a relayed connection, not a health check's LOCAL).
 const V2_PROXY: u8 = 0x21;
+/// Version 2, command LOCAL: a connection the proxy made on its own (a health check).
+const V2_LOCAL: u8 = 0x20;
 const V2_TCP4: u8 = 0x11;
 const V2_TCP6: u8 = 0x21;
 
@@ -82,6 +84,21 @@ pub fn header(version: ProxyVersion, src: SocketAddr, dst: SocketAddr) -> Vec<u8
     }
 }
 
+/// The header of a connection ringlb makes on its own (a health check), which relays no
+/// client: v1 `PROXY UNKNOWN`, v2 the `LOCAL` command with no addresses. The receiver uses
+/// the connection's own addresses.
+pub fn local_header(version: ProxyVersion) -> Vec<u8> {
+    match version {
+        ProxyVersion::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        ProxyVersion::V2 => {
+            let mut out = V2_SIGNATURE.to_vec();
+            // LOCAL, family and protocol unspecified, no address block.
+            out.extend_from_slice(&[V2_LOCAL, 0x00, 0, 0]);
+            out
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +130,14 @@ mod tests {
         // Mixed: both as IPv6.
         let h = header(ProxyVersion::V1, addr("10.0.0.7:4000"), addr("[::1]:80"));
         assert_eq!(h, b"PROXY TCP6 ::ffff:10.0.0.7 ::1 4000 80\r\n");
+    }
+
+    #[test]
+    fn a_health_checks_header_names_no_client() {
+        assert_eq!(local_header(ProxyVersion::V1), b"PROXY UNKNOWN\r\n");
+        let v2 = local_header(ProxyVersion::V2);
+        assert_eq!(&v2[..12], &V2_SIGNATURE);
+        assert_eq!(&v2[12..], &[0x20, 0x00, 0, 0]);
     }
 
     #[test]
