@@ -179,7 +179,7 @@ enum ReadError {
 async fn serve(
     stream: &mut TcpStream,
     peer: std::net::SocketAddr,
-    state: &AdminState,
+    state: &Arc<AdminState>,
     slot: &mut Slot,
 ) {
     let deadline = tokio::time::Instant::now() + HEAD_DEADLINE;

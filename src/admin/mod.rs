@@ -229,7 +229,12 @@ fn readiness(path: &str, state: &AdminState) -> Response {
     }
 }
 
-async fn route(req: &head::Request, body: &[u8], peer: SocketAddr, state: &AdminState) -> Response {
+async fn route(
+    req: &head::Request,
+    body: &[u8],
+    peer: SocketAddr,
+    state: &Arc<AdminState>,
+) -> Response {
     if api::is_api(&req.path) {
         return api::handle(req, body, state).await;
     }
@@ -253,30 +258,32 @@ async fn route(req: &head::Request, body: &[u8], peer: SocketAddr, state: &Admin
             "text/plain; version=0.0.4; charset=utf-8",
             state.exporter.text().as_bytes(),
         ),
-        "/status" => {
-            let s = status::build(
-                &state.published.load(),
-                &state.shared,
-                &state.ops,
-                &state.history,
-            );
-            let mut body = serde_json::to_vec_pretty(&s).unwrap_or_default();
-            body.push(b'\n');
-            Response::new("200 OK", "application/json", body)
-        }
-        "/" => {
-            let s = status::build(
-                &state.published.load(),
-                &state.shared,
-                &state.ops,
-                &state.history,
-            );
-            let writes = api::writes_without_token(peer, state);
-            Response::new(
-                "200 OK",
-                "text/html; charset=utf-8",
-                page::render(&s, writes),
-            )
+        "/status" | "/" => {
+            // Built and serialised on a blocking-pool thread: a large config (50 frontends of
+            // 20 backends is about 1 MB of JSON) never holds up the control loop's reloads,
+            // discovery updates and runtime API writes.
+            let page = req.path == "/";
+            let writes = page && api::writes_without_token(peer, state);
+            let st = state.clone();
+            let built = tokio::task::spawn_blocking(move || {
+                let s = status::build(&st.published.load(), &st.shared, &st.ops, &st.history);
+                if page {
+                    page::render(&s, writes).into_bytes()
+                } else {
+                    let mut body = serde_json::to_vec_pretty(&s).unwrap_or_default();
+                    body.push(b'\n');
+                    body
+                }
+            })
+            .await;
+            match (built, page) {
+                (Ok(body), true) => Response::new("200 OK", "text/html; charset=utf-8", body),
+                (Ok(body), false) => Response::new("200 OK", "application/json", body),
+                (Err(e), _) => {
+                    crate::error!("admin: building {} failed: {e}", req.path);
+                    Response::text("500 Internal Server Error", "status unavailable")
+                }
+            }
         }
         p if p == "/ready" || p.starts_with("/ready/") => readiness(p, state),
         _ => {
