@@ -19,7 +19,7 @@ mod validate;
 mod walk;
 
 pub use check::{HttpProbe, Pattern, Probe, SendExpect, StatusRange};
-pub use diff::{diff, BackendChange, ConfigDiff, FrontendChange};
+pub use diff::{diff, BackendChange, BackendId, ConfigDiff, FrontendChange};
 pub use duration::{format_duration, parse_duration};
 pub use log::{ConnLog, LogFormat, LogTarget, SinkSpec, SyslogFormat};
 pub use validate::DEFAULT_ADMIN_LISTEN;

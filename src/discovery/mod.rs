@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::{Backend, Config, Discover, DiscoverTarget};
+use crate::config::{Backend, Config, ConfigDiff, Discover, DiscoverTarget};
 use crate::server::{ReloadOutcome, Server};
 
 /// Shortest and longest wait between lookups taken from a TTL.
@@ -345,6 +345,15 @@ fn discovered(d: &Discover, address: SocketAddr) -> Backend {
         address,
         ..d.template.clone()
     }
+}
+
+/// What serving `base` with the addresses `found` would change from `running` (the config
+/// served now, expanded): the config to serve, and the diff to apply. Pure: a reload and a
+/// discovery update are both this, then `Server::apply_diff`.
+pub fn plan(running: &Config, base: &Config, found: &Found) -> (Config, ConfigDiff) {
+    let new = expand(base, found);
+    let d = crate::config::diff(running, &new);
+    (new, d)
 }
 
 /// The part of `found` that `config` still asks for (same frontend, entry and target).
