@@ -524,3 +524,62 @@ fn srv_records_give_targets_and_ports_and_only_the_best_priority_is_used() {
     // r3.test came as glue: it was never asked for.
     assert_eq!(dns.asked_since("r3.test", start), 0);
 }
+
+#[test]
+fn a_host_name_in_address_is_resolved_by_the_same_resolver_and_followed_at_its_ttl() {
+    let reps = replicas();
+    let port = reps[0].addr.port();
+    let local = Backend::start("local", Behaviour::Named);
+    let ip = |i: u8| Ipv4Addr::new(127, 0, 0, i);
+    let dns = Dns::start(vec![("api.test", Mode::Records(vec![ip(2)], 1))]);
+    let cfg = global_toml(&format!("resolvers = [\"{}\"]", dns.addr))
+        + &frontend_toml(
+            "web",
+            "",
+            &[(
+                "api",
+                // Not a socket address: the text goes into the file as written.
+                "127.0.0.1:1".parse().unwrap(),
+                "",
+            )],
+        )
+        .replace("127.0.0.1:1", &format!("api.test:{port}"))
+        + &frontend_toml("local", "", &[("l", "127.0.0.1:1".parse().unwrap(), "")])
+            .replace("127.0.0.1:1", &format!("localhost:{}", local.addr.port()));
+    let lb = Ringlb::start(&cfg);
+    let web =
+        |n: usize| -> Vec<String> { (0..n).map(|_| ask_name(lb.addr("web")).unwrap()).collect() };
+
+    // localhost comes from /etc/hosts (or is 127.0.0.1) at load: served at once, no DNS.
+    assert_eq!(ask_name(lb.addr("local")).unwrap(), "local");
+    assert_eq!(dns.asked_since("localhost", Instant::now() - SOON), 0);
+
+    // api.test is asked of the test's DNS server and serves once it answered.
+    assert!(lb
+        .wait_for_log(
+            &format!("Server web/api: api.test:{port} resolves to 127.0.0.2:{port}"),
+            SOON
+        )
+        .is_some());
+    assert!(wait_until(SOON, || web(3).iter().all(|n| n == "r2")));
+
+    // It is asked again at its TTL (1 s): a new address takes the traffic, the old drains.
+    let t = Instant::now();
+    dns.set("api.test", Mode::Records(vec![ip(3)], 1));
+    assert!(lb
+        .wait_for_log(
+            &format!("resolves to 127.0.0.3:{port} (was 127.0.0.2:{port}, draining)"),
+            SOON
+        )
+        .is_some());
+    assert!(wait_until(SOON, || web(3).iter().all(|n| n == "r3")));
+    eprintln!("re-resolved and moved after {:?}", t.elapsed());
+
+    // DNS gone: the last good address keeps serving, and the failure is logged once.
+    dns.kill();
+    assert!(lb
+        .wait_for_log("discover web/api: looking up api.test", SOON)
+        .is_some());
+    assert!(web(5).iter().all(|n| n == "r3"));
+    assert_eq!(count_logs(&lb, "discover web/api: looking up api.test"), 1);
+}

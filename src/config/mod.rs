@@ -211,6 +211,10 @@ pub struct Discover {
     /// unspecified address and unused). Its health starts down unless `check = false`: an
     /// address new in DNS takes traffic only once `rise` checks have passed.
     pub template: Backend,
+    /// A host name in `address` (not in /etc/hosts): one backend named as the entry, at the
+    /// lowest address found (IPv4 before IPv6), with its health as configured (up at once by
+    /// default, as a literal address is); re-resolved like `discover`.
+    pub single: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
