@@ -139,6 +139,7 @@ const FRONTEND: Family = Family {
         "ringlb_frontend_queue_max",
         "ringlb_frontend_queue_time_seconds",
         "ringlb_frontend_enabled",
+        "ringlb_maglev_backends_left_out",
     ],
 };
 
@@ -220,6 +221,7 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_backend_check_duration_seconds", "Duration of the last health check (haproxy_server_check_duration_seconds)."),
     ("ringlb_backend_last_state_change_seconds", "Seconds since the last UP/DOWN transition (haproxy_server_check_last_change_seconds)."),
     ("ringlb_backend_admin_state", "What the runtime API set: 0 ready, 1 drain (no new connections, established ones finish), 2 maint (no new connections, checks paused) (haproxy_server_status DRAIN / MAINT)."),
+    ("ringlb_maglev_backends_left_out", "Usable backends a Maglev frontend's tables have no slot for (more than maglev_table_size, as a large discovered set can be): they get no clients. 0 for other balancers."),
     ("ringlb_frontend_enabled", "0 while the runtime API has the frontend disabled (its listeners closed), else 1."),
     ("ringlb_admin_writes_total", "Runtime API writes by result: ok, bad_request, unauthorized (no or wrong token), forbidden (not allowed from this peer), not_found, conflict, too_large."),
     ("ringlb_frontend_connections_total", "Client connections accepted (haproxy_frontend_sessions_total)."),
@@ -415,6 +417,7 @@ impl Exporter {
                     s.gate.queue.max.load(Ordering::Relaxed) as f64,
                     s.gate.queue.qtime_seconds(),
                     f64::from(u8::from(!s.disabled.load(Ordering::Relaxed))),
+                    s.maglev_left_out.load(Ordering::Relaxed) as f64,
                 ],
             );
             for b in &fe.backends {

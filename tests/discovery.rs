@@ -583,3 +583,56 @@ fn a_host_name_in_address_is_resolved_by_the_same_resolver_and_followed_at_its_t
     assert!(web(5).iter().all(|n| n == "r3"));
     assert_eq!(count_logs(&lb, "discover web/api: looking up api.test"), 1);
 }
+
+#[test]
+fn discovered_backends_beyond_a_maglev_table_are_warned_about_once_and_counted() {
+    let stat = Backend::start("static", Behaviour::Named);
+    let ip = |i: u8| Ipv4Addr::new(127, 0, 0, i);
+    let dns = Dns::start(vec![(
+        "many.test",
+        Mode::Records(vec![ip(2), ip(3), ip(4), ip(5)], 30),
+    )]);
+    let cfg = global_toml(&format!("resolvers = [\"{}\"]", dns.addr))
+        + &format!(
+            r#"[[frontend]]
+name = "mg"
+listen = ["127.0.0.1:0"]
+balance = "maglev"
+maglev_table_size = 3
+
+[[frontend.backend]]
+name = "static"
+address = "{}"
+
+[[frontend.backend]]
+name = "many"
+discover = "many.test:8080"
+resolve_interval = "200ms"
+check = false
+"#,
+            stat.addr
+        );
+    let lb = Ringlb::start(&cfg);
+    let admin = lb.admin.unwrap();
+    let left_out = || -> Option<f64> {
+        get(admin, "/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix("ringlb_maglev_backends_left_out{frontend=\"mg\"} "))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let warn = "frontend mg: 2 usable backends do not fit maglev_table_size 3";
+    assert!(lb.wait_for_log(warn, SOON).is_some());
+    assert!(wait_until(SOON, || left_out() == Some(2.0)));
+    // The same set, looked up again every 200 ms: still one WARN.
+    let since = Instant::now();
+    assert!(wait_until(SOON, || dns.asked_since("many.test", since) >= 6));
+    assert_eq!(count_logs(&lb, "do not fit maglev_table_size"), 1);
+    dns.set("many.test", Mode::Records(vec![ip(2)], 30));
+    assert!(lb
+        .wait_for_log(
+            "frontend mg: every usable backend fits maglev_table_size 3 again",
+            SOON
+        )
+        .is_some());
+    assert!(wait_until(SOON, || left_out() == Some(0.0)));
+}

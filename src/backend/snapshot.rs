@@ -83,6 +83,25 @@ impl FrontendSnap {
             .collect();
         let prev_pools = prev.map_or(&[][..], |p| &p.pools[..]);
         let (pools, pool_of) = pools::build(config, &backends, prev_pools, &state.rebuilds);
+        let left_out: usize = pools.iter().map(Pool::left_out).sum();
+        let before = state
+            .maglev_left_out
+            .swap(left_out as u64, Ordering::Relaxed);
+        if left_out > 0 && before == 0 {
+            // Once, when it starts; the gauge follows every change.
+            crate::warn!(
+                "frontend {}: {left_out} usable backends do not fit maglev_table_size {} and \
+                 get no clients (the table keeps the first by name); raise maglev_table_size",
+                config.name,
+                config.maglev_table_size
+            );
+        } else if left_out == 0 && before > 0 {
+            crate::info!(
+                "frontend {}: every usable backend fits maglev_table_size {} again",
+                config.name,
+                config.maglev_table_size
+            );
+        }
         FrontendSnap {
             routes: config
                 .sni
@@ -530,5 +549,37 @@ address = "127.0.0.1:20"
         state(&s2, "web", "b").set_up(false);
         let s3 = s2.next(s2.config.clone(), &mut registry, 3, Rebuild::Only(&["web"]));
         assert_eq!(tables(&s3), 2);
+    }
+
+    #[test]
+    fn backends_beyond_a_maglev_table_are_counted_as_left_out_until_they_fit() {
+        let mut registry = Registry::default();
+        let five: Vec<(&str, u16, u32)> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .zip(10..)
+            .map(|(n, p)| (*n, p, 1))
+            .collect();
+        // As a discovered set can be: more usable backends than the table has slots.
+        let mut config = two(&backends(&five), "maglev");
+        config.frontends[0].maglev_table_size = 3;
+        let s1 = Snapshot::build(Arc::new(config), &mut registry, 1);
+        let left = |s: &Snapshot| {
+            s.frontends["web"]
+                .state
+                .maglev_left_out
+                .load(Ordering::Relaxed)
+        };
+        assert_eq!(left(&s1), 2);
+        state(&s1, "web", "d").set_up(false);
+        state(&s1, "web", "e").set_up(false);
+        let s2 = s1.next(s1.config.clone(), &mut registry, 2, Rebuild::Only(&["web"]));
+        assert_eq!(left(&s2), 0);
+        assert_eq!(
+            s2.frontends["api"]
+                .state
+                .maglev_left_out
+                .load(Ordering::Relaxed),
+            0
+        );
     }
 }

@@ -539,6 +539,8 @@ pub struct FrontendState {
     pub gate: crate::worker::gate::GateState,
     /// What publishes rebuilt of this frontend's routing.
     pub rebuilds: RebuildCounts,
+    /// Usable backends its Maglev tables had no slot for, as of the last rebuild.
+    pub maglev_left_out: AtomicU64,
 }
 
 /// Counts of what publishes rebuilt for one frontend (`ringlb_frontend_rebuilds_total`): a
@@ -578,6 +580,7 @@ impl Default for FrontendState {
             announce: Arc::default(),
             gate: Default::default(),
             rebuilds: RebuildCounts::default(),
+            maglev_left_out: AtomicU64::new(0),
         }
     }
 }

@@ -40,6 +40,12 @@ pub trait BackendSelection: Send + Sync {
         None
     }
 
+    /// Usable backends the selector cannot place (more than a Maglev table has slots); they
+    /// get no clients.
+    fn left_out(&self) -> usize {
+        0
+    }
+
     /// For [`build`], to find what a rebuild can keep of the selector it replaces.
     fn as_any(&self) -> &dyn std::any::Any;
 }

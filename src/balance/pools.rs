@@ -50,6 +50,11 @@ impl Pool {
         }
     }
 
+    /// Usable backends its selectors cannot place (see [`BackendSelection::left_out`]).
+    pub fn left_out(&self) -> usize {
+        self.primary.left_out() + self.backup.left_out()
+    }
+
     /// The primary servers' selector (tests look at what a rebuild kept).
     pub fn primary(&self) -> &Arc<dyn BackendSelection> {
         &self.primary

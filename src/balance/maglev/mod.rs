@@ -132,6 +132,12 @@ impl BackendSelection for MaglevSelector {
         self
     }
 
+    /// The table holds at most one backend per slot, the first by name: the rest (a
+    /// discovered set larger than `maglev_table_size`) are left out.
+    fn left_out(&self) -> usize {
+        self.inputs.placed.len().saturating_sub(self.inputs.size)
+    }
+
     fn fingerprint(&self) -> Option<u64> {
         Some(self.fingerprint)
     }
