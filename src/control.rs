@@ -109,8 +109,11 @@ pub fn run(
                     let _ = w.reply.send(result.map(|_| ()));
                 }
                 Some(update) = discovered.recv() => {
+                    let before = server.snapshot();
                     if crate::discovery::apply(&mut server, update) {
                         health.sync(&mut server);
+                        // Vanished addresses drain like backends a reload removed.
+                        admin.ops.record_removed(&before, &server.snapshot());
                     }
                 }
             }

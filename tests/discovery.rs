@@ -310,6 +310,22 @@ fn discovered_addresses_come_and_go_with_dns_and_failures_keep_the_last_good_set
         .is_some());
     let after = names(&lb, 30);
     assert!(!after.contains(&"r2".to_string()), "{after:?}");
+    // /status lists it as draining while its connection is open, as for a reload.
+    let status: serde_json::Value =
+        serde_json::from_str(&get(lb.admin.unwrap(), "/status")).unwrap();
+    let web = status["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "web")
+        .unwrap();
+    let gone = web["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name(2).as_str())
+        .unwrap_or_else(|| panic!("{} not on /status: {web}", name(2)));
+    assert_eq!(gone["state"], "draining");
     assert!(after.contains(&"r3".to_string()) && after.contains(&"static".to_string()));
     held.write_all(b"still here").unwrap();
     let mut echo = [0u8; 10];
