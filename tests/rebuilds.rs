@@ -161,3 +161,39 @@ fn round_robin_over_four_backends_stays_even_while_slow_start_publishes_every_10
     // the backup one, of one member, is the same at every ramp weight.
     assert_eq!(rebuilds(admin, "rr", "schedule"), 3.0);
 }
+
+#[test]
+fn a_slow_start_ramp_on_a_maglev_frontend_rebuilds_no_table() {
+    let a = Backend::start("a", Behaviour::Echo);
+    let late = Backend::start("late", Behaviour::Echo);
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "mg",
+            "balance = \"maglev\"",
+            &[
+                ("a", a.addr, "check = false"),
+                (
+                    "late",
+                    late.addr,
+                    "weight = 2\nslow_start = \"1s\"\n\
+                     health = { interval = \"100ms\", timeout = \"1s\", rise = 1, fall = 1, initial_state = \"down\" }",
+                ),
+            ],
+        );
+    let lb = Ringlb::start(&cfg);
+    let admin = lb.admin.unwrap();
+    lb.wait_for_log("Server mg/late is UP", SOON)
+        .expect("late comes up and starts its ramp");
+    let weight = || {
+        metric(
+            admin,
+            "ringlb_backend_effective_weight",
+            &[("frontend", "mg"), ("backend", "late")],
+        )
+    };
+    // The table at start (a alone) and when late came up (a and late); the ramp's steps to
+    // full weight, none.
+    assert!(wait_until(SOON, || weight() == Some(2.0)), "the ramp ends");
+    assert_eq!(rebuilds(admin, "mg", "maglev_table"), 2.0);
+    assert_eq!(rebuilds(admin, "mg", "frontend"), 2.0);
+}
