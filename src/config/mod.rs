@@ -307,10 +307,11 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Whether backend host names are resolved while loading.
+/// Whether backend host names are accepted while loading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostLookup {
-    /// Resolve them with the system resolver (what `run`, `check` and reloads do).
+    /// Look them up in /etc/hosts, and leave any other to the discovery resolver at run time
+    /// (what `run`, `check` and reloads do).
     System,
     /// Report each one as a problem instead: for fuzzing, where a lookup per case would make
     /// the run slow and depend on the network.
@@ -357,7 +358,7 @@ impl Config {
         }
     }
 
-    /// Parses and validates config text, resolving host names or not.
+    /// Parses and validates config text, accepting host names or not.
     pub fn parse_with(
         text: &str,
         source_name: &str,
