@@ -50,7 +50,7 @@ pub fn run(
         let mut announce_tick = tokio::time::interval(crate::announce::TICK);
         announce_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
-        // A reload reads and validates the file (and looks host names up) on a thread of its
+        // A reload reads and validates the file (and /etc/hosts) on a thread of its
         // own, so a slow file system or resolver stalls nothing here; the loaded config
         // comes back on this channel. One load at a time; SIGHUPs meanwhile make one more.
         let (loaded_tx, mut loaded_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -109,8 +109,11 @@ pub fn run(
                     let _ = w.reply.send(result.map(|_| ()));
                 }
                 Some(update) = discovered.recv() => {
+                    let before = server.snapshot();
                     if crate::discovery::apply(&mut server, update) {
                         health.sync(&mut server);
+                        // Vanished addresses drain like backends a reload removed.
+                        admin.ops.record_removed(&before, &server.snapshot());
                     }
                 }
             }

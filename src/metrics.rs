@@ -124,6 +124,12 @@ const FRONTEND: Family = Family {
             "ringlb_frontend_rejected_total",
             Some(("reason", "sni_timeout")),
         ),
+        ("ringlb_frontend_rebuilds_total", Some(("what", "frontend"))),
+        ("ringlb_frontend_rebuilds_total", Some(("what", "schedule"))),
+        (
+            "ringlb_frontend_rebuilds_total",
+            Some(("what", "maglev_table")),
+        ),
     ],
     gauges: &[
         "ringlb_frontend_active_connections",
@@ -133,6 +139,7 @@ const FRONTEND: Family = Family {
         "ringlb_frontend_queue_max",
         "ringlb_frontend_queue_time_seconds",
         "ringlb_frontend_enabled",
+        "ringlb_maglev_backends_left_out",
     ],
 };
 
@@ -214,11 +221,13 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_backend_check_duration_seconds", "Duration of the last health check (haproxy_server_check_duration_seconds)."),
     ("ringlb_backend_last_state_change_seconds", "Seconds since the last UP/DOWN transition (haproxy_server_check_last_change_seconds)."),
     ("ringlb_backend_admin_state", "What the runtime API set: 0 ready, 1 drain (no new connections, established ones finish), 2 maint (no new connections, checks paused) (haproxy_server_status DRAIN / MAINT)."),
+    ("ringlb_maglev_backends_left_out", "Usable backends a Maglev frontend's tables have no slot for (more than maglev_table_size, as a large discovered set can be): they get no clients. 0 for other balancers."),
     ("ringlb_frontend_enabled", "0 while the runtime API has the frontend disabled (its listeners closed), else 1."),
     ("ringlb_admin_writes_total", "Runtime API writes by result: ok, bad_request, unauthorized (no or wrong token), forbidden (not allowed from this peer), not_found, conflict, too_large."),
     ("ringlb_frontend_connections_total", "Client connections accepted (haproxy_frontend_sessions_total)."),
     ("ringlb_frontend_rejected_total", "Client connections closed without a backend, by reason: no_backend (every backend down or failing), local (this host out of fds or memory for the backend connect), proxy (a malformed, truncated or oversized PROXY protocol header), proxy_timeout (no whole PROXY header within proxy_timeout), acl (source denied by allow/deny), source_connections (max_connections_per_source open), source_rate (over rate_per_source), queue_timeout (every backend at max_connections for queue_timeout), sni (a malformed, truncated or oversized TLS ClientHello on a frontend with SNI routes, or no route and an empty default pool), sni_timeout (no whole ClientHello within sni_timeout) or limit (no longer used: at max_connections new clients wait in the listen queue) (haproxy_frontend_denied_connections_total)."),
     ("ringlb_frontend_source_table_full_total", "New sources admitted without per-source limits because the per-source table (65,536 addresses) was full of sources with open connections or recent ones."),
+    ("ringlb_frontend_rebuilds_total", "What publishes rebuilt of the frontend's routing, by what: frontend (its part of the snapshot: a reload or discovery update that changed it, a health change, a slow-start step or a runtime API change of one of its backends; other frontends are not rebuilt), schedule (a round-robin schedule built anew; an unchanged one is kept with its cursor) or maglev_table (a Maglev table built anew: only when the placeable backends, their names or weights change, never for a slow-start step)."),
     ("ringlb_frontend_queued_total", "Clients that waited in the frontend's queue because every backend was at its max_connections."),
     ("ringlb_frontend_queue_current", "Clients waiting now for a backend slot (haproxy_backend_current_queue, qcur)."),
     ("ringlb_frontend_queue_max", "The most clients that waited at once (haproxy_backend_max_queue, qmax)."),
@@ -396,6 +405,9 @@ impl Exporter {
                     s.gate.queue.queued_total.load(Ordering::Relaxed),
                     s.gate.rejected(Reason::Sni),
                     s.gate.rejected(Reason::SniTimeout),
+                    s.rebuilds.frontend.load(Ordering::Relaxed),
+                    s.rebuilds.schedule.load(Ordering::Relaxed),
+                    s.rebuilds.maglev_table.load(Ordering::Relaxed),
                 ],
                 &[
                     s.active() as f64,
@@ -405,6 +417,7 @@ impl Exporter {
                     s.gate.queue.max.load(Ordering::Relaxed) as f64,
                     s.gate.queue.qtime_seconds(),
                     f64::from(u8::from(!s.disabled.load(Ordering::Relaxed))),
+                    s.maglev_left_out.load(Ordering::Relaxed) as f64,
                 ],
             );
             for b in &fe.backends {

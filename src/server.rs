@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
-use crate::backend::{BackendState, Published, Registry, Snapshot};
+use crate::backend::{BackendState, Published, Rebuild, Registry, Snapshot};
 use crate::config::{self, Config, ConfigError};
 use crate::discovery;
 use crate::worker::{
@@ -73,9 +73,6 @@ pub struct Server {
     workers: Vec<WorkerHandle>,
     listeners: HashMap<(String, SocketAddr), ListenerGroup>,
     next_listener_id: u64,
-    pub reloads_ok: u64,
-    pub reloads_failed: u64,
-    pub last_reload_ok: Option<std::time::SystemTime>,
     foreign: ForeignWatch,
     /// The config as loaded, before `discover` entries are expanded; `config` is this
     /// expanded with `discovered` (`discovery::expand`).
@@ -128,9 +125,6 @@ impl Server {
             workers,
             listeners: HashMap::new(),
             next_listener_id: 1,
-            reloads_ok: 0,
-            reloads_failed: 0,
-            last_reload_ok: None,
             foreign: ForeignWatch::default(),
             base: config.clone(),
             discovered: discovery::Found::new(),
@@ -241,10 +235,21 @@ impl Server {
         self.foreign.check(&ours);
     }
 
-    /// Rebuilds the snapshot from the current config and live state and publishes it.
-    pub fn publish(&mut self) {
+    /// Rebuilds only `frontend`'s part of the snapshot (after a health change, a slow-start
+    /// step or a runtime API change of one of its backends) and publishes it; the other
+    /// frontends' parts, their round-robin cursors and Maglev tables, are untouched.
+    pub fn publish_frontend(&mut self, frontend: &str) {
+        self.publish_only(Rebuild::Only(&[frontend]));
+    }
+
+    fn publish_only(&mut self, which: Rebuild<'_>) {
         self.generation += 1;
-        let snap = Snapshot::build(self.config.clone(), &mut self.registry, self.generation);
+        let snap = self.published.load().next(
+            self.config.clone(),
+            &mut self.registry,
+            self.generation,
+            which,
+        );
         self.published.store(Arc::new(snap));
     }
 
@@ -267,26 +272,17 @@ impl Server {
             Some(Ok(new)) => self.apply(new),
         };
         match &outcome {
-            ReloadOutcome::Unchanged => {
-                self.reloads_ok += 1;
-                self.last_reload_ok = Some(std::time::SystemTime::now());
-                crate::info!("reload: configuration unchanged");
-            }
-            ReloadOutcome::Applied(d) => {
-                self.reloads_ok += 1;
-                self.last_reload_ok = Some(std::time::SystemTime::now());
-                crate::info!("reload: applied: {}", d.summary());
-            }
+            ReloadOutcome::Unchanged => crate::info!("reload: configuration unchanged"),
+            ReloadOutcome::Applied(d) => crate::info!("reload: applied: {}", d.summary()),
             ReloadOutcome::Failed(why) => {
-                self.reloads_failed += 1;
                 crate::error!("reload failed, still serving the previous configuration: {why}");
             }
         }
         outcome
     }
 
-    /// Applies a validated config: binds new listeners first (all or nothing), publishes the
-    /// new snapshot, then closes removed listeners and drains removed backends.
+    /// Applies a validated config (see [`Server::apply_diff`]), keeping what the `discover`
+    /// entries it still has found.
     pub fn apply(&mut self, new: Config) -> ReloadOutcome {
         let found = discovery::kept(&self.discovered, &new);
         self.apply_expanded(new, found, true)
@@ -298,60 +294,70 @@ impl Server {
         self.apply_expanded(base, found, false)
     }
 
-    /// Applies `base` expanded with `found` (see [`Server::apply`]); `reload` says whether
-    /// this is a new config file, whose warnings are then logged again.
+    /// Applies `base` expanded with `found`; `reload` says whether this is a new config
+    /// file, whose warnings are then logged again.
     fn apply_expanded(
         &mut self,
         base: Config,
         found: discovery::Found,
         reload: bool,
     ) -> ReloadOutcome {
-        let new = discovery::expand(&base, &found);
-        let d = config::diff(&self.config, &new);
+        let (new, d) = discovery::plan(&self.config, &base, &found);
         if d.is_empty() {
             return ReloadOutcome::Unchanged;
         }
-        let (old_g, new_g) = (&self.config.global, &new.global);
-        for (key, changed) in [
-            ("workers", old_g.workers != new_g.workers),
-            ("io", old_g.io != new_g.io),
-            ("relay", old_g.relay != new_g.relay),
-        ] {
-            if changed {
-                crate::warn!("reload: global.{key} changed; it takes effect at the next restart");
+        match self.apply_diff(new, &d, reload) {
+            Ok(()) => {
+                self.base = Arc::new(base);
+                self.discovered = found;
+                ReloadOutcome::Applied(d)
             }
+            Err(why) => ReloadOutcome::Failed(why),
+        }
+    }
+
+    /// Applies `d`, the diff from the running config to `new`, and nothing else: binds the
+    /// listen addresses it adds before touching anything (all or nothing), drains the
+    /// backends it removes, publishes a snapshot in which only the frontends it changed are
+    /// rebuilt, then starts the new listeners and closes those it removes.
+    fn apply_diff(
+        &mut self,
+        new: Config,
+        d: &config::ConfigDiff,
+        reload: bool,
+    ) -> Result<(), String> {
+        for key in &d.restart_only {
+            crate::warn!("reload: global.{key} changed; it takes effect at the next restart");
         }
         // 1. Bind every new listen address before touching anything.
         let mut bound = Vec::new();
-        for f in &new.frontends {
+        for (frontend, addr) in d.listens_added() {
             // Disabled through the runtime API: stays closed until enabled.
-            if self.registry.frontend_disabled(&f.name) {
+            if self.registry.frontend_disabled(frontend)
+                || self.listeners.contains_key(&(frontend.to_string(), addr))
+            {
                 continue;
             }
-            for &addr in &f.listen {
-                if self.listeners.contains_key(&(f.name.clone(), addr)) {
-                    continue;
-                }
-                match bind_reuseport(addr, self.workers.len()) {
-                    Ok(s) => bound.push((f.name.clone(), addr, s)),
-                    Err(e) => {
-                        // Dropping `bound` closes what was bound so far.
-                        return ReloadOutcome::Failed(format!(
-                            "frontend \"{}\": cannot listen on {addr}: {e}",
-                            f.name
-                        ));
-                    }
+            match bind_reuseport(addr, self.workers.len()) {
+                Ok(s) => bound.push((frontend.to_string(), addr, s)),
+                // Dropping `bound` closes what was bound so far.
+                Err(e) => {
+                    return Err(format!(
+                        "frontend \"{frontend}\": cannot listen on {addr}: {e}"
+                    ))
                 }
             }
         }
         // A socket the service manager passed stays open in it whatever ringlb does: dropped
         // here, it would queue connections that nobody accepts.
-        for ((frontend, addr), g) in &self.listeners {
-            let kept = new
-                .frontend(frontend)
-                .is_some_and(|f| f.listen.contains(addr));
-            if g.external && !kept {
-                return ReloadOutcome::Failed(format!(
+        let closing = d.listens_removed();
+        for &(frontend, addr) in &closing {
+            if self
+                .listeners
+                .get(&(frontend.to_string(), addr))
+                .is_some_and(|g| g.external)
+            {
+                return Err(format!(
                     "frontend \"{frontend}\": {addr} was passed by the service manager \
                      (LISTEN_FDS, the socket unit): remove it from the socket unit and restart \
                      instead of dropping it by reload"
@@ -359,11 +365,14 @@ impl Server {
             }
         }
         // 2. Publish the new topology; removed backends start draining.
-        let old_config = self.config.clone();
-        let removed = self.registry.retain(&new);
-        self.config = Arc::new(new);
-        self.base = Arc::new(base);
-        self.discovered = found;
+        let old_config = std::mem::replace(&mut self.config, Arc::new(new));
+        self.generation += 1;
+        let (snap, removed) = self.published.load().apply(
+            d,
+            self.config.clone(),
+            &mut self.registry,
+            self.generation,
+        );
         let fds = budget::plan(&self.config, self.fd_limit);
         if reload {
             fds.warn_if_lowered(self.config.global.max_connections);
@@ -376,31 +385,25 @@ impl Server {
             .store(fds.admin_connections, Ordering::Relaxed);
         // A raised cap lets paused accept loops go on.
         self.shared.capacity.notify_waiters();
-        self.publish();
+        self.published.store(Arc::new(snap));
         // 3. Start the new listeners, then stop the removed ones.
         for (frontend, addr, sockets) in bound {
             self.install_listeners(frontend, addr, sockets, false);
         }
-        let config = self.config.clone();
-        let gone: Vec<(String, SocketAddr)> = self
-            .listeners
-            .keys()
-            .filter(|(f, a)| !config.frontend(f).is_some_and(|fe| fe.listen.contains(a)))
-            .cloned()
-            .collect();
-        for key in gone {
-            if let Some(g) = self.listeners.remove(&key) {
+        for (frontend, addr) in closing {
+            if let Some(g) = self.listeners.remove(&(frontend.to_string(), addr)) {
                 for w in &self.workers {
                     w.send(WorkerCommand::Unlisten { id: g.id });
                 }
-                crate::info!("frontend {} stopped listening on {}", key.0, g.bound);
+                crate::info!("frontend {frontend} stopped listening on {}", g.bound);
             }
         }
         // 4. Connections on removed backends finish on their own, up to shutdown_timeout,
         // or are closed spread over their frontend's drain_pace.
         let limit = self.config.global.shutdown_timeout;
         for b in &removed {
-            let pace = config
+            let pace = self
+                .config
                 .frontend(&b.frontend)
                 .or_else(|| old_config.frontend(&b.frontend))
                 .and_then(|f| f.drain_pace);
@@ -409,13 +412,9 @@ impl Server {
             }
         }
         if !removed.is_empty() {
-            spawn_drain_limit(
-                self.shared.clone(),
-                removed,
-                self.config.global.shutdown_timeout,
-            );
+            spawn_drain_limit(self.shared.clone(), removed, limit);
         }
-        ReloadOutcome::Applied(d)
+        Ok(())
     }
 
     /// Closes (`listening = false`) or binds again every listener of `frontend`, for the

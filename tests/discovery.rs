@@ -310,6 +310,22 @@ fn discovered_addresses_come_and_go_with_dns_and_failures_keep_the_last_good_set
         .is_some());
     let after = names(&lb, 30);
     assert!(!after.contains(&"r2".to_string()), "{after:?}");
+    // /status lists it as draining while its connection is open, as for a reload.
+    let status: serde_json::Value =
+        serde_json::from_str(&get(lb.admin.unwrap(), "/status")).unwrap();
+    let web = status["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "web")
+        .unwrap();
+    let gone = web["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name(2).as_str())
+        .unwrap_or_else(|| panic!("{} not on /status: {web}", name(2)));
+    assert_eq!(gone["state"], "draining");
     assert!(after.contains(&"r3".to_string()) && after.contains(&"static".to_string()));
     held.write_all(b"still here").unwrap();
     let mut echo = [0u8; 10];
@@ -523,4 +539,116 @@ fn srv_records_give_targets_and_ports_and_only_the_best_priority_is_used() {
     assert!(!names(&lb, 12).contains(&"r4".to_string()));
     // r3.test came as glue: it was never asked for.
     assert_eq!(dns.asked_since("r3.test", start), 0);
+}
+
+#[test]
+fn a_host_name_in_address_is_resolved_by_the_same_resolver_and_followed_at_its_ttl() {
+    let reps = replicas();
+    let port = reps[0].addr.port();
+    let local = Backend::start("local", Behaviour::Named);
+    let ip = |i: u8| Ipv4Addr::new(127, 0, 0, i);
+    let dns = Dns::start(vec![("api.test", Mode::Records(vec![ip(2)], 1))]);
+    let cfg = global_toml(&format!("resolvers = [\"{}\"]", dns.addr))
+        + &frontend_toml(
+            "web",
+            "",
+            &[(
+                "api",
+                // Not a socket address: the text goes into the file as written.
+                "127.0.0.1:1".parse().unwrap(),
+                "",
+            )],
+        )
+        .replace("127.0.0.1:1", &format!("api.test:{port}"))
+        + &frontend_toml("local", "", &[("l", "127.0.0.1:1".parse().unwrap(), "")])
+            .replace("127.0.0.1:1", &format!("localhost:{}", local.addr.port()));
+    let lb = Ringlb::start(&cfg);
+    let web =
+        |n: usize| -> Vec<String> { (0..n).map(|_| ask_name(lb.addr("web")).unwrap()).collect() };
+
+    // localhost comes from /etc/hosts (or is 127.0.0.1) at load: served at once, no DNS.
+    assert_eq!(ask_name(lb.addr("local")).unwrap(), "local");
+    assert_eq!(dns.asked_since("localhost", Instant::now() - SOON), 0);
+
+    // api.test is asked of the test's DNS server and serves once it answered.
+    assert!(lb
+        .wait_for_log(
+            &format!("Server web/api: api.test:{port} resolves to 127.0.0.2:{port}"),
+            SOON
+        )
+        .is_some());
+    assert!(wait_until(SOON, || web(3).iter().all(|n| n == "r2")));
+
+    // It is asked again at its TTL (1 s): a new address takes the traffic, the old drains.
+    let t = Instant::now();
+    dns.set("api.test", Mode::Records(vec![ip(3)], 1));
+    assert!(lb
+        .wait_for_log(
+            &format!("resolves to 127.0.0.3:{port} (was 127.0.0.2:{port}, draining)"),
+            SOON
+        )
+        .is_some());
+    assert!(wait_until(SOON, || web(3).iter().all(|n| n == "r3")));
+    eprintln!("re-resolved and moved after {:?}", t.elapsed());
+
+    // DNS gone: the last good address keeps serving, and the failure is logged once.
+    dns.kill();
+    assert!(lb
+        .wait_for_log("discover web/api: looking up api.test", SOON)
+        .is_some());
+    assert!(web(5).iter().all(|n| n == "r3"));
+    assert_eq!(count_logs(&lb, "discover web/api: looking up api.test"), 1);
+}
+
+#[test]
+fn discovered_backends_beyond_a_maglev_table_are_warned_about_once_and_counted() {
+    let stat = Backend::start("static", Behaviour::Named);
+    let ip = |i: u8| Ipv4Addr::new(127, 0, 0, i);
+    let dns = Dns::start(vec![(
+        "many.test",
+        Mode::Records(vec![ip(2), ip(3), ip(4), ip(5)], 30),
+    )]);
+    let cfg = global_toml(&format!("resolvers = [\"{}\"]", dns.addr))
+        + &format!(
+            r#"[[frontend]]
+name = "mg"
+listen = ["127.0.0.1:0"]
+balance = "maglev"
+maglev_table_size = 3
+
+[[frontend.backend]]
+name = "static"
+address = "{}"
+
+[[frontend.backend]]
+name = "many"
+discover = "many.test:8080"
+resolve_interval = "200ms"
+check = false
+"#,
+            stat.addr
+        );
+    let lb = Ringlb::start(&cfg);
+    let admin = lb.admin.unwrap();
+    let left_out = || -> Option<f64> {
+        get(admin, "/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix("ringlb_maglev_backends_left_out{frontend=\"mg\"} "))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let warn = "frontend mg: 2 usable backends do not fit maglev_table_size 3";
+    assert!(lb.wait_for_log(warn, SOON).is_some());
+    assert!(wait_until(SOON, || left_out() == Some(2.0)));
+    // The same set, looked up again every 200 ms: still one WARN.
+    let since = Instant::now();
+    assert!(wait_until(SOON, || dns.asked_since("many.test", since) >= 6));
+    assert_eq!(count_logs(&lb, "do not fit maglev_table_size"), 1);
+    dns.set("many.test", Mode::Records(vec![ip(2)], 30));
+    assert!(lb
+        .wait_for_log(
+            "frontend mg: every usable backend fits maglev_table_size 3 again",
+            SOON
+        )
+        .is_some());
+    assert!(wait_until(SOON, || left_out() == Some(0.0)));
 }

@@ -97,6 +97,12 @@ impl OpsState {
             .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
         *lock(&self.last_reload_error) = None;
         *lock(&self.listeners) = sorted(listeners);
+        self.record_removed(before, after);
+    }
+
+    /// Records the backends that `before` had and `after` no longer has, after a reload or a
+    /// discovery update: they drain, and `/status` and the metrics show them until done.
+    pub fn record_removed(&self, before: &Snapshot, after: &Snapshot) {
         let kept: HashSet<*const BackendState> = after
             .frontends
             .values()

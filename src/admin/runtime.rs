@@ -4,8 +4,8 @@
 //!
 //! The admin handlers (`admin::api`) parse and authorize a request, then send an [`Action`]
 //! over a channel and wait for the loop's answer, so a change is serialized with reloads and
-//! health transitions and every change republishes the snapshot (rebuilding the round-robin
-//! schedule and the Maglev table) before it is answered.
+//! health transitions and every change republishes the backend's frontend (rebuilding its
+//! round-robin schedule or Maglev table if the change touches them) before it is answered.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -113,7 +113,7 @@ fn set_backend(
     if !changed {
         return Ok(false);
     }
-    server.publish();
+    server.publish_frontend(frontend);
     if let (Some(old), Some(new)) = (old_mode, mode) {
         log_mode_change(server, &state, bc.backup, old, new);
     }

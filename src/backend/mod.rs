@@ -8,8 +8,8 @@ pub mod per_worker;
 mod snapshot;
 mod state;
 
-pub use snapshot::{BackendRef, FrontendSnap, Published, Snapshot};
+pub use snapshot::{BackendRef, FrontendSnap, Published, Rebuild, Snapshot};
 pub use state::{
     pace_clock_ms, pace_ms_at, ActiveGuard, AdminMode, BackendCounts, BackendState, CacheLine,
-    FrontendCounts, FrontendState, Registry, RuntimeWeight,
+    FrontendCounts, FrontendState, RebuildCounts, Registry, RuntimeWeight, FULL_RAMP,
 };

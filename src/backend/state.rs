@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::per_worker::{self, PerWorker};
-use crate::config::{Backend, Config};
+use crate::config::{Backend, ConfigDiff};
 
 /// Full weight in the slow-start ramp, in thousandths.
 pub const FULL_RAMP: u32 = 1000;
@@ -537,6 +537,24 @@ pub struct FrontendState {
     pub announce: Arc<crate::announce::AnnounceCounts>,
     /// Traffic controls: rejections by reason, the per-source table.
     pub gate: crate::worker::gate::GateState,
+    /// What publishes rebuilt of this frontend's routing.
+    pub rebuilds: RebuildCounts,
+    /// Usable backends its Maglev tables had no slot for, as of the last rebuild.
+    pub maglev_left_out: AtomicU64,
+}
+
+/// Counts of what publishes rebuilt for one frontend (`ringlb_frontend_rebuilds_total`): a
+/// publish rebuilds only the frontends it concerns, and within one keeps every selector its
+/// inputs did not change.
+#[derive(Debug, Default)]
+pub struct RebuildCounts {
+    /// The frontend's part of the snapshot (its backend list and pools).
+    pub frontend: AtomicU64,
+    /// Round-robin schedules built anew (an unchanged one is kept, with its cursor).
+    pub schedule: AtomicU64,
+    /// Maglev tables built anew (one depends on the placeable backends, their names and
+    /// weights, never on a slow-start ramp).
+    pub maglev_table: AtomicU64,
 }
 
 impl FrontendState {
@@ -561,6 +579,8 @@ impl Default for FrontendState {
             no_server_logged: AtomicBool::new(false),
             announce: Arc::default(),
             gate: Default::default(),
+            rebuilds: RebuildCounts::default(),
+            maglev_left_out: AtomicU64::new(0),
         }
     }
 }
@@ -603,29 +623,27 @@ impl Registry {
         self.frontends.entry(name.to_string()).or_default().clone()
     }
 
-    /// Forgets state that `config` no longer names, marking dropped backends as draining.
-    /// Connections still open on them hold their own `Arc` and finish normally.
-    pub fn retain(&mut self, config: &Config) -> Vec<Arc<BackendState>> {
+    /// Forgets the state of what `diff` removes: its removed backends are marked draining
+    /// and returned (connections still open on them hold their own `Arc` and finish
+    /// normally), its removed frontends' state goes. A later reload that adds such a backend
+    /// back while anything still holds it adopts it ([`Registry::backend`]).
+    pub fn apply(&mut self, diff: &ConfigDiff) -> Vec<Arc<BackendState>> {
         let mut removed = Vec::new();
-        self.backends.retain(|(fe, name, addr), state| {
-            let keep = config.frontend(fe).is_some_and(|f| {
-                f.backends
-                    .iter()
-                    .any(|b| &b.name == name && &b.address == addr)
-            });
-            if !keep {
+        for (fe, b) in diff.backends_removed() {
+            let key = (fe.to_string(), b.name.clone(), b.address);
+            if let Some(state) = self.backends.remove(&key) {
                 state.set_draining();
-                removed.push(state.clone());
+                removed.push(state);
             }
-            keep
-        });
+        }
         self.removed.retain(|_, w| w.strong_count() > 0);
         for state in &removed {
             let key = (state.frontend.clone(), state.name.clone(), state.address);
             self.removed.insert(key, Arc::downgrade(state));
         }
-        self.frontends
-            .retain(|name, _| config.frontend(name).is_some());
+        for fe in diff.frontends_removed() {
+            self.frontends.remove(fe);
+        }
         removed
     }
 

@@ -42,9 +42,17 @@ impl LeastConnections {
             members: members.to_vec(),
         }
     }
+
+    pub fn members(&self) -> &[usize] {
+        &self.members
+    }
 }
 
 impl BackendSelection for LeastConnections {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn select(
         &self,
         _client: &SocketAddr,

@@ -9,9 +9,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use super::BackendSelection;
-use crate::backend::BackendRef;
+use crate::backend::{BackendRef, RebuildCounts};
 use crate::config::{traffic::SniRouting, Frontend};
 
 /// The default pool's index.
@@ -24,25 +25,39 @@ pub struct Pool {
     pub name: Option<String>,
     /// Indices (into the frontend's backends) of the pool's members.
     pub members: Vec<usize>,
-    primary: Box<dyn BackendSelection>,
-    backup: Box<dyn BackendSelection>,
+    primary: Arc<dyn BackendSelection>,
+    backup: Arc<dyn BackendSelection>,
 }
 
 impl Pool {
+    /// `prev`: the pool of this name in the frontend's previous snapshot, whose selectors are
+    /// kept where their inputs did not change (see [`super::build`]).
     fn build(
         config: &Frontend,
         backends: &[BackendRef],
         name: Option<String>,
         members: Vec<usize>,
+        prev: Option<&Pool>,
+        built: &RebuildCounts,
     ) -> Pool {
         let (backup, primary): (Vec<usize>, Vec<usize>) =
             members.iter().partition(|&&i| backends[i].config.backup);
         Pool {
-            primary: super::build(config, backends, &primary),
-            backup: super::build(config, backends, &backup),
+            primary: super::build(config, backends, &primary, prev.map(|p| &p.primary), built),
+            backup: super::build(config, backends, &backup, prev.map(|p| &p.backup), built),
             name,
             members,
         }
+    }
+
+    /// Usable backends its selectors cannot place (see [`BackendSelection::left_out`]).
+    pub fn left_out(&self) -> usize {
+        self.primary.left_out() + self.backup.left_out()
+    }
+
+    /// The primary servers' selector (tests look at what a rebuild kept).
+    pub fn primary(&self) -> &Arc<dyn BackendSelection> {
+        &self.primary
     }
 
     pub fn select(
@@ -67,12 +82,26 @@ impl Pool {
 }
 
 /// Builds the frontend's pools (the default first, then each pool in the order routes
-/// first name it) and the pool index of every backend.
-pub fn build(config: &Frontend, backends: &[BackendRef]) -> (Vec<Pool>, Vec<usize>) {
+/// first name it) and the pool index of every backend. `prev`: the pools of the frontend's
+/// previous snapshot (empty for a new frontend), matched by name.
+pub fn build(
+    config: &Frontend,
+    backends: &[BackendRef],
+    prev: &[Pool],
+    built: &RebuildCounts,
+) -> (Vec<Pool>, Vec<usize>) {
+    let prev_of = |name: &Option<String>| prev.iter().find(|p| &p.name == name);
     let Some(sni) = &config.sni else {
         let all = (0..backends.len()).collect();
         return (
-            vec![Pool::build(config, backends, None, all)],
+            vec![Pool::build(
+                config,
+                backends,
+                None,
+                all,
+                prev_of(&None),
+                built,
+            )],
             vec![DEFAULT_POOL; backends.len()],
         );
     };
@@ -96,7 +125,8 @@ pub fn build(config: &Frontend, backends: &[BackendRef]) -> (Vec<Pool>, Vec<usiz
         .collect();
     let pool = |i: usize, name: Option<String>| {
         let members = (0..backends.len()).filter(|&b| pool_of[b] == i).collect();
-        Pool::build(config, backends, name, members)
+        let prev = prev_of(&name);
+        Pool::build(config, backends, name, members, prev, built)
     };
     let mut pools = vec![pool(DEFAULT_POOL, None)];
     for (i, n) in names.iter().enumerate() {

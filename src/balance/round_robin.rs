@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{eligible, BackendSelection};
-use crate::backend::BackendRef;
+use crate::backend::{BackendRef, FULL_RAMP};
 use std::net::SocketAddr;
 
 pub struct SmoothRoundRobin {
@@ -42,24 +42,46 @@ pub fn smooth_schedule(weights: &[(usize, u64)]) -> Vec<usize> {
 
 impl SmoothRoundRobin {
     pub fn new(backends: &[BackendRef], members: &[usize]) -> SmoothRoundRobin {
-        let weights: Vec<(usize, u64)> = members
-            .iter()
-            .filter(|&&i| backends[i].state.is_usable())
-            .map(|&i| {
-                let b = &backends[i];
-                // Ramp is in thousandths; keep a tenth-of-weight resolution so that a
-                // slow-starting backend gets a small but non-zero share.
-                let w = u64::from(b.config.weight) * RAMP_STEPS * u64::from(b.state.ramp()) / 1000;
-                (i, w.max(1))
-            })
-            .collect();
-        let g = weights.iter().fold(0, |g, w| gcd(g, w.1)).max(1);
-        let reduced: Vec<(usize, u64)> = weights.iter().map(|&(i, w)| (i, w / g)).collect();
+        SmoothRoundRobin::resume(schedule(backends, members), 0)
+    }
+
+    /// A selector over `schedule` whose cursor starts at `cursor`: a rebuilt schedule goes on
+    /// where the one it replaces was, so that frequent publishes (slow-start steps) do not
+    /// keep restarting it and favour the backends at its start.
+    pub fn resume(schedule: Vec<usize>, cursor: usize) -> SmoothRoundRobin {
         SmoothRoundRobin {
-            schedule: smooth_schedule(&reduced),
-            cursor: crate::backend::CacheLine(AtomicUsize::new(0)),
+            schedule,
+            cursor: crate::backend::CacheLine(AtomicUsize::new(cursor)),
         }
     }
+
+    pub fn schedule(&self) -> &[usize] {
+        &self.schedule
+    }
+
+    /// Where the next pick starts (before the modulo).
+    pub fn cursor(&self) -> usize {
+        self.cursor.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One cycle of the schedule over the usable `members`, by effective weight.
+pub fn schedule(backends: &[BackendRef], members: &[usize]) -> Vec<usize> {
+    let weights: Vec<(usize, u64)> = members
+        .iter()
+        .filter(|&&i| backends[i].state.is_usable())
+        .map(|&i| {
+            let b = &backends[i];
+            // Ramp is in thousandths; keep a tenth-of-weight resolution so that a
+            // slow-starting backend gets a small but non-zero share.
+            let w = u64::from(b.config.weight) * RAMP_STEPS * u64::from(b.state.ramp())
+                / u64::from(FULL_RAMP);
+            (i, w.max(1))
+        })
+        .collect();
+    let g = weights.iter().fold(0, |g, w| gcd(g, w.1)).max(1);
+    let reduced: Vec<(usize, u64)> = weights.iter().map(|&(i, w)| (i, w / g)).collect();
+    smooth_schedule(&reduced)
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -71,6 +93,10 @@ fn gcd(a: u64, b: u64) -> u64 {
 }
 
 impl BackendSelection for SmoothRoundRobin {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn select(
         &self,
         _client: &SocketAddr,

@@ -19,7 +19,7 @@ mod validate;
 mod walk;
 
 pub use check::{HttpProbe, Pattern, Probe, SendExpect, StatusRange};
-pub use diff::{diff, BackendChange, ConfigDiff, FrontendChange};
+pub use diff::{diff, BackendChange, BackendId, ConfigDiff, FrontendChange};
 pub use duration::{format_duration, parse_duration};
 pub use log::{ConnLog, LogFormat, LogTarget, SinkSpec, SyslogFormat};
 pub use validate::DEFAULT_ADMIN_LISTEN;
@@ -211,6 +211,10 @@ pub struct Discover {
     /// unspecified address and unused). Its health starts down unless `check = false`: an
     /// address new in DNS takes traffic only once `rise` checks have passed.
     pub template: Backend,
+    /// A host name in `address` (not in /etc/hosts): one backend named as the entry, at the
+    /// lowest address found (IPv4 before IPv6), with its health as configured (up at once by
+    /// default, as a literal address is); re-resolved like `discover`.
+    pub single: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -308,10 +312,11 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Whether backend host names are resolved while loading.
+/// Whether backend host names are accepted while loading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostLookup {
-    /// Resolve them with the system resolver (what `run`, `check` and reloads do).
+    /// Look them up in /etc/hosts, and leave any other to the discovery resolver at run time
+    /// (what `run`, `check` and reloads do).
     System,
     /// Report each one as a problem instead: for fuzzing, where a lookup per case would make
     /// the run slow and depend on the network.
@@ -358,7 +363,7 @@ impl Config {
         }
     }
 
-    /// Parses and validates config text, resolving host names or not.
+    /// Parses and validates config text, accepting host names or not.
     pub fn parse_with(
         text: &str,
         source_name: &str,

@@ -6,7 +6,7 @@
 //! never stops at the first problem.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::check::{KindName, ProbeLayer};
@@ -729,29 +729,40 @@ fn connect_hedge(
     }
 }
 
-fn resolve(text: &str, dns: HostLookup) -> Result<SocketAddr, String> {
+/// What `address` names: an address, or a host name the discovery resolver looks up.
+enum Address {
+    Literal(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+/// `address = "ip:port"` or `"host:port"`. A host name is first looked up in /etc/hosts (and
+/// `localhost` is 127.0.0.1), as a stub resolver does, which gives a fixed address; any other
+/// is left to the discovery resolver (`[global] resolvers`), which asks DNS without blocking
+/// and again at the answer's TTL (`discovery`).
+fn parse_address(text: &str, dns: HostLookup) -> Result<Address, String> {
     if let Ok(a) = text.parse::<SocketAddr>() {
-        return Ok(a);
+        return Ok(Address::Literal(a));
     }
-    if !text.contains(':') {
+    let Some((host, port)) = text.rsplit_once(':') else {
         return Err(format!("\"{text}\" has no port: write it as \"host:port\""));
-    }
+    };
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| format!("\"{text}\": \"{port}\" is not a port (1-65535)"))?;
     if dns == HostLookup::Refuse {
         return Err(format!(
             "\"{text}\" is a host name, and host names are not looked up here"
         ));
     }
-    // A blocking getaddrinfo: `check` runs on the main thread and a reload loads on a thread
-    // of its own (`control::start_load`), never on an async thread. Names that change while
-    // ringlb runs belong in `discover`, which re-resolves them (`discovery`).
-    #[allow(clippy::disallowed_methods)]
-    let resolved = text.to_socket_addrs();
-    match resolved {
-        Ok(mut it) => it
-            .next()
-            .ok_or_else(|| format!("\"{text}\" resolved to no address")),
-        Err(e) => Err(format!("\"{text}\" is not an address ({e})")),
-    }
+    crate::discovery::dns::check_name(host)
+        .map_err(|why| format!("\"{text}\" is not an address or a host name: {why}"))?;
+    Ok(match crate::discovery::dns::hosts_address(host) {
+        Some(ip) => Address::Literal(SocketAddr::new(ip, port)),
+        None => Address::Name {
+            host: host.to_string(),
+            port,
+        },
+    })
 }
 
 /// What a frontend sets for all its backends (each may override it).
@@ -856,14 +867,8 @@ fn validate_backend(
             format!("{} and {} both given: a backend entry has one of address, discover and discover_srv", given[0], given[1]),
         );
     }
-    let target = discover_target(fb, p);
+    let mut target = discover_target(fb, p);
     let resolve_interval = p.opt_positive_duration("resolve_interval", &fb.resolve_interval);
-    if fb.resolve_interval.is_some() && fb.discover.is_none() && fb.discover_srv.is_none() {
-        p.push(
-            "resolve_interval",
-            "only for entries with discover or discover_srv",
-        );
-    }
     if let Some(d) = resolve_interval {
         let (lo, hi) = RESOLVE_INTERVAL_RANGE;
         if d < lo || d > hi {
@@ -882,21 +887,42 @@ fn validate_backend(
             );
             None
         }
-        Some(text) => match resolve(text, dns) {
-            Ok(a) if a.port() == 0 => {
+        Some(text) => match parse_address(text, dns) {
+            Ok(Address::Literal(a)) if a.port() == 0 => {
                 p.push(
                     "address",
                     format!("\"{text}\": port 0 cannot be connected to"),
                 );
                 None
             }
-            Ok(a) => Some(a),
+            Ok(Address::Name { port: 0, .. }) => {
+                p.push(
+                    "address",
+                    format!("\"{text}\": port 0 cannot be connected to"),
+                );
+                None
+            }
+            Ok(Address::Literal(a)) => Some(a),
+            Ok(Address::Name { host, port }) => {
+                // Only when it is the one source given (else that was reported above).
+                if target.is_none() {
+                    target = Some(DiscoverTarget::Host { host, port });
+                }
+                Some(SocketAddr::from(([0, 0, 0, 0], 0)))
+            }
             Err(e) => {
                 p.push("address", e);
                 None
             }
         },
     };
+    let single = fb.discover.is_none() && fb.discover_srv.is_none();
+    if fb.resolve_interval.is_some() && single && target.is_none() {
+        p.push(
+            "resolve_interval",
+            "only for entries with discover, discover_srv or a host name (not in /etc/hosts) in address",
+        );
+    }
     let weight = match fb.weight {
         None => 1,
         Some(0) => {
@@ -940,13 +966,18 @@ fn validate_backend(
     let Some(target) = target else {
         return Some(Entry::Static(backend));
     };
-    // An address new in DNS may not answer yet: it takes traffic once `rise` checks passed.
-    health.initial_up = !health.check;
+    if !single {
+        // An address new in DNS may not answer yet: it takes traffic once `rise` checks
+        // passed. A host name in `address` starts as its health settings say, as a literal
+        // address does.
+        health.initial_up = !health.check;
+    }
     Some(Entry::Discover(Discover {
         name: backend.name.clone(),
         target,
         resolve_interval,
         template: Backend { health, ..backend },
+        single,
     }))
 }
 

@@ -140,6 +140,35 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// The addresses /etc/hosts-format `text` gives `name` (case-insensitive), in file order.
+pub fn parse_hosts(text: &str, name: &str) -> Vec<IpAddr> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    text.lines()
+        .filter_map(|line| {
+            let line = line.split('#').next().unwrap_or("");
+            let mut words = line.split_whitespace();
+            let ip = words.next()?.parse::<IpAddr>().ok()?;
+            words.any(|w| w.eq_ignore_ascii_case(name)).then_some(ip)
+        })
+        .collect()
+}
+
+/// The address a stub resolver would give `name` before asking DNS: from /etc/hosts, the
+/// lowest one (IPv4 before IPv6), and for `localhost` and names under it, 127.0.0.1 even
+/// where the file lacks them (RFC 6761). Blocking file I/O: called while a config loads,
+/// on the main thread (`check`, start) or the load thread (reload), never on an async one.
+pub fn hosts_address(name: &str) -> Option<IpAddr> {
+    #[allow(clippy::disallowed_methods)]
+    let text = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    let mut found = parse_hosts(&text, name);
+    found.sort();
+    found.first().copied().or_else(|| {
+        let lower = name.trim_end_matches('.').to_ascii_lowercase();
+        (lower == "localhost" || lower.ends_with(".localhost"))
+            .then_some(IpAddr::V4(Ipv4Addr::LOCALHOST))
+    })
+}
+
 /// Asks each server in turn until one answers; NXDOMAIN from one is the answer.
 pub async fn query(servers: &[SocketAddr], name: &str, qtype: u16) -> Result<Answer, DnsError> {
     let mut last = DnsError::NoServer("none given".into());
@@ -441,6 +470,26 @@ fn record(r: &mut Reader<'_>) -> Result<Option<(String, u32, Data)>, Parse> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_lines_give_their_names_addresses_in_file_order() {
+        let text = "127.0.0.1 localhost\n::1 localhost ip6-localhost # loopback\n\
+                    # 10.0.0.9 api.internal\n10.0.0.5\tAPI.internal api\nbad line\n";
+        let ips = |n: &str| parse_hosts(text, n);
+        assert_eq!(
+            ips("localhost"),
+            [
+                "127.0.0.1".parse::<IpAddr>().unwrap(),
+                "::1".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            ips("api.internal."),
+            ["10.0.0.5".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(ips("api"), ["10.0.0.5".parse::<IpAddr>().unwrap()]);
+        assert!(ips("loopback").is_empty() && ips("ip6").is_empty());
+    }
 
     /// A response to `encode_query(7, "web.test", A)` with the given answer records appended.
     fn response(flags: u16, answers: &[&[u8]]) -> Vec<u8> {

@@ -10,6 +10,10 @@
 //! is a new backend (down until `rise` checks pass, see `Discover::template`), a vanished one
 //! drains like a backend removed by a reload.
 //!
+//! A host name in `address` (one not in /etc/hosts, see `config::validate`) is an entry of
+//! the same kind with `single` set: one backend named as the entry, at the lowest address
+//! found, re-resolved the same way.
+//!
 //! A failed or empty answer never changes the set: the last good one is kept, and the failure
 //! is logged once (and again only after an answer succeeded in between). So a name that
 //! vanishes, a resolver that is down or answers garbage, never takes backends away.
@@ -25,7 +29,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::{Backend, Config, Discover, DiscoverTarget};
+use crate::config::{Backend, Config, ConfigDiff, Discover, DiscoverTarget};
 use crate::server::{ReloadOutcome, Server};
 
 /// Shortest and longest wait between lookups taken from a TTL.
@@ -333,6 +337,17 @@ pub fn expand(config: &Config, found: &Found) -> Config {
             if *target != d.target {
                 continue;
             }
+            if d.single {
+                // The lowest address (the set is sorted): stable while DNS rotates its order.
+                if let Some(&a) = addrs.iter().min() {
+                    f.backends.push(Backend {
+                        name: d.name.clone(),
+                        address: a,
+                        ..d.template.clone()
+                    });
+                }
+                continue;
+            }
             f.backends.extend(addrs.iter().map(|&a| discovered(d, a)));
         }
     }
@@ -345,6 +360,15 @@ fn discovered(d: &Discover, address: SocketAddr) -> Backend {
         address,
         ..d.template.clone()
     }
+}
+
+/// What serving `base` with the addresses `found` would change from `running` (the config
+/// served now, expanded): the config to serve, and the diff to apply. Pure: a reload and a
+/// discovery update are both this, then `Server::apply_diff`.
+pub fn plan(running: &Config, base: &Config, found: &Found) -> (Config, ConfigDiff) {
+    let new = expand(base, found);
+    let d = crate::config::diff(running, &new);
+    (new, d)
 }
 
 /// The part of `found` that `config` still asks for (same frontend, entry and target).
@@ -383,9 +407,26 @@ pub fn apply(server: &mut Server, update: Update) -> bool {
         .map(ToString::to_string)
         .collect();
     let n = addrs.len();
+    let single = server
+        .base
+        .frontend(&key.0)
+        .and_then(|f| f.discover.iter().find(|d| d.name == key.1))
+        .is_some_and(|d| d.single);
+    let now = addrs.iter().min().copied();
     let mut found = server.discovered.clone();
     found.insert(key.clone(), (target.clone(), addrs));
     match server.apply_discovered(found) {
+        ReloadOutcome::Applied(_) if single => {
+            let was = before.iter().min();
+            crate::info!(
+                "Server {}/{}: {target} resolves to {}{}",
+                key.0,
+                key.1,
+                now.map_or_else(|| "nothing".to_string(), |a| a.to_string()),
+                was.map_or_else(String::new, |a| format!(" (was {a}, draining)")),
+            );
+            true
+        }
         ReloadOutcome::Applied(_) => {
             crate::info!(
                 "discover {}: {target} has {n} addresses{}{}",
@@ -466,5 +507,54 @@ weight = 3
         let other = Config::parse(&TEXT.replace("tasks.web:8080", "tasks.api:8080"), "t").unwrap();
         assert!(kept(&f, &other).is_empty());
         assert_eq!(expand(&other, &f).frontends[0].backends.len(), 1);
+    }
+
+    #[test]
+    fn a_host_name_in_address_is_one_backend_at_the_lowest_address_found() {
+        let text = "[[frontend]]\nname = \"web\"\nlisten = [\"127.0.0.1:0\"]\n\
+                    [[frontend.backend]]\nname = \"api\"\naddress = \"api.invalid:8080\"\n\
+                    resolve_interval = \"2s\"\n";
+        let config = Config::parse(text, "t").unwrap();
+        let f = &config.frontends[0];
+        assert!(f.backends.is_empty());
+        let d = &f.discover[0];
+        assert!(d.single && d.template.health.initial_up);
+        assert_eq!(d.resolve_interval, Some(Duration::from_secs(2)));
+        let target = DiscoverTarget::Host {
+            host: "api.invalid".into(),
+            port: 8080,
+        };
+        let addrs = ["10.0.0.7:8080", "10.0.0.5:8080", "[2001:db8::1]:8080"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let found = HashMap::from([(("web".to_string(), "api".to_string()), (target, addrs))]);
+        let e = expand(&config, &found);
+        assert_eq!(e.frontends[0].backends.len(), 1);
+        assert_eq!(e.frontends[0].backends[0].name, "api");
+        assert_eq!(
+            e.frontends[0].backends[0].address,
+            "10.0.0.5:8080".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn localhost_in_address_is_fixed_at_load_and_takes_no_resolve_interval() {
+        let text = |extra: &str| {
+            format!(
+                "[[frontend]]\nname = \"web\"\nlisten = [\"127.0.0.1:0\"]\n\
+                 [[frontend.backend]]\nname = \"a\"\naddress = \"localhost:8080\"\n{extra}"
+            )
+        };
+        let config = Config::parse(&text(""), "t").unwrap();
+        assert!(config.frontends[0].discover.is_empty());
+        assert!(config.frontends[0].backends[0].address.ip().is_loopback());
+        let e = Config::parse(&text("resolve_interval = \"1s\"\n"), "t").unwrap_err();
+        assert!(e.to_string().contains("resolve_interval"), "{e}");
+        let e = Config::parse(&text("").replace("localhost:8080", "bad name:1"), "t").unwrap_err();
+        assert!(
+            e.to_string().contains("is not an address or a host name"),
+            "{e}"
+        );
     }
 }

@@ -42,8 +42,8 @@ use tokio::task::JoinHandle;
 pub use checker::HealthEvent;
 pub use machine::Transition;
 
-use crate::backend::{BackendRef, BackendState, FrontendSnap, Snapshot};
-use crate::config::{Health, OnMarkedDown};
+use crate::backend::{BackendRef, BackendState, FrontendSnap, Snapshot, FULL_RAMP};
+use crate::config::{Balance, Health, OnMarkedDown};
 use crate::server::Server;
 use checker::{Controls, Jitter};
 use probe::Checker;
@@ -198,7 +198,7 @@ impl HealthChecks {
                     });
                 }
                 state.set_up(up);
-                server.publish();
+                server.publish_frontend(&state.frontend);
                 let reason = outcome.result.to_string();
                 let why = Why {
                     reason: &reason,
@@ -214,8 +214,13 @@ impl HealthChecks {
                 }
             }
             HealthEvent::RampStep { state } => {
-                if state.is_usable() && find(&server.snapshot(), &state).is_some() {
-                    server.publish();
+                // Only round robin builds the ramp into its selector (a new schedule, from
+                // the old cursor); least-connections reads it live, and Maglev ignores it.
+                let rebuild = state.is_usable()
+                    && find(&server.snapshot(), &state)
+                        .is_some_and(|(fe, _)| fe.config.balance == Balance::RoundRobin);
+                if rebuild {
+                    server.publish_frontend(&state.frontend);
                 }
             }
         }
@@ -231,7 +236,7 @@ impl HealthChecks {
                 t.forced_down.notify_one();
             }
         }
-        server.publish();
+        server.publish_frontend(&backend.frontend);
         let snap = server.snapshot();
         let Some((fe, b)) = find(&snap, &backend) else {
             return;
@@ -306,9 +311,9 @@ impl HealthChecks {
         }
     }
 
-    /// Raises `state`'s weight from a small share to full over `slow_start`, republishing at
-    /// each step (round robin's schedule is built at publish; least-connections reads the
-    /// ramp live).
+    /// Raises `state`'s weight from a small share to full over `slow_start`; each step
+    /// rebuilds its frontend's round-robin schedule (least-connections reads the ramp live,
+    /// Maglev ignores it: neither is rebuilt).
     fn start_ramp(&mut self, state: Arc<BackendState>, slow_start: Duration) {
         let key = key_of(&state);
         let events = self.events.clone();
@@ -346,10 +351,6 @@ impl Drop for HealthChecks {
         }
     }
 }
-
-/// Full weight in thousandths, as `backend::state::FULL_RAMP` (which `backend` does not
-/// re-export).
-const FULL_RAMP: u32 = 1000;
 
 /// The ramp's tick (a twentieth of `slow_start`, 100 ms to 1 s) and its first value.
 fn ramp_step(slow_start: Duration) -> (Duration, u32) {

@@ -33,39 +33,79 @@ pub struct MaglevSelector {
     members: Vec<usize>,
     /// A hash of the table's routing (see [`fingerprint`]).
     fingerprint: u64,
+    /// What the table was built from: a rebuild with equal inputs keeps this selector.
+    inputs: Inputs,
+}
+
+/// Everything a Maglev table depends on: its size, the hash key, and the placeable members
+/// with their names and configured weights. Not their slow-start ramp, nor whether an
+/// operator drained one: a slow-start step never rebuilds a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inputs {
+    size: usize,
+    key: HashKey,
+    /// (index in the frontend's backends, name, weight), in member order.
+    placed: Vec<(usize, String, u32)>,
+}
+
+impl Inputs {
+    /// The inputs of the table over the members of `members` that are placeable now (up and
+    /// configured; drained or in maintenance or not).
+    pub fn of(frontend: &Frontend, backends: &[BackendRef], members: &[usize]) -> Inputs {
+        Inputs {
+            size: frontend.maglev_table_size,
+            key: frontend.hash_key,
+            placed: members
+                .iter()
+                .filter(|&&i| backends[i].state.is_placeable())
+                .map(|&i| {
+                    (
+                        i,
+                        backends[i].config.name.clone(),
+                        backends[i].config.weight,
+                    )
+                })
+                .collect(),
+        }
+    }
 }
 
 impl MaglevSelector {
-    /// Builds the table over the members of `members` that are placeable now (up and
-    /// configured; drained or in maintenance or not). Called on the control thread whenever
-    /// the snapshot is rebuilt (reload, health transition, runtime API). A drained backend
-    /// stays in the table and `select` skips it to the next entry, so only its own clients
-    /// move, and they come back when it is ready again.
+    /// Builds the table over the members of `members` that are placeable now. Called on the
+    /// control thread when the frontend's part of the snapshot is rebuilt and the inputs
+    /// changed (reload, health transition, runtime API weight). A drained backend stays in
+    /// the table and `select` skips it to the next entry, so only its own clients move, and
+    /// they come back when it is ready again.
     pub fn new(frontend: &Frontend, backends: &[BackendRef], members: &[usize]) -> MaglevSelector {
-        let usable: Vec<usize> = members
+        MaglevSelector::from_inputs(Inputs::of(frontend, backends, members), backends)
+    }
+
+    pub fn from_inputs(inputs: Inputs, backends: &[BackendRef]) -> MaglevSelector {
+        let placed: Vec<Member<'_>> = inputs
+            .placed
             .iter()
-            .copied()
-            .filter(|&i| backends[i].state.is_placeable())
-            .collect();
-        let placed: Vec<Member<'_>> = usable
-            .iter()
-            .map(|&i| Member {
-                backend: i,
-                name: &backends[i].config.name,
-                weight: backends[i].config.weight,
+            .map(|(i, name, weight)| Member {
+                backend: *i,
+                name,
+                weight: *weight,
             })
             .collect();
-        let table = MaglevTable::build(frontend.maglev_table_size, &placed);
+        let table = MaglevTable::build(inputs.size, &placed);
         MaglevSelector {
-            fingerprint: fingerprint(&table, backends, frontend.hash_key),
+            fingerprint: fingerprint(&table, backends, inputs.key),
             table,
-            key: frontend.hash_key,
-            members: usable,
+            key: inputs.key,
+            members: inputs.placed.iter().map(|p| p.0).collect(),
+            inputs,
         }
     }
 
     pub fn table(&self) -> &MaglevTable {
         &self.table
+    }
+
+    pub fn inputs(&self) -> &Inputs {
+        &self.inputs
     }
 }
 
@@ -88,6 +128,16 @@ pub fn fingerprint(table: &MaglevTable, backends: &[BackendRef], key: HashKey) -
 }
 
 impl BackendSelection for MaglevSelector {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    /// The table holds at most one backend per slot, the first by name: the rest (a
+    /// discovered set larger than `maglev_table_size`) are left out.
+    fn left_out(&self) -> usize {
+        self.inputs.placed.len().saturating_sub(self.inputs.size)
+    }
+
     fn fingerprint(&self) -> Option<u64> {
         Some(self.fingerprint)
     }
