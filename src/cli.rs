@@ -57,7 +57,11 @@ pub fn main() -> ExitCode {
                 return ExitCode::from(2);
             };
             match Config::load(&path) {
-                Ok(_) => {
+                Ok(config) => {
+                    // Warnings, not errors: the config is valid either way.
+                    for line in crate::discovery::unresolved(&config) {
+                        eprintln!("{}: warning: {line}", path.display());
+                    }
                     println!("{}: configuration is valid", path.display());
                     ExitCode::SUCCESS
                 }

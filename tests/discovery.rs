@@ -652,3 +652,34 @@ check = false
         .is_some());
     assert!(wait_until(SOON, || left_out() == Some(0.0)));
 }
+
+#[test]
+fn ringlb_check_warns_about_a_host_name_that_does_not_resolve_and_still_passes() {
+    let dns = Dns::start(vec![(
+        "api.test",
+        Mode::Records(vec![Ipv4Addr::LOCALHOST], 30),
+    )]);
+    let cfg = global_toml(&format!("resolvers = [\"{}\"]", dns.addr))
+        + &frontend_toml(
+            "web",
+            "",
+            &[
+                ("api", "127.0.0.1:1".parse().unwrap(), ""),
+                ("typo", "127.0.0.1:2".parse().unwrap(), ""),
+            ],
+        )
+        .replace("127.0.0.1:1", "api.test:8080")
+        .replace("127.0.0.1:2", "apy.test:8080");
+    let (ok, stderr) = check_config(&cfg);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains(
+            "warning: frontend \"web\": backend \"typo\": apy.test:8080 does not resolve now \
+             (no such name (NXDOMAIN)); ringlb would start without it and keep asking"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("api.test"), "{stderr}");
+    // Each name was asked once, by the check.
+    assert!(dns.asked_since("apy.test", Instant::now() - SOON) >= 1);
+}

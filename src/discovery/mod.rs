@@ -455,6 +455,78 @@ pub fn apply(server: &mut Server, update: Update) -> bool {
     }
 }
 
+/// For `ringlb check`: asks DNS once, all at once, for every name the config leaves to the
+/// resolver (a host name in `address`, `discover`, `discover_srv`) and describes each that
+/// does not resolve now, naming its frontend and entry. Not an error: ringlb starts without
+/// those backends and keeps asking (a name may be published later, or DNS be down for a
+/// moment), but a typing error in a host name should not pass a check unseen.
+pub fn unresolved(config: &Config) -> Vec<String> {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return vec![format!("host names not looked up: {e}")],
+    };
+    rt.block_on(async {
+        let entries: Vec<(String, String, DiscoverTarget)> = config
+            .frontends
+            .iter()
+            .flat_map(|f| {
+                f.discover
+                    .iter()
+                    .map(|d| (f.name.clone(), d.name.clone(), d.target.clone()))
+            })
+            .collect();
+        if entries.is_empty() {
+            return Vec::new();
+        }
+        let servers = match dns::servers(&config.global.resolvers).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => return vec![format!("host names not looked up: {e}")],
+        };
+        let mut set = tokio::task::JoinSet::new();
+        for (i, (_, _, target)) in entries.iter().enumerate() {
+            let (target, servers) = (target.clone(), servers.clone());
+            set.spawn(async move {
+                let found = match &target {
+                    DiscoverTarget::Host { host, .. } => {
+                        match dns::query(&servers, host, dns::A).await {
+                            Ok(a) if !a.addrs.is_empty() => Ok(()),
+                            _ => match dns::query(&servers, host, dns::AAAA).await {
+                                Ok(a) if !a.addrs.is_empty() => Ok(()),
+                                Ok(_) => Err("no A or AAAA record".to_string()),
+                                Err(e) => Err(e.to_string()),
+                            },
+                        }
+                    }
+                    DiscoverTarget::Srv(name) => match dns::query(&servers, name, dns::SRV).await {
+                        Ok(a) if !a.srv.is_empty() => Ok(()),
+                        Ok(_) => Err("no SRV record".to_string()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                };
+                (i, found)
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(done) = set.join_next().await {
+            if let Ok((i, Err(why))) = done {
+                let (fe, entry, target) = &entries[i];
+                out.push((
+                    i,
+                    format!(
+                        "frontend \"{fe}\": backend \"{entry}\": {target} does not resolve now \
+                         ({why}); ringlb would start without it and keep asking"
+                    ),
+                ));
+            }
+        }
+        out.sort();
+        out.into_iter().map(|(_, line)| line).collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
