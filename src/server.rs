@@ -30,6 +30,9 @@ struct ListenerGroup {
     /// Passed by the service manager (`LISTEN_FDS`): never shut down by ringlb, and not
     /// removable by a reload.
     external: bool,
+    /// Duplicates of the workers' sockets, for a binary upgrade to pass on
+    /// (`crate::upgrade`); closed with the group.
+    handoff: Vec<socket2::Socket>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,9 +91,11 @@ pub struct Server {
 impl Server {
     /// Starts workers and binds every listener. Must run inside a tokio runtime (the control
     /// thread's) because the data path reports to it over a tokio channel.
+    /// `passed` are the frontends' sockets an upgrading ringlb passed (`upgrade::take_passed`).
     pub fn start(
         config: Config,
         config_path: Option<PathBuf>,
+        passed: Vec<(crate::upgrade::Entry, socket2::Socket)>,
     ) -> Result<(Server, mpsc::UnboundedReceiver<DataEvent>), StartError> {
         let config = Arc::new(config);
         let mut registry = Registry::default();
@@ -148,12 +153,12 @@ impl Server {
         );
         // Sockets passed by the service manager first, so that one no frontend names is
         // reported as such before anything is bound.
-        let mut inherited = Inherited::take().map_err(StartError::Inherited)?;
+        let mut inherited = Inherited::take(passed).map_err(StartError::Inherited)?;
         let count = server.workers.len();
         let mut passed = Vec::new();
         for f in &config.frontends {
             for &addr in &f.listen {
-                passed.push(inherited.take_for(addr, count));
+                passed.push(inherited.take_for(&f.name, addr, count));
             }
         }
         if let Some(e) = inherited.leftover() {
@@ -176,7 +181,7 @@ impl Server {
                     source,
                 };
                 let (sockets, external) = match passed.next().flatten() {
-                    Some(shared) => (shared.map_err(bind_error)?, true),
+                    Some(shared) => shared.map_err(bind_error)?,
                     None => (bind_reuseport(addr, count).map_err(bind_error)?, false),
                 };
                 pending.push((f.name.clone(), addr, sockets, external));
@@ -197,14 +202,28 @@ impl Server {
     ) {
         let id = self.next_listener_id;
         self.next_listener_id += 1;
-        let bound = sockets[0].local_addr().unwrap_or(addr);
-        for (w, socket) in self.workers.iter().zip(sockets) {
-            w.send(WorkerCommand::Listen {
-                id,
-                frontend: frontend.clone(),
-                listener: socket,
-                external,
-            });
+        let bound = sockets
+            .first()
+            .and_then(|s| s.local_addr().ok())
+            .unwrap_or(addr);
+        let mut handoff = Vec::with_capacity(sockets.len());
+        // Socket i to worker i % workers: one each, or several when an upgrade passed more.
+        for (i, socket) in sockets.into_iter().enumerate() {
+            match socket2::SockRef::from(&socket).try_clone() {
+                Ok(dup) => handoff.push(dup),
+                Err(e) => crate::warn!(
+                    "frontend {frontend}: cannot keep a copy of a socket on {bound} for an \
+                     upgrade ({e}): an upgrade will not pass it"
+                ),
+            }
+            if let Some(w) = self.workers.get(i % self.workers.len().max(1)) {
+                w.send(WorkerCommand::Listen {
+                    id,
+                    frontend: frontend.clone(),
+                    listener: socket,
+                    external,
+                });
+            }
         }
         if external {
             crate::info!("frontend {frontend}: {bound} passed by the service manager");
@@ -216,6 +235,7 @@ impl Server {
                 id,
                 bound,
                 external,
+                handoff,
             },
         );
     }
@@ -462,21 +482,50 @@ impl Server {
         Ok(())
     }
 
+    /// The listening sockets a binary upgrade passes on, as `upgrade::Entry`s naming this
+    /// process's fds (valid while `self` lives and no reload runs).
+    pub fn handoff(&self) -> Vec<crate::upgrade::Entry> {
+        use std::os::fd::AsRawFd;
+        let mut out = Vec::new();
+        for ((frontend, configured), g) in &self.listeners {
+            for s in &g.handoff {
+                out.push(crate::upgrade::Entry {
+                    fd: s.as_raw_fd(),
+                    kind: if g.external {
+                        crate::upgrade::Kind::SocketUnit
+                    } else {
+                        crate::upgrade::Kind::Listen
+                    },
+                    frontend: frontend.clone(),
+                    configured: *configured,
+                    bound: g.bound,
+                });
+            }
+        }
+        out
+    }
+
     /// Stops accepting everywhere, once what the listen queues hold is served; open
-    /// connections continue. The receiver completes when every listener is closed.
-    pub fn stop_accepting(&mut self) -> tokio::sync::oneshot::Receiver<()> {
+    /// connections continue. The receiver completes when every listener is closed. With
+    /// `hand_over` (a binary upgrade: the new process accepts on the same sockets) the
+    /// listeners only stop accepting: nothing is shut down, and the queues stay whole.
+    pub fn stop_accepting(&mut self, hand_over: bool) -> tokio::sync::oneshot::Receiver<()> {
         let (done, closed) = worker::ListenersClosed::new();
         for w in &self.workers {
-            w.send(WorkerCommand::StopAccepting { done: done.clone() });
+            w.send(WorkerCommand::StopAccepting {
+                done: done.clone(),
+                hand_over,
+            });
         }
         self.listeners.clear();
         closed
     }
 
     /// Graceful stop: stop accepting, wait for open connections up to `shutdown_timeout`.
-    /// Returns the number of connections still open at the deadline.
-    pub async fn drain(&mut self) -> usize {
-        let closed = self.stop_accepting();
+    /// Returns the number of connections still open at the deadline. `hand_over`: see
+    /// [`Server::stop_accepting`].
+    pub async fn drain(&mut self, hand_over: bool) -> usize {
+        let closed = self.stop_accepting(hand_over);
         let limit = self.config.global.shutdown_timeout;
         let start = Instant::now();
         // The listeners serve their queues first; a worker gone away counts as done.
