@@ -177,13 +177,7 @@ pub fn run(
             // withdrawal: this node goes on serving through the new process.
             systemd.main_pid(pid);
             admin.stop_accepting.notify_one();
-            crate::info!(
-                "upgrade: new process {pid} is ready; process {} stops accepting and drains \
-                 its {} open connections for up to {}",
-                std::process::id(),
-                server.shared.active(),
-                crate::config::format_duration(server.config.global.shutdown_timeout)
-            );
+            crate::info!("upgrade: new process {pid} is ready; it is the main process now");
         } else {
             systemd.stopping();
             withdraw(&mut announcer, &mut server).await;

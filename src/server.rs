@@ -181,7 +181,18 @@ impl Server {
                     source,
                 };
                 let (sockets, external) = match passed.next().flatten() {
-                    Some(shared) => shared.map_err(bind_error)?,
+                    Some(shared) => {
+                        let (sockets, external) = shared.map_err(bind_error)?;
+                        if !external {
+                            crate::info!(
+                                "frontend {}: {} sockets on {addr} passed by process {} (upgrade)",
+                                f.name,
+                                sockets.len(),
+                                std::os::unix::process::parent_id()
+                            );
+                        }
+                        (sockets, external)
+                    }
                     None => (bind_reuseport(addr, count).map_err(bind_error)?, false),
                 };
                 pending.push((f.name.clone(), addr, sockets, external));
@@ -530,6 +541,15 @@ impl Server {
         let start = Instant::now();
         // The listeners serve their queues first; a worker gone away counts as done.
         let _ = tokio::time::timeout(limit, closed).await;
+        if hand_over {
+            crate::info!(
+                "upgrade: process {} stopped accepting; draining its {} open connections for \
+                 up to {}",
+                std::process::id(),
+                self.shared.active(),
+                config::format_duration(limit)
+            );
+        }
         // Frontends with a drain_pace close their connections spread over it (within the
         // limit); the others wait for theirs to end.
         let snap = self.snapshot();

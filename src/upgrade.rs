@@ -214,8 +214,9 @@ pub fn take_passed() -> Result<Passed, String> {
     let ppid = std::os::unix::process::parent_id();
     if parent.as_deref().map(str::trim) != Some(ppid.to_string().as_str()) {
         return Err(format!(
-            "{PARENT_VAR} is {parent:?}, not this process's parent ({ppid}): the hand-off is \
-             not from the ringlb that started this one; not taking its fds"
+            "{PARENT_VAR} is {}, not this process's parent ({ppid}): the hand-off is not from \
+             the ringlb that started this one; not taking its fds",
+            parent.as_deref().unwrap_or("unset")
         ));
     }
     let ready_fd: RawFd = ready
@@ -324,34 +325,37 @@ pub async fn wait_ready(started: Started) -> Result<u32, String> {
         mut ready,
     } = started;
     let mut buf = [0u8; 64];
-    let outcome = tokio::select! {
+    let why = tokio::select! {
         read = ready.read(&mut buf) => match read {
-            Ok(n) if n > 0 => Ok(()),
-            Ok(_) => Err("it closed the ready pipe without a word".to_string()),
-            Err(e) => Err(format!("reading its ready pipe failed: {e}")),
+            // Left running. Dropping the handle does not kill it; tokio reaps it if it
+            // exits while we still run.
+            Ok(n) if n > 0 => return Ok(pid),
+            Ok(_) => None,
+            Err(e) => Some(format!("reading its ready pipe failed ({e})")),
         },
-        _ = tokio::time::sleep(READY_TIMEOUT) => Err(format!(
+        _ = tokio::time::sleep(READY_TIMEOUT) => Some(format!(
             "it was not ready within {}",
             crate::config::format_duration(READY_TIMEOUT)
         )),
     };
-    match outcome {
-        // Left running. Dropping the handle does not kill it; tokio reaps it if it exits
-        // while we still run.
-        Ok(()) => Ok(pid),
-        Err(why) => {
-            // It may have exited already (its error is in the log above): say how.
-            let status = match tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
-                Ok(Ok(s)) => format!("; it exited with {s}"),
-                _ => {
-                    let _ = child.start_kill();
-                    let _ = child.wait().await;
-                    "; it was killed".to_string()
-                }
-            };
-            Err(format!("new process {pid} failed: {why}{status}"))
-        }
+    // The pipe closes when the process exits: its own error is in the log above.
+    let exited = match why {
+        None => tokio::time::timeout(Duration::from_secs(1), child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok),
+        Some(_) => None,
+    };
+    if let Some(status) = exited {
+        return Err(format!(
+            "new process {pid} exited before it was ready ({status}); its own error is logged \
+             above"
+        ));
     }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    let why = why.unwrap_or_else(|| "it closed its ready pipe without saying ready".into());
+    Err(format!("new process {pid}: {why}; it was killed"))
 }
 
 #[cfg(test)]

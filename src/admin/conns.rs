@@ -109,9 +109,10 @@ pub async fn accept_loop(listener: TcpListener, state: Arc<AdminState>) {
     let table: TableRef = Arc::default();
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            biased;
             // An upgrade's new process serves: it accepts on this socket from now on.
             () = state.stop_accepting.notified() => return,
+            a = listener.accept() => a,
         };
         let stream = match accepted {
             Ok(accepted) => accepted,

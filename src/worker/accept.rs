@@ -155,9 +155,12 @@ pub async fn accept_loop<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shared>) 
         // flight completes with the next connection, which stays queued for whoever accepts
         // next. The accept itself is a readiness wait and a non-blocking accept4, so leaving
         // it loses nothing.
+        // The bell first: once the listener is closed, not one more connection is taken
+        // (an upgrade's new process serves those).
         let accepted = tokio::select! {
-            a = I::accept(&slot.listener) => a,
+            biased;
             _ = slot.closed_bell.notified() => return,
+            a = I::accept(&slot.listener) => a,
         };
         if slot.closed.get() {
             // Shut down for a reload or a stop; a connection accepted in the race is served.

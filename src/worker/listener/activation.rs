@@ -154,7 +154,14 @@ impl Inherited {
 /// The address a passed socket listens on, if it is a listening TCP socket.
 pub fn check(socket: &Socket) -> io::Result<SocketAddr> {
     let not = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_string());
-    if socket.r#type()? != Type::STREAM || socket.protocol()? != Some(Protocol::TCP) {
+    let kind = socket.r#type().map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOTSOCK) {
+            not("not a socket")
+        } else {
+            e
+        }
+    })?;
+    if kind != Type::STREAM || socket.protocol()? != Some(Protocol::TCP) {
         return Err(not("not a TCP socket"));
     }
     if !socket.is_listener()? {
