@@ -251,8 +251,8 @@ fn start_upgrade(
             bound: *bound,
         });
     }
-    let program = crate::upgrade::program_path()
-        .map_or_else(|| "?".to_string(), |p| p.display().to_string());
+    let program =
+        crate::upgrade::program_path().map_or_else(|| "?".to_string(), |p| p.display().to_string());
     match crate::upgrade::spawn(&sockets) {
         Ok(started) => {
             let pid = started.pid;

@@ -273,7 +273,10 @@ mod tests {
         let len = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..len], b"STOPPING=1\nSTATUS=draining connections\n");
         let len = rx.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..len], b"MAINPID=4242\nSTATUS=upgraded: process 4242 serves\n");
+        assert_eq!(
+            &buf[..len],
+            b"MAINPID=4242\nSTATUS=upgraded: process 4242 serves\n"
+        );
         drop(n);
         sender.join().unwrap();
     }

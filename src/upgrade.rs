@@ -132,7 +132,8 @@ pub fn parse(value: &str) -> Result<Vec<Entry>, String> {
             return Err(bad("not FD KIND FRONTEND CONFIGURED BOUND"));
         };
         let fd: RawFd = fd.parse().map_err(|_| bad("the fd is not a number"))?;
-        let kind = Kind::parse(kind).ok_or_else(|| bad("kind is not listen, socket-unit or admin"))?;
+        let kind =
+            Kind::parse(kind).ok_or_else(|| bad("kind is not listen, socket-unit or admin"))?;
         let configured = configured
             .parse()
             .map_err(|_| bad("the configured address is not IP:PORT"))?;

@@ -21,9 +21,14 @@ use common::*;
 /// A config whose shutdown_timeout outlasts a round, so the old process drains until the test
 /// closes what it holds.
 fn config(backend: SocketAddr) -> String {
-    "[global]\nworkers = 2\nshutdown_timeout = \"60s\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n"
-        .to_string()
-        + &frontend_toml("web", "", &[("e1", backend, "")])
+    config_with(backend, "io_uring", 2)
+}
+
+fn config_with(backend: SocketAddr, io: &str, workers: usize) -> String {
+    format!(
+        "[global]\nworkers = {workers}\nio = \"{io}\"\nshutdown_timeout = \"60s\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\n"
+    ) + &frontend_toml("web", "", &[("e1", backend, "")])
 }
 
 /// Kills, on drop, every process the upgrades started (they are not the test's children).
@@ -131,16 +136,26 @@ fn upgrade(lb: &Ringlb, pid: i32, admin: Option<SocketAddr>) -> i32 {
     assert!(line.contains("is ready"), "{line}");
     if let Some(out) = ctl_out {
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
         assert!(
-            text.contains(&format!("upgraded: process {new} serves; process {pid} drains")),
+            out.status.success(),
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains(&format!(
+                "upgraded: process {new} serves; process {pid} drains"
+            )),
             "{text}"
         );
     }
     // The old process no longer accepts from here on.
     assert!(
-        lb.wait_for_log_after(mark, &format!("upgrade: process {pid} stopped accepting"), SOON)
-            .is_some(),
+        lb.wait_for_log_after(
+            mark,
+            &format!("upgrade: process {pid} stopped accepting"),
+            SOON
+        )
+        .is_some(),
         "{pid} did not stop accepting"
     );
     new
@@ -148,8 +163,17 @@ fn upgrade(lb: &Ringlb, pid: i32, admin: Option<SocketAddr>) -> i32 {
 
 #[test]
 fn twenty_upgrades_under_load_refuse_nothing_and_the_new_process_serves_while_the_old_drains() {
+    upgrades_under_load("io_uring", 20);
+}
+
+#[test]
+fn on_the_epoll_fallback_upgrades_refuse_nothing_too() {
+    upgrades_under_load("epoll", 5);
+}
+
+fn upgrades_under_load(io: &str, rounds: u32) {
     let echo = Backend::start("e1", Behaviour::Echo);
-    let mut lb = Ringlb::start(&config(echo.addr));
+    let mut lb = Ringlb::start(&config_with(echo.addr, io, 2));
     let addr = lb.addr("web");
     let admin = lb.admin.expect("an admin listener");
     let mut started = Pids::default();
@@ -191,7 +215,7 @@ fn twenty_upgrades_under_load_refuse_nothing_and_the_new_process_serves_while_th
 
     let first = lb.pid();
     let mut current = first;
-    for round in 0..20u32 {
+    for round in 0..rounds {
         let before = served.load(Ordering::Relaxed);
         assert!(
             wait_until(SOON, || served.load(Ordering::Relaxed) > before + 20),
@@ -250,7 +274,7 @@ fn twenty_upgrades_under_load_refuse_nothing_and_the_new_process_serves_while_th
         .collect();
     let transfers: usize = bulk.into_iter().map(|b| b.join().unwrap()).sum();
     eprintln!(
-        "20 upgrades: {} exchanges and {transfers} 2 MiB transfers, {} failures",
+        "{io}: {rounds} upgrades: {} exchanges and {transfers} 2 MiB transfers, {} failures",
         served.load(Ordering::Relaxed),
         failures.len()
     );
@@ -277,8 +301,11 @@ fn an_upgrade_whose_new_process_fails_leaves_the_old_serving_and_leaks_no_fd() {
     let addr = lb.addr("web");
     let admin = lb.admin.unwrap();
     // The file the new process reads is broken.
-    std::fs::write(&lb.config_path, good.replace("[[frontend]]", "bogus = 1\n[[frontend]]"))
-        .unwrap();
+    std::fs::write(
+        &lb.config_path,
+        good.replace("[[frontend]]", "bogus = 1\n[[frontend]]"),
+    )
+    .unwrap();
     let fail_once = |round: usize| {
         let mark = lb.log_len();
         let via_api = round % 2 == 1;
@@ -299,7 +326,9 @@ fn an_upgrade_whose_new_process_fails_leaves_the_old_serving_and_leaks_no_fd() {
         assert!(line.contains("exited before it was ready"), "{line}");
         // The new process's own error names the problem.
         assert!(
-            lb.logs()[mark..].iter().any(|l| l.contains("unknown key `bogus`")),
+            lb.logs()[mark..]
+                .iter()
+                .any(|l| l.contains("unknown key `bogus`")),
             "{:?}",
             &lb.logs()[mark..]
         );
@@ -344,7 +373,10 @@ fn an_upgrade_to_a_config_without_a_listened_address_is_refused_naming_it() {
     drop(other);
     std::fs::write(
         &lb.config_path,
-        cfg.replace("listen = [\"127.0.0.1:0\"]", &format!("listen = [\"{moved_to}\"]")),
+        cfg.replace(
+            "listen = [\"127.0.0.1:0\"]",
+            &format!("listen = [\"{moved_to}\"]"),
+        ),
     )
     .unwrap();
     let mark = lb.log_len();
@@ -354,7 +386,9 @@ fn an_upgrade_to_a_config_without_a_listened_address_is_refused_naming_it() {
         .is_some());
     let logs = lb.logs()[mark..].join("\n");
     assert!(
-        logs.contains(&format!("(frontend web, {addr}) listens on {addr}, which no frontend's listen names")),
+        logs.contains(&format!(
+            "(frontend web, {addr}) listens on {addr}, which no frontend's listen names"
+        )),
         "{logs}"
     );
     ping(addr).unwrap();
@@ -465,4 +499,62 @@ fn a_hand_off_not_from_the_parent_is_refused() {
         text.contains("RINGLB_UPGRADE_PARENT is 1, not this process's parent"),
         "{text}"
     );
+}
+
+#[test]
+fn an_upgrade_to_more_or_fewer_workers_accepts_on_every_passed_socket() {
+    let echo = Backend::start("e1", Behaviour::Echo);
+    let lb = Ringlb::start(&config_with(echo.addr, "io_uring", 2));
+    let addr = lb.addr("web");
+    let mut started = Pids::default();
+    let mut current = lb.pid();
+    // 2 -> 3 workers (one socket shared by two of them), 3 -> 1 (one worker on both).
+    for workers in [3, 1] {
+        std::fs::write(&lb.config_path, config_with(echo.addr, "io_uring", workers)).unwrap();
+        let new = upgrade(&lb, current, None);
+        started.0.push(new);
+        // SO_REUSEPORT spreads these over both passed sockets: each is accepted on.
+        for i in 0..100 {
+            let s = ping(addr).unwrap_or_else(|e| panic!("{workers} workers, connection {i}: {e}"));
+            assert_eq!(served_by(&s, &[current, new]), Some(new));
+        }
+        current = new;
+    }
+}
+
+#[test]
+fn the_old_process_names_the_new_one_to_the_service_manager_and_falls_silent() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+    let echo = Backend::start("e1", Behaviour::Echo);
+    let name = format!("ringlb-upgrade-test-{}", std::process::id());
+    let sock = UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(&name).unwrap()).unwrap();
+    sock.set_read_timeout(Some(SOON)).unwrap();
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).expect("a notify message");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let lb = Ringlb::start_with_env(
+        &config(echo.addr),
+        &[("NOTIFY_SOCKET", &format!("@{name}"))],
+    );
+    assert!(next().starts_with("READY=1"));
+    let mut started = Pids::default();
+    let new = upgrade(&lb, lb.pid(), None);
+    started.0.push(new);
+    // MAINPID= from the old process, and no READY=1 from the new one (the service is up).
+    assert_eq!(
+        next(),
+        format!("MAINPID={new}\nSTATUS=upgraded: process {new} serves\n")
+    );
+    // The new process speaks for the service from now on; the old one, still draining
+    // (its STOPPING=1 would stop the service), says nothing.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    assert!(next().starts_with("RELOADING=1"));
+    assert!(next().starts_with("READY=1"));
 }

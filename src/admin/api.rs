@@ -369,7 +369,9 @@ fn parse_action(t: &Target<'_>, body: &[u8]) -> Result<Action, String> {
         Target::All => Err(format!("nothing to write at /api/state: {ROUTES}")),
         Target::Upgrade => match map.keys().next() {
             None => Ok(Action::Upgrade),
-            Some(k) => Err(format!("unknown field \"{k}\": an upgrade takes an empty object {{}}")),
+            Some(k) => Err(format!(
+                "unknown field \"{k}\": an upgrade takes an empty object {{}}"
+            )),
         },
         Target::Frontend(f) => {
             for k in map.keys() {

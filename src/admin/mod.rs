@@ -131,7 +131,7 @@ pub fn start(
                 .map(|l| (entry.configured, l))?,
         ),
         (Some(addr), None) => Some((
-                addr,
+            addr,
             bind(addr).map_err(|source| StartError::Admin { addr, source })?,
         )),
         (None, _) => None,

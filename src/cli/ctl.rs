@@ -104,7 +104,14 @@ fn run(args: &CtlArgs, top_config: Option<PathBuf>) -> Result<String, Failure> {
         CtlCommand::Upgrade => crate::upgrade::READY_TIMEOUT + READ_TIMEOUT,
         _ => READ_TIMEOUT,
     };
-    let (code, json) = call(admin, method, &path, body.as_deref(), token.as_deref(), wait)?;
+    let (code, json) = call(
+        admin,
+        method,
+        &path,
+        body.as_deref(),
+        token.as_deref(),
+        wait,
+    )?;
     match code {
         200 => {}
         401 | 403 => return Err(fail(4, format!("{code}: {}", error_text(&json)))),
