@@ -45,6 +45,8 @@ pub fn run(
         let (mut discovery, mut discovered) = Discovery::new(server.discovery_stats.clone());
         discovery.sync(&server.base);
         let (admin, mut writes) = crate::admin::start(&server, passed.admin.take())?;
+        server.open_listeners();
+        admin.ops.record_listeners(server.bound_addresses());
         let systemd = crate::systemd::start();
         on_started(&server);
         crate::info!("ready");

@@ -86,6 +86,8 @@ pub struct Server {
     /// The addresses each `discover` entry found last.
     pub discovered: discovery::Found,
     pub discovery_stats: Arc<discovery::Stats>,
+    /// Bound (or passed) at start, accepted on from [`Server::open_listeners`].
+    unopened: Vec<(String, SocketAddr, Vec<std::net::TcpListener>, bool)>,
 }
 
 impl Server {
@@ -140,6 +142,7 @@ impl Server {
             base: config.clone(),
             discovered: discovery::Found::new(),
             discovery_stats: Arc::default(),
+            unopened: Vec::new(),
         };
         crate::info!(
             "ringlb {} starting: {} workers on {io_name} ({} relay), {} frontends, \
@@ -198,10 +201,17 @@ impl Server {
                 pending.push((f.name.clone(), addr, sockets, external));
             }
         }
-        for (frontend, addr, sockets, external) in pending {
-            server.install_listeners(frontend, addr, sockets, external);
-        }
+        server.unopened = pending;
         Ok((server, events_rx))
+    }
+
+    /// Starts accepting on the listeners [`Server::start`] bound or took over. Separate, so
+    /// that the start can still fail (the admin listener) before any client is accepted: a
+    /// new process of an upgrade that accepted and then failed would cut what it accepted.
+    pub fn open_listeners(&mut self) {
+        for (frontend, addr, sockets, external) in std::mem::take(&mut self.unopened) {
+            self.install_listeners(frontend, addr, sockets, external);
+        }
     }
 
     fn install_listeners(

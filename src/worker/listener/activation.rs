@@ -192,3 +192,33 @@ fn share(sockets: Vec<Socket>, count: usize) -> io::Result<Vec<std::net::TcpList
     out.sort_by_key(|(i, _)| *i);
     Ok(out.into_iter().map(|(_, s)| s).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener() -> Socket {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Socket::from(l)
+    }
+
+    fn ports(v: &[std::net::TcpListener]) -> Vec<u16> {
+        v.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    }
+
+    #[test]
+    fn passed_sockets_are_spread_over_the_workers_socket_i_to_worker_i_mod_count() {
+        let (a, b) = (listener(), listener());
+        let (pa, pb) = (
+            a.local_addr().unwrap().as_socket().unwrap().port(),
+            b.local_addr().unwrap().as_socket().unwrap().port(),
+        );
+        // More workers than sockets: the extra workers share duplicates, in turn.
+        let out = share(vec![a, b], 3).unwrap();
+        assert_eq!(ports(&out), vec![pa, pb, pa]);
+        // Fewer: every socket is still there, so that each is accepted on.
+        let (c, d, e) = (listener(), listener(), listener());
+        let out = share(vec![c, d, e], 1).unwrap();
+        assert_eq!(out.len(), 3);
+    }
+}
