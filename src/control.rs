@@ -74,7 +74,7 @@ pub fn run(
         // channel it comes back on. Once the new process serves, the loop ends and this
         // process drains (`handed_to`).
         let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut upgrading: Option<(u32, Vec<UpgradeWaiter>)> = None;
+        let mut upgrading: Option<Upgrading> = None;
         let mut handed_to: Option<u32> = None;
         // A reload reads and validates the file (and looks host names up) on a thread of its
         // own, so a slow file system or resolver stalls nothing here; the loaded config
@@ -122,7 +122,7 @@ pub fn run(
                     start_upgrade(&server, &admin, &upgrade_tx, &mut upgrading, None);
                 }
                 Some(outcome) = upgrade_rx.recv() => {
-                    let waiters = upgrading.take().map(|(_, w)| w).unwrap_or_default();
+                    let waiters = upgrading.take().map(|u| u.waiters).unwrap_or_default();
                     match outcome {
                         Ok(pid) => {
                             admin.ops.upgraded_to.store(pid, std::sync::atomic::Ordering::Relaxed);
@@ -173,6 +173,21 @@ pub fn run(
             }
         }
         admin.ops.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(u) = upgrading.take() {
+            // Stopping while a new process starts: it would find its sockets shut. Killed
+            // (dropping the wait kills it) before anything here closes.
+            crate::warn!(
+                "stopping: abandoning the upgrade in progress; new process {} is killed",
+                u.pid
+            );
+            u.wait.abort();
+            let _ = u.wait.await;
+            for w in u.waiters {
+                let _ = w.send(Err(crate::admin::runtime::Refused::Conflict(
+                    "ringlb is stopping: the upgrade was abandoned".into(),
+                )));
+            }
+        }
         if let Some(pid) = handed_to {
             // The new process accepts on the same sockets already: stop accepting (nothing
             // is shut down, the queues stay whole) and drain. No grace and no route
@@ -227,6 +242,15 @@ async fn withdraw(announcer: &mut Announcer, server: &mut Server) {
 /// A runtime API caller waiting for an upgrade's outcome.
 type UpgradeWaiter = tokio::sync::oneshot::Sender<Result<(), crate::admin::runtime::Refused>>;
 
+/// An upgrade whose new process has not said ready yet.
+struct Upgrading {
+    pid: u32,
+    /// Runtime API callers waiting for the outcome.
+    waiters: Vec<UpgradeWaiter>,
+    /// The task waiting for the new process; aborting it kills that process.
+    wait: tokio::task::JoinHandle<()>,
+}
+
 /// Starts the new process of a binary upgrade with every listening socket (the frontends'
 /// and the admin listener), and a task that sends its outcome to the control loop. One at a
 /// time: a request during one waits for the same outcome.
@@ -234,19 +258,21 @@ fn start_upgrade(
     server: &Server,
     admin: &crate::admin::AdminState,
     outcome: &tokio::sync::mpsc::UnboundedSender<Result<u32, String>>,
-    upgrading: &mut Option<(u32, Vec<UpgradeWaiter>)>,
+    upgrading: &mut Option<Upgrading>,
     waiter: Option<UpgradeWaiter>,
 ) {
-    use std::os::fd::AsRawFd;
-    if let Some((pid, waiters)) = upgrading {
-        crate::info!("upgrade: already in progress (new process {pid}): waiting for it");
-        waiters.extend(waiter);
+    if let Some(u) = upgrading {
+        crate::info!(
+            "upgrade: already in progress (new process {}): waiting for it",
+            u.pid
+        );
+        u.waiters.extend(waiter);
         return;
     }
     let mut sockets = server.handoff();
-    if let (Some((configured, socket)), Some(bound)) = (&admin.handoff, admin.bound.get()) {
+    if let (Some((configured, fd)), Some(bound)) = (&admin.handoff, admin.bound.get()) {
         sockets.push(crate::upgrade::Entry {
-            fd: socket.as_raw_fd(),
+            fd: *fd,
             kind: crate::upgrade::Kind::Admin,
             frontend: String::new(),
             configured: *configured,
@@ -262,10 +288,14 @@ fn start_upgrade(
                 "upgrade: started new process {pid} ({program}), passing {} listening sockets",
                 sockets.len()
             );
-            *upgrading = Some((pid, waiter.into_iter().collect()));
             let tx = outcome.clone();
-            tokio::spawn(async move {
+            let wait = tokio::spawn(async move {
                 let _ = tx.send(crate::upgrade::wait_ready(started).await);
+            });
+            *upgrading = Some(Upgrading {
+                pid,
+                waiters: waiter.into_iter().collect(),
+                wait,
             });
         }
         Err(e) => {

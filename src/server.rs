@@ -30,9 +30,14 @@ struct ListenerGroup {
     /// Passed by the service manager (`LISTEN_FDS`): never shut down by ringlb, and not
     /// removable by a reload.
     external: bool,
-    /// Duplicates of the workers' sockets, for a binary upgrade to pass on
-    /// (`crate::upgrade`); closed with the group.
-    handoff: Vec<socket2::Socket>,
+    /// The workers' fds for these sockets, for a binary upgrade to pass on (`crate::upgrade`).
+    /// Numbers only, not owned: a worker closes its listener only after `Unlisten` or
+    /// `StopAccepting`, which are sent once the group has left `Server::listeners`, so the
+    /// numbers name these sockets for as long as the group is there. (A worker that could
+    /// not use a listener closes it at once; the new process then finds that number closed or
+    /// not a listener on this address, and refuses the hand-off naming it.) Copies would cost
+    /// an fd per socket.
+    handoff: Vec<std::os::fd::RawFd>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -187,8 +192,12 @@ impl Server {
                     Some(shared) => {
                         let (sockets, external) = shared.map_err(bind_error)?;
                         if !external {
+                            let at = sockets
+                                .first()
+                                .and_then(|s| s.local_addr().ok())
+                                .unwrap_or(addr);
                             crate::info!(
-                                "frontend {}: {} sockets on {addr} passed by process {} (upgrade)",
+                                "frontend {}: {} sockets on {at} passed by process {} (upgrade)",
                                 f.name,
                                 sockets.len(),
                                 std::os::unix::process::parent_id()
@@ -230,13 +239,7 @@ impl Server {
         let mut handoff = Vec::with_capacity(sockets.len());
         // Socket i to worker i % workers: one each, or several when an upgrade passed more.
         for (i, socket) in sockets.into_iter().enumerate() {
-            match socket2::SockRef::from(&socket).try_clone() {
-                Ok(dup) => handoff.push(dup),
-                Err(e) => crate::warn!(
-                    "frontend {frontend}: cannot keep a copy of a socket on {bound} for an \
-                     upgrade ({e}): an upgrade will not pass it"
-                ),
-            }
+            handoff.push(std::os::fd::AsRawFd::as_raw_fd(&socket));
             if let Some(w) = self.workers.get(i % self.workers.len().max(1)) {
                 w.send(WorkerCommand::Listen {
                     id,
@@ -504,14 +507,14 @@ impl Server {
     }
 
     /// The listening sockets a binary upgrade passes on, as `upgrade::Entry`s naming this
-    /// process's fds (valid while `self` lives and no reload runs).
+    /// process's fds (see `ListenerGroup::handoff`: valid until the next change of
+    /// listeners, so use them at once).
     pub fn handoff(&self) -> Vec<crate::upgrade::Entry> {
-        use std::os::fd::AsRawFd;
         let mut out = Vec::new();
         for ((frontend, configured), g) in &self.listeners {
-            for s in &g.handoff {
+            for &fd in &g.handoff {
                 out.push(crate::upgrade::Entry {
-                    fd: s.as_raw_fd(),
+                    fd,
                     kind: if g.external {
                         crate::upgrade::Kind::SocketUnit
                     } else {

@@ -298,6 +298,8 @@ pub fn spawn(sockets: &[Entry]) -> io::Result<Started> {
     fds.push(write.as_raw_fd());
     ops::keep_across_exec(&mut cmd, fds);
     let mut cmd = tokio::process::Command::from(cmd);
+    // Until it is ready, the child is ours: given up on (or abandoned by a stop), it is killed.
+    cmd.kill_on_drop(true);
     let child = cmd.spawn().map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -315,9 +317,9 @@ pub fn program_path() -> Option<PathBuf> {
     PROGRAM.get().map(|p| p.exe.clone())
 }
 
-/// Waits until the new process says it is ready (Ok with the child, which is then left to
-/// run: dropping it does not kill it), exits, closes the pipe without a word, or takes longer
-/// than [`READY_TIMEOUT`] (Err with why; the child is killed and reaped).
+/// Waits until the new process says it is ready (Ok with its pid; it is left to run), exits,
+/// closes the pipe without a word, or takes longer than [`READY_TIMEOUT`] (Err with why; the
+/// child is killed and reaped). Dropping the future unfinished kills the child.
 pub async fn wait_ready(started: Started) -> Result<u32, String> {
     use tokio::io::AsyncReadExt;
     let Started {
@@ -328,9 +330,13 @@ pub async fn wait_ready(started: Started) -> Result<u32, String> {
     let mut buf = [0u8; 64];
     let why = tokio::select! {
         read = ready.read(&mut buf) => match read {
-            // Left running. Dropping the handle does not kill it; tokio reaps it if it
-            // exits while we still run.
-            Ok(n) if n > 0 => return Ok(pid),
+            Ok(n) if n > 0 => {
+                // It runs on as the service's main process: the handle is forgotten, not
+                // dropped (that would kill it). When this process exits, the init process
+                // adopts and reaps it.
+                std::mem::forget(child);
+                return Ok(pid);
+            }
             Ok(_) => None,
             Err(e) => Some(format!("reading its ready pipe failed ({e})")),
         },

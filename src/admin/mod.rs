@@ -67,9 +67,11 @@ pub struct AdminState {
     pub commands: mpsc::Sender<runtime::Request>,
     /// The last minutes of counters (rates and charts).
     pub history: Arc<history::History>,
-    /// A duplicate of the admin listener with its configured address, for a binary upgrade
-    /// to pass on (`crate::upgrade`).
-    pub handoff: Option<(SocketAddr, socket2::Socket)>,
+    /// The admin listener's fd with its configured address, for a binary upgrade to pass on
+    /// (`crate::upgrade`). The number only: the accept loop owns the listener and closes it
+    /// only when [`AdminState::stop_accepting`] rings, after the upgrade's new process has
+    /// it.
+    pub handoff: Option<(SocketAddr, std::os::fd::RawFd)>,
     /// Rung when an upgrade's new process serves: the accept loop stops (the new process
     /// accepts on the same socket from then on).
     pub stop_accepting: tokio::sync::Notify,
@@ -136,12 +138,9 @@ pub fn start(
         )),
         (None, _) => None,
     };
-    let handoff = listener.as_ref().and_then(|(configured, l)| {
-        socket2::SockRef::from(l)
-            .try_clone()
-            .ok()
-            .map(|s| (*configured, s))
-    });
+    let handoff = listener
+        .as_ref()
+        .map(|(configured, l)| (*configured, std::os::fd::AsRawFd::as_raw_fd(l)));
     let state = Arc::new(AdminState {
         published: server.published.clone(),
         shared: server.shared.clone(),
