@@ -272,7 +272,7 @@ pub fn record_program() {
 
 /// The new process, started and not yet ready.
 pub struct Started {
-    pub child: tokio::process::Child,
+    child: tokio::process::Child,
     pub pid: u32,
     ready: tokio::net::unix::pipe::Receiver,
 }
