@@ -41,13 +41,15 @@ pub enum Command {
     Check(ConfigArg),
     /// Start a self-contained demo: ringlb in front of three local HTTP backends.
     Demo(crate::demo::DemoArgs),
-    /// Talk to a running ringlb: status, drain, ready, maint, weight, enable, disable.
+    /// Talk to a running ringlb: status, drain, ready, maint, weight, enable, disable, upgrade.
     /// Exit codes: 0 done, 1 refused, 2 usage or config error, 3 unreachable, 4 not allowed,
     /// 5 cannot be done now.
     Ctl(ctl::CtlArgs),
 }
 
 pub fn main() -> ExitCode {
+    // Before anything else: the path an upgrade starts (see `upgrade::record_program`).
+    crate::upgrade::record_program();
     let cli = Cli::parse();
     let top = cli.config;
     match cli.command.unwrap_or(Command::Run(ConfigArg::default())) {

@@ -33,12 +33,20 @@ pub fn run(
         let mut int = signal(SignalKind::interrupt()).map_err(StartError::Workers)?;
         let mut hup = signal(SignalKind::hangup()).map_err(StartError::Workers)?;
         let mut usr1 = signal(SignalKind::user_defined1()).map_err(StartError::Workers)?;
-        let (mut server, mut events) = Server::start(config, config_path)?;
+        // Caught for the whole life of the process (its default action ends it): a draining
+        // old process ignores it.
+        let mut usr2 = signal(SignalKind::user_defined2()).map_err(StartError::Workers)?;
+        // Sockets an upgrading ringlb passed, if it started this one.
+        let mut passed = crate::upgrade::take_passed().map_err(StartError::Inherited)?;
+        let (mut server, mut events) =
+            Server::start(config, config_path, std::mem::take(&mut passed.frontends))?;
         let (mut health, mut health_events) = HealthChecks::new();
         health.sync(&mut server);
         let (mut discovery, mut discovered) = Discovery::new(server.discovery_stats.clone());
         discovery.sync(&server.base);
-        let (admin, mut writes) = crate::admin::start(&server)?;
+        let (admin, mut writes) = crate::admin::start(&server, passed.admin.take())?;
+        server.open_listeners();
+        admin.ops.record_listeners(server.bound_addresses());
         let systemd = crate::systemd::start();
         on_started(&server);
         crate::info!("ready");
@@ -49,7 +57,25 @@ pub fn run(
         let mut announcer = Announcer::new();
         let mut announce_tick = tokio::time::interval(crate::announce::TICK);
         announce_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
+        if passed.is_upgrade() {
+            // The old process stops accepting once it reads this, and makes us the service's
+            // main process (MAINPID=): the service is already up, so no READY=1 from here.
+            passed.announce_ready().map_err(StartError::Inherited)?;
+            admin.ops.upgrades_ok.store(1, std::sync::atomic::Ordering::Relaxed);
+            crate::info!(
+                "upgrade: process {} took over from process {}",
+                std::process::id(),
+                std::os::unix::process::parent_id()
+            );
+        } else {
+            systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
+        }
+        // An upgrade in progress: who waits for its outcome (runtime API callers), and the
+        // channel it comes back on. Once the new process serves, the loop ends and this
+        // process drains (`handed_to`).
+        let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut upgrading: Option<Upgrading> = None;
+        let mut handed_to: Option<u32> = None;
         // A reload reads and validates the file (and /etc/hosts) on a thread of its
         // own, so a slow file system or resolver stalls nothing here; the loaded config
         // comes back on this channel. One load at a time; SIGHUPs meanwhile make one more.
@@ -91,6 +117,32 @@ pub fn run(
                         loading = true;
                     }
                 }
+                _ = usr2.recv() => {
+                    crate::info!("SIGUSR2 received: upgrading");
+                    start_upgrade(&server, &admin, &upgrade_tx, &mut upgrading, None);
+                }
+                Some(outcome) = upgrade_rx.recv() => {
+                    let waiters = upgrading.take().map(|u| u.waiters).unwrap_or_default();
+                    match outcome {
+                        Ok(pid) => {
+                            admin.ops.upgraded_to.store(pid, std::sync::atomic::Ordering::Relaxed);
+                            for w in waiters {
+                                let _ = w.send(Ok(()));
+                            }
+                            handed_to = Some(pid);
+                            break;
+                        }
+                        Err(why) => {
+                            admin.ops.upgrades_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            crate::error!("upgrade failed, still serving: {why}");
+                            for w in waiters {
+                                let _ = w.send(Err(crate::admin::runtime::Refused::Conflict(
+                                    format!("upgrade failed, still serving: {why}"),
+                                )));
+                            }
+                        }
+                    }
+                }
                 _ = usr1.recv() => {
                     // logrotate moved the connection log files: write to new ones.
                     crate::info!("SIGUSR1 received: reopening connection log files");
@@ -101,6 +153,11 @@ pub fn run(
                 Some(ev) = events.recv() => handle_event(&mut server, &mut health, ev),
                 Some(ev) = health_events.recv() => health.handle(&mut server, ev),
                 Some(w) = writes.recv() => {
+                    if w.action == crate::admin::runtime::Action::Upgrade {
+                        crate::info!("upgrade requested through the runtime API");
+                        start_upgrade(&server, &admin, &upgrade_tx, &mut upgrading, Some(w.reply));
+                        continue;
+                    }
                     let result = crate::admin::runtime::apply(&mut server, &w.action);
                     if let Ok(true) = result {
                         crate::admin::runtime::save_state(&server, admin.state_file.as_deref());
@@ -118,10 +175,34 @@ pub fn run(
                 }
             }
         }
-        systemd.stopping();
         admin.ops.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
-        withdraw(&mut announcer, &mut server).await;
-        let left = server.drain().await;
+        if let Some(u) = upgrading.take() {
+            // Stopping while a new process starts: it would find its sockets shut. Killed
+            // (dropping the wait kills it) before anything here closes.
+            crate::warn!(
+                "stopping: abandoning the upgrade in progress; new process {} is killed",
+                u.pid
+            );
+            u.wait.abort();
+            let _ = u.wait.await;
+            for w in u.waiters {
+                let _ = w.send(Err(crate::admin::runtime::Refused::Conflict(
+                    "ringlb is stopping: the upgrade was abandoned".into(),
+                )));
+            }
+        }
+        if let Some(pid) = handed_to {
+            // The new process accepts on the same sockets already: stop accepting (nothing
+            // is shut down, the queues stay whole) and drain. No grace and no route
+            // withdrawal: this node goes on serving through the new process.
+            systemd.main_pid(pid);
+            admin.stop_accepting.notify_one();
+            crate::info!("upgrade: new process {pid} is ready; it is the main process now");
+        } else {
+            systemd.stopping();
+            withdraw(&mut announcer, &mut server).await;
+        }
+        let left = server.drain(handed_to.is_some()).await;
         // The last connections' log lines, before the process goes.
         crate::connlog::settle(&server.registry.log_sinks, Duration::from_secs(2)).await;
         if left > 0 {
@@ -158,6 +239,79 @@ async fn withdraw(announcer: &mut Announcer, server: &mut Server) {
     }
     if let Some(left) = grace.checked_sub(start.elapsed()) {
         tokio::time::sleep(left).await;
+    }
+}
+
+/// A runtime API caller waiting for an upgrade's outcome.
+type UpgradeWaiter = tokio::sync::oneshot::Sender<Result<(), crate::admin::runtime::Refused>>;
+
+/// An upgrade whose new process has not said ready yet.
+struct Upgrading {
+    pid: u32,
+    /// Runtime API callers waiting for the outcome.
+    waiters: Vec<UpgradeWaiter>,
+    /// The task waiting for the new process; aborting it kills that process.
+    wait: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the new process of a binary upgrade with every listening socket (the frontends'
+/// and the admin listener), and a task that sends its outcome to the control loop. One at a
+/// time: a request during one waits for the same outcome.
+fn start_upgrade(
+    server: &Server,
+    admin: &crate::admin::AdminState,
+    outcome: &tokio::sync::mpsc::UnboundedSender<Result<u32, String>>,
+    upgrading: &mut Option<Upgrading>,
+    waiter: Option<UpgradeWaiter>,
+) {
+    if let Some(u) = upgrading {
+        crate::info!(
+            "upgrade: already in progress (new process {}): waiting for it",
+            u.pid
+        );
+        u.waiters.extend(waiter);
+        return;
+    }
+    let mut sockets = server.handoff();
+    if let (Some((configured, fd)), Some(bound)) = (&admin.handoff, admin.bound.get()) {
+        sockets.push(crate::upgrade::Entry {
+            fd: *fd,
+            kind: crate::upgrade::Kind::Admin,
+            frontend: String::new(),
+            configured: *configured,
+            bound: *bound,
+        });
+    }
+    let program =
+        crate::upgrade::program_path().map_or_else(|| "?".to_string(), |p| p.display().to_string());
+    match crate::upgrade::spawn(&sockets) {
+        Ok(started) => {
+            let pid = started.pid;
+            crate::info!(
+                "upgrade: started new process {pid} ({program}), passing {} listening sockets",
+                sockets.len()
+            );
+            let tx = outcome.clone();
+            let wait = tokio::spawn(async move {
+                let _ = tx.send(crate::upgrade::wait_ready(started).await);
+            });
+            *upgrading = Some(Upgrading {
+                pid,
+                waiters: waiter.into_iter().collect(),
+                wait,
+            });
+        }
+        Err(e) => {
+            admin
+                .ops
+                .upgrades_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let why = format!("upgrade failed, still serving: {e}");
+            crate::error!("{why}");
+            if let Some(w) = waiter {
+                let _ = w.send(Err(crate::admin::runtime::Refused::Conflict(why)));
+            }
+        }
     }
 }
 

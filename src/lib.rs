@@ -27,6 +27,8 @@
 //! - [`admin`]: the admin listener: `/metrics`, `/status`, the status page, `/healthz`.
 //! - [`metrics`]: the Prometheus recorder, fed from the data path's atomics by a periodic task.
 //! - [`systemd`]: `sd_notify` readiness, reload and stop messages; watchdog pings.
+//! - [`upgrade`]: the hitless binary upgrade (SIGUSR2, `ringlb ctl upgrade`): the new process
+//!   is started with every listening socket, and the old one drains once it serves.
 //! - [`demo`]: the self-contained demo behind `ringlb demo`.
 //! - [`log`]: one-line operator logs on stderr, journald-aware.
 //! - [`connlog`]: connection logs (HAProxy tcplog or JSON) to stderr, a file or syslog,
@@ -53,4 +55,5 @@ pub mod metrics;
 pub mod relay;
 pub mod server;
 pub mod systemd;
+pub mod upgrade;
 pub mod worker;

@@ -160,6 +160,8 @@ const PROCESS: Family = Family {
         ("ringlb_admin_writes_total", Some(("result", "not_found"))),
         ("ringlb_admin_writes_total", Some(("result", "conflict"))),
         ("ringlb_admin_writes_total", Some(("result", "too_large"))),
+        ("ringlb_upgrades_total", Some(("result", "success"))),
+        ("ringlb_upgrades_total", Some(("result", "failure"))),
     ],
     gauges: &[
         "ringlb_config_generation",
@@ -237,6 +239,7 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_frontend_announce_commands_total", "on_ready / on_unready commands run, by result (ok, or failed: could not start, non-zero exit, or killed after 5 s)."),
     ("ringlb_maglev_table_fingerprint", "A 52-bit hash of the Maglev table's routing (every slot's backend name, and the hash key); nodes behind one ECMP route should all show the same value. 0 for other balancers."),
     ("ringlb_config_reloads_total", "Configuration reloads by result."),
+    ("ringlb_upgrades_total", "Binary upgrades (SIGUSR2, ringlb ctl upgrade) by result: failure counts this process's upgrades whose new process did not start (it kept serving); success is 1 in a process that an upgrade started and that took over."),
     ("ringlb_config_generation", "1 for the configuration ringlb started with, +1 for each reload that changed it."),
     ("ringlb_config_last_reload_success_timestamp_seconds", "Unix time of the last successful reload, or of the start."),
     ("ringlb_snapshot_generation", "Publications of the routing snapshot (reloads and health transitions)."),
@@ -522,6 +525,8 @@ impl Exporter {
                 ops.admin_writes.get(WriteResult::NotFound),
                 ops.admin_writes.get(WriteResult::Conflict),
                 ops.admin_writes.get(WriteResult::TooLarge),
+                ops.upgrades_ok.load(Ordering::Relaxed),
+                ops.upgrades_failed.load(Ordering::Relaxed),
             ],
             &[
                 ops.config_generation.load(Ordering::Relaxed) as f64,

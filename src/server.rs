@@ -30,6 +30,14 @@ struct ListenerGroup {
     /// Passed by the service manager (`LISTEN_FDS`): never shut down by ringlb, and not
     /// removable by a reload.
     external: bool,
+    /// The workers' fds for these sockets, for a binary upgrade to pass on (`crate::upgrade`).
+    /// Numbers only, not owned: a worker closes its listener only after `Unlisten` or
+    /// `StopAccepting`, which are sent once the group has left `Server::listeners`, so the
+    /// numbers name these sockets for as long as the group is there. (A worker that could
+    /// not use a listener closes it at once; the new process then finds that number closed or
+    /// not a listener on this address, and refuses the hand-off naming it.) Copies would cost
+    /// an fd per socket.
+    handoff: Vec<std::os::fd::RawFd>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,14 +88,18 @@ pub struct Server {
     /// The addresses each `discover` entry found last.
     pub discovered: discovery::Found,
     pub discovery_stats: Arc<discovery::Stats>,
+    /// Bound (or passed) at start, accepted on from [`Server::open_listeners`].
+    unopened: Vec<(String, SocketAddr, Vec<std::net::TcpListener>, bool)>,
 }
 
 impl Server {
     /// Starts workers and binds every listener. Must run inside a tokio runtime (the control
     /// thread's) because the data path reports to it over a tokio channel.
+    /// `passed` are the frontends' sockets an upgrading ringlb passed (`upgrade::take_passed`).
     pub fn start(
         config: Config,
         config_path: Option<PathBuf>,
+        passed: Vec<(crate::upgrade::Entry, socket2::Socket)>,
     ) -> Result<(Server, mpsc::UnboundedReceiver<DataEvent>), StartError> {
         let config = Arc::new(config);
         let mut registry = Registry::default();
@@ -129,6 +141,7 @@ impl Server {
             base: config.clone(),
             discovered: discovery::Found::new(),
             discovery_stats: Arc::default(),
+            unopened: Vec::new(),
         };
         crate::info!(
             "ringlb {} starting: {} workers on {io_name} ({} relay), {} frontends, \
@@ -142,12 +155,12 @@ impl Server {
         );
         // Sockets passed by the service manager first, so that one no frontend names is
         // reported as such before anything is bound.
-        let mut inherited = Inherited::take().map_err(StartError::Inherited)?;
+        let mut inherited = Inherited::take(passed).map_err(StartError::Inherited)?;
         let count = server.workers.len();
         let mut passed = Vec::new();
         for f in &config.frontends {
             for &addr in &f.listen {
-                passed.push(inherited.take_for(addr, count));
+                passed.push(inherited.take_for(&f.name, addr, count));
             }
         }
         if let Some(e) = inherited.leftover() {
@@ -170,16 +183,38 @@ impl Server {
                     source,
                 };
                 let (sockets, external) = match passed.next().flatten() {
-                    Some(shared) => (shared.map_err(bind_error)?, true),
+                    Some(shared) => {
+                        let (sockets, external) = shared.map_err(bind_error)?;
+                        if !external {
+                            let at = sockets
+                                .first()
+                                .and_then(|s| s.local_addr().ok())
+                                .unwrap_or(addr);
+                            crate::info!(
+                                "frontend {}: {} sockets on {at} passed by process {} (upgrade)",
+                                f.name,
+                                sockets.len(),
+                                std::os::unix::process::parent_id()
+                            );
+                        }
+                        (sockets, external)
+                    }
                     None => (bind_reuseport(addr, count).map_err(bind_error)?, false),
                 };
                 pending.push((f.name.clone(), addr, sockets, external));
             }
         }
-        for (frontend, addr, sockets, external) in pending {
-            server.install_listeners(frontend, addr, sockets, external);
-        }
+        server.unopened = pending;
         Ok((server, events_rx))
+    }
+
+    /// Starts accepting on the listeners [`Server::start`] bound or took over. Separate, so
+    /// that the start can still fail (the admin listener) before any client is accepted: a
+    /// new process of an upgrade that accepted and then failed would cut what it accepted.
+    pub fn open_listeners(&mut self) {
+        for (frontend, addr, sockets, external) in std::mem::take(&mut self.unopened) {
+            self.install_listeners(frontend, addr, sockets, external);
+        }
     }
 
     fn install_listeners(
@@ -191,14 +226,22 @@ impl Server {
     ) {
         let id = self.next_listener_id;
         self.next_listener_id += 1;
-        let bound = sockets[0].local_addr().unwrap_or(addr);
-        for (w, socket) in self.workers.iter().zip(sockets) {
-            w.send(WorkerCommand::Listen {
-                id,
-                frontend: frontend.clone(),
-                listener: socket,
-                external,
-            });
+        let bound = sockets
+            .first()
+            .and_then(|s| s.local_addr().ok())
+            .unwrap_or(addr);
+        let mut handoff = Vec::with_capacity(sockets.len());
+        // Socket i to worker i % workers: one each, or several when an upgrade passed more.
+        for (i, socket) in sockets.into_iter().enumerate() {
+            handoff.push(std::os::fd::AsRawFd::as_raw_fd(&socket));
+            if let Some(w) = self.workers.get(i % self.workers.len().max(1)) {
+                w.send(WorkerCommand::Listen {
+                    id,
+                    frontend: frontend.clone(),
+                    listener: socket,
+                    external,
+                });
+            }
         }
         if external {
             crate::info!("frontend {frontend}: {bound} passed by the service manager");
@@ -210,6 +253,7 @@ impl Server {
                 id,
                 bound,
                 external,
+                handoff,
             },
         );
     }
@@ -461,25 +505,63 @@ impl Server {
         Ok(())
     }
 
+    /// The listening sockets a binary upgrade passes on, as `upgrade::Entry`s naming this
+    /// process's fds (see `ListenerGroup::handoff`: valid until the next change of
+    /// listeners, so use them at once).
+    pub fn handoff(&self) -> Vec<crate::upgrade::Entry> {
+        let mut out = Vec::new();
+        for ((frontend, configured), g) in &self.listeners {
+            for &fd in &g.handoff {
+                out.push(crate::upgrade::Entry {
+                    fd,
+                    kind: if g.external {
+                        crate::upgrade::Kind::SocketUnit
+                    } else {
+                        crate::upgrade::Kind::Listen
+                    },
+                    frontend: frontend.clone(),
+                    configured: *configured,
+                    bound: g.bound,
+                });
+            }
+        }
+        out
+    }
+
     /// Stops accepting everywhere, once what the listen queues hold is served; open
-    /// connections continue. The receiver completes when every listener is closed.
-    pub fn stop_accepting(&mut self) -> tokio::sync::oneshot::Receiver<()> {
+    /// connections continue. The receiver completes when every listener is closed. With
+    /// `hand_over` (a binary upgrade: the new process accepts on the same sockets) the
+    /// listeners only stop accepting: nothing is shut down, and the queues stay whole.
+    pub fn stop_accepting(&mut self, hand_over: bool) -> tokio::sync::oneshot::Receiver<()> {
         let (done, closed) = worker::ListenersClosed::new();
         for w in &self.workers {
-            w.send(WorkerCommand::StopAccepting { done: done.clone() });
+            w.send(WorkerCommand::StopAccepting {
+                done: done.clone(),
+                hand_over,
+            });
         }
         self.listeners.clear();
         closed
     }
 
     /// Graceful stop: stop accepting, wait for open connections up to `shutdown_timeout`.
-    /// Returns the number of connections still open at the deadline.
-    pub async fn drain(&mut self) -> usize {
-        let closed = self.stop_accepting();
+    /// Returns the number of connections still open at the deadline. `hand_over`: see
+    /// [`Server::stop_accepting`].
+    pub async fn drain(&mut self, hand_over: bool) -> usize {
+        let closed = self.stop_accepting(hand_over);
         let limit = self.config.global.shutdown_timeout;
         let start = Instant::now();
         // The listeners serve their queues first; a worker gone away counts as done.
         let _ = tokio::time::timeout(limit, closed).await;
+        if hand_over {
+            crate::info!(
+                "upgrade: process {} stopped accepting; draining its {} open connections for \
+                 up to {}",
+                std::process::id(),
+                self.shared.active(),
+                config::format_duration(limit)
+            );
+        }
         // Frontends with a drain_pace close their connections spread over it (within the
         // limit); the others wait for theirs to end.
         let snap = self.snapshot();

@@ -46,6 +46,11 @@ enum Job {
 
 pub struct Notifier {
     jobs: Option<mpsc::Sender<Job>>,
+    /// Set once `MAINPID=` named the process an upgrade handed over to: from then on the
+    /// service manager hears from that one, and this one says nothing more (with the
+    /// default `NotifyAccess=main` it would not be listened to; with `all`, its STOPPING=1
+    /// would stop the service).
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl Notifier {
@@ -53,7 +58,10 @@ impl Notifier {
     /// still serves, and systemd reports the missing readiness itself.
     pub fn from_env() -> Notifier {
         let Some(name) = std::env::var_os("NOTIFY_SOCKET") else {
-            return Notifier { jobs: None };
+            return Notifier {
+                jobs: None,
+                handed_over: Default::default(),
+            };
         };
         let started = target(&name.to_string_lossy()).and_then(|target| {
             let (tx, rx) = mpsc::channel();
@@ -63,13 +71,19 @@ impl Notifier {
             Ok(tx)
         });
         match started {
-            Ok(tx) => Notifier { jobs: Some(tx) },
+            Ok(tx) => Notifier {
+                jobs: Some(tx),
+                handed_over: Default::default(),
+            },
             Err(e) => {
                 crate::warn!(
                     "systemd: cannot use NOTIFY_SOCKET {}: {e}",
                     name.to_string_lossy()
                 );
-                Notifier { jobs: None }
+                Notifier {
+                    jobs: None,
+                    handed_over: Default::default(),
+                }
             }
         }
     }
@@ -80,6 +94,9 @@ impl Notifier {
 
     /// Queues one message. Best effort: a failed send is logged, never fatal.
     fn send(&self, parts: Vec<Part>) {
+        if self.handed_over.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         if let Some(jobs) = &self.jobs {
             // The thread only ends with the process.
             let _ = jobs.send(Job::Send(parts));
@@ -104,6 +121,18 @@ impl Notifier {
         self.send(parts);
     }
 
+    /// An upgrade's new process `pid` serves: it is the service's main process from now on.
+    /// Waits (briefly) until it is sent; nothing more is sent after it.
+    pub fn main_pid(&self, pid: u32) {
+        self.send(vec![
+            Part::State(NotifyState::MainPid(pid)),
+            Part::Status(format!("upgraded: process {pid} serves")),
+        ]);
+        self.flush();
+        self.handed_over
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The graceful stop begins. Waits (briefly) until it is sent: the process may exit
     /// right after.
     pub fn stopping(&self) {
@@ -111,6 +140,11 @@ impl Notifier {
             Part::State(NotifyState::Stopping),
             Part::Status("draining connections".into()),
         ]);
+        self.flush();
+    }
+
+    /// Waits (at most [`STOP_FLUSH`]) until everything queued was sent.
+    fn flush(&self) {
         if let Some(jobs) = &self.jobs {
             let (ack_tx, ack_rx) = mpsc::sync_channel(1);
             if jobs.send(Job::Flush(ack_tx)).is_ok() {
@@ -221,10 +255,15 @@ mod tests {
         let (tx, jobs) = mpsc::channel();
         let t = target(&format!("@{name}")).unwrap();
         let sender = std::thread::spawn(move || send_loop(&t, jobs));
-        let n = Notifier { jobs: Some(tx) };
+        let n = Notifier {
+            jobs: Some(tx),
+            handed_over: Default::default(),
+        };
         n.ready("ok");
         n.reloading();
         n.stopping();
+        n.main_pid(4242);
+        n.watchdog();
         let mut buf = [0u8; 256];
         let len = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..len], b"READY=1\nSTATUS=ok\n");
@@ -233,6 +272,11 @@ mod tests {
         assert!(msg.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{msg}");
         let len = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..len], b"STOPPING=1\nSTATUS=draining connections\n");
+        let len = rx.recv(&mut buf).unwrap();
+        assert_eq!(
+            &buf[..len],
+            b"MAINPID=4242\nSTATUS=upgraded: process 4242 serves\n"
+        );
         drop(n);
         sender.join().unwrap();
     }

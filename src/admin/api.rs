@@ -242,6 +242,8 @@ fn equal_in_constant_time(a: &[u8], b: &[u8]) -> bool {
 /// What the path names.
 enum Target<'a> {
     All,
+    /// `POST /api/upgrade`: the binary upgrade (`crate::upgrade`).
+    Upgrade,
     Frontend(&'a str),
     Backend(&'a str, &'a str),
 }
@@ -251,6 +253,7 @@ fn target(path: &str) -> Option<Target<'_>> {
     let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
     match parts.as_slice() {
         [] | ["state"] => Some(Target::All),
+        ["upgrade"] => Some(Target::Upgrade),
         ["frontends", f] => Some(Target::Frontend(f)),
         ["backends", f, b] => Some(Target::Backend(f, b)),
         _ => None,
@@ -258,7 +261,7 @@ fn target(path: &str) -> Option<Target<'_>> {
 }
 
 const ROUTES: &str = "try GET /api/state, GET|POST /api/frontends/NAME, \
-                      GET|POST /api/backends/FRONTEND/BACKEND";
+                      GET|POST /api/backends/FRONTEND/BACKEND, POST /api/upgrade";
 
 /// Answers an `/api/...` request; `body` is the write's body (empty for reads).
 pub async fn handle(req: &Request, body: &[u8], state: &AdminState) -> Response {
@@ -287,6 +290,14 @@ fn read(t: &Target<'_>, state: &AdminState) -> Response {
     let listeners = state.ops.listeners();
     let fe_json = |fe: &FrontendSnap| frontend_json(fe, &listeners);
     match *t {
+        Target::Upgrade => {
+            let mut r = error(
+                "405 Method Not Allowed",
+                "POST /api/upgrade (body {}) starts a binary upgrade",
+            );
+            r.allow = Some("POST");
+            r
+        }
         Target::All => {
             let fronts: Vec<Value> = snap
                 .config
@@ -356,6 +367,12 @@ fn parse_action(t: &Target<'_>, body: &[u8]) -> Result<Action, String> {
     };
     match *t {
         Target::All => Err(format!("nothing to write at /api/state: {ROUTES}")),
+        Target::Upgrade => match map.keys().next() {
+            None => Ok(Action::Upgrade),
+            Some(k) => Err(format!(
+                "unknown field \"{k}\": an upgrade takes an empty object {{}}"
+            )),
+        },
         Target::Frontend(f) => {
             for k in map.keys() {
                 if k != "enabled" {
@@ -419,6 +436,7 @@ async fn write(t: &Target<'_>, body: &[u8], state: &AdminState) -> Response {
         Ok(a) => a,
         Err(msg) => return refuse(state, WriteResult::BadRequest, "400 Bad Request", &msg),
     };
+    let action_is_upgrade = action == Action::Upgrade;
     let (reply, answer) = oneshot::channel();
     let sent = state
         .commands
@@ -431,7 +449,13 @@ async fn write(t: &Target<'_>, body: &[u8], state: &AdminState) -> Response {
             "too many writes waiting, or ringlb is stopping; try again",
         );
     }
-    let result = match tokio::time::timeout(APPLY_TIMEOUT, answer).await {
+    let wait = if action_is_upgrade {
+        // The control loop answers once the new process serves or has failed.
+        crate::upgrade::READY_TIMEOUT + APPLY_TIMEOUT
+    } else {
+        APPLY_TIMEOUT
+    };
+    let result = match tokio::time::timeout(wait, answer).await {
         Ok(Ok(r)) => r,
         _ => {
             return refuse(
@@ -443,6 +467,14 @@ async fn write(t: &Target<'_>, body: &[u8], state: &AdminState) -> Response {
         }
     };
     match result {
+        Ok(()) if action_is_upgrade => {
+            state.ops.admin_writes.record(WriteResult::Ok);
+            let pid = state.ops.upgraded_to.load(Ordering::Relaxed);
+            json_response(
+                "200 OK",
+                &json!({ "upgraded": true, "pid": pid, "old_pid": std::process::id() }),
+            )
+        }
         Ok(()) => {
             state.ops.admin_writes.record(WriteResult::Ok);
             read(t, state)

@@ -103,11 +103,18 @@ impl Drop for Slot {
     }
 }
 
-/// Accepts admin connections for the life of the process, one task each.
+/// Accepts admin connections, one task each, for the life of the process or until an upgrade
+/// hands the listener to the new process ([`AdminState::stop_accepting`]).
 pub async fn accept_loop(listener: TcpListener, state: Arc<AdminState>) {
     let table: TableRef = Arc::default();
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            // An upgrade's new process serves: it accepts on this socket from now on.
+            () = state.stop_accepting.notified() => return,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 let local = state

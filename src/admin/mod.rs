@@ -67,6 +67,14 @@ pub struct AdminState {
     pub commands: mpsc::Sender<runtime::Request>,
     /// The last minutes of counters (rates and charts).
     pub history: Arc<history::History>,
+    /// The admin listener's fd with its configured address, for a binary upgrade to pass on
+    /// (`crate::upgrade`). The number only: the accept loop owns the listener and closes it
+    /// only when [`AdminState::stop_accepting`] rings, after the upgrade's new process has
+    /// it.
+    pub handoff: Option<(SocketAddr, std::os::fd::RawFd)>,
+    /// Rung when an upgrade's new process serves: the accept loop stops (the new process
+    /// accepts on the same socket from then on).
+    pub stop_accepting: tokio::sync::Notify,
 }
 
 /// How many runtime API writes may wait for the control loop at once; more are answered 503.
@@ -76,8 +84,12 @@ const PENDING_WRITES: usize = 64;
 /// control thread's runtime right after [`Server::start`]. Logs
 /// `admin listening on ADDR (up to N connections at once)` once bound. The receiver is for
 /// the control loop: it applies runtime API writes (see [`runtime::apply`]).
+///
+/// `passed` is the admin listener an upgrading ringlb passed: used if `admin.listen` names its
+/// address (or its configured address, for port 0), else closed.
 pub fn start(
     server: &Server,
+    passed: Option<(crate::upgrade::Entry, socket2::Socket)>,
 ) -> Result<(Arc<AdminState>, mpsc::Receiver<runtime::Request>), StartError> {
     let ops = Arc::new(OpsState::new(server.bound_addresses()));
     let exporter = Arc::new(
@@ -86,6 +98,49 @@ pub fn start(
     );
     let admin = &server.config.admin;
     let (commands, rx) = mpsc::channel(PENDING_WRITES);
+    let passed = match (passed, admin.listen) {
+        (Some((entry, socket)), Some(addr)) if entry.bound == addr || entry.configured == addr => {
+            Some((entry, socket))
+        }
+        (Some((entry, _)), _) => {
+            crate::info!(
+                "{}: admin.listen no longer names it; closing it and binding {}",
+                entry.what(),
+                admin
+                    .listen
+                    .map_or("nothing".to_string(), |a| a.to_string())
+            );
+            None
+        }
+        (None, _) => None,
+    };
+    if let Some(addr) = admin.listen {
+        // Validation already refuses this; checked again because the admin listener exposes
+        // everything about the pool.
+        if !addr.ip().is_loopback() && !admin.allow_public {
+            return Err(StartError::Admin {
+                addr,
+                source: std::io::Error::other(
+                    "not a loopback address and admin.allow_public is not set",
+                ),
+            });
+        }
+    }
+    let listener = match (admin.listen, passed) {
+        (Some(addr), Some((entry, socket))) => Some(
+            adopt(socket)
+                .map_err(|source| StartError::Admin { addr, source })
+                .map(|l| (entry.configured, l))?,
+        ),
+        (Some(addr), None) => Some((
+            addr,
+            bind(addr).map_err(|source| StartError::Admin { addr, source })?,
+        )),
+        (None, _) => None,
+    };
+    let handoff = listener
+        .as_ref()
+        .map(|(configured, l)| (*configured, std::os::fd::AsRawFd::as_raw_fd(l)));
     let state = Arc::new(AdminState {
         published: server.published.clone(),
         shared: server.shared.clone(),
@@ -97,6 +152,8 @@ pub fn start(
         state_file: admin.state_file.clone(),
         commands,
         history: Arc::default(),
+        handoff,
+        stop_accepting: tokio::sync::Notify::new(),
     });
     if let Err(e) = crate::metrics::spawn_renderer(&exporter) {
         crate::error!(
@@ -107,21 +164,10 @@ pub fn start(
         state.history.clone(),
         server.published.clone(),
     ));
-    let Some(addr) = admin.listen else {
+    let Some((addr, listener)) = listener else {
         crate::info!("admin listener disabled (admin.listen is empty)");
         return Ok((state, rx));
     };
-    // Validation already refuses this; checked again because the admin listener exposes
-    // everything about the pool.
-    if !addr.ip().is_loopback() && !admin.allow_public {
-        return Err(StartError::Admin {
-            addr,
-            source: std::io::Error::other(
-                "not a loopback address and admin.allow_public is not set",
-            ),
-        });
-    }
-    let listener = bind(addr).map_err(|source| StartError::Admin { addr, source })?;
     let bound = listener.local_addr().unwrap_or(addr);
     let _ = state.bound.set(bound);
     let cap = server.shared.admin_connections.load(Ordering::Relaxed);
@@ -134,6 +180,14 @@ pub fn start(
     crate::info!("admin: {writes}");
     tokio::spawn(conns::accept_loop(listener, state.clone()));
     Ok((state, rx))
+}
+
+/// The admin listener an upgrading ringlb passed (checked to be a TCP listener on its address).
+fn adopt(socket: socket2::Socket) -> std::io::Result<TcpListener> {
+    crate::worker::listener::owners::register_own(&socket);
+    let listener: std::net::TcpListener = socket.into();
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {

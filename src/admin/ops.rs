@@ -39,6 +39,13 @@ pub struct OpsState {
     pub admin_evicted: AtomicU64,
     /// Runtime API writes by result.
     pub admin_writes: super::api::WriteCounts,
+    /// Binary upgrades (`crate::upgrade`): `upgrades_ok` is 1 in a process that an upgrade
+    /// started and that took over; `upgrades_failed` counts this process's upgrades whose new
+    /// process failed (it went on serving).
+    pub upgrades_ok: AtomicU64,
+    pub upgrades_failed: AtomicU64,
+    /// The pid of the process an upgrade handed over to, once it serves (0 before).
+    pub upgraded_to: std::sync::atomic::AtomicU32,
     last_reload_error: Mutex<Option<String>>,
     listeners: Mutex<Vec<(String, SocketAddr)>>,
     draining: Mutex<Vec<Draining>>,
@@ -66,6 +73,9 @@ impl OpsState {
             stopping: AtomicBool::new(false),
             admin_evicted: AtomicU64::new(0),
             admin_writes: Default::default(),
+            upgrades_ok: AtomicU64::new(0),
+            upgrades_failed: AtomicU64::new(0),
+            upgraded_to: std::sync::atomic::AtomicU32::new(0),
             last_reload_error: Mutex::new(None),
             listeners: Mutex::new(sorted(listeners)),
             draining: Mutex::new(Vec::new()),

@@ -31,6 +31,9 @@ pub enum Action {
         frontend: String,
         enabled: bool,
     },
+    /// Start a binary upgrade; answered once the new process serves (or failed). The
+    /// control loop runs it (`crate::upgrade`), not [`apply`].
+    Upgrade,
 }
 
 /// Why a change was refused, as the HTTP status it is answered with.
@@ -59,6 +62,9 @@ pub fn apply(server: &mut Server, action: &Action) -> Result<bool, Refused> {
             weight,
         } => set_backend(server, frontend, backend, *mode, *weight),
         Action::Frontend { frontend, enabled } => set_frontend(server, frontend, *enabled),
+        Action::Upgrade => Err(Refused::Conflict(
+            "an upgrade is run by the control loop, not applied here".into(),
+        )),
     }
 }
 

@@ -1,5 +1,5 @@
 //! `ringlb ctl`: the runtime API from the command line (`status`, `drain`, `ready`, `maint`,
-//! `weight`, `enable`, `disable`).
+//! `weight`, `enable`, `disable`, `upgrade`).
 //!
 //! It finds the admin listener in the config file (only its `[admin]` table is read, so a
 //! config being edited elsewhere does not stop an operator from draining a backend) or takes
@@ -59,6 +59,9 @@ pub enum CtlCommand {
     Enable { frontend: String },
     /// Close the frontend's listeners; established connections go on.
     Disable { frontend: String },
+    /// Binary upgrade: start the ringlb binary at the path the running one was started from,
+    /// hand it every listening socket, and once it serves, let the running one drain.
+    Upgrade,
 }
 
 /// What went wrong, with its exit code.
@@ -96,7 +99,19 @@ fn run(args: &CtlArgs, top_config: Option<PathBuf>) -> Result<String, Failure> {
         None => None,
     };
     let (method, path, body) = request_for(&args.command)?;
-    let (code, json) = call(admin, method, &path, body.as_deref(), token.as_deref())?;
+    // An upgrade is answered once the new process serves, which may take a while.
+    let wait = match args.command {
+        CtlCommand::Upgrade => crate::upgrade::READY_TIMEOUT + READ_TIMEOUT,
+        _ => READ_TIMEOUT,
+    };
+    let (code, json) = call(
+        admin,
+        method,
+        &path,
+        body.as_deref(),
+        token.as_deref(),
+        wait,
+    )?;
     match code {
         200 => {}
         401 | 403 => return Err(fail(4, format!("{code}: {}", error_text(&json)))),
@@ -111,6 +126,10 @@ fn run(args: &CtlArgs, top_config: Option<PathBuf>) -> Result<String, Failure> {
     Ok(match &args.command {
         CtlCommand::Status => status_text(&json),
         CtlCommand::Enable { .. } | CtlCommand::Disable { .. } => frontend_line(&json),
+        CtlCommand::Upgrade => format!(
+            "upgraded: process {} serves; process {} drains its connections and exits\n",
+            json["pid"], json["old_pid"]
+        ),
         _ => backend_line(&json, false),
     })
 }
@@ -243,6 +262,7 @@ fn request_for(cmd: &CtlCommand) -> Result<Call, Failure> {
         }
         CtlCommand::Enable { frontend: f } => frontend(f, true),
         CtlCommand::Disable { frontend: f } => frontend(f, false),
+        CtlCommand::Upgrade => Ok(("POST", "/api/upgrade".to_string(), Some("{}".into()))),
     }
 }
 
@@ -253,6 +273,7 @@ fn call(
     path: &str,
     body: Option<&str>,
     token: Option<&str>,
+    wait: Duration,
 ) -> Result<(u16, Value), Failure> {
     let unreachable = |e: std::io::Error| {
         fail(
@@ -261,8 +282,7 @@ fn call(
         )
     };
     let mut s = TcpStream::connect_timeout(&admin, CONNECT_TIMEOUT).map_err(unreachable)?;
-    s.set_read_timeout(Some(READ_TIMEOUT))
-        .map_err(unreachable)?;
+    s.set_read_timeout(Some(wait)).map_err(unreachable)?;
     s.set_write_timeout(Some(READ_TIMEOUT))
         .map_err(unreachable)?;
     let mut req = format!(

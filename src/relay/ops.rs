@@ -268,3 +268,56 @@ unsafe fn submit<D: 'static, T: OneshotOutputTransform<StoredData = D>>(
     #[allow(clippy::disallowed_methods)]
     UnsubmittedOneshot::new(data, transform, sqe).submit()
 }
+
+/// Makes `fds` survive `exec` in the child that `cmd` starts, and only there: the parent's
+/// copies stay close-on-exec, so no other program ringlb runs meanwhile inherits them. The
+/// fd numbers stay the same in the child. Used by the binary upgrade (`crate::upgrade`).
+pub fn keep_across_exec(cmd: &mut std::process::Command, fds: Vec<RawFd>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe
+    // calls are allowed: it calls fcntl alone and touches no lock or allocation (`fds` was
+    // built before the fork). The fds are open in the parent, so in the child as well.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Takes ownership of fd `fd`, which the process that started this one passed to it (the
+/// binary upgrade's `RINGLB_INHERIT`), and makes it close-on-exec. `what` names it in the
+/// error for an fd that is not open.
+///
+/// The caller must take each passed fd once (`crate::upgrade::take_passed` removes the
+/// variable that names them and takes them once per process).
+pub fn take_passed_fd(fd: RawFd, what: &str) -> io::Result<OwnedFd> {
+    if fd < 3 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what}: fd {fd} is stdin, stdout or stderr, not a passed socket"),
+        ));
+    }
+    // SAFETY: F_GETFD reads the flags of an fd number and touches no memory; on an fd that is
+    // not open it fails with EBADF, which is reported instead of taking it.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what}: fd {fd} is not open"),
+        ));
+    }
+    // SAFETY: the parent passed this fd number to this process for ringlb to own; nothing
+    // else in the process knows the number (the variable naming it is removed once read and
+    // read once), and it is open (checked above).
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::fcntl::fcntl(
+        owned.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(io::Error::from)?;
+    Ok(owned)
+}

@@ -80,6 +80,14 @@ impl<I: Io> ListenerSlot<I> {
             self.closed_bell.notify_one();
         }
     }
+
+    /// Stops accepting without touching the socket: a binary upgrade's new process accepts
+    /// on it (and on its queue) from here on.
+    pub fn stop_accepting(&self) {
+        if !self.closed.replace(true) {
+            self.closed_bell.notify_one();
+        }
+    }
 }
 
 /// How long a closing listener keeps accepting after it stopped taking new handshakes: a
@@ -142,16 +150,17 @@ pub async fn accept_loop<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shared>) 
         if slot.closed.get() {
             return;
         }
-        let accepted = if slot.external {
-            // Nothing shuts this socket down to end a pending accept: the bell does. A
-            // readiness poll left in flight completes with the next connection, which stays
-            // queued for whoever accepts next.
-            tokio::select! {
-                a = I::accept(&slot.listener) => a,
-                _ = slot.closed_bell.notified() => return,
-            }
-        } else {
-            I::accept(&slot.listener).await
+        // A socket passed by the service manager (or handed to a new process by an upgrade)
+        // is not shut down to end a pending accept: the bell does. A readiness poll left in
+        // flight completes with the next connection, which stays queued for whoever accepts
+        // next. The accept itself is a readiness wait and a non-blocking accept4, so leaving
+        // it loses nothing.
+        // The bell first: once the listener is closed, not one more connection is taken
+        // (an upgrade's new process serves those).
+        let accepted = tokio::select! {
+            biased;
+            _ = slot.closed_bell.notified() => return,
+            a = I::accept(&slot.listener) => a,
         };
         if slot.closed.get() {
             // Shut down for a reload or a stop; a connection accepted in the race is served.

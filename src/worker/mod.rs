@@ -178,7 +178,12 @@ pub enum WorkerCommand {
     Unlisten { id: u64 },
     /// Stop accepting on all listeners (graceful stop), once their queues are served; open
     /// connections continue. `done` is dropped when every listener of the worker is closed.
-    StopAccepting { done: Arc<ListenersClosed> },
+    /// `hand_over` (a binary upgrade): only stop accepting, at once; the new process accepts
+    /// on the same sockets, so nothing is shut down and the queues stay whole.
+    StopAccepting {
+        done: Arc<ListenersClosed>,
+        hand_over: bool,
+    },
 }
 
 /// Rings when the last clone is dropped: every worker has closed its listeners (each worker
@@ -323,7 +328,9 @@ async fn run<I: Io>(
 ) {
     crate::relay::pool::init(shared.pools[index].clone(), shared.pipe_limit);
     I::spawn(conns::sweeper(shared.kill_bells[index].clone()));
-    let mut listeners: HashMap<u64, Rc<ListenerSlot<I>>> = HashMap::new();
+    // Usually one slot per listener id; more when an upgrade passed more sockets per address
+    // than there are workers.
+    let mut listeners: HashMap<u64, Vec<Rc<ListenerSlot<I>>>> = HashMap::new();
     while let Some(cmd) = rx.recv().await {
         match cmd {
             WorkerCommand::Listen {
@@ -335,23 +342,28 @@ async fn run<I: Io>(
                 Ok(slot) => {
                     let slot = Rc::new(slot);
                     I::spawn(accept::accept_loop(slot.clone(), shared.clone()));
-                    listeners.insert(id, slot);
+                    listeners.entry(id).or_default().push(slot);
                 }
                 Err(e) => crate::error!("worker cannot use a listener: {e}"),
             },
             WorkerCommand::Unlisten { id } => {
-                if let Some(slot) = listeners.remove(&id) {
+                for slot in listeners.remove(&id).unwrap_or_default() {
                     I::spawn(accept::close_gracefully(slot, shared.clone()));
                 }
             }
-            WorkerCommand::StopAccepting { done } => {
-                for (_, slot) in listeners.drain() {
+            WorkerCommand::StopAccepting { done, hand_over } => {
+                for slot in listeners.drain().flat_map(|(_, slots)| slots) {
+                    if hand_over {
+                        slot.stop_accepting();
+                        continue;
+                    }
                     let (shared, done) = (shared.clone(), done.clone());
                     I::spawn(async move {
                         accept::close_gracefully(slot, shared).await;
                         drop(done);
                     });
                 }
+                drop(done);
             }
         }
     }
