@@ -81,12 +81,19 @@ pub fn run(
         // comes back on this channel. One load at a time; SIGHUPs meanwhile make one more.
         let (loaded_tx, mut loaded_rx) = tokio::sync::mpsc::unbounded_channel();
         let (mut loading, mut again) = (false, false);
+        // A reload asked for (or loaded) while an upgrade is in progress waits for its outcome:
+        // applied here, it could close a socket the new process already holds. If the upgrade
+        // fails, the file is loaded again here; if it succeeds, the new process is sent SIGHUP.
+        let mut reload_after_upgrade = false;
         loop {
             tokio::select! {
                 _ = term.recv() => { crate::info!("SIGTERM received: stopping"); break; }
                 _ = int.recv() => { crate::info!("SIGINT received: stopping"); break; }
                 _ = hup.recv() => {
-                    if loading {
+                    if upgrading.is_some() {
+                        crate::info!("SIGHUP received during an upgrade: the reload waits for the upgrade's outcome");
+                        reload_after_upgrade = true;
+                    } else if loading {
                         crate::info!("SIGHUP received: reloading again once the reload in progress is done");
                         again = true;
                     } else {
@@ -98,6 +105,14 @@ pub fn run(
                 }
                 Some(loaded) = loaded_rx.recv() => {
                     loading = false;
+                    if upgrading.is_some() {
+                        // Its RELOADING=1 went out when it began; the reload itself comes
+                        // after the upgrade (see `reload_after_upgrade`).
+                        drop(loaded);
+                        reload_after_upgrade = true;
+                        systemd.ready(&format!("serving {} frontends", server.config.frontends.len()));
+                        continue;
+                    }
                     let before = server.snapshot();
                     let outcome = server.finish_reload(loaded);
                     if let ReloadOutcome::Applied(_) = outcome {
@@ -130,6 +145,15 @@ pub fn run(
                                 let _ = w.send(Ok(()));
                             }
                             handed_to = Some(pid);
+                            if reload_after_upgrade {
+                                crate::info!("upgrade: passing the SIGHUP received meanwhile to process {pid}");
+                                if let Ok(p) = i32::try_from(pid) {
+                                    let _ = nix::sys::signal::kill(
+                                        nix::unistd::Pid::from_raw(p),
+                                        nix::sys::signal::Signal::SIGHUP,
+                                    );
+                                }
+                            }
                             break;
                         }
                         Err(why) => {
@@ -139,6 +163,12 @@ pub fn run(
                                 let _ = w.send(Err(crate::admin::runtime::Refused::Conflict(
                                     format!("upgrade failed, still serving: {why}"),
                                 )));
+                            }
+                            if std::mem::take(&mut reload_after_upgrade) && !loading {
+                                crate::info!("reloading now: a SIGHUP arrived during the upgrade");
+                                systemd.reloading();
+                                start_load(&server, &loaded_tx);
+                                loading = true;
                             }
                         }
                     }
