@@ -44,7 +44,9 @@ use pool::{Buf, Pipe};
 /// to wait for readiness on the worker's runtime.
 pub trait Conn: AsRawFd + AsFd + 'static {
     /// Resolves when the socket is ready for `interest`, or has an error or hang-up to report.
-    fn wait(&self, interest: Interest) -> impl Future<Output = io::Result<()>>;
+    /// `true` when the peer has closed its write half (a FIN came in): everything it will
+    /// ever send is queued, so a read that leaves the socket empty has read the last of it.
+    fn wait(&self, interest: Interest) -> impl Future<Output = io::Result<bool>>;
     /// Runs one non-blocking syscall on the socket. A runtime that tracks readiness itself
     /// (epoll) learns from a `WouldBlock` here that the socket is no longer ready.
     fn attempt<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
@@ -101,8 +103,10 @@ fn would_block(e: &io::Error) -> bool {
 
 /// What one step of a direction did.
 enum Step {
-    /// Moved `n` bytes; `more` when the read filled its buffer (more is likely waiting).
-    Moved { n: usize, more: bool },
+    /// Moved `n` bytes; `more` when the read filled its buffer (more is likely waiting);
+    /// `last` when they were the last before EOF (the peer had sent its FIN and the read
+    /// emptied the socket), so no read is spent to learn of the EOF.
+    Moved { n: usize, more: bool, last: bool },
     /// Nothing to read now: wait for readiness.
     Dry,
     /// The source closed its write half.
@@ -137,6 +141,11 @@ enum Fault {
 
 /// Relays until both directions end, and says how they did. `head` is what [`first_move`]
 /// already read from the client: it goes to the backend first.
+///
+/// The caller closes both sockets as soon as this returns: the direction that ends last does
+/// not shut its destination's write half, because the close right after sends the same FIN
+/// (both sockets have been read to EOF by then, so the close cannot turn into a reset). One
+/// syscall fewer per connection.
 pub async fn relay<S: Conn>(
     client: &S,
     server: &S,
@@ -169,6 +178,7 @@ pub async fn relay<S: Conn>(
                     (&meter.bytes_up, &meter.last_up),
                     mode,
                     readable,
+                    &how,
                 )
                 .await
             }
@@ -186,6 +196,7 @@ pub async fn relay<S: Conn>(
             (&meter.bytes_down, &meter.last_down),
             mode,
             false,
+            &how,
         )
         .await;
         how.set(how.get().with(r, Side::Server, Side::Client));
@@ -207,6 +218,11 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// Whether a direction has ended cleanly and none has failed.
+    fn one_closed(self) -> bool {
+        self.closed_first.is_some() && self.failed.is_none()
+    }
+
     /// With one direction's end added: `src` is the side it reads from, `dst` the other.
     fn with(self, r: Result<(), Fault>, src: Side, dst: Side) -> Outcome {
         match r {
@@ -241,18 +257,30 @@ pub fn end_both(client: &impl AsRawFd, server: &impl AsRawFd) {
     sys::shutdown(server.as_raw_fd(), Shutdown::Both);
 }
 
-/// Moves bytes from `from` to `to` until EOF, then half-closes `to`.
+/// Moves bytes from `from` to `to` until EOF, then half-closes `to`, unless the other
+/// direction has already ended cleanly (`how`): then the relay is over and the caller's close
+/// of both sockets sends that FIN.
 async fn pump<S: Conn>(
     from: &S,
     to: &S,
     (bytes, last): (&Cell<u64>, &Cell<Instant>),
     mode: RelayMode,
     mut readable: bool,
+    how: &Cell<Outcome>,
 ) -> Result<(), Fault> {
     let mut splicing = mode == RelayMode::Splice;
+    let eof = || {
+        if !how.get().one_closed() {
+            sys::shutdown(to.as_raw_fd(), Shutdown::Write);
+        }
+        Ok(())
+    };
+    // The peer has sent its FIN: a copy that empties the socket is the last one.
+    let mut closed = false;
     loop {
         if !readable {
-            from.wait(Interest::READABLE)
+            closed = from
+                .wait(Interest::READABLE)
                 .await
                 .map_err(|_| Fault::Src)?;
         }
@@ -265,20 +293,24 @@ async fn pump<S: Conn>(
                     // out of line keeps every idle connection's future small.
                     Some(pipe) => Box::pin(splice_once(from, to, pipe)).await?,
                     // No pipe to be had (limit or out of fds): copy this chunk instead.
-                    None => copy_once(from, to).await?,
+                    None => copy_once(from, to, closed).await?,
                 }
             } else {
-                copy_once(from, to).await?
+                copy_once(from, to, closed).await?
             };
             match step {
                 Step::Dry => break,
-                Step::Eof => {
-                    sys::shutdown(to.as_raw_fd(), Shutdown::Write);
-                    return Ok(());
-                }
-                Step::Moved { n, more } => {
+                Step::Eof => return eof(),
+                Step::Moved {
+                    n,
+                    more,
+                    last: at_end,
+                } => {
                     bytes.set(bytes.get() + n as u64);
                     last.set(Instant::now());
+                    if at_end {
+                        return eof();
+                    }
                     if mode == RelayMode::SpliceAuto {
                         splicing = if splicing { n >= SPLICE_BULK } else { more };
                     }
@@ -291,8 +323,10 @@ async fn pump<S: Conn>(
     }
 }
 
-/// Copy mode's step: one recv into a pooled buffer, then all of it out.
-async fn copy_once<S: Conn>(from: &S, to: &S) -> Result<Step, Fault> {
+/// Copy mode's step: one recv into a pooled buffer, then all of it out. `closed`: the peer
+/// had sent its FIN when `from` was last seen readable, so a read short of the buffer has
+/// emptied the socket for good (TCP queues a FIN only after all the data before it).
+async fn copy_once<S: Conn>(from: &S, to: &S, closed: bool) -> Result<Step, Fault> {
     let mut buf = Buf::take();
     let n = match from.attempt(Interest::READABLE, || sys::recv(from.as_raw_fd(), &mut buf)) {
         Ok(0) => return Ok(Step::Eof),
@@ -317,7 +351,11 @@ async fn copy_once<S: Conn>(from: &S, to: &S) -> Result<Step, Fault> {
                 .map_err(|_| Fault::Dst)?;
         }
     }
-    Ok(Step::Moved { n, more })
+    Ok(Step::Moved {
+        n,
+        more,
+        last: closed && !more,
+    })
 }
 
 /// Sends as much of `data` as the socket takes now; returns how much that was.
@@ -361,7 +399,7 @@ async fn splice_once<S: Conn>(from: &S, to: &S, mut pipe: Pipe) -> Result<Step, 
             Ok(0) => return Err(Fault::Dst),
             Ok(_) => {}
             Err(e) if would_block(&e) => {
-                to.wait(Interest::WRITABLE).await.map_err(|_| Fault::Dst)?
+                to.wait(Interest::WRITABLE).await.map_err(|_| Fault::Dst)?;
             }
             Err(_) => return Err(Fault::Dst),
         }
@@ -369,6 +407,7 @@ async fn splice_once<S: Conn>(from: &S, to: &S, mut pipe: Pipe) -> Result<Step, 
     Ok(Step::Moved {
         n,
         more: n >= SPLICE_BULK,
+        last: false,
     })
 }
 
@@ -411,7 +450,7 @@ pub async fn first_move<S: Conn>(client: &S, server: &S, limit: Duration) -> Fir
         }
         r = server.wait(Interest::READABLE) => match r {
             Err(e) => FirstMove::BackendFailed(e),
-            Ok(()) => match sys::peek(server.as_raw_fd()) {
+            Ok(_) => match sys::peek(server.as_raw_fd()) {
                 Ok(0) => FirstMove::BackendFailed(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "backend closed the connection before sending anything",
