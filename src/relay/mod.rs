@@ -178,12 +178,12 @@ pub async fn relay<S: Conn>(
                     (&meter.bytes_up, &meter.last_up),
                     mode,
                     readable,
-                    &how,
                 )
                 .await
             }
             Err(e) => Err(e),
         };
+        half_close(server, r, &how);
         how.set(how.get().with(r, Side::Client, Side::Server));
         if r.is_err() {
             end_both(client, server);
@@ -196,9 +196,9 @@ pub async fn relay<S: Conn>(
             (&meter.bytes_down, &meter.last_down),
             mode,
             false,
-            &how,
         )
         .await;
+        half_close(client, r, &how);
         how.set(how.get().with(r, Side::Server, Side::Client));
         if r.is_err() {
             end_both(client, server);
@@ -257,24 +257,25 @@ pub fn end_both(client: &impl AsRawFd, server: &impl AsRawFd) {
     sys::shutdown(server.as_raw_fd(), Shutdown::Both);
 }
 
-/// Moves bytes from `from` to `to` until EOF, then half-closes `to`, unless the other
-/// direction has already ended cleanly (`how`): then the relay is over and the caller's close
-/// of both sockets sends that FIN.
+/// A direction that reached EOF (`r` is Ok) passes it on: it shuts `to`'s write half,
+/// unless the other direction has already ended cleanly (`how`): then the relay is over and
+/// the caller's close of both sockets sends that FIN. Done here rather than in [`pump`], so
+/// that each direction's future, which every idle connection holds, stays as small.
+fn half_close(to: &impl AsRawFd, r: Result<(), Fault>, how: &Cell<Outcome>) {
+    if r.is_ok() && !how.get().one_closed() {
+        sys::shutdown(to.as_raw_fd(), Shutdown::Write);
+    }
+}
+
+/// Moves bytes from `from` to `to` until EOF (then the caller half-closes `to`).
 async fn pump<S: Conn>(
     from: &S,
     to: &S,
     (bytes, last): (&Cell<u64>, &Cell<Instant>),
     mode: RelayMode,
     mut readable: bool,
-    how: &Cell<Outcome>,
 ) -> Result<(), Fault> {
     let mut splicing = mode == RelayMode::Splice;
-    let eof = || {
-        if !how.get().one_closed() {
-            sys::shutdown(to.as_raw_fd(), Shutdown::Write);
-        }
-        Ok(())
-    };
     // The peer has sent its FIN: a copy that empties the socket is the last one.
     let mut closed = false;
     loop {
@@ -300,7 +301,7 @@ async fn pump<S: Conn>(
             };
             match step {
                 Step::Dry => break,
-                Step::Eof => return eof(),
+                Step::Eof => return Ok(()),
                 Step::Moved {
                     n,
                     more,
@@ -309,7 +310,7 @@ async fn pump<S: Conn>(
                     bytes.set(bytes.get() + n as u64);
                     last.set(Instant::now());
                     if at_end {
-                        return eof();
+                        return Ok(());
                     }
                     if mode == RelayMode::SpliceAuto {
                         splicing = if splicing { n >= SPLICE_BULK } else { more };
