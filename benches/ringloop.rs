@@ -8,8 +8,10 @@
 //! - a multishot accept (one SQE for every connection the listener will ever take);
 //! - per connection: socket(2) + TCP_NODELAY (syscalls, as ringlb), an io_uring connect to the
 //!   one backend, then both directions as recv -> send -> recv ... ops (the kernel's internal
-//!   poll waits for readiness; no epoll, no POLL_ADD of ours), a shutdown op for the write half
-//!   of the first direction to end, and close ops for both fds once both have ended;
+//!   poll waits for readiness; no epoll, no POLL_ADD of ours), shutdown(2) of the write half
+//!   for the first direction to end (IORING_OP_SHUTDOWN with `--shutdown-op`: the kernel runs
+//!   every one on an io-wq worker thread, a thread wake-up each), and close ops for both fds
+//!   once both have ended;
 //! - one `io_uring_enter` per loop turn (`submit_and_wait(1)`) that submits everything queued
 //!   and reaps what completed, with `DEFER_TASKRUN` so completions run only there.
 //!
@@ -20,7 +22,7 @@
 //! `cargo bench --bench ringloop --no-run`; cargo prints the binary's path), or by hand:
 //!
 //! ```sh
-//! ringloop --workers 2 --listen 127.0.0.1:8000 --backend 127.0.0.1:8080 [--no-defer]
+//! ringloop --workers 2 --listen 127.0.0.1:8000 --backend 127.0.0.1:8080 [--no-defer] [--shutdown-op]
 //! ```
 //!
 //! The unsafe here is the io_uring contract: every fd and buffer an SQE names must stay valid
@@ -88,6 +90,9 @@ struct Worker {
     listener: RawFd,
     /// The backend's address; lives as long as the worker, so connect SQEs may point at it.
     backend: Box<SockAddr>,
+    /// Half-close with IORING_OP_SHUTDOWN (`--shutdown-op`) rather than shutdown(2). The op
+    /// is never done inline: the kernel hands every one to an io-wq worker thread.
+    shutdown_op: bool,
 }
 
 impl Worker {
@@ -195,12 +200,17 @@ impl Worker {
             shutdown_now(c.client);
             shutdown_now(c.server);
         } else if !c.dirs[1 - d].done {
-            c.inflight += 1;
-            let sqe = opcode::Shutdown::new(types::Fd(c.dst(d)), libc::SHUT_WR)
-                .build()
-                .user_data(tag(slot, OP_SHUT + d as u64));
-            // SAFETY: the fd stays open until the slot's close; no memory is named.
-            unsafe { self.push(sqe) };
+            if self.shutdown_op {
+                c.inflight += 1;
+                let sqe = opcode::Shutdown::new(types::Fd(c.dst(d)), libc::SHUT_WR)
+                    .build()
+                    .user_data(tag(slot, OP_SHUT + d as u64));
+                // SAFETY: the fd stays open until the slot's close; no memory is named.
+                unsafe { self.push(sqe) };
+            } else {
+                // SAFETY: shutdown(2) on an fd of this slot, open until the slot's close.
+                unsafe { libc::shutdown(c.dst(d), libc::SHUT_WR) };
+            }
         }
         self.maybe_close(slot);
     }
@@ -334,6 +344,7 @@ fn main() {
     let mut listen: Option<SocketAddr> = None;
     let mut backend: Option<SocketAddr> = None;
     let mut defer = true;
+    let mut shutdown_op = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -346,13 +357,16 @@ fn main() {
             "--listen" => listen = args.next().and_then(|v| v.parse().ok()),
             "--backend" => backend = args.next().and_then(|v| v.parse().ok()),
             "--no-defer" => defer = false,
+            "--shutdown-op" => shutdown_op = true,
             // `cargo bench` passes --bench.
             "--bench" => {}
             other => panic!("unknown argument {other:?}"),
         }
     }
     let (Some(listen), Some(backend)) = (listen, backend) else {
-        eprintln!("usage: ringloop --workers N --listen ADDR --backend ADDR [--no-defer]");
+        eprintln!(
+            "usage: ringloop --workers N --listen ADDR --backend ADDR [--no-defer] [--shutdown-op]"
+        );
         return;
     };
     // All listeners bound before any thread runs, so the port is ready when this prints.
@@ -377,6 +391,7 @@ fn main() {
                     free: Vec::new(),
                     listener: fd,
                     backend: Box::new(SockAddr::from(backend)),
+                    shutdown_op,
                 }
                 .run()
             })
