@@ -13,7 +13,8 @@
 //!   every one on an io-wq worker thread, a thread wake-up each), and close ops for both fds
 //!   once both have ended;
 //! - one `io_uring_enter` per loop turn (`submit_and_wait(1)`) that submits everything queued
-//!   and reaps what completed, with `DEFER_TASKRUN` so completions run only there.
+//!   and reaps what completed, with `DEFER_TASKRUN` so completions run only there
+//!   (`--coop`: `COOP_TASKRUN` instead, as ringlb's tokio-uring ring; `--no-defer`: neither).
 //!
 //! No health checks, no timeouts, no metrics, no selection, no config: everything it lacks is
 //! what an own runtime would have to add back, so its figures are a bound, not a target.
@@ -22,7 +23,7 @@
 //! `cargo bench --bench ringloop --no-run`; cargo prints the binary's path), or by hand:
 //!
 //! ```sh
-//! ringloop --workers 2 --listen 127.0.0.1:8000 --backend 127.0.0.1:8080 [--no-defer] [--shutdown-op]
+//! ringloop --workers 2 --listen 127.0.0.1:8000 --backend 127.0.0.1:8080 [--no-defer | --coop] [--shutdown-op]
 //! ```
 //!
 //! The unsafe here is the io_uring contract: every fd and buffer an SQE names must stay valid
@@ -344,6 +345,7 @@ fn main() {
     let mut listen: Option<SocketAddr> = None;
     let mut backend: Option<SocketAddr> = None;
     let mut defer = true;
+    let mut coop = false;
     let mut shutdown_op = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -357,6 +359,7 @@ fn main() {
             "--listen" => listen = args.next().and_then(|v| v.parse().ok()),
             "--backend" => backend = args.next().and_then(|v| v.parse().ok()),
             "--no-defer" => defer = false,
+            "--coop" => (defer, coop) = (false, true),
             "--shutdown-op" => shutdown_op = true,
             // `cargo bench` passes --bench.
             "--bench" => {}
@@ -365,7 +368,7 @@ fn main() {
     }
     let (Some(listen), Some(backend)) = (listen, backend) else {
         eprintln!(
-            "usage: ringloop --workers N --listen ADDR --backend ADDR [--no-defer] [--shutdown-op]"
+            "usage: ringloop --workers N --listen ADDR --backend ADDR [--no-defer | --coop] [--shutdown-op]"
         );
         return;
     };
@@ -383,6 +386,9 @@ fn main() {
                 let mut b = IoUring::builder();
                 if defer {
                     b.setup_single_issuer().setup_defer_taskrun();
+                } else if coop {
+                    // What ringlb's tokio-uring ring has (src/worker/mod.rs).
+                    b.setup_coop_taskrun();
                 }
                 let ring = b.setup_cqsize(ENTRIES * 4).build(ENTRIES).unwrap();
                 Worker {
