@@ -159,8 +159,8 @@ fn ipv6_clients_reach_ipv4_backends_and_ipv6_backends() {
 }
 
 /// A backend that reads one request line, writes `reply` bytes and closes at once, so its
-/// data and its FIN reach ringlb together: the relay learns of the EOF from the readiness
-/// wait and must still deliver every byte before passing the close on.
+/// data and its FIN reach ringlb together (often in one readiness wake-up), and the relay's
+/// last direction to end passes the close on by closing, not by a shutdown.
 fn reply_and_close_backend(reply: usize) -> std::net::SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();

@@ -44,9 +44,7 @@ use pool::{Buf, Pipe};
 /// to wait for readiness on the worker's runtime.
 pub trait Conn: AsRawFd + AsFd + 'static {
     /// Resolves when the socket is ready for `interest`, or has an error or hang-up to report.
-    /// `true` when the peer has closed its write half (a FIN came in): everything it will
-    /// ever send is queued, so a read that leaves the socket empty has read the last of it.
-    fn wait(&self, interest: Interest) -> impl Future<Output = io::Result<bool>>;
+    fn wait(&self, interest: Interest) -> impl Future<Output = io::Result<()>>;
     /// Runs one non-blocking syscall on the socket. A runtime that tracks readiness itself
     /// (epoll) learns from a `WouldBlock` here that the socket is no longer ready.
     fn attempt<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
@@ -103,10 +101,8 @@ fn would_block(e: &io::Error) -> bool {
 
 /// What one step of a direction did.
 enum Step {
-    /// Moved `n` bytes; `more` when the read filled its buffer (more is likely waiting);
-    /// `last` when they were the last before EOF (the peer had sent its FIN and the read
-    /// emptied the socket), so no read is spent to learn of the EOF.
-    Moved { n: usize, more: bool, last: bool },
+    /// Moved `n` bytes; `more` when the read filled its buffer (more is likely waiting).
+    Moved { n: usize, more: bool },
     /// Nothing to read now: wait for readiness.
     Dry,
     /// The source closed its write half.
@@ -276,12 +272,9 @@ async fn pump<S: Conn>(
     mut readable: bool,
 ) -> Result<(), Fault> {
     let mut splicing = mode == RelayMode::Splice;
-    // The peer has sent its FIN: a copy that empties the socket is the last one.
-    let mut closed = false;
     loop {
         if !readable {
-            closed = from
-                .wait(Interest::READABLE)
+            from.wait(Interest::READABLE)
                 .await
                 .map_err(|_| Fault::Src)?;
         }
@@ -294,24 +287,17 @@ async fn pump<S: Conn>(
                     // out of line keeps every idle connection's future small.
                     Some(pipe) => Box::pin(splice_once(from, to, pipe)).await?,
                     // No pipe to be had (limit or out of fds): copy this chunk instead.
-                    None => copy_once(from, to, closed).await?,
+                    None => copy_once(from, to).await?,
                 }
             } else {
-                copy_once(from, to, closed).await?
+                copy_once(from, to).await?
             };
             match step {
                 Step::Dry => break,
                 Step::Eof => return Ok(()),
-                Step::Moved {
-                    n,
-                    more,
-                    last: at_end,
-                } => {
+                Step::Moved { n, more } => {
                     bytes.set(bytes.get() + n as u64);
                     last.set(Instant::now());
-                    if at_end {
-                        return Ok(());
-                    }
                     if mode == RelayMode::SpliceAuto {
                         splicing = if splicing { n >= SPLICE_BULK } else { more };
                     }
@@ -324,10 +310,8 @@ async fn pump<S: Conn>(
     }
 }
 
-/// Copy mode's step: one recv into a pooled buffer, then all of it out. `closed`: the peer
-/// had sent its FIN when `from` was last seen readable, so a read short of the buffer has
-/// emptied the socket for good (TCP queues a FIN only after all the data before it).
-async fn copy_once<S: Conn>(from: &S, to: &S, closed: bool) -> Result<Step, Fault> {
+/// Copy mode's step: one recv into a pooled buffer, then all of it out.
+async fn copy_once<S: Conn>(from: &S, to: &S) -> Result<Step, Fault> {
     let mut buf = Buf::take();
     let n = match from.attempt(Interest::READABLE, || sys::recv(from.as_raw_fd(), &mut buf)) {
         Ok(0) => return Ok(Step::Eof),
@@ -352,11 +336,7 @@ async fn copy_once<S: Conn>(from: &S, to: &S, closed: bool) -> Result<Step, Faul
                 .map_err(|_| Fault::Dst)?;
         }
     }
-    Ok(Step::Moved {
-        n,
-        more,
-        last: closed && !more,
-    })
+    Ok(Step::Moved { n, more })
 }
 
 /// Sends as much of `data` as the socket takes now; returns how much that was.
@@ -408,7 +388,6 @@ async fn splice_once<S: Conn>(from: &S, to: &S, mut pipe: Pipe) -> Result<Step, 
     Ok(Step::Moved {
         n,
         more: n >= SPLICE_BULK,
-        last: false,
     })
 }
 
@@ -451,7 +430,7 @@ pub async fn first_move<S: Conn>(client: &S, server: &S, limit: Duration) -> Fir
         }
         r = server.wait(Interest::READABLE) => match r {
             Err(e) => FirstMove::BackendFailed(e),
-            Ok(_) => match sys::peek(server.as_raw_fd()) {
+            Ok(()) => match sys::peek(server.as_raw_fd()) {
                 Ok(0) => FirstMove::BackendFailed(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "backend closed the connection before sending anything",

@@ -443,7 +443,7 @@ async fn read_proxy<S: Conn>(client: &S, timeout: Duration) -> Result<Declared, 
                 // On timeout the wait is dropped; on io_uring its poll stays in flight until
                 // the caller's shutdown completes it (see `relay::ops`), so nothing leaks.
                 match tokio::time::timeout_at(deadline, client.wait(Interest::READABLE)).await {
-                    Ok(Ok(_)) => continue,
+                    Ok(Ok(())) => continue,
                     Ok(Err(_)) => return Err(ProxyError::Bad("socket error in the PROXY header")),
                     Err(_) => return Err(ProxyError::TimedOut),
                 }

@@ -41,7 +41,7 @@ pub trait Io: 'static {
 pub struct Uring;
 
 impl Conn for Rc<Socket> {
-    async fn wait(&self, interest: Interest) -> io::Result<bool> {
+    async fn wait(&self, interest: Interest) -> io::Result<()> {
         let mut mask = 0;
         if interest.is_readable() {
             mask |= libc::POLLIN | libc::POLLRDHUP;
@@ -49,9 +49,7 @@ impl Conn for Rc<Socket> {
         if interest.is_writable() {
             mask |= libc::POLLOUT;
         }
-        let ready = ops::poll_ready(self, mask as u32).await?;
-        // A reset also sets POLLRDHUP; with POLLERR the next read reports the error instead.
-        Ok(ready & libc::POLLRDHUP as u32 != 0 && ready & libc::POLLERR as u32 == 0)
+        ops::poll_ready(self, mask as u32).await.map(drop)
     }
 
     fn attempt<R>(&self, _: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
@@ -104,9 +102,8 @@ impl Io for Uring {
 pub struct Epoll;
 
 impl Conn for tokio::net::TcpStream {
-    async fn wait(&self, interest: Interest) -> io::Result<bool> {
-        let ready = self.ready(interest).await?;
-        Ok(ready.is_read_closed() && !ready.is_error())
+    async fn wait(&self, interest: Interest) -> io::Result<()> {
+        self.ready(interest).await.map(drop)
     }
 
     fn attempt<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {

@@ -129,7 +129,7 @@ async fn read<S: Conn>(client: &S, timeout: Duration) -> Result<(Buf, usize, Par
                 // On timeout the wait is dropped; on io_uring its poll stays in flight until
                 // the caller's shutdown completes it (see `relay::ops`), so nothing leaks.
                 match tokio::time::timeout_at(deadline, client.wait(Interest::READABLE)).await {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(())) => {}
                     Ok(Err(_)) => {
                         return Err(Failed::Bad("socket error before a whole TLS ClientHello"))
                     }
