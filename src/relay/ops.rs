@@ -1,7 +1,6 @@
-//! The io_uring operation ringlb submits itself (a readiness poll), the connect that waits on
-//! it, the syscalls whose safe wrappers do not fit (accept4 with flags and the peer's address,
-//! a zero-timeout poll), and taking ownership of the sockets a service manager passed
-//! (`LISTEN_FDS`).
+//! The io_uring operations ringlb submits itself (connect and a readiness poll), the one
+//! syscall whose safe wrappers do not fit (accept4 with flags and the peer's address), and
+//! taking ownership of the sockets a service manager passed (`LISTEN_FDS`).
 //!
 //! All of ringlb's `unsafe` lives here. tokio-uring runs the ring and the executor; these ops go
 //! through its `UnsubmittedOneshot`, whose stored data lives until the completion arrives even
@@ -10,8 +9,8 @@
 //! under the kernel) and any address buffer (boxed, so its pointer is stable).
 //!
 //! Cancellation: a dropped op is not cancelled. A pending poll completes when its socket (or
-//! listener) is shut down; a connect whose future is dropped while it waits (timed out, or
-//! lost a hedge race) aborts itself with `shutdown()` (in SYN_SENT that disconnects at once).
+//! listener) is shut down; a connect whose future is dropped (timed out, or lost a hedge race)
+//! aborts itself with `shutdown()` (in SYN_SENT that disconnects at once).
 
 #![allow(unsafe_code)]
 
@@ -49,23 +48,34 @@ fn cqe_result(cqe: &cqueue::Entry) -> io::Result<u32> {
     }
 }
 
+/// Stored data of a connect: the socket lives exactly as long as the op.
+struct ConnectData {
+    socket: Socket,
+    #[allow(dead_code)] // read by the kernel through the pointer in the SQE
+    addr: Box<SockAddr>,
+}
+
+struct ConnectDone;
+
+impl OneshotOutputTransform for ConnectDone {
+    type Output = (io::Result<u32>, Socket);
+    type StoredData = ConnectData;
+
+    fn transform_oneshot_output(self, data: ConnectData, cqe: cqueue::Entry) -> Self::Output {
+        (cqe_result(&cqe), data.socket)
+    }
+}
+
 /// Connects to `addr`. The socket is non-blocking (the relay makes plain non-blocking
 /// syscalls on it), close-on-exec, with TCP_NODELAY. There is no timeout here: the caller
 /// races this future against its own timers (one for the hedge delay and the deadline, see
 /// `worker::hedge`) and simply drops it to give up. Dropping it before it completes aborts
-/// the connect at once (see [`AbortConnect`]), so the fd is closed on the next completion the
+/// the connect at once (see [`Connecting`]), so the fd is closed on the next completion the
 /// worker reaps, not when the kernel gives up on the SYN minutes later.
-///
-/// A plain non-blocking connect(2), then a zero-timeout poll(2) for POLLOUT: on loopback and
-/// on other local paths the kernel has finished the handshake by the time connect returns,
-/// so the connection is up without leaving this call: no io_uring op, no trip through the
-/// worker's loop, and the caller's timer is never armed (arming a tokio timer earlier than
-/// every other wakes the worker's driver with an eventfd write). Otherwise it waits for
-/// POLLOUT with a readiness poll on the ring (`poll_ready`), as the relay does.
 pub async fn connect(
     addr: SocketAddr,
     source: Option<std::net::IpAddr>,
-) -> Result<Rc<Socket>, ConnectError> {
+) -> Result<Socket, ConnectError> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking().cloexec(),
@@ -76,67 +86,56 @@ pub async fn connect(
     if let Some(ip) = source {
         super::sys::bind_source(&socket, ip).map_err(ConnectError::Io)?;
     }
-    match socket.connect(&SockAddr::from(addr)) {
-        Ok(()) => return Ok(Rc::new(socket)),
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(ConnectError::Io(e)),
-    }
     let fd = socket.as_raw_fd();
-    let socket = Rc::new(socket);
-    let mut events = poll_now(fd, libc::POLLOUT).map_err(ConnectError::Io)?;
-    if events == 0 {
-        // The poll's stored data holds an `Rc` of the socket until its completion, so the
-        // fd is still open (and still this socket) when the guard shuts it down.
-        let mut abort = AbortConnect { fd, armed: true };
-        events = poll_ready(&socket, libc::POLLOUT as u32)
-            .await
-            .map_err(ConnectError::Io)?;
-        abort.armed = false;
+    let addr = Box::new(SockAddr::from(addr));
+    let sqe = opcode::Connect::new(types::Fd(fd), addr.as_ptr(), addr.len()).build();
+    // SAFETY: the SQE names `fd` and points at `addr`. Both are moved into the op's stored
+    // data (`addr` boxed, so the pointer stays valid when the struct moves), which tokio-uring
+    // keeps alive until the completion arrives, even if this future is dropped first.
+    let op = unsafe { submit(ConnectData { socket, addr }, ConnectDone, sqe) };
+    match (Connecting { op: Some(op), fd }).await {
+        (Ok(_), socket) => Ok(socket),
+        (Err(e), _socket) => Err(ConnectError::Io(e)),
     }
-    let failed = libc::POLLERR | libc::POLLHUP;
-    if events & libc::POLLOUT as u32 != 0 && events & failed as u32 == 0 {
-        return Ok(socket);
-    }
-    Err(ConnectError::Io(
-        socket.take_error().ok().flatten().unwrap_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "the connection closed while it was being set up",
-            )
-        }),
-    ))
 }
 
-/// The events of `mask` that `fd` has now (poll(2) with a zero timeout; 0 when none).
-fn poll_now(fd: RawFd, mask: libc::c_short) -> io::Result<u32> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: mask,
-        revents: 0,
-    };
-    // SAFETY: poll reads and writes the one `pollfd` we own and pass a count of 1 for; a zero
-    // timeout never waits.
-    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(u32::from(pfd.revents as u16))
-}
-
-/// Aborts a connect whose wait for POLLOUT is dropped unfinished (a timeout, a lost hedge).
+/// A connect op in flight that aborts itself when dropped unfinished.
 ///
-/// The readiness poll in flight holds an `Rc` of the socket until it completes, and a connect
-/// to a host that drops SYNs would complete only when the kernel gives up (two minutes).
-/// Shutting down a socket in SYN_SENT disconnects it, which wakes the poll at once; the
-/// driver then drops the poll's `Rc`, and the socket closes with the last one.
-struct AbortConnect {
+/// tokio-uring does not cancel a dropped op: its stored data (here the socket) is kept until
+/// the completion arrives, and a connect to a host that drops SYNs completes only when the
+/// kernel gives up (two minutes). Shutting down a socket in SYN_SENT disconnects it, which
+/// completes the connect at once; the driver then closes the socket on that completion.
+/// `Drop::drop` runs before the fields are dropped, so `fd` is still owned by `op` (and open)
+/// when it is shut down: the number cannot have been reused by another socket.
+struct Connecting {
+    op: Option<tokio_uring::InFlightOneshot<ConnectData, ConnectDone>>,
     fd: RawFd,
-    armed: bool,
 }
 
-impl Drop for AbortConnect {
+impl std::future::Future for Connecting {
+    type Output = (io::Result<u32>, Socket);
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Some(op) = self.op.as_mut() else {
+            // Polled after completion: never done by `connect`, which awaits once.
+            return std::task::Poll::Pending;
+        };
+        match std::pin::Pin::new(op).poll(cx) {
+            std::task::Poll::Ready(out) => {
+                self.op = None;
+                std::task::Poll::Ready(out)
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Connecting {
     fn drop(&mut self) {
-        if self.armed {
+        if self.op.is_some() {
             let _ = nix::sys::socket::shutdown(self.fd, nix::sys::socket::Shutdown::Both);
         }
     }

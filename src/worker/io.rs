@@ -86,7 +86,7 @@ impl Io for Uring {
         addr: SocketAddr,
         source: Option<std::net::IpAddr>,
     ) -> Result<Self::Stream, ConnectError> {
-        ops::connect(addr, source).await
+        ops::connect(addr, source).await.map(Rc::new)
     }
 
     fn spawn(f: impl Future<Output = ()> + 'static) {
