@@ -269,11 +269,13 @@ def raise_nofile():
 
 
 class Column:
-    def __init__(self, key, title, kind, relay=None, log=None):
+    def __init__(self, key, title, kind, relay=None, log=None, binary=None):
         self.key, self.title, self.kind, self.relay = key, title, kind, relay
         # The UDP port of the rsyslogd connection logs go to, or None for no log.
         self.log = log
-        self.peer = kind != "ringlb"
+        # The ringlb (or ringloop) binary of this column: --bin, --bin-b or --ringloop.
+        self.binary = binary
+        self.peer = kind not in ("ringlb", "ringloop")
 
 
 def ringlb_config(path, port, backend, relay, log=None):
@@ -306,7 +308,11 @@ def start_balancer(col, args, procs, tmp, backend, nofile):
     if col.kind == "ringlb":
         cfg = os.path.join(d, "ringlb.toml")
         ringlb_config(cfg, port, backend, col.relay, col.log)
-        argv = [args.bin, "run", "--config", cfg]
+        argv = [col.binary, "run", "--config", cfg]
+    elif col.kind == "ringloop":
+        # The bound of an own per-core loop (benches/ringloop.rs): 2 threads, copy relay.
+        argv = [col.binary, "--workers", "2", "--listen", "127.0.0.1:%d" % port,
+                "--backend", "127.0.0.1:%d" % backend]
     elif col.kind == "haproxy":
         # No maxconn: HAProxy derives it from the fd limit (it refuses to start when an explicit
         # maxconn needs more fds than the limit allows, and cannot raise the limit here).
@@ -591,6 +597,13 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.split("\n")[2:]))
     ap.add_argument("--bin", default="target/release/ringlb", help="ringlb binary (default: %(default)s)")
+    ap.add_argument("--bin-b", metavar="BIN",
+                    help="a second ringlb binary (an A/B comparison): one more column per relay mode, "
+                         "right after --bin's")
+    ap.add_argument("--ringloop", metavar="BIN",
+                    help="also run benches/ringloop.rs (`cargo bench --bench ringloop --no-run` builds "
+                         "it): the bound of a minimal per-core io_uring loop, one more column (its idle "
+                         "rows mean nothing: it holds two 16 KiB buffers per connection)")
     ap.add_argument("--relay", default="copy,splice,splice-auto",
                     help="ringlb relay modes, comma-separated; one column each; MODE@epoll runs "
                          "that mode on the epoll runtime (default: %(default)s)")
@@ -623,6 +636,8 @@ def main():
     args.duration = args.duration or (3 if args.quick else 15)
     args.warmup = 0 if args.quick else 2
     args.bin = os.path.abspath(args.bin)
+    args.bin_b = os.path.abspath(args.bin_b) if args.bin_b else None
+    args.ringloop = os.path.abspath(args.ringloop) if args.ringloop else None
     figures = [f for f in args.figures.split(",") if f]
     for f in figures:
         if f not in FIGURES:
@@ -665,10 +680,16 @@ def main():
             else:
                 mode, _, io = relay.partition("@")
                 title = "ringlb %s" % mode + (" (%s)" % io if io else "")
-                cols.append(Column("ringlb-" + relay.replace("@", "-"), title, "ringlb", relay))
+                cols.append(Column("ringlb-" + relay.replace("@", "-"), title, "ringlb", relay,
+                                   binary=args.bin))
+                if args.bin_b:
+                    cols.append(Column("ringlb-b-" + relay.replace("@", "-"), title + " [B]", "ringlb",
+                                       relay, binary=args.bin_b))
                 if log_port:
                     cols.append(Column("ringlb-" + relay.replace("@", "-") + "-log", title + " +log",
-                                       "ringlb", relay, log_port))
+                                       "ringlb", relay, log_port, binary=args.bin))
+        if args.ringloop:
+            cols.append(Column("ringloop", "ringloop (bound)", "ringloop", binary=args.ringloop))
         hv = first_line(["haproxy", "-v"]) if have("haproxy") else ""
         hver = re.search(r"version (\d+\.\d+)", hv)
         hname = "HAProxy %s" % (hver.group(1) if hver else "")

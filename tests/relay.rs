@@ -157,3 +157,60 @@ fn ipv6_clients_reach_ipv4_backends_and_ipv6_backends() {
     names.sort();
     assert_eq!(names, vec!["v4", "v4", "v6", "v6"]);
 }
+
+/// A backend that reads one request line, writes `reply` bytes and closes at once, so its
+/// data and its FIN reach ringlb together (often in one readiness wake-up), and the relay's
+/// last direction to end passes the close on by closing, not by a shutdown.
+fn reply_and_close_backend(reply: usize) -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut s) = conn else { break };
+            std::thread::spawn(move || {
+                let mut line = Vec::new();
+                let mut byte = [0u8; 1];
+                while s.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+                    line.push(byte[0]);
+                }
+                let body: Vec<u8> = (0..reply).map(|i| (i % 251) as u8).collect();
+                let _ = s.write_all(&body);
+                // Dropped here: close right after the write, FIN behind the data.
+            });
+        }
+    });
+    addr
+}
+
+fn reply_then_close(io: &str, relay: &str) {
+    // Around the relay's 16 KiB buffer: a short read, exactly one buffer (a full read is not
+    // the last one even when the FIN is in), one byte more, and many buffers.
+    for reply in [1, 333, 16 * 1024, 16 * 1024 + 1, 300_000] {
+        let backend = reply_and_close_backend(reply);
+        let cfg = global_toml(&format!("io = \"{io}\"\nrelay = \"{relay}\""))
+            + &frontend_toml("web", "", &[("b", backend, "")]);
+        let lb = Ringlb::start(&cfg);
+        for round in 0..20 {
+            let mut s = TcpStream::connect(lb.addr("web")).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"GET\n").unwrap();
+            let mut got = Vec::new();
+            // read_to_end: the whole reply, then EOF (a timeout or a reset fails it).
+            s.read_to_end(&mut got)
+                .unwrap_or_else(|e| panic!("{io}/{relay}, reply {reply}, round {round}: {e}"));
+            assert_eq!(got.len(), reply, "{io}/{relay}, round {round}");
+            assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+        }
+    }
+}
+
+#[test]
+fn a_reply_and_the_backends_close_in_one_go_arrive_whole_then_eof() {
+    reply_then_close("io_uring", "copy");
+}
+
+#[test]
+fn a_reply_and_close_in_one_go_through_the_epoll_fallback_and_splice_auto() {
+    reply_then_close("epoll", "copy");
+    reply_then_close("io_uring", "splice-auto");
+}
