@@ -12,8 +12,6 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 
 use common::*;
 
@@ -85,53 +83,9 @@ fn restarts_under_load(io: &str) {
         .any(|l| l.contains("passed by the service manager")));
     assert_eq!(lb.addr("web"), addr);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicUsize::new(0));
-    // Short exchanges on new connections, back to back.
-    let clients: Vec<_> = (0..8)
-        .map(|_| {
-            let (stop, served) = (stop.clone(), served.clone());
-            std::thread::spawn(move || -> Vec<String> {
-                let mut failures = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let r = TcpStream::connect(addr).and_then(|mut s| {
-                        s.set_read_timeout(Some(SOON))?;
-                        s.write_all(b"ping")?;
-                        let mut back = [0u8; 4];
-                        s.read_exact(&mut back)?;
-                        Ok(back)
-                    });
-                    match r {
-                        Ok(b) if &b == b"ping" => {
-                            served.fetch_add(1, Ordering::Relaxed);
-                        }
-                        other => failures.push(format!("{other:?}")),
-                    }
-                }
-                failures
-            })
-        })
-        .collect();
-    // Transfers of 2 MiB each way, sha256 checked (bulk_echo panics on a mismatch or a cut).
-    let bulk: Vec<_> = (0..2)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    bulk_echo(addr, 2 << 20);
-                    n += 1;
-                }
-                n
-            })
-        })
-        .collect();
+    let load = Churn::start(addr);
     for round in 0..20 {
-        let before = served.load(Ordering::Relaxed);
-        assert!(
-            wait_until(SOON, || served.load(Ordering::Relaxed) > before + 20),
-            "round {round}: no traffic"
-        );
+        assert!(load.flowing(20), "round {round}: no traffic");
         // A connection established before the stop finishes its transfer after it.
         let mut held = TcpStream::connect(addr).unwrap();
         held.set_read_timeout(Some(SOON)).unwrap();
@@ -159,15 +113,14 @@ fn restarts_under_load(io: &str) {
         assert!(status.success(), "round {round}: {status:?}");
         lb = start_activated(&cfg, &unit);
     }
-    stop.store(true, Ordering::Relaxed);
-    let failures: Vec<String> = clients
-        .into_iter()
-        .flat_map(|c| c.join().unwrap())
-        .collect();
-    let transfers: usize = bulk.into_iter().map(|b| b.join().unwrap()).sum();
+    let Churned {
+        exchanges,
+        transfers,
+        failures,
+    } = load.stop();
     eprintln!(
         "{io}: 20 restarts: {} exchanges and {transfers} 2 MiB transfers, {} failures",
-        served.load(Ordering::Relaxed),
+        exchanges,
         failures.len()
     );
     assert!(

@@ -13,8 +13,6 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 
 use common::*;
 
@@ -88,19 +86,6 @@ fn served_by(client: &TcpStream, pids: &[i32]) -> Option<i32> {
             })
             .unwrap_or(false)
     })
-}
-
-/// One short exchange on a new connection; the connection is returned open.
-fn ping(addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(SOON))?;
-    s.write_all(b"ping")?;
-    let mut back = [0u8; 4];
-    s.read_exact(&mut back)?;
-    if &back != b"ping" {
-        return Err(std::io::Error::other(format!("echoed {back:?}")));
-    }
-    Ok(s)
 }
 
 /// Starts an upgrade of `pid`: by SIGUSR2, or with `ringlb ctl upgrade` when `admin` is
@@ -178,49 +163,12 @@ fn upgrades_under_load(io: &str, rounds: u32) {
     let admin = lb.admin.expect("an admin listener");
     let mut started = Pids::default();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicUsize::new(0));
-    // Short exchanges on new connections, back to back.
-    let clients: Vec<_> = (0..8)
-        .map(|_| {
-            let (stop, served) = (stop.clone(), served.clone());
-            std::thread::spawn(move || -> Vec<String> {
-                let mut failures = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    match ping(addr) {
-                        Ok(_) => {
-                            served.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => failures.push(format!("{e:?}")),
-                    }
-                }
-                failures
-            })
-        })
-        .collect();
-    // Transfers of 2 MiB each way, sha256 checked (bulk_echo panics on a mismatch or a cut).
-    let bulk: Vec<_> = (0..2)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    bulk_echo(addr, 2 << 20);
-                    n += 1;
-                }
-                n
-            })
-        })
-        .collect();
+    let load = Churn::start(addr);
 
     let first = lb.pid();
     let mut current = first;
     for round in 0..rounds {
-        let before = served.load(Ordering::Relaxed);
-        assert!(
-            wait_until(SOON, || served.load(Ordering::Relaxed) > before + 20),
-            "round {round}: no traffic"
-        );
+        assert!(load.flowing(20), "round {round}: no traffic");
         // Established on the current process before the upgrade.
         let mut held = ping(addr).unwrap();
         assert_eq!(served_by(&held, &[current]), Some(current), "round {round}");
@@ -267,15 +215,14 @@ fn upgrades_under_load(io: &str, rounds: u32) {
         }
         current = new;
     }
-    stop.store(true, Ordering::Relaxed);
-    let failures: Vec<String> = clients
-        .into_iter()
-        .flat_map(|c| c.join().unwrap())
-        .collect();
-    let transfers: usize = bulk.into_iter().map(|b| b.join().unwrap()).sum();
+    let Churned {
+        exchanges,
+        transfers,
+        failures,
+    } = load.stop();
     eprintln!(
         "{io}: {rounds} upgrades: {} exchanges and {transfers} 2 MiB transfers, {} failures",
-        served.load(Ordering::Relaxed),
+        exchanges,
         failures.len()
     );
     assert!(

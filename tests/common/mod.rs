@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod backends;
+pub mod churn;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -19,6 +20,8 @@ use std::time::{Duration, Instant};
 // Not every test file uses the backends.
 #[allow(unused_imports)]
 pub use backends::*;
+#[allow(unused_imports)]
+pub use churn::*;
 
 /// How long a test waits for something that should happen "soon". Generous on purpose:
 /// tests assert behaviour, not speed, and CI machines are small.
