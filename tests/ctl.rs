@@ -37,16 +37,6 @@ fn ctl_ok(args: &[&str]) -> String {
     stdout(&o)
 }
 
-/// A free port on loopback for an admin listener the config names (ctl reads the address
-/// from the config, so it cannot be port 0).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Connects, reads the `Named` backend's name line; returns the stream and the name.
 fn open(addr: SocketAddr) -> (TcpStream, String) {
     let mut s = TcpStream::connect(addr).unwrap();

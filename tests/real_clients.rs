@@ -40,18 +40,6 @@ use rand::Rng;
 
 // ----- Finding the tools -----
 
-fn is_executable(p: &Path) -> bool {
-    p.metadata()
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-fn on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| is_executable(p))
-}
-
 struct RedisTools {
     server: PathBuf,
     benchmark: PathBuf,

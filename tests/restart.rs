@@ -97,17 +97,11 @@ fn restarts_under_load(io: &str) {
             lb.wait_for_log("SIGTERM received", SOON).is_some(),
             "round {round}: the stop did not begin"
         );
-        let data: Vec<u8> = (0..512 * 1024u32).map(|i| (i * 7 + round) as u8).collect();
-        let mut reader = held.try_clone().unwrap();
-        let len = data.len();
-        let echoed = std::thread::spawn(move || {
-            let mut back = vec![0u8; len];
-            reader.read_exact(&mut back).map(|()| back)
-        });
-        held.write_all(&data).unwrap();
-        let back = echoed.join().unwrap().expect("cut during the stop");
-        let digest = |b: &[u8]| <sha2::Sha256 as sha2::Digest>::digest(b);
-        assert_eq!(digest(&back), digest(&data), "round {round}: bytes differ");
+        echo_checked(
+            &mut held,
+            round,
+            &format!("round {round}: the held connection, during the stop"),
+        );
         drop(held);
         let status = lb.wait_exit(SOON).expect("the old ringlb did not exit");
         assert!(status.success(), "round {round}: {status:?}");
@@ -132,13 +126,9 @@ fn restarts_under_load(io: &str) {
     assert!(transfers >= 2);
 }
 
-#[test]
-fn a_passed_socket_no_frontend_listens_on_is_refused_naming_its_address() {
-    let echo = Backend::start("e1", Behaviour::Echo);
-    let unit = socket_unit();
-    let other = socket_unit();
-    // The config listens on `other`'s address; fd 3 listens elsewhere.
-    let cfg = config(other.local_addr().unwrap(), echo.addr);
+/// Starts ringlb with `cfg` and `fd` passed as systemd's fd 3, expects it to refuse to start,
+/// and returns what it wrote on stderr.
+fn start_refused(cfg: &str, fd: std::os::fd::RawFd) -> String {
     let dir = TempDir::new();
     let path = dir.path.join("ringlb.toml");
     std::fs::write(&path, cfg).unwrap();
@@ -150,10 +140,21 @@ fn a_passed_socket_no_frontend_listens_on_is_refused_naming_its_address() {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    pass_as_fd3(&mut cmd, unit.as_raw_fd());
+    pass_as_fd3(&mut cmd, fd);
     let out = cmd.output().unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "{text}");
+    text
+}
+
+#[test]
+fn a_passed_socket_no_frontend_listens_on_is_refused_naming_its_address() {
+    let echo = Backend::start("e1", Behaviour::Echo);
+    let unit = socket_unit();
+    let other = socket_unit();
+    // The config listens on `other`'s address; fd 3 listens elsewhere.
+    let cfg = config(other.local_addr().unwrap(), echo.addr);
+    let text = start_refused(&cfg, unit.as_raw_fd());
     let want = format!(
         "LISTEN_FDS: fd 3 (\"web\") listens on {}, which no frontend's listen names",
         unit.local_addr().unwrap()
@@ -166,22 +167,8 @@ fn a_passed_fd_that_is_not_a_listening_socket_is_refused() {
     let echo = Backend::start("e1", Behaviour::Echo);
     let unit = socket_unit();
     let cfg = config(unit.local_addr().unwrap(), echo.addr);
-    let dir = TempDir::new();
-    let path = dir.path.join("ringlb.toml");
-    std::fs::write(&path, cfg).unwrap();
     let file = std::fs::File::open("/dev/null").unwrap();
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(format!("{ACTIVATION} exec \"$0\" run --config \"$1\""))
-        .arg(env!("CARGO_BIN_EXE_ringlb"))
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    pass_as_fd3(&mut cmd, file.as_raw_fd());
-    let out = cmd.output().unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{text}");
+    let text = start_refused(&cfg, file.as_raw_fd());
     assert!(text.contains("LISTEN_FDS: fd 3 (\"web\"): "), "{text}");
 }
 

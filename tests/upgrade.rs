@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
@@ -190,17 +190,11 @@ fn upgrades_under_load(io: &str, rounds: u32) {
             assert!(alive(current), "round {round}: the old process is gone");
         }
         // The held connection still moves bytes through the old process.
-        let data: Vec<u8> = (0..512 * 1024u32).map(|i| (i * 7 + round) as u8).collect();
-        let mut reader = held.try_clone().unwrap();
-        let len = data.len();
-        let echoed = std::thread::spawn(move || {
-            let mut back = vec![0u8; len];
-            reader.read_exact(&mut back).map(|()| back)
-        });
-        held.write_all(&data).unwrap();
-        let back = echoed.join().unwrap().expect("cut during the drain");
-        let digest = |b: &[u8]| <sha2::Sha256 as sha2::Digest>::digest(b);
-        assert_eq!(digest(&back), digest(&data), "round {round}: bytes differ");
+        echo_checked(
+            &mut held,
+            round,
+            &format!("round {round}: the held connection, during the drain"),
+        );
         assert_eq!(served_by(&held, &[current, new]), Some(current));
         drop(held);
         // With its connections done, the old process exits.

@@ -83,31 +83,31 @@ impl ConfigDiff {
     /// (frontend, address) pairs to bind: every address of an added frontend, the new ones
     /// of a changed one.
     pub fn listens_added(&self) -> Vec<(&str, SocketAddr)> {
-        let mut out = Vec::new();
-        for f in &self.frontends {
-            let addrs = match f {
-                FrontendChange::Added { listen, .. } => listen,
-                FrontendChange::Changed { listen_added, .. } => listen_added,
-                FrontendChange::Removed { .. } => continue,
-            };
-            out.extend(addrs.iter().map(|&a| (f.name(), a)));
-        }
-        out
+        self.listens(|f| match f {
+            FrontendChange::Added { listen, .. } => Some(listen),
+            FrontendChange::Changed { listen_added, .. } => Some(listen_added),
+            FrontendChange::Removed { .. } => None,
+        })
     }
 
     /// (frontend, address) pairs to close: every address of a removed frontend, the dropped
     /// ones of a changed one.
     pub fn listens_removed(&self) -> Vec<(&str, SocketAddr)> {
-        let mut out = Vec::new();
-        for f in &self.frontends {
-            let addrs = match f {
-                FrontendChange::Removed { listen, .. } => listen,
-                FrontendChange::Changed { listen_removed, .. } => listen_removed,
-                FrontendChange::Added { .. } => continue,
-            };
-            out.extend(addrs.iter().map(|&a| (f.name(), a)));
-        }
-        out
+        self.listens(|f| match f {
+            FrontendChange::Removed { listen, .. } => Some(listen),
+            FrontendChange::Changed { listen_removed, .. } => Some(listen_removed),
+            FrontendChange::Added { .. } => None,
+        })
+    }
+
+    fn listens<'a>(
+        &'a self,
+        pick: impl Fn(&'a FrontendChange) -> Option<&'a Vec<SocketAddr>>,
+    ) -> Vec<(&'a str, SocketAddr)> {
+        self.frontends
+            .iter()
+            .flat_map(|f| pick(f).into_iter().flatten().map(move |&a| (f.name(), a)))
+            .collect()
     }
 
     /// (frontend, backend) pairs that leave: they drain.

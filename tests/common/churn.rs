@@ -106,3 +106,23 @@ impl Churn {
         }
     }
 }
+
+/// Sends 512 KiB (a pattern varied by `seed`) through the echo connection `held` and checks
+/// that the same bytes come back (sha256): a connection established before a stop or an
+/// upgrade still moves data after it. Panics naming `what` if it is cut or the bytes differ.
+pub fn echo_checked(held: &mut TcpStream, seed: u32, what: &str) {
+    let data: Vec<u8> = (0..512 * 1024u32).map(|i| (i * 7 + seed) as u8).collect();
+    let mut reader = held.try_clone().unwrap();
+    let len = data.len();
+    let echoed = std::thread::spawn(move || {
+        let mut back = vec![0u8; len];
+        reader.read_exact(&mut back).map(|()| back)
+    });
+    held.write_all(&data).unwrap();
+    let back = echoed
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{what}: cut ({e})"));
+    let digest = |b: &[u8]| <sha2::Sha256 as sha2::Digest>::digest(b);
+    assert_eq!(digest(&back), digest(&data), "{what}: bytes differ");
+}

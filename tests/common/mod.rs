@@ -8,6 +8,7 @@
 
 pub mod backends;
 pub mod churn;
+pub mod tools;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -22,6 +23,8 @@ use std::time::{Duration, Instant};
 pub use backends::*;
 #[allow(unused_imports)]
 pub use churn::*;
+#[allow(unused_imports)]
+pub use tools::*;
 
 /// How long a test waits for something that should happen "soon". Generous on purpose:
 /// tests assert behaviour, not speed, and CI machines are small.
