@@ -72,19 +72,22 @@ impl<I: Io> ListenerSlot<I> {
         Some(fe.clone())
     }
 
+    /// Stops accepting and shuts the socket down, unless the service manager owns it.
     pub fn close(&self) {
-        if !self.closed.replace(true) {
-            if !self.external {
-                shutdown_listener(self.fd);
-            }
-            self.closed_bell.notify_one();
-        }
+        self.stop(!self.external);
     }
 
     /// Stops accepting without touching the socket: a binary upgrade's new process accepts
     /// on it (and on its queue) from here on.
     pub fn stop_accepting(&self) {
+        self.stop(false);
+    }
+
+    fn stop(&self, shut: bool) {
         if !self.closed.replace(true) {
+            if shut {
+                shutdown_listener(self.fd);
+            }
             self.closed_bell.notify_one();
         }
     }
@@ -154,9 +157,8 @@ pub async fn accept_loop<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shared>) 
         // is not shut down to end a pending accept: the bell does. A readiness poll left in
         // flight completes with the next connection, which stays queued for whoever accepts
         // next. The accept itself is a readiness wait and a non-blocking accept4, so leaving
-        // it loses nothing.
-        // The bell first: once the listener is closed, not one more connection is taken
-        // (an upgrade's new process serves those).
+        // it loses nothing. The bell goes first: once the listener is closed, not one more
+        // connection is taken (an upgrade's new process serves those).
         let accepted = tokio::select! {
             biased;
             _ = slot.closed_bell.notified() => return,
