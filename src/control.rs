@@ -40,11 +40,13 @@ pub fn run(
         let mut passed = crate::upgrade::take_passed().map_err(StartError::Inherited)?;
         let (mut server, mut events) =
             Server::start(config, config_path, std::mem::take(&mut passed.frontends))?;
+        // Every address is bound before the first probe or DNS query leaves: a start refused
+        // over a taken admin address touches no backend and no resolver.
+        let (admin, mut writes) = crate::admin::start(&server, passed.admin.take())?;
         let (mut health, mut health_events) = HealthChecks::new();
         health.sync(&mut server);
         let (mut discovery, mut discovered) = Discovery::new(server.discovery_stats.clone());
         discovery.sync(&server.base);
-        let (admin, mut writes) = crate::admin::start(&server, passed.admin.take())?;
         server.open_listeners();
         admin.ops.record_listeners(server.bound_addresses());
         let systemd = crate::systemd::start();
