@@ -124,8 +124,13 @@ impl Server {
             (io_name, config.global.relay),
             events_tx,
         ));
-        let workers = worker::spawn(config.global.workers, io_name, shared.clone())
-            .map_err(StartError::Workers)?;
+        let workers = worker::spawn(
+            config.global.workers,
+            io_name,
+            &config.global.cpu_affinity,
+            shared.clone(),
+        )
+        .map_err(StartError::Workers)?;
         let mut server = Server {
             config_path,
             config: config.clone(),
@@ -144,11 +149,12 @@ impl Server {
             unopened: Vec::new(),
         };
         crate::info!(
-            "ringlb {} starting: {} workers on {io_name} ({} relay), {} frontends, \
+            "ringlb {} starting: {} workers on {io_name} ({} relay), {}, {} frontends, \
              max_connections {} (open-file limit {})",
             env!("CARGO_PKG_VERSION"),
             config.global.workers,
             config.global.relay.as_str(),
+            config.global.cpu_affinity.describe(config.global.workers),
             config.frontends.len(),
             fds.max_connections,
             fd_limit

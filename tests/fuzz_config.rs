@@ -193,6 +193,7 @@ const TOKENS: &[&str] = &[
     "shutdown_timeout",
     "io",
     "relay",
+    "cpu_affinity",
     "listen",
     "allow_public",
     "name",

@@ -214,3 +214,82 @@ fn a_reply_and_close_in_one_go_through_the_epoll_fallback_and_splice_auto() {
     reply_then_close("epoll", "copy");
     reply_then_close("io_uring", "splice-auto");
 }
+
+/// CPUs in a `Cpus_allowed_list` value ("0-1,4"), ascending.
+fn cpu_list(text: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    for part in text.trim().split(',') {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        out.extend(lo.parse::<usize>().unwrap()..=hi.parse::<usize>().unwrap());
+    }
+    out
+}
+
+/// Each worker thread's allowed CPUs, by worker index (threads named `ringlb-wN`).
+fn worker_cpus(pid: i32) -> Vec<Vec<usize>> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap();
+        let Some(index) = comm.trim().strip_prefix("ringlb-w") else {
+            continue;
+        };
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let list = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap();
+        found.push((index.parse::<usize>().unwrap(), cpu_list(list)));
+    }
+    found.sort();
+    found.into_iter().map(|(_, cpus)| cpus).collect()
+}
+
+#[test]
+fn workers_are_unpinned_by_default_and_pinned_as_cpu_affinity_says() {
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    let allowed = cpu_list(
+        own.lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap(),
+    );
+    let b = Backend::start("echo", Behaviour::Echo);
+    let lb_with = |extra: &str| {
+        Ringlb::start(&(global_toml(extra) + &frontend_toml("web", "", &[("echo", b.addr, "")])))
+    };
+
+    // Default: the scheduler places the workers (what HAProxy and nginx do unless told).
+    let lb = lb_with("");
+    assert!(
+        lb.wait_for_log("(copy relay), unpinned", SOON).is_some(),
+        "{:?}",
+        lb.logs()
+    );
+    assert_eq!(worker_cpus(lb.pid()), vec![allowed.clone(); 2]);
+    bulk_echo(lb.addr("web"), 4096);
+    drop(lb);
+
+    // "auto": worker i on the i-th allowed CPU, wrapping around.
+    let lb = lb_with("cpu_affinity = \"auto\"");
+    let expect: Vec<Vec<usize>> = (0..2).map(|i| vec![allowed[i % allowed.len()]]).collect();
+    assert_eq!(worker_cpus(lb.pid()), expect);
+    let named = expect
+        .iter()
+        .map(|c| c[0].to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(
+        lb.wait_for_log(&format!("pinned to CPUs {named}"), SOON)
+            .is_some(),
+        "{:?}",
+        lb.logs()
+    );
+    bulk_echo(lb.addr("web"), 4096);
+    drop(lb);
+
+    // A list: both workers on the one CPU named.
+    let last = *allowed.last().unwrap();
+    let lb = lb_with(&format!("cpu_affinity = \"{last}\""));
+    assert_eq!(worker_cpus(lb.pid()), vec![vec![last]; 2]);
+    bulk_echo(lb.addr("web"), 4096);
+}

@@ -64,7 +64,7 @@ impl FrontendChange {
 }
 
 /// `[global]` keys that a running process cannot change: a reload warns and keeps them.
-pub const RESTART_ONLY: [&str; 3] = ["workers", "io", "relay"];
+pub const RESTART_ONLY: [&str; 4] = ["workers", "io", "relay", "cpu_affinity"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConfigDiff {
@@ -225,6 +225,7 @@ fn restart_only(old: &Global, new: &Global) -> Vec<&'static str> {
         old.workers != new.workers,
         old.io != new.io,
         old.relay != new.relay,
+        old.cpu_affinity != new.cpu_affinity,
     ];
     RESTART_ONLY
         .iter()
@@ -529,10 +530,11 @@ weight = {weight}
         let old = cfg("", 1);
         let mut new = old.clone();
         new.global.workers += 1;
+        new.global.cpu_affinity = crate::config::CpuAffinity::Auto;
         new.global.shutdown_timeout += std::time::Duration::from_secs(1);
         let d = diff(&old, &new);
         assert!(d.global_changed);
-        assert_eq!(d.restart_only, ["workers"]);
+        assert_eq!(d.restart_only, ["workers", "cpu_affinity"]);
         assert!(d.rebuilt_frontends().is_empty());
     }
 }

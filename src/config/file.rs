@@ -35,6 +35,8 @@ pub struct FileGlobal {
     pub grace: Option<String>,
     pub io: Option<String>,
     pub relay: Option<String>,
+    /// `"off"`, `"auto"` or a CPU list like `"0-3,6"`.
+    pub cpu_affinity: Option<String>,
     /// DNS servers for `discover` (`"127.0.0.1:5353"`); absent: /etc/resolv.conf.
     pub resolvers: Option<Vec<String>>,
 }

@@ -50,6 +50,8 @@ pub struct Global {
     pub grace: Duration,
     pub io: IoMode,
     pub relay: RelayMode,
+    /// Which CPU each worker thread runs on.
+    pub cpu_affinity: CpuAffinity,
     /// DNS servers that `discover` entries ask; empty: those of /etc/resolv.conf.
     pub resolvers: Vec<SocketAddr>,
 }
@@ -74,6 +76,80 @@ impl RelayMode {
         }
     }
 }
+
+/// Where the worker threads run. Unpinned by default, as HAProxy (no `cpu-map`) and nginx (no
+/// `worker_cpu_affinity`): on a machine that also runs clients, backends or interrupt-heavy
+/// work, the scheduler moving a worker off a busy core took more connections per second than
+/// pinning did (docs/performance.md).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CpuAffinity {
+    /// The scheduler places the workers.
+    #[default]
+    Off,
+    /// Worker i on the i-th CPU this process may run on (wrapping around).
+    Auto,
+    /// Worker i on `cpus[i % cpus.len()]`.
+    Cpus(Vec<usize>),
+}
+
+impl CpuAffinity {
+    /// The CPU worker `index` is pinned to, if any; `allowed` is the process's CPU set in
+    /// ascending order.
+    pub fn cpu_for(&self, index: usize, allowed: &[usize]) -> Option<usize> {
+        let list = match self {
+            CpuAffinity::Off => return None,
+            CpuAffinity::Auto => allowed,
+            CpuAffinity::Cpus(cpus) => cpus.as_slice(),
+        };
+        (!list.is_empty()).then(|| list[index % list.len()])
+    }
+
+    /// For the start line: "unpinned" or "pinned to CPUs 0,1".
+    pub fn describe(&self, workers: usize) -> String {
+        let allowed = crate::worker::allowed_cpus();
+        let cpus: Vec<String> = (0..workers)
+            .filter_map(|i| self.cpu_for(i, &allowed))
+            .map(|c| c.to_string())
+            .collect();
+        if cpus.is_empty() {
+            "unpinned".to_string()
+        } else {
+            format!("pinned to CPUs {}", cpus.join(","))
+        }
+    }
+
+    /// Parses `"off"`, `"auto"` or a CPU list (`"0-3,6"`); the message says what is wrong.
+    pub fn parse(text: &str) -> Result<CpuAffinity, String> {
+        match text {
+            "off" => return Ok(CpuAffinity::Off),
+            "auto" => return Ok(CpuAffinity::Auto),
+            _ => {}
+        }
+        let bad = || format!("\"{text}\" is not \"off\", \"auto\" or a CPU list like \"0-3,6\"");
+        let mut cpus = Vec::new();
+        for part in text.split(',').map(str::trim) {
+            let (lo, hi) = match part.split_once('-') {
+                Some((lo, hi)) => (lo.trim(), hi.trim()),
+                None => (part, part),
+            };
+            let (Ok(lo), Ok(hi)) = (lo.parse::<usize>(), hi.parse::<usize>()) else {
+                return Err(bad());
+            };
+            if lo > hi || hi >= MAX_CPUS {
+                return Err(bad());
+            }
+            for cpu in lo..=hi {
+                if !cpus.contains(&cpu) {
+                    cpus.push(cpu);
+                }
+            }
+        }
+        Ok(CpuAffinity::Cpus(cpus))
+    }
+}
+
+/// CPUs a CPU list may name (the kernel's CPU set size for sched_setaffinity).
+pub const MAX_CPUS: usize = 1024;
 
 /// Which kernel interface the workers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -70,6 +70,7 @@ static GLOBAL: Table = Table {
         ("grace", Kind::Str),
         ("io", Kind::Str),
         ("relay", Kind::Str),
+        ("cpu_affinity", Kind::Str),
         ("resolvers", Kind::Strs),
     ],
 };

@@ -14,8 +14,8 @@ use super::duration::{format_duration, parse_duration};
 use super::file::{FileBackend, FileConfig, FileFrontend, FileHealth, FileWorkers};
 use super::problem::{At, Problem};
 use super::{
-    Admin, Backend, Balance, Config, ConnectHedge, Discover, DiscoverTarget, Frontend, Global,
-    HashKey, Health, HostLookup, IoMode, OnMarkedDown, ProxyVersion, RelayMode, Token,
+    Admin, Backend, Balance, Config, ConnectHedge, CpuAffinity, Discover, DiscoverTarget, Frontend,
+    Global, HashKey, Health, HostLookup, IoMode, OnMarkedDown, ProxyVersion, RelayMode, Token,
 };
 
 mod traffic;
@@ -278,6 +278,39 @@ fn validate_global(file: &FileConfig, out: &mut Vec<Problem>) -> Global {
             RelayMode::Copy
         }
     };
+    let cpu_affinity = match g.and_then(|g| g.cpu_affinity.as_deref()) {
+        None => CpuAffinity::Off,
+        Some(text) => match CpuAffinity::parse(text) {
+            Ok(CpuAffinity::Cpus(cpus)) => {
+                let allowed = crate::worker::allowed_cpus();
+                let outside: Vec<String> = cpus
+                    .iter()
+                    .filter(|c| !allowed.contains(c))
+                    .map(usize::to_string)
+                    .collect();
+                if !outside.is_empty() && !allowed.is_empty() {
+                    p.push(
+                        "cpu_affinity",
+                        format!(
+                            "CPU {} is not one this process may run on (allowed here: {})",
+                            outside.join(", "),
+                            allowed
+                                .iter()
+                                .map(usize::to_string)
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        ),
+                    );
+                }
+                CpuAffinity::Cpus(cpus)
+            }
+            Ok(other) => other,
+            Err(e) => {
+                p.push("cpu_affinity", e);
+                CpuAffinity::Off
+            }
+        },
+    };
     let mut resolvers = Vec::new();
     for (i, text) in g
         .and_then(|g| g.resolvers.as_ref())
@@ -306,6 +339,7 @@ fn validate_global(file: &FileConfig, out: &mut Vec<Problem>) -> Global {
         grace,
         io,
         relay,
+        cpu_affinity,
         resolvers,
     }
 }
@@ -1107,6 +1141,36 @@ address = "127.0.0.1:9001"
         assert_eq!(f.backends[0].health.timeout, f.backends[0].health.interval);
         assert_eq!(c.global.max_connections, 100_000);
         assert_eq!(c.admin.listen, Some("127.0.0.1:9090".parse().unwrap()));
+    }
+
+    #[test]
+    fn cpu_affinity_is_off_by_default_and_parses_auto_and_cpu_lists() {
+        use crate::config::CpuAffinity;
+        assert_eq!(
+            Config::parse(MINIMAL, "t").unwrap().global.cpu_affinity,
+            CpuAffinity::Off
+        );
+        assert_eq!(CpuAffinity::parse("auto"), Ok(CpuAffinity::Auto));
+        assert_eq!(CpuAffinity::parse("off"), Ok(CpuAffinity::Off));
+        assert_eq!(
+            CpuAffinity::parse("0-2, 6,1"),
+            Ok(CpuAffinity::Cpus(vec![0, 1, 2, 6]))
+        );
+        for bad in ["", "2-1", "a", "1,", "-3", "0-1024", "0..3"] {
+            let e = CpuAffinity::parse(bad).unwrap_err();
+            assert!(e.contains(&format!("\"{bad}\" is not")), "{bad}: {e}");
+        }
+        // Worker i takes the i-th CPU, wrapping around; "auto" walks the allowed set.
+        let allowed = [2, 3];
+        let cpus = CpuAffinity::Cpus(vec![5, 7, 9]);
+        let got: Vec<_> = (0..4).map(|i| cpus.cpu_for(i, &allowed)).collect();
+        assert_eq!(got, [Some(5), Some(7), Some(9), Some(5)]);
+        let got: Vec<_> = (0..3)
+            .map(|i| CpuAffinity::Auto.cpu_for(i, &allowed))
+            .collect();
+        assert_eq!(got, [Some(2), Some(3), Some(2)]);
+        assert_eq!(CpuAffinity::Auto.cpu_for(0, &[]), None);
+        assert_eq!(CpuAffinity::Off.cpu_for(0, &allowed), None);
     }
 
     #[test]

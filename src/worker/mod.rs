@@ -1,4 +1,5 @@
-//! Workers: one thread per core, each with its own tokio-uring runtime, pinned to its core.
+//! Workers: one thread per core, each with its own tokio-uring runtime (pinned to a CPU only
+//! when `[global] cpu_affinity` asks).
 //!
 //! A worker owns its SO_REUSEPORT listeners and every connection it accepts for their whole
 //! lives. The control thread talks to it only through [`WorkerCommand`]s and the published
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
 use crate::backend::{BackendState, Published};
-use crate::config::IoMode;
+use crate::config::{CpuAffinity, IoMode};
 use crate::relay::pool::PoolStats;
 use io::{Epoll, Io, Uring};
 
@@ -245,18 +246,22 @@ pub fn choose_io(mode: IoMode) -> std::io::Result<&'static str> {
 pub fn spawn(
     count: usize,
     io_name: &'static str,
+    affinity: &CpuAffinity,
     shared: Arc<Shared>,
 ) -> std::io::Result<Vec<WorkerHandle>> {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let allowed = allowed_cpus();
     let mut out = Vec::with_capacity(count);
     for index in 0..count {
+        let cpu = affinity.cpu_for(index, &allowed);
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = shared.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("ringlb-w{index}"))
             .spawn(move || {
-                pin_to_core(index % cpus);
+                if let Some(cpu) = cpu {
+                    pin_to_cpu(index, cpu);
+                }
                 crate::backend::per_worker::set_slot(index);
                 if io_name == Uring::NAME {
                     let rt = match uring_runtime() {
@@ -313,11 +318,26 @@ fn uring_runtime() -> std::io::Result<tokio_uring::Runtime> {
     })
 }
 
-fn pin_to_core(core: usize) {
+/// The CPUs this process may run on, ascending (its affinity mask, which a cpuset or
+/// `taskset` narrows); empty if the kernel will not say.
+pub fn allowed_cpus() -> Vec<usize> {
+    let Ok(set) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
+        return Vec::new();
+    };
+    (0..nix::sched::CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect()
+}
+
+/// Pins the calling worker thread to `cpu` (`[global] cpu_affinity`). Pinning is an
+/// optimisation: where the kernel refuses it (a container's cpuset changed under us), the
+/// worker runs unpinned and says so.
+fn pin_to_cpu(index: usize, cpu: usize) {
     let mut set = nix::sched::CpuSet::new();
-    if set.set(core).is_ok() {
-        // Pinning is an optimisation; a container that forbids it still works unpinned.
-        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    let pinned = set.set(cpu).is_ok()
+        && nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).is_ok();
+    if !pinned {
+        crate::warn!("worker {index}: cannot pin to CPU {cpu}; it runs unpinned");
     }
 }
 
