@@ -10,8 +10,9 @@
 //! connect-time p99 ([`BackendState::connect_p99`]), clamped to [`AUTO_MIN`] .. half of
 //! `connect_timeout`; before the first sample it is [`UNSAMPLED`] (same clamp).
 //!
-//! Cost when no hedge is needed: one timer (it replaces the connect timeout's, and is reset
-//! to the connect deadline if the hedge delay passes), one clock read when the connect
+//! Cost when no hedge is needed: one [`Deadline`] (it replaces the connect timeout's, and is
+//! reset to the connect deadline if the hedge delay passes; no tokio timer of its own), one
+//! clock read when the connect
 //! completes, and a write to the backend's estimate on one connect in [`SAMPLE_EVERY`] (and
 //! on every connect slower than the estimate, which is rare by construction).
 
@@ -23,7 +24,9 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::Duration;
 
-use tokio::time::{sleep_until, Instant, Sleep};
+use tokio::time::Instant;
+
+use super::deadline::Deadline;
 
 use super::io::Io;
 use super::local::Op;
@@ -96,12 +99,12 @@ pub async fn connect<I: Io>(
     let mut hedge_at =
         delay(cfg.connect_hedge, &fe.backends[first].state, timeout).map(|d| start + d);
     // One timer: the hedge delay, then A's deadline.
-    let mut timer = pin!(sleep_until(hedge_at.unwrap_or(a_deadline)));
+    let mut timer = Deadline::at(hedge_at.unwrap_or(a_deadline));
     let a = Some(I::connect(fe.backends[first].config.address, cfg.source));
     // The hedge, its start and its own deadline; nothing is built unless it starts.
     let b = none_like(&a);
     let (mut a, mut b) = (pin!(a), pin!(b));
-    let mut b_timer: Pin<&mut Option<Sleep>> = pin!(None);
+    let mut b_timer: Option<Deadline> = None;
     // The hedge's own slot where its backend has `max_connections`.
     let mut b_slot: Option<BackendSlot> = None;
     let mut second = first;
@@ -118,11 +121,11 @@ pub async fn connect<I: Io>(
                     return Poll::Ready(Event::B(r));
                 }
             }
-            if a.is_some() && timer.as_mut().poll(cx).is_ready() {
+            if a.is_some() && Pin::new(&mut timer).poll(cx).is_ready() {
                 return Poll::Ready(Event::Timer);
             }
-            if let Some(t) = b_timer.as_mut().as_pin_mut() {
-                if t.poll(cx).is_ready() {
+            if let Some(t) = b_timer.as_mut() {
+                if Pin::new(t).poll(cx).is_ready() {
                     return Poll::Ready(Event::BTimedOut);
                 }
             }
@@ -152,7 +155,7 @@ pub async fn connect<I: Io>(
                 };
             }
             Event::Timer if hedge_at.take().is_some() => {
-                timer.as_mut().reset(a_deadline);
+                timer.reset(a_deadline);
                 let mut skip = tried.clone();
                 skip.push(first);
                 // Where backends have `max_connections`, the hedge needs a slot of its own,
@@ -176,7 +179,7 @@ pub async fn connect<I: Io>(
                         fe.backends[idx].config.address,
                         cfg.source,
                     )));
-                    b_timer.set(Some(sleep_until(b_start + timeout)));
+                    b_timer = Some(Deadline::at(b_start + timeout));
                 }
             }
             Event::A(Err(e)) => {
@@ -203,7 +206,7 @@ pub async fn connect<I: Io>(
             }
             Event::B(Err(e)) => {
                 b.set(None);
-                b_timer.set(None);
+                b_timer = None;
                 b_slot = None;
                 if a.is_none() {
                     return Connected {
@@ -216,7 +219,7 @@ pub async fn connect<I: Io>(
             }
             Event::BTimedOut => {
                 b.set(None);
-                b_timer.set(None);
+                b_timer = None;
                 b_slot = None;
                 if a.is_none() {
                     return Connected {

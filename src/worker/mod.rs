@@ -8,6 +8,7 @@
 mod accept;
 pub mod budget;
 pub mod conns;
+mod deadline;
 pub mod gate;
 pub mod hedge;
 pub mod io;
@@ -348,6 +349,7 @@ async fn run<I: Io>(
 ) {
     crate::relay::pool::init(shared.pools[index].clone(), shared.pipe_limit);
     I::spawn(conns::sweeper(shared.kill_bells[index].clone()));
+    I::spawn(deadline::drive());
     // Usually one slot per listener id; more when an upgrade passed more sockets per address
     // than there are workers.
     let mut listeners: HashMap<u64, Vec<Rc<ListenerSlot<I>>>> = HashMap::new();
