@@ -608,8 +608,9 @@ def main():
                          "right after --bin's")
     ap.add_argument("--ringloop", metavar="BIN",
                     help="also run benches/ringloop.rs (`cargo bench --bench ringloop --no-run` builds "
-                         "it): the bound of a minimal per-core io_uring loop, one more column (its idle "
-                         "rows mean nothing: it holds two 16 KiB buffers per connection)")
+                         "it): the bound of a minimal per-core io_uring loop, one more column (in its default "
+                         "mode its idle rows mean nothing: it holds two 16 KiB buffers per connection; "
+                         "with --pbuf they do)")
     ap.add_argument("--ringloop-args", metavar="ARGS", action="append",
                     help="extra arguments of the --ringloop column, one string (write it with =, e.g. "
                          "--ringloop-args=--pbuf); given more than once, one ringloop column each, so "

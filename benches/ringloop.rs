@@ -19,16 +19,45 @@
 //! No health checks, no timeouts, no metrics, no selection, no config: everything it lacks is
 //! what an own runtime would have to add back, so its figures are a bound, not a target.
 //! Each connection owns two 16 KiB buffers for its life (slots are reused), so its memory
-//! figures mean nothing. Run it through `benches/compare.py --ringloop BIN` (build it with
-//! `cargo bench --bench ringloop --no-run`; cargo prints the binary's path), or by hand:
+//! figures mean nothing.
+//!
+//! `--pbuf` is the variant a product could ship (the default stays, for A/B in one run):
+//!
+//! - no buffer per connection: each thread registers a provided buffer ring
+//!   (IORING_REGISTER_PBUF_RING) of `--bufs` (256) buffers of `--buf-size` (16 KiB, the size of
+//!   ringlb's pooled buffer, which won its bulk runs against 64 KiB);
+//! - each direction has one multishot recv (IORING_RECV_MULTISHOT with buffer select) armed
+//!   for the connection's life; each completion names a buffer, which is queued on the
+//!   direction and sent (short sends resend the rest), in order, one send in flight per
+//!   direction, and goes back to the ring when its last byte is sent;
+//! - a direction with `--dir-bufs` (16) buffers queued has its recv cancelled (AsyncCancel)
+//!   and re-armed when the queue is down to half: without it one connection with a slow reader
+//!   would take the whole ring (the kernel keeps receiving while the sends wait);
+//! - a recv ended without F_MORE is re-armed; one ended by ENOBUFS (the ring is empty) is
+//!   re-armed when buffers come back, one per returned buffer, oldest first;
+//! - a timer per connection: a hashed wheel per thread (a link at accept, an unlink at close,
+//!   a stored deadline on activity) and one absolute IORING_OP_TIMEOUT for the wheel's next
+//!   tick (`--tick-ms`, 100); the deadline is `--connect-timeout-ms` (2,000) while connecting,
+//!   then `--idle-timeout-ms` (600,000; 0: no timers at all), ringlb's defaults. A timeout, like
+//!   an error, shuts both sockets down, which ends both recvs.
+//!
+//! It prints its counters (ENOBUFS, pauses, re-arms, timeouts) when stopped by SIGTERM or
+//! SIGINT. Run it through `benches/compare.py --ringloop BIN [--ringloop-args=ARGS ...]`
+//! (build it with `cargo bench --bench ringloop --no-run`; cargo prints the binary's path), or
+//! by hand:
 //!
 //! ```sh
-//! ringloop --workers 2 --listen 127.0.0.1:8000 --backend 127.0.0.1:8080 [--no-defer | --coop] [--shutdown-op]
+//! ringloop --workers 2 --listen 127.0.0.1:8000 --backend 127.0.0.1:8080 [--no-defer | --coop] \
+//!     [--shutdown-op | --pbuf [--bufs N] [--buf-size BYTES] [--dir-bufs N] [--idle-timeout-ms MS] \
+//!     [--connect-timeout-ms MS] [--tick-ms MS]]
 //! ```
 //!
 //! The unsafe here is the io_uring contract: every fd and buffer an SQE names must stay valid
 //! until its completion. Each `unsafe` block says why it holds; the buffers are boxed (so a
 //! growing slot table does not move them) and a slot is reused only when no op of it is left.
+//! With `--pbuf` a multishot recv counts as one op until its final completion (no F_MORE), so
+//! no recv of a closed connection can complete into its slot's next one, and a ring buffer is
+//! written by the kernel only between its publication and the completion that names it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
