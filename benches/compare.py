@@ -38,6 +38,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -269,12 +270,16 @@ def raise_nofile():
 
 
 class Column:
-    def __init__(self, key, title, kind, relay=None, log=None, binary=None):
+    def __init__(self, key, title, kind, relay=None, log=None, binary=None, extra=()):
         self.key, self.title, self.kind, self.relay = key, title, kind, relay
         # The UDP port of the rsyslogd connection logs go to, or None for no log.
         self.log = log
         # The ringlb (or ringloop) binary of this column: --bin, --bin-b or --ringloop.
         self.binary = binary
+        # More arguments of a ringloop column (--ringloop-args).
+        self.extra = list(extra)
+        # The log of the column's latest balancer process.
+        self.logf = None
         self.peer = kind not in ("ringlb", "ringloop")
 
 
@@ -312,7 +317,7 @@ def start_balancer(col, args, procs, tmp, backend, nofile):
     elif col.kind == "ringloop":
         # The bound of an own per-core loop (benches/ringloop.rs): 2 threads, copy relay.
         argv = [col.binary, "--workers", "2", "--listen", "127.0.0.1:%d" % port,
-                "--backend", "127.0.0.1:%d" % backend]
+                "--backend", "127.0.0.1:%d" % backend] + col.extra
     elif col.kind == "haproxy":
         # No maxconn: HAProxy derives it from the fd limit (it refuses to start when an explicit
         # maxconn needs more fds than the limit allows, and cannot raise the limit here).
@@ -339,6 +344,7 @@ def start_balancer(col, args, procs, tmp, backend, nofile):
                     % (load, d, d, nofile, backend, port))
         argv = ["nginx", "-p", d + "/", "-e", d + "/error.log", "-c", cfg]
     p = procs.start(col.key, argv, nofile=nofile)
+    col.logf = p.logf
     procs.wait_listen(p, port)
     return p, port
 
@@ -602,8 +608,13 @@ def main():
                          "right after --bin's")
     ap.add_argument("--ringloop", metavar="BIN",
                     help="also run benches/ringloop.rs (`cargo bench --bench ringloop --no-run` builds "
-                         "it): the bound of a minimal per-core io_uring loop, one more column (its idle "
-                         "rows mean nothing: it holds two 16 KiB buffers per connection)")
+                         "it): the bound of a minimal per-core io_uring loop, one more column (in its default "
+                         "mode its idle rows mean nothing: it holds two 16 KiB buffers per connection; "
+                         "with --pbuf they do)")
+    ap.add_argument("--ringloop-args", metavar="ARGS", action="append",
+                    help="extra arguments of the --ringloop column, one string (write it with =, e.g. "
+                         "--ringloop-args=--pbuf); given more than once, one ringloop column each, so "
+                         "--ringloop-args= --ringloop-args=--pbuf runs the default and --pbuf side by side")
     ap.add_argument("--relay", default="copy,splice,splice-auto",
                     help="ringlb relay modes, comma-separated; one column each; MODE@epoll runs "
                          "that mode on the epoll runtime (default: %(default)s)")
@@ -689,7 +700,11 @@ def main():
                     cols.append(Column("ringlb-" + relay.replace("@", "-") + "-log", title + " +log",
                                        "ringlb", relay, log_port, binary=args.bin))
         if args.ringloop:
-            cols.append(Column("ringloop", "ringloop (bound)", "ringloop", binary=args.ringloop))
+            for i, extra in enumerate(args.ringloop_args or [""]):
+                extra = shlex.split(extra)
+                title = " ".join(["ringloop"] + extra + ["(bound)"])
+                cols.append(Column("ringloop" + ("-%d" % i if i else ""), title, "ringloop",
+                                   binary=args.ringloop, extra=extra))
         hv = first_line(["haproxy", "-v"]) if have("haproxy") else ""
         hver = re.search(r"version (\d+\.\d+)", hv)
         hname = "HAProxy %s" % (hver.group(1) if hver else "")
@@ -742,6 +757,11 @@ def main():
                     vals, note = fn(c, args, procs, tmp, env)
                 except RuntimeError as e:
                     vals, note = None, "error: %s" % e
+                if c.kind == "ringloop" and c.logf:
+                    # Its counters (buffer ring exhausted, recvs paused, timeouts), printed when stopped.
+                    stats = [l.strip() for l in open(c.logf, errors="replace") if "stopped by" in l]
+                    if stats:
+                        note = "; ".join(x for x in (note, stats[-1]) if x)
                 results[(key, c.key)] = (vals, note)
                 if note:
                     notes.append("%s, %s: %s" % (key, c.title, note))
