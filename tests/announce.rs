@@ -87,13 +87,17 @@ fn readiness_follows_the_backends_and_runs_the_commands() {
         announced(&file)
     );
     assert_eq!(ready_status(&r, "/ready/web"), 200);
-    let metrics = get(r.admin.unwrap(), "/metrics");
+    // A command is counted once ringlb has reaped it, after the line it wrote is in the file.
+    let mut metrics = String::new();
     assert!(
-        metrics
-            .contains("ringlb_frontend_announce_commands_total{frontend=\"web\",result=\"ok\"} 3")
-            || metrics.contains(
-                "ringlb_frontend_announce_commands_total{result=\"ok\",frontend=\"web\"} 3"
-            ),
+        wait_until(SOON, || {
+            metrics = get(r.admin.unwrap(), "/metrics");
+            metrics.contains(
+                "ringlb_frontend_announce_commands_total{frontend=\"web\",result=\"ok\"} 3",
+            ) || metrics.contains(
+                "ringlb_frontend_announce_commands_total{result=\"ok\",frontend=\"web\"} 3",
+            )
+        }),
         "{metrics}"
     );
 }

@@ -324,10 +324,12 @@ fn queue_time_is_logged(settings: &str, backend_extra: &str) {
     assert!(v["tw_ms"].as_i64().unwrap() >= 300, "{v}");
     assert_eq!(v["tc_ms"], -1, "{v}");
     assert_eq!(v["client"], late.local_addr().unwrap().to_string(), "{v}");
-    // Waits while the holder stays, then is served when it leaves.
+    // Waits while the holder stays, then is served when it leaves. `held` starts before the
+    // connect, so the wait ringlb logs lies within it however long the test takes to see the
+    // client queued.
+    let held = Instant::now();
     let mut waiter = TcpStream::connect(lb.addr("web")).unwrap();
     assert!(wait_until(SOON, || queued() >= 1.0), "never queued");
-    let held = Instant::now();
     // The wait itself is what the line must show: keep the client queued for 100 ms.
     std::thread::sleep(Duration::from_millis(100));
     holder.shutdown(std::net::Shutdown::Write).unwrap();

@@ -80,7 +80,10 @@ fn least_connections_sends_new_connections_to_the_backend_with_fewest_open() {
     // Close both connections on "b": it now has the fewest, so the next two new long
     // connections must both go to "b".
     held.retain(|(n, _)| n != "b");
-    assert!(wait_until(SOON, || b.open() == 0));
+    // The backend closes its side before ringlb has seen that close and counted the
+    // connections out: wait for ringlb's own count, which is what it picks by.
+    let admin = lb.admin.unwrap();
+    assert!(wait_until(SOON, || b.open() == 0 && active(admin, "b") == 0));
     for _ in 0..2 {
         let mut s = TcpStream::connect(lb.addr("web")).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -117,6 +120,18 @@ fn backup_gets_nothing_while_a_primary_is_up_and_everything_when_primaries_are_g
         assert_eq!(ask_name(lb.addr("web")).unwrap(), "spare");
     }
     assert_eq!(spare.accepted(), 50);
+}
+
+/// The open connections ringlb counts on backend `name` of frontend "web" (`/status`).
+fn active(admin: std::net::SocketAddr, name: &str) -> u64 {
+    let s: serde_json::Value = serde_json::from_str(&get(admin, "/status")).unwrap();
+    s["frontends"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .and_then(|b| b["active"].as_u64())
+        .unwrap_or_else(|| panic!("no backend {name} in {s}"))
 }
 
 fn read_line(s: &mut TcpStream) -> String {

@@ -101,7 +101,9 @@ fn marked_down_config(a: SocketAddr, b: SocketAddr, pace: &str) -> String {
                 "balance = \"round-robin\"\nconnect_hedge = \"off\"\non_marked_down = \"shutdown-sessions\"\n{pace}\n\
                  [frontend.health]\ninterval = \"200ms\"\ntimeout = \"200ms\"\nfall = 2"
             ),
-            &[("a1", a, ""), ("b1", b, "")],
+            // b1 unchecked: its open count is then exactly the clients' connections (a probe
+            // in flight would be one more).
+            &[("a1", a, ""), ("b1", b, "check = false")],
         )
 }
 
@@ -204,7 +206,9 @@ fn a_backend_added_back_during_its_paced_drain_keeps_the_connections_left() {
                 backends,
             )
     };
-    let with_a = cfg(&[("a1", a.addr, "")]);
+    // Unchecked: a1's open count is then exactly the clients' connections (a probe in flight
+    // would be one more).
+    let with_a = cfg(&[("a1", a.addr, "check = false")]);
     let lb = Ringlb::start(&with_a);
     let rx = hold(lb.addr("web"), 100);
     let mark = lb.reload(&cfg(&[("b1", b.addr, "")]));
