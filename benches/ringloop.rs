@@ -99,20 +99,26 @@ struct Conn {
     dirs: [Dir; 2],
 }
 
-impl Conn {
+/// A connection's two fds, and each direction's source and destination (0 up: client ->
+/// server, 1 down).
+trait Ends {
+    fn client_server(&self) -> (RawFd, RawFd);
     fn src(&self, d: usize) -> RawFd {
+        let (client, server) = self.client_server();
         if d == 0 {
-            self.client
+            client
         } else {
-            self.server
+            server
         }
     }
     fn dst(&self, d: usize) -> RawFd {
-        if d == 0 {
-            self.server
-        } else {
-            self.client
-        }
+        self.src(1 - d)
+    }
+}
+
+impl Ends for Conn {
+    fn client_server(&self) -> (RawFd, RawFd) {
+        (self.client, self.server)
     }
 }
 
@@ -139,24 +145,15 @@ impl Worker {
     }
 
     fn arm_accept(&mut self) {
-        let sqe = opcode::AcceptMulti::new(types::Fd(self.listener))
-            .flags(libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(OP_ACCEPT);
+        let sqe = accept_sqe(self.listener);
         // SAFETY: the listener is open for the worker's life; the op names no memory.
         unsafe { self.push(sqe) };
     }
 
     fn new_conn(&mut self, client: RawFd) {
-        let server = match Socket::new(Domain::IPV4, Type::STREAM.cloexec(), Some(Protocol::TCP)) {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                s.into_raw_fd()
-            }
-            Err(_) => {
-                close_now(client);
-                return;
-            }
+        let Some(server) = backend_socket() else {
+            close_now(client);
+            return;
         };
         let slot = match self.free.pop() {
             Some(i) => i,
@@ -183,10 +180,7 @@ impl Worker {
         for d in &mut c.dirs {
             d.done = false;
         }
-        let sqe =
-            opcode::Connect::new(types::Fd(server), self.backend.as_ptr(), self.backend.len())
-                .build()
-                .user_data(tag(slot, OP_CONNECT));
+        let sqe = connect_sqe(server, &self.backend, slot);
         // SAFETY: `server` stays open until this slot's close, which waits for every op of
         // the slot; the address is the worker's `backend`, boxed and never freed before it.
         unsafe { self.push(sqe) };
@@ -323,18 +317,7 @@ impl Worker {
         self.arm_accept();
         let mut done: Vec<(u64, i32, u32)> = Vec::with_capacity(ENTRIES as usize);
         loop {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-                Err(e) => panic!("io_uring_enter: {e}"),
-            }
-            done.clear();
-            done.extend(
-                self.ring
-                    .completion()
-                    .map(|e| (e.user_data(), e.result(), e.flags())),
-            );
+            turn(&mut self.ring, &mut done);
             for &(user_data, res, flags) in &done {
                 self.complete(user_data, res, flags);
             }
@@ -354,6 +337,44 @@ unsafe fn push_sqe(ring: &mut IoUring, sqe: squeue::Entry) {
         }
         ring.submit().expect("io_uring_enter");
     }
+}
+
+/// One loop turn: submits what is queued, waits for at least one completion, and collects
+/// every completion there is into `done` as (user_data, result, flags).
+fn turn(ring: &mut IoUring, done: &mut Vec<(u64, i32, u32)>) {
+    match ring.submit_and_wait(1) {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+        Err(e) => panic!("io_uring_enter: {e}"),
+    }
+    done.clear();
+    done.extend(
+        ring.completion()
+            .map(|e| (e.user_data(), e.result(), e.flags())),
+    );
+}
+
+/// The backend connection's socket, with TCP_NODELAY (syscalls, as ringlb).
+fn backend_socket() -> Option<RawFd> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM.cloexec(), Some(Protocol::TCP)).ok()?;
+    let _ = s.set_nodelay(true);
+    Some(s.into_raw_fd())
+}
+
+/// The multishot accept: one SQE for every connection the listener will take.
+fn accept_sqe(listener: RawFd) -> squeue::Entry {
+    opcode::AcceptMulti::new(types::Fd(listener))
+        .flags(libc::SOCK_CLOEXEC)
+        .build()
+        .user_data(OP_ACCEPT)
+}
+
+/// The connect of `slot`'s backend socket to `backend`, which must outlive the op.
+fn connect_sqe(server: RawFd, backend: &SockAddr, slot: usize) -> squeue::Entry {
+    opcode::Connect::new(types::Fd(server), backend.as_ptr(), backend.len())
+        .build()
+        .user_data(tag(slot, OP_CONNECT))
 }
 
 fn tag(slot: usize, op: u64) -> u64 {
@@ -549,20 +570,9 @@ struct PConn {
     wnext: u32,
 }
 
-impl PConn {
-    fn src(&self, d: usize) -> RawFd {
-        if d == 0 {
-            self.client
-        } else {
-            self.server
-        }
-    }
-    fn dst(&self, d: usize) -> RawFd {
-        if d == 0 {
-            self.server
-        } else {
-            self.client
-        }
+impl Ends for PConn {
+    fn client_server(&self) -> (RawFd, RawFd) {
+        (self.client, self.server)
     }
 }
 
@@ -605,10 +615,7 @@ impl PWorker {
     }
 
     fn arm_accept(&mut self) {
-        let sqe = opcode::AcceptMulti::new(types::Fd(self.listener))
-            .flags(libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(OP_ACCEPT);
+        let sqe = accept_sqe(self.listener);
         // SAFETY: the listener is open for the worker's life; the op names no memory.
         unsafe { self.push(sqe) };
     }
@@ -628,15 +635,9 @@ impl PWorker {
     }
 
     fn new_conn(&mut self, client: RawFd) {
-        let server = match Socket::new(Domain::IPV4, Type::STREAM.cloexec(), Some(Protocol::TCP)) {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                s.into_raw_fd()
-            }
-            Err(_) => {
-                close_now(client);
-                return;
-            }
+        let Some(server) = backend_socket() else {
+            close_now(client);
+            return;
         };
         let fresh = PConn {
             client,
@@ -660,10 +661,7 @@ impl PWorker {
             }
         };
         self.link(slot);
-        let sqe =
-            opcode::Connect::new(types::Fd(server), self.backend.as_ptr(), self.backend.len())
-                .build()
-                .user_data(tag(slot, OP_CONNECT));
+        let sqe = connect_sqe(server, &self.backend, slot);
         // SAFETY: `server` stays open until this slot's close, which waits for every op of
         // the slot; the address is the worker's `backend`, boxed and never freed before it.
         unsafe { self.push(sqe) };
@@ -1020,18 +1018,7 @@ impl PWorker {
         }
         let mut done: Vec<(u64, i32, u32)> = Vec::with_capacity(ENTRIES as usize);
         loop {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-                Err(e) => panic!("io_uring_enter: {e}"),
-            }
-            done.clear();
-            done.extend(
-                self.ring
-                    .completion()
-                    .map(|e| (e.user_data(), e.result(), e.flags())),
-            );
+            turn(&mut self.ring, &mut done);
             for &(user_data, res, flags) in &done {
                 self.complete(user_data, res, flags);
             }
