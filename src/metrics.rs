@@ -78,6 +78,7 @@ const BACKEND: Family = Family {
         "ringlb_backend_check_duration_seconds",
         "ringlb_backend_last_state_change_seconds",
         "ringlb_backend_admin_state",
+        "ringlb_backend_connects_pending",
     ],
 };
 
@@ -222,6 +223,7 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_backend_effective_weight", "Weight after the slow-start ramp."),
     ("ringlb_backend_check_duration_seconds", "Duration of the last health check (haproxy_server_check_duration_seconds)."),
     ("ringlb_backend_last_state_change_seconds", "Seconds since the last UP/DOWN transition (haproxy_server_check_last_change_seconds)."),
+    ("ringlb_backend_connects_pending", "Connects to the backend begun and not yet completed, failed or abandoned (hedges included): high while a backend drops SYNs."),
     ("ringlb_backend_admin_state", "What the runtime API set: 0 ready, 1 drain (no new connections, established ones finish), 2 maint (no new connections, checks paused) (haproxy_server_status DRAIN / MAINT)."),
     ("ringlb_maglev_backends_left_out", "Usable backends a Maglev frontend's tables have no slot for (more than maglev_table_size, as a large discovered set can be): they get no clients. 0 for other balancers."),
     ("ringlb_frontend_enabled", "0 while the runtime API has the frontend disabled (its listeners closed), else 1."),
@@ -616,6 +618,7 @@ impl Exporter {
                 check_secs,
                 since_change.floor(),
                 s.admin_mode().gauge(),
+                s.connecting() as f64,
             ],
         );
     }

@@ -101,13 +101,19 @@ fn failover_scenario(health: &str, reason: &str) {
         .unwrap_or_else(|| panic!("b3 not marked down:\n{}", lb.logs().join("\n")));
     assert!(down.contains(reason), "{down}");
 
-    // Once attempts begun before detection have ended (one connect timeout), ringlb makes no
-    // new attempts on either dead backend while traffic keeps flowing.
+    // Once attempts begun before detection have ended (within one connect timeout), ringlb
+    // makes no new attempts on either dead backend while traffic keeps flowing.
     let attempts = |name: &str| {
         metric(admin, "ringlb_backend_connect_failures_total", name)
             + metric(admin, "ringlb_backend_connections_total", name)
     };
-    std::thread::sleep(Duration::from_secs(1));
+    let pending = |name: &str| metric(admin, "ringlb_backend_connects_pending", name);
+    assert!(
+        wait_until(SOON, || pending("b1") == 0 && pending("b3") == 0),
+        "connects still pending: b1 {}, b3 {}",
+        pending("b1"),
+        pending("b3")
+    );
     let (b1_before, b3_before) = (attempts("b1"), attempts("b3"));
     let served = answered("b2") + answered("b4") + answered("b5");
     assert!(wait_until(SOON, || answered("b2")

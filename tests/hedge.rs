@@ -134,6 +134,44 @@ fn with_connect_hedge_off_a_backend_that_drops_syns_costs_a_full_connect_timeout
 }
 
 #[test]
+fn connects_pending_counts_each_connect_in_flight_until_it_times_out() {
+    let hole = Blackhole::start();
+    let cfg = global_toml("")
+        + &frontend_toml(
+            "web",
+            "connect_timeout = \"4s\"\nretries = 0\nconnect_hedge = \"off\"\n\
+             [frontend.health]\nerror_limit = 0",
+            &[("hole", hole.addr, "check = false")],
+        );
+    let lb = Ringlb::start(&cfg);
+    let admin = lb.admin.expect("admin");
+    let pending = || backend_metric(admin, "ringlb_backend_connects_pending", "hole");
+    let failures = || backend_metric(admin, "ringlb_backend_connect_failures_total", "hole");
+    assert!(
+        get(admin, "/metrics").contains("ringlb_backend_connects_pending{"),
+        "the series exists before any connect"
+    );
+    // Five clients, each held on a connect to a backend that drops SYNs.
+    let clients: Vec<std::net::TcpStream> = (0..5)
+        .map(|_| std::net::TcpStream::connect(lb.addr("web")).unwrap())
+        .collect();
+    assert!(
+        wait_until(SOON, || pending() == 5.0),
+        "pending {} with 5 clients held",
+        pending()
+    );
+    assert_eq!(failures(), 0.0, "none has timed out yet");
+    // Each connect times out (4 s) and is counted out.
+    assert!(
+        wait_until(SOON, || pending() == 0.0 && failures() == 5.0),
+        "pending {}, failures {} after the connect timeout",
+        pending(),
+        failures()
+    );
+    drop(clients);
+}
+
+#[test]
 fn backends_with_max_connections_are_hedged_each_hedge_on_a_slot_of_its_own() {
     // max_connections 1 on the silent backend: if the slot of a connect abandoned to a hedge
     // were not given back, it would stay full and never be picked (nor hedged) again. 2 on

@@ -214,6 +214,11 @@ impl BackendState {
         self.counts.sum(|c| &c.retries)
     }
 
+    /// Connects to this backend in flight, across workers (hedges included).
+    pub fn connecting(&self) -> u64 {
+        self.counts.sum(|c| &c.connecting)
+    }
+
     pub fn bytes_in_total(&self) -> u64 {
         self.counts.sum(|c| &c.bytes_in)
     }
@@ -500,6 +505,8 @@ pub struct BackendCounts {
     /// Bytes from clients to this backend / from this backend to clients.
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Connects to this backend in flight (a gauge: raised and lowered by the same worker).
+    pub connecting: AtomicU64,
 }
 
 /// A frontend's counters that workers bump per connection (one copy per worker).

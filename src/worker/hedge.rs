@@ -101,6 +101,10 @@ pub async fn connect<I: Io>(
     // One timer: the hedge delay, then A's deadline.
     let mut timer = Deadline::at(hedge_at.unwrap_or(a_deadline));
     let a = Some(I::connect(fe.backends[first].config.address, cfg.source));
+    // Each connect in flight is counted on its backend (`ringlb_backend_connects_pending`)
+    // until it completes, fails or is abandoned: the guard goes with the connect's future.
+    let mut a_flight = Some(InFlight::new(&fe.backends[first].state));
+    let mut b_flight: Option<InFlight<'_>> = None;
     // The hedge, its start and its own deadline; nothing is built unless it starts.
     let b = none_like(&a);
     let (mut a, mut b) = (pin!(a), pin!(b));
@@ -146,6 +150,7 @@ pub async fn connect<I: Io>(
                 sample(&fe.backends[second].state, b_start, true);
                 if a.is_some() {
                     a.set(None);
+                    drop(a_flight.take());
                     lost_race(shared, fe, first, second, start.elapsed());
                 }
                 return Connected {
@@ -179,11 +184,13 @@ pub async fn connect<I: Io>(
                         fe.backends[idx].config.address,
                         cfg.source,
                     )));
+                    b_flight = Some(InFlight::new(&fe.backends[idx].state));
                     b_timer = Some(Deadline::at(b_start + timeout));
                 }
             }
             Event::A(Err(e)) => {
                 a.set(None);
+                drop(a_flight.take());
                 if b.is_none() {
                     return Connected {
                         idx: first,
@@ -195,6 +202,7 @@ pub async fn connect<I: Io>(
             }
             Event::Timer => {
                 a.set(None);
+                drop(a_flight.take());
                 if b.is_none() {
                     return Connected {
                         idx: first,
@@ -206,6 +214,7 @@ pub async fn connect<I: Io>(
             }
             Event::B(Err(e)) => {
                 b.set(None);
+                drop(b_flight.take());
                 b_timer = None;
                 b_slot = None;
                 if a.is_none() {
@@ -219,6 +228,7 @@ pub async fn connect<I: Io>(
             }
             Event::BTimedOut => {
                 b.set(None);
+                drop(b_flight.take());
                 b_timer = None;
                 b_slot = None;
                 if a.is_none() {
@@ -231,6 +241,23 @@ pub async fn connect<I: Io>(
                 failed_in_race(shared, fe, second, ConnectError::TimedOut, tried);
             }
         }
+    }
+}
+
+/// A connect in flight, counted in its backend's per-worker `connecting` gauge while alive.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn new(state: &'a BackendState) -> InFlight<'a> {
+        let gauge = &state.counts.local().connecting;
+        crate::backend::per_worker::bump(gauge);
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        crate::backend::per_worker::drop_one(self.0);
     }
 }
 
