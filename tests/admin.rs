@@ -17,9 +17,9 @@ use common::*;
 
 /// Parses Prometheus text exposition format 0.0.4 strictly: every sample line well formed,
 /// names and label names legal, label values properly escaped, `# TYPE` at most once per
-/// family and before its samples, no series twice. Returns series (`name{a="x",b="y"}` with
-/// labels in source order) -> value.
-fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+/// family and before its samples, no series twice. Sample lines are read by the tests'
+/// common `parse_sample`; this adds the checks on names, types and repeats.
+fn parse_prometheus(text: &str) {
     fn legal_name(s: &str, colon: bool) -> bool {
         let mut chars = s.chars();
         chars
@@ -29,7 +29,7 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
     }
     let mut types: HashMap<String, String> = HashMap::new();
     let mut sampled: std::collections::HashSet<String> = Default::default();
-    let mut out = HashMap::new();
+    let mut out = std::collections::HashSet::new();
     for (n, line) in text.lines().enumerate() {
         let at = || format!("line {}: {line:?}", n + 1);
         if line.trim().is_empty() {
@@ -61,62 +61,12 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
             continue;
         }
         // name, optional {labels}, value, optional timestamp.
-        let name_end = line.find(['{', ' ']).unwrap_or_else(|| panic!("{}", at()));
-        let name = &line[..name_end];
+        let sample = parse_sample(line).unwrap_or_else(|e| panic!("{e}: {}", at()));
+        let (name, value) = (sample.name.as_str(), sample.value);
         assert!(legal_name(name, true), "metric name: {}", at());
-        let mut rest = &line[name_end..];
-        let mut labels = Vec::new();
-        if let Some(r) = rest.strip_prefix('{') {
-            let mut r = r;
-            loop {
-                if let Some(after) = r.strip_prefix('}') {
-                    r = after;
-                    break;
-                }
-                let eq = r.find('=').unwrap_or_else(|| panic!("{}", at()));
-                let lname = &r[..eq];
-                assert!(legal_name(lname, false), "label name: {}", at());
-                let v = r[eq + 1..]
-                    .strip_prefix('"')
-                    .unwrap_or_else(|| panic!("{}", at()));
-                let mut value = String::new();
-                let mut chars = v.char_indices();
-                let end = loop {
-                    match chars.next() {
-                        Some((_, '\\')) => match chars.next() {
-                            Some((_, '\\')) => value.push('\\'),
-                            Some((_, '"')) => value.push('"'),
-                            Some((_, 'n')) => value.push('\n'),
-                            _ => panic!("bad escape: {}", at()),
-                        },
-                        Some((i, '"')) => break i,
-                        Some((_, c)) => value.push(c),
-                        None => panic!("unterminated label value: {}", at()),
-                    }
-                };
-                labels.push(format!("{lname}=\"{value}\""));
-                r = &v[end + 1..];
-                if let Some(after) = r.strip_prefix(',') {
-                    r = after;
-                }
-            }
-            rest = r;
+        for (lname, _) in &sample.labels {
+            assert!(legal_name(lname, false), "label name: {}", at());
         }
-        let mut fields = rest.split(' ').filter(|f| !f.is_empty());
-        let value = fields
-            .next()
-            .unwrap_or_else(|| panic!("no value: {}", at()));
-        let value: f64 = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            "NaN" => f64::NAN,
-            v => v.parse().unwrap_or_else(|_| panic!("value: {}", at())),
-        };
-        if let Some(ts) = fields.next() {
-            ts.parse::<i64>()
-                .unwrap_or_else(|_| panic!("timestamp: {}", at()));
-        }
-        assert!(fields.next().is_none(), "trailing fields: {}", at());
         let family = ["_bucket", "_sum", "_count"]
             .iter()
             .find_map(|s| name.strip_suffix(s).filter(|f| types.contains_key(*f)))
@@ -125,24 +75,22 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
             assert!(value >= 0.0, "negative counter: {}", at());
         }
         sampled.insert(family.to_string());
+        let labels: Vec<String> = sample
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect();
         let series = format!("{name}{{{}}}", labels.join(","));
-        assert!(
-            out.insert(series, value).is_none(),
-            "series twice: {}",
-            at()
-        );
+        assert!(out.insert(series), "series twice: {}", at());
     }
-    out
 }
 
-/// The value of one series; labels in the order the exporter writes them.
-fn metric(m: &HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    m.get(&format!("{name}{{{}}}", l.join(","))).copied()
-}
-
-fn scrape(admin: SocketAddr) -> HashMap<String, f64> {
-    parse_prometheus(&get(admin, "/metrics"))
+/// One scrape, checked to be valid Prometheus text; series are looked up with
+/// `Metrics::exact` (exactly the labels given: the tests assert each metric's label set).
+fn scrape(admin: SocketAddr) -> Metrics {
+    let text = get(admin, "/metrics");
+    parse_prometheus(&text);
+    Metrics::parse(&text)
 }
 
 /// Every name docs/metrics.md documents, and the labels each carries.
@@ -201,7 +149,7 @@ fn metrics_are_valid_prometheus_text_and_move_as_traffic_flows() {
     let m = scrape(admin);
     let web_a1 = [("frontend", "web"), ("backend", "a1")];
     for name in BACKEND_METRICS {
-        assert!(metric(&m, name, &web_a1).is_some(), "{name} missing");
+        assert!(m.exact(name, &web_a1).is_some(), "{name} missing");
     }
     for (name, labels) in [
         (
@@ -239,28 +187,26 @@ fn metrics_are_valid_prometheus_text_and_move_as_traffic_flows() {
         ("ringlb_start_time_seconds", vec![]),
     ] {
         assert!(
-            metric(&m, name, &labels).is_some(),
+            m.exact(name, &labels).is_some(),
             "{name} {labels:?} missing"
         );
     }
-    assert_eq!(metric(&m, "ringlb_backend_up", &web_a1), Some(1.0));
-    assert_eq!(metric(&m, "ringlb_backend_weight", &web_a1), Some(3.0));
-    assert_eq!(metric(&m, "ringlb_config_generation", &[]), Some(1.0));
-    let conns_before = metric(&m, "ringlb_backend_connections_total", &web_a1).unwrap();
+    assert_eq!(m.exact("ringlb_backend_up", &web_a1), Some(1.0));
+    assert_eq!(m.exact("ringlb_backend_weight", &web_a1), Some(3.0));
+    assert_eq!(m.exact("ringlb_config_generation", &[]), Some(1.0));
+    let conns_before = m
+        .exact("ringlb_backend_connections_total", &web_a1)
+        .unwrap();
 
     // One connection held open: the gauges show it.
     let mut held = open_echo(lb.addr("web"));
     let m = scrape(admin);
     assert_eq!(
-        metric(&m, "ringlb_backend_active_connections", &web_a1),
+        m.exact("ringlb_backend_active_connections", &web_a1),
         Some(1.0)
     );
     assert_eq!(
-        metric(
-            &m,
-            "ringlb_frontend_active_connections",
-            &[("frontend", "web")]
-        ),
+        m.exact("ringlb_frontend_active_connections", &[("frontend", "web")]),
         Some(1.0)
     );
     // 100 KB each way, then close: the totals move by at least that much.
@@ -269,23 +215,23 @@ fn metrics_are_valid_prometheus_text_and_move_as_traffic_flows() {
     let mut back = vec![0u8; data.len()];
     held.read_exact(&mut back).unwrap();
     drop(held);
-    let mut last = HashMap::new();
+    let mut last = Metrics::parse("");
     let settled = wait_until(SOON, || {
         last = scrape(admin);
-        metric(&last, "ringlb_backend_active_connections", &web_a1) == Some(0.0)
+        last.exact("ringlb_backend_active_connections", &web_a1) == Some(0.0)
     });
     assert!(settled, "active connections never went back to 0");
     let m = last;
-    assert!(metric(&m, "ringlb_backend_connections_total", &web_a1).unwrap() >= conns_before + 1.0);
-    assert!(metric(&m, "ringlb_backend_bytes_in_total", &web_a1).unwrap() >= 100_004.0);
-    assert!(metric(&m, "ringlb_backend_bytes_out_total", &web_a1).unwrap() >= 100_004.0);
     assert!(
-        metric(
-            &m,
-            "ringlb_frontend_connections_total",
-            &[("frontend", "web")]
-        )
-        .unwrap()
+        m.exact("ringlb_backend_connections_total", &web_a1)
+            .unwrap()
+            >= conns_before + 1.0
+    );
+    assert!(m.exact("ringlb_backend_bytes_in_total", &web_a1).unwrap() >= 100_004.0);
+    assert!(m.exact("ringlb_backend_bytes_out_total", &web_a1).unwrap() >= 100_004.0);
+    assert!(
+        m.exact("ringlb_frontend_connections_total", &[("frontend", "web")])
+            .unwrap()
             >= 1.0
     );
 }
@@ -379,9 +325,9 @@ fn a_backend_removed_by_reload_shows_draining_until_its_last_connection_closes()
     assert_eq!(backend(&s, "web", "a1").unwrap()["state"], "up");
     let m = scrape(admin);
     let web_b1 = [("frontend", "web"), ("backend", "b1")];
-    assert_eq!(metric(&m, "ringlb_backend_draining", &web_b1), Some(1.0));
-    assert_eq!(metric(&m, "ringlb_backend_up", &web_b1), Some(0.0));
-    assert_eq!(metric(&m, "ringlb_config_generation", &[]), Some(2.0));
+    assert_eq!(m.exact("ringlb_backend_draining", &web_b1), Some(1.0));
+    assert_eq!(m.exact("ringlb_backend_up", &web_b1), Some(0.0));
+    assert_eq!(m.exact("ringlb_config_generation", &[]), Some(2.0));
 
     // The draining connection still works; once it closes the backend is gone.
     for mut c in &conns {
@@ -682,8 +628,9 @@ fn every_metric_in_docs_metrics_md_is_exported_and_every_exported_one_is_documen
             + discover),
     );
     let exported: std::collections::BTreeSet<String> = scrape(lb.admin.unwrap())
-        .keys()
-        .map(|series| series.split('{').next().unwrap().to_string())
+        .samples
+        .into_iter()
+        .map(|s| s.name)
         .collect();
     assert_eq!(documented, exported);
 }
@@ -720,12 +667,16 @@ fn status_and_metrics_follow_a_backend_going_down_and_coming_back() {
     assert!(result.contains("Layer4"), "{down}");
     assert!(down["last_check"]["duration_ms"].is_u64(), "{down}");
     let m = scrape(admin);
-    assert_eq!(metric(&m, "ringlb_backend_up", &web_b1), Some(0.0));
+    assert_eq!(m.exact("ringlb_backend_up", &web_b1), Some(0.0));
     assert_eq!(
-        metric(&m, "ringlb_backend_state_changes_total", &web_b1),
+        m.exact("ringlb_backend_state_changes_total", &web_b1),
         Some(1.0)
     );
-    assert!(metric(&m, "ringlb_backend_check_failures_total", &web_b1).unwrap() >= 1.0);
+    assert!(
+        m.exact("ringlb_backend_check_failures_total", &web_b1)
+            .unwrap()
+            >= 1.0
+    );
     // Traffic still flows, to a1.
     drop(open_echo(lb.addr("web")));
 
@@ -748,9 +699,9 @@ fn status_and_metrics_follow_a_backend_going_down_and_coming_back() {
         "{up}"
     );
     let m = scrape(admin);
-    assert_eq!(metric(&m, "ringlb_backend_up", &web_b1), Some(1.0));
+    assert_eq!(m.exact("ringlb_backend_up", &web_b1), Some(1.0));
     assert_eq!(
-        metric(&m, "ringlb_backend_state_changes_total", &web_b1),
+        m.exact("ringlb_backend_state_changes_total", &web_b1),
         Some(2.0)
     );
 }
@@ -777,11 +728,48 @@ fn status_shows_the_slow_start_ramp_as_effective_weight() {
         "coming up from down ramps its weight: {a1}"
     );
     let m = scrape(admin);
-    let got = metric(
-        &m,
-        "ringlb_backend_effective_weight",
-        &[("frontend", "web"), ("backend", "a1")],
-    )
-    .unwrap();
+    let got = m
+        .exact(
+            "ringlb_backend_effective_weight",
+            &[("frontend", "web"), ("backend", "a1")],
+        )
+        .unwrap();
     assert!(got > 0.0 && got < 4.0, "{got}");
+}
+
+#[test]
+fn the_tests_metrics_reader_parses_labels_escapes_and_special_values() {
+    let m = Metrics::parse(
+        "# HELP x_total A counter.\n# TYPE x_total counter\n\
+         x_total{frontend=\"web\",backend=\"b1\"} 3\n\
+         x_total{frontend=\"web\",backend=\"b2\"} 4 1700000000000\n\
+         x_total{frontend=\"a,b\",backend=\"q\\\"u\\\\o\"} 5\n\
+         up 1\nh_bucket{le=\"+Inf\"} +Inf\nn NaN\n\n",
+    );
+    assert_eq!(m.get("x_total", &[("backend", "b2")]), Some(4.0));
+    assert_eq!(
+        m.get("x_total", &[("backend", "b1"), ("frontend", "web")]),
+        Some(3.0)
+    );
+    assert_eq!(m.get("x_total", &[("backend", "q\"u\\o")]), Some(5.0));
+    assert_eq!(m.get("x_total", &[("frontend", "a")]), None);
+    assert_eq!(m.get("x_total", &[("backend", "b")]), None);
+    assert_eq!(m.get("x", &[]), None);
+    assert_eq!(m.sum("x_total", &[]), 12.0);
+    assert_eq!(m.sum("x_total", &[("frontend", "web")]), 7.0);
+    assert_eq!(m.sum("nothing", &[]), 0.0);
+    assert_eq!(m.exact("x_total", &[("backend", "b1")]), None);
+    assert_eq!(m.exact("up", &[]), Some(1.0));
+    assert_eq!(m.get("h_bucket", &[("le", "+Inf")]), Some(f64::INFINITY));
+    assert!(m.get("n", &[]).unwrap().is_nan());
+    for bad in [
+        "x{a=\"1} 2",
+        "x{a=1} 2",
+        "x{a=\"\\q\"} 2",
+        "x 1 2 3",
+        "x",
+        "x two",
+    ] {
+        assert!(parse_sample(bad).is_err(), "{bad}");
+    }
 }

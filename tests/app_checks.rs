@@ -225,14 +225,6 @@ fn backend_status(admin: SocketAddr, frontend: &str, backend: &str) -> (String, 
     )
 }
 
-fn metric_sum(admin: SocketAddr, name: &str) -> f64 {
-    get(admin, "/metrics")
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn wait_log(lb: &Ringlb, mark: usize, needle: &str, timeout: Duration) -> String {
     lb.wait_for_log_after(mark, needle, timeout)
         .unwrap_or_else(|| panic!("no {needle:?} in:\n{}", lb.logs()[mark..].join("\n")))
@@ -436,7 +428,7 @@ fn garbage_huge_dribbled_and_cut_answers_fail_with_clear_reasons_and_leak_no_fds
         assert!(check_ms(&line) < 2500, "{line}");
     }
     // Many more checks of each.
-    let failures = || metric_sum(admin, "ringlb_backend_check_failures_total");
+    let failures = || metrics(admin).sum("ringlb_backend_check_failures_total", &[]);
     let first = failures();
     assert!(
         wait_until(Duration::from_secs(60), || failures() >= first + 40.0),

@@ -625,14 +625,6 @@ fn a_bad_log_config_on_reload_changes_nothing() {
 
 // ---- sinks: rsyslog, gone, full ----
 
-fn metric(lb: &Ringlb, name: &str) -> f64 {
-    let text = get(lb.admin.unwrap(), "/metrics");
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A private rsyslogd listening on a loopback UDP port and a Unix socket, writing every
 /// message it gets to `out`.
 struct Rsyslog {
@@ -778,8 +770,8 @@ fn rsyslog_receives_lines_over_udp_and_a_unix_socket_and_again_after_a_restart()
     // Each target counts its own: the Unix socket is gone (ENOENT), the UDP port answers
     // with ICMP "port unreachable" (ECONNREFUSED on the next send).
     let dropped = |target: String| {
-        let series = format!("ringlb_log_dropped_total{{target=\"{target}\"}}");
-        metric(&lb, &series)
+        lb.metrics()
+            .sum("ringlb_log_dropped_total", &[("target", target.as_str())])
     };
     let unix_target = format!("syslog+unix:{}", rs.sock.display());
     let udp_target = format!("syslog+udp://{}", rs.udp);
@@ -806,7 +798,7 @@ fn rsyslog_receives_lines_over_udp_and_a_unix_socket_and_again_after_a_restart()
         let l = rs.lines();
         l.iter().any(|l| l.contains("\"bytes_in\":29,")) && l.iter().any(|l| l.contains(" 31 -- "))
     }));
-    assert!(metric(&lb, "ringlb_log_lines_total") >= 4.0);
+    assert!(lb.metrics().sum("ringlb_log_lines_total", &[]) >= 4.0);
 }
 
 #[test]
@@ -830,7 +822,7 @@ fn a_sink_that_blocks_costs_dropped_lines_never_a_stalled_connection() {
                 one_through(&lb, "web", 1);
                 n += 1;
             }
-            metric(&lb, "ringlb_log_dropped_total") >= 1.0
+            lb.metrics().sum("ringlb_log_dropped_total", &[]) >= 1.0
         }),
         "no drop after {n} connections"
     );
@@ -879,7 +871,10 @@ fn a_full_filesystem_drops_and_counts_lines_and_logging_resumes_when_space_retur
         );
     let lb = Ringlb::start(&cfg);
     one_through(&lb, "web", 1);
-    assert!(wait_until(SOON, || metric(&lb, "ringlb_log_lines_total") >= 1.0));
+    assert!(wait_until(SOON, || lb
+        .metrics()
+        .sum("ringlb_log_lines_total", &[])
+        >= 1.0));
     // Fill the filesystem.
     let filler = mnt.join("filler");
     {
@@ -890,15 +885,15 @@ fn a_full_filesystem_drops_and_counts_lines_and_logging_resumes_when_space_retur
     assert!(
         wait_until(SOON, || {
             one_through(&lb, "web", 3);
-            metric(&lb, "ringlb_log_dropped_total") >= 1.0
+            lb.metrics().sum("ringlb_log_dropped_total", &[]) >= 1.0
         }),
         "no line was counted as dropped on a full filesystem"
     );
     std::fs::remove_file(&filler).unwrap();
-    let written = metric(&lb, "ringlb_log_lines_total");
+    let written = lb.metrics().sum("ringlb_log_lines_total", &[]);
     assert!(wait_until(SOON, || {
         one_through(&lb, "web", 5);
-        metric(&lb, "ringlb_log_lines_total") > written
+        lb.metrics().sum("ringlb_log_lines_total", &[]) > written
     }));
 }
 

@@ -116,14 +116,6 @@ fn io_uring_fds(pid: i32) -> usize {
         .count()
 }
 
-/// The value of an unlabelled metric.
-fn metric(lb: &Ringlb, name: &str) -> f64 {
-    let body = get(lb.admin.expect("admin listener"), "/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
-}
-
 const FALLBACK_WARNING: &str =
     "WARN io_uring is unavailable (Operation not permitted (os error 1)): \
                                 using the epoll fallback; check sysctl kernel.io_uring_disabled \
@@ -280,16 +272,20 @@ fn relay_mode(mode: &str) {
     }
     // The mode really was in force on epoll: splice modes lent pipes (returned to the pools
     // when the bytes had moved), copy never made one.
-    assert!(wait_until(SOON, || metric(
-        &lb,
-        "ringlb_relay_pipes_in_use"
-    ) == 0.0));
-    let pipes_free = metric(&lb, "ringlb_relay_pipes_free");
+    assert!(wait_until(SOON, || lb
+        .metrics()
+        .expect("ringlb_relay_pipes_in_use", &[])
+        == 0.0));
+    let pipes_free = lb.metrics().expect("ringlb_relay_pipes_free", &[]);
     match mode {
         "copy" => assert_eq!(pipes_free, 0.0, "the copy relay made pipes"),
         _ => assert!(pipes_free > 0.0, "the {mode} relay never used a pipe"),
     }
-    assert_eq!(metric(&lb, "ringlb_relay_pipe_unavailable_total"), 0.0);
+    assert_eq!(
+        lb.metrics()
+            .expect("ringlb_relay_pipe_unavailable_total", &[]),
+        0.0
+    );
     assert_no_io_uring(&lb);
 }
 

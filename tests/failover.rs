@@ -103,11 +103,16 @@ fn failover_scenario(health: &str, reason: &str) {
 
     // Once attempts begun before detection have ended (within one connect timeout), ringlb
     // makes no new attempts on either dead backend while traffic keeps flowing.
-    let attempts = |name: &str| {
-        metric(admin, "ringlb_backend_connect_failures_total", name)
-            + metric(admin, "ringlb_backend_connections_total", name)
+    // A missing series fails the test.
+    let backend_count = |metric: &str, name: &str| {
+        sample(admin, metric, &[("backend", name)])
+            .unwrap_or_else(|| panic!("no {metric} for {name} in /metrics")) as u64
     };
-    let pending = |name: &str| metric(admin, "ringlb_backend_connects_pending", name);
+    let attempts = |name: &str| {
+        backend_count("ringlb_backend_connect_failures_total", name)
+            + backend_count("ringlb_backend_connections_total", name)
+    };
+    let pending = |name: &str| backend_count("ringlb_backend_connects_pending", name);
     assert!(
         wait_until(SOON, || pending("b1") == 0 && pending("b3") == 0),
         "connects still pending: b1 {}, b3 {}",
@@ -186,14 +191,4 @@ fn blackhole_on(addr: SocketAddr) -> Hole {
         _listener: listener,
         _fillers: fillers,
     }
-}
-
-/// One backend's sample of a counter on the admin listener's /metrics.
-fn metric(admin: SocketAddr, name: &str, backend: &str) -> u64 {
-    let body = get(admin, "/metrics");
-    let label = format!("backend=\"{backend}\"");
-    body.lines()
-        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no {name} for {backend} in /metrics")) as u64
 }

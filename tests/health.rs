@@ -332,7 +332,7 @@ fn thousands_of_failed_and_timed_out_checks_leak_no_fds() {
         lb.logs().join("\n")
     );
     let baseline = lb.fd_count();
-    let failures = || metric_sum(admin, "ringlb_backend_check_failures_total");
+    let failures = || metrics(admin).sum("ringlb_backend_check_failures_total", &[]);
     let first = failures();
     assert!(
         wait_until(Duration::from_secs(60), || failures() >= first + 3000.0),
@@ -350,15 +350,6 @@ fn thousands_of_failed_and_timed_out_checks_leak_no_fds() {
         "fds grew from {baseline} to {after} over {} failed checks",
         failures() - first
     );
-}
-
-/// Sums every sample of one metric on the admin listener's /metrics.
-fn metric_sum(admin: SocketAddr, name: &str) -> f64 {
-    get(admin, "/metrics")
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[test]

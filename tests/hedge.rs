@@ -13,15 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// `ringlb_backend_<name>{frontend="web",backend="<backend>"}` from /metrics.
-fn backend_metric(admin: SocketAddr, name: &str, backend: &str) -> f64 {
-    let text = get(admin, "/metrics");
-    let want = format!("{name}{{frontend=\"web\",backend=\"{backend}\"}}");
-    text.lines()
-        .find_map(|l| l.strip_prefix(want.as_str()))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
+/// The labels of the backend whose SYNs vanish.
+const HOLE: [(&str, &str); 2] = [("frontend", "web"), ("backend", "hole")];
 
 /// `threads` clients each make `per_thread` connections, reading the backend's name line;
 /// returns each connection's time to that first byte, and the failures.
@@ -93,8 +86,8 @@ fn with_the_shipped_defaults_a_backend_that_drops_syns_costs_clients_no_connect_
         worst < Duration::from_millis(1000),
         "a client waited {worst:?} for its first byte"
     );
-    let hedges = backend_metric(admin, "ringlb_backend_connect_hedges_total", "hole");
-    let won = backend_metric(admin, "ringlb_backend_connect_hedges_won_total", "hole");
+    let hedges = sample(admin, "ringlb_backend_connect_hedges_total", &HOLE).unwrap_or(0.0);
+    let won = sample(admin, "ringlb_backend_connect_hedges_won_total", &HOLE).unwrap_or(0.0);
     assert!(hedges >= 1.0, "the silent backend was never hedged");
     assert_eq!(won, hedges, "every hedge against the silent backend won");
     // Lost races count toward error_limit: the silent backend leaves rotation passively.
@@ -128,7 +121,7 @@ fn with_connect_hedge_off_a_backend_that_drops_syns_costs_a_full_connect_timeout
     );
     let admin = lb.admin.expect("admin");
     assert_eq!(
-        backend_metric(admin, "ringlb_backend_connect_hedges_total", "hole"),
+        sample(admin, "ringlb_backend_connect_hedges_total", &HOLE).unwrap_or(0.0),
         0.0
     );
 }
@@ -145,8 +138,8 @@ fn connects_pending_counts_each_connect_in_flight_until_it_times_out() {
         );
     let lb = Ringlb::start(&cfg);
     let admin = lb.admin.expect("admin");
-    let pending = || backend_metric(admin, "ringlb_backend_connects_pending", "hole");
-    let failures = || backend_metric(admin, "ringlb_backend_connect_failures_total", "hole");
+    let pending = || sample(admin, "ringlb_backend_connects_pending", &HOLE).unwrap_or(0.0);
+    let failures = || sample(admin, "ringlb_backend_connect_failures_total", &HOLE).unwrap_or(0.0);
     assert!(
         get(admin, "/metrics").contains("ringlb_backend_connects_pending{"),
         "the series exists before any connect"
@@ -195,13 +188,13 @@ fn backends_with_max_connections_are_hedged_each_hedge_on_a_slot_of_its_own() {
     let worst = *times.last().unwrap();
     assert!(worst < Duration::from_millis(1500), "{times:?}");
     let admin = lb.admin.expect("admin");
-    let hedges = backend_metric(admin, "ringlb_backend_connect_hedges_total", "hole");
+    let hedges = sample(admin, "ringlb_backend_connect_hedges_total", &HOLE).unwrap_or(0.0);
     assert!(
         hedges >= 5.0,
         "only {hedges} hedges in 20 round-robin picks"
     );
     assert_eq!(
-        backend_metric(admin, "ringlb_backend_connect_hedges_won_total", "hole"),
+        sample(admin, "ringlb_backend_connect_hedges_won_total", &HOLE).unwrap_or(0.0),
         hedges
     );
 }
@@ -233,7 +226,7 @@ fn hedged_connects_leave_no_fd_behind(io: &str, hedged: usize) {
     let (_, failures) = load(addr, 4, 25);
     assert!(failures.is_empty(), "{failures:?}");
     assert!(wait_until(SOON, || good.open() == 0));
-    let before = backend_metric(admin, "ringlb_backend_connect_hedges_total", "hole");
+    let before = sample(admin, "ringlb_backend_connect_hedges_total", &HOLE).unwrap_or(0.0);
     // Settled: the admin connection just used for the scrape is closed, nothing in flight.
     let mut baseline = lb.fd_count();
     assert!(wait_until(SOON, || {
@@ -276,14 +269,14 @@ fn hedged_connects_leave_no_fd_behind(io: &str, hedged: usize) {
     let mut after = 0.0;
     assert!(
         wait_until(SOON, || {
-            after = backend_metric(admin, "ringlb_backend_connect_hedges_total", "hole");
+            after = sample(admin, "ringlb_backend_connect_hedges_total", &HOLE).unwrap_or(0.0);
             after - before >= hedged as f64
         }),
         "only {} hedges over {} connections",
         after - before,
         done.load(Ordering::Relaxed)
     );
-    let won = backend_metric(admin, "ringlb_backend_connect_hedges_won_total", "hole");
+    let won = sample(admin, "ringlb_backend_connect_hedges_won_total", &HOLE).unwrap_or(0.0);
     assert!(won >= hedged as f64, "{won} hedges won");
     assert!(wait_until(SOON, || good.open() == 0));
     let mut now = 0;
@@ -317,14 +310,29 @@ fn with_no_fault_hedges_stay_below_a_tenth_of_a_percent_of_connections() {
     }));
     // The metrics are copied from the atomics every 250 ms: wait for the connection totals.
     assert!(wait_until(SOON, || {
-        backend_metric(admin, "ringlb_backend_connections_total", "good1")
-            + backend_metric(admin, "ringlb_backend_connections_total", "good2")
+        sample(
+            admin,
+            "ringlb_backend_connections_total",
+            &[("frontend", "web"), ("backend", "good1")],
+        )
+        .unwrap_or(0.0)
+            + sample(
+                admin,
+                "ringlb_backend_connections_total",
+                &[("frontend", "web"), ("backend", "good2")],
+            )
+            .unwrap_or(0.0)
             >= times.len() as f64
     }));
     for b in ["good1", "good2"] {
         hedges.insert(
             b,
-            backend_metric(admin, "ringlb_backend_connect_hedges_total", b),
+            sample(
+                admin,
+                "ringlb_backend_connect_hedges_total",
+                &[("frontend", "web"), ("backend", b)],
+            )
+            .unwrap_or(0.0),
         );
     }
     let total: f64 = hedges.values().sum();

@@ -162,7 +162,7 @@ fn an_idle_connection_holds_two_fds_and_no_pool_resources_in_every_relay_mode() 
             let mut now = None;
             assert!(
                 wait_until(SOON, || {
-                    now = metric_value(&get(admin, "/metrics"), gauge);
+                    now = sample(admin, gauge, &[]);
                     now == Some(0.0)
                 }),
                 "{relay}: {gauge} is {now:?} while every connection is idle"
@@ -174,13 +174,6 @@ fn an_idle_connection_holds_two_fds_and_no_pool_resources_in_every_relay_mode() 
             "{relay}: fds back to baseline plus at most the free pipe pool"
         );
     }
-}
-
-fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.split([' ', '{']).next() == Some(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 #[test]

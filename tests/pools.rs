@@ -19,19 +19,13 @@ use common::*;
 
 const MODES: [&str; 3] = ["copy", "splice", "splice-auto"];
 
-fn gauge(lb: &Ringlb, name: &str) -> f64 {
-    get(lb.admin.expect("admin"), "/metrics")
-        .lines()
-        .find(|l| l.split([' ', '{']).next() == Some(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
+/// Missing gauges are NaN, so that a sum with one of them is no number and equals none.
 fn lent(lb: &Ringlb) -> f64 {
-    gauge(lb, "ringlb_relay_buffers_in_use")
-        + gauge(lb, "ringlb_relay_pipes_in_use")
-        + gauge(lb, "ringlb_relay_tails_in_use")
+    let m = lb.metrics();
+    let gauge = |name: &str| m.get(name, &[]).unwrap_or(f64::NAN);
+    gauge("ringlb_relay_buffers_in_use")
+        + gauge("ringlb_relay_pipes_in_use")
+        + gauge("ringlb_relay_tails_in_use")
 }
 
 /// Starts a client that writes without ever reading; returns a handle to end it abruptly.

@@ -439,18 +439,10 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// The value of one series of ringlb's /metrics, e.g. `ringlb_frontend_connections_total{frontend="pg"}`.
-fn metric(lb: &Ringlb, series: &str) -> f64 {
-    let body = get(lb.admin.expect("admin listener"), "/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{body}"))
-}
-
 fn frontend_connections(lb: &Ringlb, frontend: &str) -> f64 {
-    metric(
-        lb,
-        &format!("ringlb_frontend_connections_total{{frontend=\"{frontend}\"}}"),
+    lb.metrics().expect(
+        "ringlb_frontend_connections_total",
+        &[("frontend", frontend)],
     )
 }
 
@@ -475,10 +467,11 @@ fn wait_connections(lb: &Ringlb, frontend: &str, n: f64, client: &mut Running) {
 
 fn no_client_rejected(lb: &Ringlb, frontend: &str) {
     for reason in ["no_backend", "limit", "local"] {
-        let series = format!(
-            "ringlb_frontend_rejected_total{{frontend=\"{frontend}\",reason=\"{reason}\"}}"
-        );
-        assert_eq!(metric(lb, &series), 0.0, "{series}");
+        let labels = [("frontend", frontend), ("reason", reason)];
+        let rejected = lb
+            .metrics()
+            .expect("ringlb_frontend_rejected_total", &labels);
+        assert_eq!(rejected, 0.0, "ringlb_frontend_rejected_total {labels:?}");
     }
 }
 

@@ -13,35 +13,19 @@ use std::time::Duration;
 
 use common::*;
 
-/// The value of the series `name` whose labels include every one of `labels`.
-fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let text = get(admin, "/metrics");
-    text.lines().find_map(|l| {
-        let rest = l.strip_prefix(name)?;
-        let (labels_text, value) = match rest.strip_prefix('{') {
-            Some(r) => r.split_once("} ")?,
-            None => ("", rest.strip_prefix(' ')?),
-        };
-        labels
-            .iter()
-            .all(|(k, v)| labels_text.split(',').any(|p| p == format!("{k}=\"{v}\"")))
-            .then(|| value.trim().parse().ok())?
-    })
-}
-
 fn rebuilds(admin: SocketAddr, frontend: &str, what: &str) -> f64 {
     let labels = [("frontend", frontend), ("what", what)];
     let mut v = None;
     // The exporter's first pass may not have run yet right after start.
     wait_until(SOON, || {
-        v = metric(admin, "ringlb_frontend_rebuilds_total", &labels);
+        v = sample(admin, "ringlb_frontend_rebuilds_total", &labels);
         v.is_some()
     });
     v.unwrap_or_else(|| panic!("no rebuilds series for {frontend}/{what}"))
 }
 
 fn generation(admin: SocketAddr) -> f64 {
-    metric(admin, "ringlb_snapshot_generation", &[]).expect("snapshot generation")
+    sample(admin, "ringlb_snapshot_generation", &[]).expect("snapshot generation")
 }
 
 /// One connection through `addr`, proven relayed by an echoed byte.
@@ -185,7 +169,7 @@ fn a_slow_start_ramp_on_a_maglev_frontend_rebuilds_no_table() {
     lb.wait_for_log("Server mg/late is UP", SOON)
         .expect("late comes up and starts its ramp");
     let weight = || {
-        metric(
+        sample(
             admin,
             "ringlb_backend_effective_weight",
             &[("frontend", "mg"), ("backend", "late")],

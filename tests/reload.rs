@@ -20,13 +20,6 @@ fn status(admin: SocketAddr) -> serde_json::Value {
     serde_json::from_str(&get(admin, "/status")).unwrap()
 }
 
-/// The value of a metric line that starts with `series` (name and labels as exported).
-fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
-    get(admin, "/metrics")
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// Waits for the reload that `mark` started to be logged as applied (or unchanged).
 fn wait_reload(lb: &Ringlb, mark: usize, needle: &str) {
     if lb.wait_for_log_after(mark, needle, SOON).is_none() {
@@ -217,14 +210,22 @@ fn twenty_reloads_under_load_cut_no_connection_fail_no_new_one_and_each_takes_ef
     );
     assert!(asked.load(Ordering::SeqCst) > 0);
     assert_eq!(
-        metric(admin, "ringlb_config_reloads_total{result=\"success\"}"),
+        sample(
+            admin,
+            "ringlb_config_reloads_total",
+            &[("result", "success")]
+        ),
         Some(20.0)
     );
     assert_eq!(
-        metric(admin, "ringlb_config_reloads_total{result=\"failure\"}"),
+        sample(
+            admin,
+            "ringlb_config_reloads_total",
+            &[("result", "failure")]
+        ),
         Some(0.0)
     );
-    assert_eq!(metric(admin, "ringlb_config_generation"), Some(21.0));
+    assert_eq!(sample(admin, "ringlb_config_generation", &[]), Some(21.0));
     eprintln!(
         "reload storm: {} echo rounds on 6 streams, {} new connections, 0 failures",
         rounds.iter().sum::<usize>(),
@@ -282,7 +283,11 @@ fn a_broken_config_is_refused_logged_and_counted_while_the_old_one_keeps_serving
         );
         assert_eq!(ask_name(web).unwrap(), "a1", "case {n}");
         assert_eq!(
-            metric(admin, "ringlb_config_reloads_total{result=\"failure\"}"),
+            sample(
+                admin,
+                "ringlb_config_reloads_total",
+                &[("result", "failure")]
+            ),
             Some(n as f64 + 1.0)
         );
     }
@@ -307,9 +312,13 @@ fn a_broken_config_is_refused_logged_and_counted_while_the_old_one_keeps_serving
         .as_str()
         .unwrap()
         .contains("cannot listen"));
-    assert_eq!(metric(admin, "ringlb_config_generation"), Some(1.0));
+    assert_eq!(sample(admin, "ringlb_config_generation", &[]), Some(1.0));
     assert_eq!(
-        metric(admin, "ringlb_config_reloads_total{result=\"success\"}"),
+        sample(
+            admin,
+            "ringlb_config_reloads_total",
+            &[("result", "success")]
+        ),
         Some(0.0)
     );
     // The connection open all along still works; a good file then applies normally.
@@ -323,7 +332,11 @@ fn a_broken_config_is_refused_logged_and_counted_while_the_old_one_keeps_serving
     );
     wait_reload(&lb, mark, "reload: applied: frontend web: +b1");
     assert_eq!(
-        metric(admin, "ringlb_config_reloads_total{result=\"success\"}"),
+        sample(
+            admin,
+            "ringlb_config_reloads_total",
+            &[("result", "success")]
+        ),
         Some(1.0)
     );
     assert!(status(admin)["reloads"]["last_error"].is_null());
@@ -339,9 +352,10 @@ fn an_unchanged_file_is_a_no_op_and_kept_backends_keep_their_counters() {
         assert_eq!(ask_name(lb.addr("web")).unwrap(), "a1");
     }
     let a1_total = |admin| {
-        metric(
+        sample(
             admin,
-            "ringlb_backend_connections_total{frontend=\"web\",backend=\"a1\"}",
+            "ringlb_backend_connections_total",
+            &[("frontend", "web"), ("backend", "a1")],
         )
     };
     assert!(wait_until(SOON, || a1_total(admin) == Some(3.0)));
@@ -671,7 +685,11 @@ fn a_backend_removed_and_added_back_continues_its_counters_instead_of_jumping() 
     let with_b = global_toml("") + &frontend_toml("web", "", &[("b1", b.addr, "")]);
     let lb = Ringlb::start(&with_a);
     let admin = lb.admin.unwrap();
-    let series = "ringlb_backend_connections_total{frontend=\"web\",backend=\"a1\"}";
+    let (name, labels) = (
+        "ringlb_backend_connections_total",
+        [("frontend", "web"), ("backend", "a1")],
+    );
+    let series = format!("{name} {labels:?}");
     let mut exported = Vec::new();
     for round in 0..3 {
         for _ in 0..20 {
@@ -679,9 +697,9 @@ fn a_backend_removed_and_added_back_continues_its_counters_instead_of_jumping() 
         }
         let want = 20.0 * (round + 1) as f64;
         assert!(
-            wait_until(SOON, || metric(admin, series) == Some(want)),
+            wait_until(SOON, || sample(admin, name, &labels) == Some(want)),
             "round {round}: {series} = {:?}, want {want} (earlier: {exported:?})",
-            metric(admin, series)
+            sample(admin, name, &labels)
         );
         exported.push(want);
         let mark = lb.reload(&with_b);
@@ -694,7 +712,7 @@ fn a_backend_removed_and_added_back_continues_its_counters_instead_of_jumping() 
         let mark = lb.reload(&with_a);
         wait_reload(&lb, mark, "reload: applied");
         assert!(
-            metric(admin, series).unwrap_or(want) >= want,
+            sample(admin, name, &labels).unwrap_or(want) >= want,
             "went backwards"
         );
     }

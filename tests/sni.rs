@@ -86,24 +86,8 @@ fn handshake(openssl: &Path, addr: SocketAddr, servername: Option<&str>) -> (Str
     (subject, text.contains("HTTP/1.0 200 ok"))
 }
 
-/// The value of the series of `name` whose labels include every `k="v"` of `labels`.
-fn metric(lb: &Ringlb, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = get(lb.admin.unwrap(), "/metrics");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{text}"))
-}
-
 fn rejected(lb: &Ringlb, frontend: &str, reason: &str) -> f64 {
-    metric(
-        lb,
+    lb.metrics().expect(
         "ringlb_frontend_rejected_total",
         &[("frontend", frontend), ("reason", reason)],
     )
@@ -414,8 +398,7 @@ fn a_pool_whose_backends_are_all_down_says_so_and_its_clients_are_not_sent_elsew
     let (got, _) = read_to_close(&mut s);
     assert!(got.is_empty());
     assert_eq!(other.accepted(), 0);
-    assert!(wait_until(SOON, || metric(
-        &lb,
+    assert!(wait_until(SOON, || lb.metrics().expect(
         "ringlb_frontend_rejected_total",
         &[("frontend", "tls"), ("reason", "no_backend")]
     ) == 1.0));
@@ -447,7 +430,10 @@ fn a_client_queued_for_one_pool_does_not_hold_back_a_client_of_another() {
         );
     let lb = Ringlb::start(&cfg);
     let addr = lb.addr("tls");
-    let queued = || metric(&lb, "ringlb_frontend_queue_current", &[("frontend", "tls")]);
+    let queued = || {
+        lb.metrics()
+            .expect("ringlb_frontend_queue_current", &[("frontend", "tls")])
+    };
     // Sends a ClientHello for `name` and reads its echo: the client reached its backend.
     let hello = |name: &str| sample_hello(Some(name), 0);
     let echo = |s: &mut TcpStream, bytes: &[u8]| {

@@ -90,24 +90,8 @@ fn read_back(s: &mut TcpStream, payload: &[u8]) -> String {
     String::from_utf8(line).unwrap().trim_end().to_string()
 }
 
-/// The value of the series of `name` whose labels include every `k="v"` of `labels`.
-fn metric(lb: &Ringlb, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = get(lb.admin.unwrap(), "/metrics");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{text}"))
-}
-
 fn rejected(lb: &Ringlb, reason: &str) -> f64 {
-    metric(
-        lb,
+    lb.metrics().expect(
         "ringlb_frontend_rejected_total",
         &[("frontend", "web"), ("reason", reason)],
     )
@@ -610,8 +594,7 @@ fn max_connections_per_source_holds_across_workers_and_frees_a_slot_when_one_clo
     }));
     assert!(hold("127.0.0.1", web).is_none(), "a fourth was admitted");
     assert_eq!(
-        metric(
-            &lb,
+        lb.metrics().expect(
             "ringlb_frontend_source_table_full_total",
             &[("frontend", "web")]
         ),
@@ -714,8 +697,10 @@ fn maxconn_2_and_50_slow_clients_nobody_above_2_served_in_arrival_order() {
             )),
     );
     let web = lb.addr("web");
-    let queue_current =
-        || metric(&lb, "ringlb_frontend_queue_current", &[("frontend", "web")]) as usize;
+    let queue_current = || {
+        lb.metrics()
+            .expect("ringlb_frontend_queue_current", &[("frontend", "web")]) as usize
+    };
     let mut clients = Vec::new();
     for i in 0..50u8 {
         let mut s = connect(web);
@@ -727,11 +712,8 @@ fn maxconn_2_and_50_slow_clients_nobody_above_2_served_in_arrival_order() {
         // Each client is taken in (counted just before its pick) before the next connects,
         // so arrival order is known although the two workers accept independently.
         let accepted = || {
-            metric(
-                &lb,
-                "ringlb_frontend_connections_total",
-                &[("frontend", "web")],
-            )
+            lb.metrics()
+                .expect("ringlb_frontend_connections_total", &[("frontend", "web")])
         };
         assert!(wait_until(SOON, || accepted() > f64::from(i)));
     }
@@ -750,14 +732,20 @@ fn maxconn_2_and_50_slow_clients_nobody_above_2_served_in_arrival_order() {
         );
     }
     assert!(wait_until(SOON, || queue_current() == 0));
-    assert!(metric(&lb, "ringlb_frontend_queued_total", &[("frontend", "web")]) >= 20.0);
-    assert!(metric(&lb, "ringlb_frontend_queue_max", &[("frontend", "web")]) >= 2.0);
     assert!(
-        metric(
-            &lb,
-            "ringlb_frontend_queue_time_seconds",
-            &[("frontend", "web")]
-        ) > 0.0
+        lb.metrics()
+            .expect("ringlb_frontend_queued_total", &[("frontend", "web")])
+            >= 20.0
+    );
+    assert!(
+        lb.metrics()
+            .expect("ringlb_frontend_queue_max", &[("frontend", "web")])
+            >= 2.0
+    );
+    assert!(
+        lb.metrics()
+            .expect("ringlb_frontend_queue_time_seconds", &[("frontend", "web")])
+            > 0.0
     );
     assert_eq!(rejected(&lb, "queue_timeout"), 0.0);
     // The same figures on /status and the status page.
@@ -811,7 +799,8 @@ fn clients_still_queued_at_queue_timeout_are_closed_counted_and_leak_no_fd() {
     assert!(a.max_open.load(std::sync::atomic::Ordering::SeqCst) <= 2);
     assert_eq!(rejected(&lb, "queue_timeout"), 8.0);
     assert_eq!(
-        metric(&lb, "ringlb_frontend_queue_current", &[("frontend", "web")]),
+        lb.metrics()
+            .expect("ringlb_frontend_queue_current", &[("frontend", "web")]),
         0.0
     );
     drop(clients);
@@ -882,8 +871,7 @@ fn a_frontends_max_connections_queues_the_next_client_until_one_closes_or_queue_
     // A fourth waits too; when the first closes, it gets the slot.
     let mut fourth = connect(web);
     fourth.write_all(b"pong").unwrap();
-    assert!(wait_until(SOON, || metric(
-        &lb,
+    assert!(wait_until(SOON, || lb.metrics().expect(
         "ringlb_frontend_queue_current",
         &[("frontend", "web")]
     ) == 1.0));

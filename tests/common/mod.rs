@@ -8,6 +8,7 @@
 
 pub mod backends;
 pub mod churn;
+pub mod metrics;
 pub mod tools;
 
 use std::collections::HashMap;
@@ -23,6 +24,8 @@ use std::time::{Duration, Instant};
 pub use backends::*;
 #[allow(unused_imports)]
 pub use churn::*;
+#[allow(unused_imports)]
+pub use metrics::*;
 #[allow(unused_imports)]
 pub use tools::*;
 
