@@ -120,8 +120,16 @@ fn with_connect_hedge_off_a_backend_that_drops_syns_costs_a_full_connect_timeout
         "{times:?}"
     );
     let admin = lb.admin.expect("admin");
+    // The series exists once the exporter has seen the backend's connects: a missing one
+    // is a failure, not a zero.
+    let connects = || sample(admin, "ringlb_backend_connections_total", &HOLE);
+    assert!(
+        wait_until(SOON, || connects().is_some()),
+        "no series for the hole"
+    );
     assert_eq!(
-        sample(admin, "ringlb_backend_connect_hedges_total", &HOLE).unwrap_or(0.0),
+        sample(admin, "ringlb_backend_connect_hedges_total", &HOLE)
+            .expect("the hole's hedge counter"),
         0.0
     );
 }
@@ -332,7 +340,7 @@ fn with_no_fault_hedges_stay_below_a_tenth_of_a_percent_of_connections() {
                 "ringlb_backend_connect_hedges_total",
                 &[("frontend", "web"), ("backend", b)],
             )
-            .unwrap_or(0.0),
+            .unwrap_or_else(|| panic!("no hedge counter for {b}")),
         );
     }
     let total: f64 = hedges.values().sum();
