@@ -834,18 +834,13 @@ fn openssl_s_server_passes_the_tls_and_https_checks_and_an_http_server_on_the_tl
         .unwrap();
     assert!(made.success(), "openssl req failed");
     let port = free_port();
-    let _server = Proc(
+    let _server = Proc::quiet(
         Command::new(&openssl)
             .args(["s_server", "-accept", &format!("127.0.0.1:{port}"), "-www"])
             .arg("-cert")
             .arg(&cert)
             .arg("-key")
-            .arg(&key)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .arg(&key),
     );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     assert!(wait_until(SOON, || TcpStream::connect(addr).is_ok()));
@@ -1113,15 +1108,10 @@ fn checks_of_a_send_proxy_backend_start_with_a_proxy_header_that_nginx_accepts()
         ),
     )
     .unwrap();
-    let _nginx = Proc(
+    let _nginx = Proc::quiet(
         Command::new(&nginx)
             .args(["-e", &format!("{d}/error.log"), "-c"])
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .arg(&conf),
     );
     let addr = |i: usize| -> SocketAddr { format!("127.0.0.1:{}", ports[i]).parse().unwrap() };
     assert!(

@@ -9,27 +9,18 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 
 /// Kills and reaps a child process (by its pid) when dropped, so a failing test leaves none.
-struct Reap(Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Runs `ringlb run` on `config` expecting it to refuse to start; returns its stderr.
 fn run_refused(config: &str) -> String {
     let dir = TempDir::new();
     let path = dir.path.join("second.toml");
     std::fs::write(&path, config).unwrap();
-    let mut child = Reap(
+    let mut child = Proc(
         Command::new(env!("CARGO_BIN_EXE_ringlb"))
             .args(["run", "--config"])
             .arg(&path)
@@ -213,16 +204,7 @@ fn an_haproxy_with_reuseport_started_after_ringlb_gets_none_of_500_connections()
     .unwrap();
     let mark = lb.log_len();
     // -db: stays in the foreground, one process, so its pid is the one we spawned.
-    let haproxy = Reap(
-        Command::new("haproxy")
-            .args(["-db", "-f"])
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let haproxy = Proc::quiet(Command::new("haproxy").args(["-db", "-f"]).arg(&cfg));
     let needle = format!("pid {} (haproxy)", haproxy.0.id());
     let line = lb
         .wait_for_log_after(mark, &needle, SOON)

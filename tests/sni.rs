@@ -38,18 +38,13 @@ fn tls_server(openssl: &Path, dir: &Path, cn: &str) -> (Proc, SocketAddr) {
         .unwrap();
     assert!(made.success(), "openssl req for {cn} failed");
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let server = Proc(
+    let server = Proc::quiet(
         Command::new(openssl)
             .args(["s_server", "-www", "-accept", &addr.to_string()])
             .arg("-cert")
             .arg(&cert)
             .arg("-key")
-            .arg(&key)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .arg(&key),
     );
     assert!(wait_until(SOON, || TcpStream::connect(addr).is_ok()));
     (server, addr)

@@ -268,17 +268,10 @@ fn under_journald_each_reload_is_one_line_with_a_priority() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    /// Kills ringlb if the test fails half-way.
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let stderr = child.stderr.take().unwrap();
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let mut child = Reap(child);
+    // Kills ringlb if the test fails half-way.
+    let mut child = Proc(child);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {

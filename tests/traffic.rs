@@ -246,16 +246,6 @@ fn haproxy_found() -> bool {
     tool_available(found, "haproxy", "apt-get install -y haproxy")
 }
 
-/// Kills and reaps a child on drop.
-struct Reap(std::process::Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Stops a child with SIGTERM and reaps it: nginx's master then stops its workers (SIGKILL
 /// would leave them running).
 struct Terminate(std::process::Child);
@@ -294,16 +284,7 @@ fn haproxy_send_proxy_and_send_proxy_v2_in_front_tell_ringlb_the_clients_address
             ),
         )
         .unwrap();
-        let _haproxy = Reap(
-            Command::new("haproxy")
-                .args(["-db", "-f"])
-                .arg(&cfg)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
+        let _haproxy = Proc::quiet(Command::new("haproxy").args(["-db", "-f"]).arg(&cfg));
         let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         assert!(
             wait_until(SOON, || TcpStream::connect(front).is_ok()),

@@ -38,6 +38,26 @@ pub struct Churned {
     pub failures: Vec<String>,
 }
 
+impl Churned {
+    /// Prints what the load did during `what` (e.g. "20 restarts") and fails the test on any
+    /// refused, reset or corrupted connection, or if fewer than two transfers completed.
+    pub fn assert_clean(&self, what: &str) {
+        eprintln!(
+            "{what}: {} exchanges and {} 2 MiB transfers, {} failures",
+            self.exchanges,
+            self.transfers,
+            self.failures.len()
+        );
+        assert!(
+            self.failures.is_empty(),
+            "{} failed, e.g. {:?}",
+            self.failures.len(),
+            &self.failures[..self.failures.len().min(5)]
+        );
+        assert!(self.transfers >= 2);
+    }
+}
+
 impl Churn {
     pub fn start(addr: SocketAddr) -> Churn {
         let stop = Arc::new(AtomicBool::new(false));

@@ -29,6 +29,20 @@ pub fn free_port() -> u16 {
 /// A child process killed and reaped on drop (also when the test panics).
 pub struct Proc(pub Child);
 
+impl Proc {
+    /// Spawns `cmd` with stdin, stdout and stderr on /dev/null.
+    pub fn quiet(cmd: &mut std::process::Command) -> Proc {
+        use std::process::Stdio;
+        Proc(
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
