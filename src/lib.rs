@@ -19,11 +19,13 @@
 //!   PROXY header in, source ACLs, per-source limits), backend `max_connections` with the
 //!   frontend's FIFO queue (`worker::queue`), and SNI routing's read of the ClientHello
 //!   (`worker::route`).
-//! - [`relay`]: one relay for every runtime and mode (copy, splice, splice-auto): readiness,
-//!   then plain non-blocking syscalls, with buffers and pipes lent per chunk by per-worker
-//!   pools; the PROXY protocol header out (`relay::proxy`) and its strict parser for headers
-//!   coming in (`relay::proxy_in`); the TLS ClientHello parser (`relay::sni`); the io_uring ops (`unsafe` lives in `relay::ops`, and one setsockopt in
-//!   `worker::listener::reuseport`).
+//! - [`relay`]: one relay for every runtime and mode (copy, splice, splice-auto): on io_uring
+//!   a read op into the worker's provided buffer ring, elsewhere readiness then plain
+//!   non-blocking syscalls, with buffers and pipes lent per chunk by per-worker pools; the
+//!   PROXY protocol header out (`relay::proxy`) and its strict parser for headers coming in
+//!   (`relay::proxy_in`); the TLS ClientHello parser (`relay::sni`). The io_uring ops are in
+//!   `worker::ring` (`unsafe` lives there, in `relay::ops` for accept4 and passed fds, and in
+//!   one setsockopt in `worker::listener::reuseport`).
 //! - [`admin`]: the admin listener: `/metrics`, `/status`, the status page, `/healthz`.
 //! - [`metrics`]: the Prometheus recorder, fed from the data path's atomics by a periodic task.
 //! - [`systemd`]: `sd_notify` readiness, reload and stop messages; watchdog pings.

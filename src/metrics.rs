@@ -150,6 +150,7 @@ const PROCESS: Family = Family {
         ("ringlb_config_reloads_total", Some(("result", "failure"))),
         ("ringlb_accept_paused_total", None),
         ("ringlb_relay_pipe_unavailable_total", None),
+        ("ringlb_relay_ring_empty_total", None),
         ("ringlb_admin_connections_evicted_total", None),
         ("ringlb_admin_writes_total", Some(("result", "ok"))),
         ("ringlb_admin_writes_total", Some(("result", "bad_request"))),
@@ -177,6 +178,7 @@ const PROCESS: Family = Family {
         "ringlb_relay_pipes_in_use",
         "ringlb_relay_pipes_free",
         "ringlb_relay_tails_in_use",
+        "ringlb_relay_ring_buffers_in_use",
     ],
 };
 
@@ -254,7 +256,9 @@ const HELP: &[(&str, &str)] = &[
     ("ringlb_relay_pipes_in_use", "Splice pipes on loan to connections with bytes in flight (2 fds each)."),
     ("ringlb_relay_pipes_free", "Empty splice pipes kept in the workers' pools (2 fds each)."),
     ("ringlb_relay_tails_in_use", "Small copies (at most 4 KiB) of the unsent bytes of sends waiting for a slow reader."),
+    ("ringlb_relay_ring_buffers_in_use", "Buffers of the workers' io_uring buffer rings holding bytes between a read and its send (0 when no bytes are in flight)."),
     ("ringlb_relay_pipe_unavailable_total", "Chunks copied instead of spliced because no pipe could be had (per-worker pipe limit, or out of fds)."),
+    ("ringlb_relay_ring_empty_total", "Reads that found the worker's io_uring buffer ring empty and were read into a pooled buffer instead."),
     ("ringlb_local_errors_total", "Errors of this host, not of any backend (EMFILE, ENFILE, ENOBUFS, ENOMEM), by operation (accept, connect, probe) and errno; never counted against a backend."),
     ("ringlb_log_lines_total", "Connection log lines written to the target (docs/logging.md)."),
     ("ringlb_log_dropped_total", "Connection log lines lost because the target could not keep up (its queue was full) or a write to it failed."),
@@ -519,6 +523,7 @@ impl Exporter {
                 ops.reloads_failed.load(Ordering::Relaxed),
                 self.shared.accept_paused_total.load(Ordering::Relaxed),
                 pools.pipe_unavailable_total,
+                pools.ring_empty_total,
                 ops.admin_evicted.load(Ordering::Relaxed),
                 ops.admin_writes.get(WriteResult::Ok),
                 ops.admin_writes.get(WriteResult::BadRequest),
@@ -543,6 +548,7 @@ impl Exporter {
                 pools.pipes_in_use as f64,
                 pools.pipes_free as f64,
                 pools.tails_in_use as f64,
+                pools.ring_buffers_in_use as f64,
             ],
         );
         self.build_info();

@@ -26,6 +26,7 @@ fn lent(lb: &Ringlb) -> f64 {
     gauge("ringlb_relay_buffers_in_use")
         + gauge("ringlb_relay_pipes_in_use")
         + gauge("ringlb_relay_tails_in_use")
+        + gauge("ringlb_relay_ring_buffers_in_use")
 }
 
 /// Starts a client that writes without ever reading; returns a handle to end it abruptly.

@@ -32,12 +32,15 @@ use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::Shutdown;
 use tokio::io::Interest;
 
 use crate::config::RelayMode;
+use crate::worker::ring::{RecvOp, RingBuf, RING_BUF_SIZE};
 use pool::{Buf, Pipe};
 
 /// A connected, non-blocking socket as the relay sees it: plain syscalls on its fd, and a way
@@ -48,6 +51,12 @@ pub trait Conn: AsRawFd + AsFd + 'static {
     /// Runs one non-blocking syscall on the socket. A runtime that tracks readiness itself
     /// (epoll) learns from a `WouldBlock` here that the socket is no longer ready.
     fn attempt<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+    /// Starts the runtime's read that waits and reads in one op, into a buffer the kernel
+    /// picks when the bytes arrive (io_uring's provided buffer ring): `None` where there is
+    /// none (the epoll runtime, a kernel without buffer rings).
+    fn recv_op(&self) -> Option<RecvOp> {
+        None
+    }
 }
 
 /// Per-connection activity, read by the worker's connection table (idle timeout, byte counts).
@@ -263,7 +272,8 @@ fn half_close(to: &impl AsRawFd, r: Result<(), Fault>, how: &Cell<Outcome>) {
     }
 }
 
-/// Moves bytes from `from` to `to` until EOF (then the caller half-closes `to`).
+/// Moves bytes from `from` to `to` until EOF (then the caller half-closes `to`). `readable`
+/// says bytes are likely waiting (the head read filled its buffer): read before waiting.
 async fn pump<S: Conn>(
     from: &S,
     to: &S,
@@ -273,39 +283,143 @@ async fn pump<S: Conn>(
 ) -> Result<(), Fault> {
     let mut splicing = mode == RelayMode::Splice;
     loop {
-        if !readable {
-            from.wait(Interest::READABLE)
-                .await
-                .map_err(|_| Fault::Src)?;
-        }
-        readable = false;
-        // Move what is there until the socket runs dry or a short read says it probably has.
-        loop {
-            let step = if splicing {
-                match Pipe::take() {
+        let op = if splicing { None } else { from.recv_op() };
+        let step = match op {
+            // One op waits and reads (no readiness wait of its own); what it read is sent at
+            // once. The op is all this direction holds while the connection is idle.
+            Some(op) => RingRead::new(from, to, op).await?,
+            None => {
+                if !readable {
+                    from.wait(Interest::READABLE)
+                        .await
+                        .map_err(|_| Fault::Src)?;
+                }
+                match splicing.then(Pipe::take) {
                     // Boxed: a splice step is rare next to the idle wait, and keeping its state
                     // out of line keeps every idle connection's future small.
-                    Some(pipe) => Box::pin(splice_once(from, to, pipe)).await?,
-                    // No pipe to be had (limit or out of fds): copy this chunk instead.
-                    None => copy_once(from, to).await?,
-                }
-            } else {
-                copy_once(from, to).await?
-            };
-            match step {
-                Step::Dry => break,
-                Step::Eof => return Ok(()),
-                Step::Moved { n, more } => {
-                    bytes.set(bytes.get() + n as u64);
-                    last.set(Instant::now());
-                    if mode == RelayMode::SpliceAuto {
-                        splicing = if splicing { n >= SPLICE_BULK } else { more };
-                    }
-                    if !more {
-                        break;
-                    }
+                    Some(Some(pipe)) => Box::pin(splice_once(from, to, pipe)).await?,
+                    // Copy mode, or no pipe to be had (limit or out of fds): copy this chunk.
+                    _ => copy_once(from, to).await?,
                 }
             }
+        };
+        // Move what is there until the socket runs dry or a short read says it probably has.
+        readable = false;
+        match step {
+            Step::Dry => {}
+            Step::Eof => return Ok(()),
+            Step::Moved { n, more } => {
+                bytes.set(bytes.get() + n as u64);
+                last.set(Instant::now());
+                if mode == RelayMode::SpliceAuto {
+                    splicing = if splicing { n >= SPLICE_BULK } else { more };
+                }
+                readable = more;
+            }
+        }
+    }
+}
+
+/// Copy mode's step on a runtime with a read op ([`Conn::recv_op`]): the op, then a send of
+/// what it read. Written out by hand so that an idle direction's future is the op and two
+/// references: the rare cases (a slow reader, an empty ring) go on in a boxed future.
+struct RingRead<'a, S: Conn> {
+    from: &'a S,
+    to: &'a S,
+    state: RingState<'a>,
+}
+
+enum RingState<'a> {
+    Reading(RecvOp),
+    Slow(Pin<Box<dyn Future<Output = Result<Step, Fault>> + 'a>>),
+}
+
+impl<'a, S: Conn> RingRead<'a, S> {
+    fn new(from: &'a S, to: &'a S, op: RecvOp) -> Self {
+        RingRead {
+            from,
+            to,
+            state: RingState::Reading(op),
+        }
+    }
+}
+
+impl<S: Conn> Future for RingRead<'_, S> {
+    type Output = Result<Step, Fault>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (from, to) = (self.from, self.to);
+        loop {
+            let got = match &mut self.state {
+                RingState::Slow(f) => return f.as_mut().poll(cx),
+                RingState::Reading(op) => match Pin::new(op).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(got) => got,
+                },
+            };
+            let slow: Pin<Box<dyn Future<Output = _>>> = match got {
+                Ok(Some(buf)) => {
+                    let (n, more) = (buf.len(), buf.len() == RING_BUF_SIZE);
+                    match send_or_copy(to, buf) {
+                        Err(_) => return Poll::Ready(Err(Fault::Dst)),
+                        Ok(None) => return Poll::Ready(Ok(Step::Moved { n, more })),
+                        // The reader is slow: wait with a copy of what is left (the ring
+                        // buffer is back already).
+                        Ok(Some(rest)) => Box::pin(async move {
+                            send_all(to, &rest).await.map_err(|_| Fault::Dst)?;
+                            Ok(Step::Moved { n, more })
+                        }),
+                    }
+                }
+                Ok(None) => return Poll::Ready(Ok(Step::Eof)),
+                // The ring was empty (every buffer between a read and its send): the bytes are
+                // still in the socket; read them into a pooled buffer instead.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    pool::note_ring_empty();
+                    Box::pin(async move {
+                        from.wait(Interest::READABLE)
+                            .await
+                            .map_err(|_| Fault::Src)?;
+                        copy_once(from, to).await
+                    })
+                }
+                Err(_) => return Poll::Ready(Err(Fault::Src)),
+            };
+            self.state = RingState::Slow(slow);
+        }
+    }
+}
+
+/// Sends what a ring buffer holds as far as the socket takes it now. If it does not take it
+/// all, what is left comes back as a copy (a small [`pool::Tail`], or a pooled buffer) and
+/// the ring buffer goes back to the ring: it is never held across a wait.
+fn send_or_copy<S: Conn>(to: &S, buf: RingBuf) -> io::Result<Option<Rest>> {
+    let sent = send_now(to, &buf)?;
+    let rest = &buf[sent..];
+    Ok(if rest.is_empty() {
+        None
+    } else if rest.len() <= SMALL_TAIL {
+        Some(Rest::Tail(pool::Tail::new(rest)))
+    } else {
+        let mut copy = Buf::take();
+        copy[..rest.len()].copy_from_slice(rest);
+        Some(Rest::Buf(copy, rest.len()))
+    })
+}
+
+/// The unsent rest of a ring buffer, copied out of it.
+enum Rest {
+    Tail(pool::Tail),
+    Buf(Buf, usize),
+}
+
+impl std::ops::Deref for Rest {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Rest::Tail(t) => t,
+            Rest::Buf(b, n) => &b[..*n],
         }
     }
 }

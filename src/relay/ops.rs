@@ -1,27 +1,14 @@
-//! The io_uring operations ringlb submits itself (connect and a readiness poll), the one
-//! syscall whose safe wrappers do not fit (accept4 with flags and the peer's address), and
-//! taking ownership of the sockets a service manager passed (`LISTEN_FDS`).
-//!
-//! All of ringlb's `unsafe` lives here. tokio-uring runs the ring and the executor; these ops go
-//! through its `UnsubmittedOneshot`, whose stored data lives until the completion arrives even
-//! when the future is dropped first. Each op's stored data owns everything the kernel reads or
-//! writes while the op is in flight: the fd (an `Rc` clone, so it cannot be closed and reused
-//! under the kernel) and any address buffer (boxed, so its pointer is stable).
-//!
-//! Cancellation: a dropped op is not cancelled. A pending poll completes when its socket (or
-//! listener) is shut down; a connect whose future is dropped (timed out, or lost a hedge race)
-//! aborts itself with `shutdown()` (in SYN_SENT that disconnects at once).
+//! The syscalls whose safe wrappers do not fit (accept4 with flags and the peer's address),
+//! taking ownership of the sockets a service manager or an upgrading parent passed, and
+//! keeping fds across exec. The io_uring ops are in `worker::ring`.
 
 #![allow(unsafe_code)]
 
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::rc::Rc;
 
-use io_uring::{cqueue, opcode, types};
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use tokio_uring::{OneshotOutputTransform, UnsubmittedOneshot};
+use socket2::{SockAddr, Socket};
 
 /// Why a connect to a backend failed.
 #[derive(Debug)]
@@ -35,108 +22,6 @@ impl std::fmt::Display for ConnectError {
         match self {
             ConnectError::TimedOut => f.write_str("connect timed out"),
             ConnectError::Io(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-fn cqe_result(cqe: &cqueue::Entry) -> io::Result<u32> {
-    let res = cqe.result();
-    if res < 0 {
-        Err(io::Error::from_raw_os_error(-res))
-    } else {
-        Ok(res as u32)
-    }
-}
-
-/// Stored data of a connect: the socket lives exactly as long as the op.
-struct ConnectData {
-    socket: Socket,
-    #[allow(dead_code)] // read by the kernel through the pointer in the SQE
-    addr: Box<SockAddr>,
-}
-
-struct ConnectDone;
-
-impl OneshotOutputTransform for ConnectDone {
-    type Output = (io::Result<u32>, Socket);
-    type StoredData = ConnectData;
-
-    fn transform_oneshot_output(self, data: ConnectData, cqe: cqueue::Entry) -> Self::Output {
-        (cqe_result(&cqe), data.socket)
-    }
-}
-
-/// Connects to `addr`. The socket is non-blocking (the relay makes plain non-blocking
-/// syscalls on it), close-on-exec, with TCP_NODELAY. There is no timeout here: the caller
-/// races this future against its own timers (one for the hedge delay and the deadline, see
-/// `worker::hedge`) and simply drops it to give up. Dropping it before it completes aborts
-/// the connect at once (see [`Connecting`]), so the fd is closed on the next completion the
-/// worker reaps, not when the kernel gives up on the SYN minutes later.
-pub async fn connect(
-    addr: SocketAddr,
-    source: Option<std::net::IpAddr>,
-) -> Result<Socket, ConnectError> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )
-    .map_err(ConnectError::Io)?;
-    socket.set_nodelay(true).map_err(ConnectError::Io)?;
-    if let Some(ip) = source {
-        super::sys::bind_source(&socket, ip).map_err(ConnectError::Io)?;
-    }
-    let fd = socket.as_raw_fd();
-    let addr = Box::new(SockAddr::from(addr));
-    let sqe = opcode::Connect::new(types::Fd(fd), addr.as_ptr(), addr.len()).build();
-    // SAFETY: the SQE names `fd` and points at `addr`. Both are moved into the op's stored
-    // data (`addr` boxed, so the pointer stays valid when the struct moves), which tokio-uring
-    // keeps alive until the completion arrives, even if this future is dropped first.
-    let op = unsafe { submit(ConnectData { socket, addr }, ConnectDone, sqe) };
-    match (Connecting { op: Some(op), fd }).await {
-        (Ok(_), socket) => Ok(socket),
-        (Err(e), _socket) => Err(ConnectError::Io(e)),
-    }
-}
-
-/// A connect op in flight that aborts itself when dropped unfinished.
-///
-/// tokio-uring does not cancel a dropped op: its stored data (here the socket) is kept until
-/// the completion arrives, and a connect to a host that drops SYNs completes only when the
-/// kernel gives up (two minutes). Shutting down a socket in SYN_SENT disconnects it, which
-/// completes the connect at once; the driver then closes the socket on that completion.
-/// `Drop::drop` runs before the fields are dropped, so `fd` is still owned by `op` (and open)
-/// when it is shut down: the number cannot have been reused by another socket.
-struct Connecting {
-    op: Option<tokio_uring::InFlightOneshot<ConnectData, ConnectDone>>,
-    fd: RawFd,
-}
-
-impl std::future::Future for Connecting {
-    type Output = (io::Result<u32>, Socket);
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let Some(op) = self.op.as_mut() else {
-            // Polled after completion: never done by `connect`, which awaits once.
-            return std::task::Poll::Pending;
-        };
-        match std::pin::Pin::new(op).poll(cx) {
-            std::task::Poll::Ready(out) => {
-                self.op = None;
-                std::task::Poll::Ready(out)
-            }
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        }
-    }
-}
-
-impl Drop for Connecting {
-    fn drop(&mut self) {
-        if self.op.is_some() {
-            let _ = nix::sys::socket::shutdown(self.fd, nix::sys::socket::Shutdown::Both);
         }
     }
 }
@@ -223,50 +108,6 @@ pub fn take_listen_fds() -> io::Result<Vec<(Socket, Option<String>)>> {
         out.push((socket, names.get(i).cloned().filter(|n| !n.is_empty())));
     }
     Ok(out)
-}
-
-/// Stored data of a poll: keeps the polled socket open for as long as the kernel may look at it.
-struct PollData<T> {
-    _fd_owner: Rc<T>,
-}
-
-struct PollDone<T>(std::marker::PhantomData<fn() -> T>);
-
-impl<T> OneshotOutputTransform for PollDone<T> {
-    type Output = io::Result<u32>;
-    type StoredData = PollData<T>;
-
-    fn transform_oneshot_output(self, _data: PollData<T>, cqe: cqueue::Entry) -> Self::Output {
-        cqe_result(&cqe)
-    }
-}
-
-/// Waits until `owner`'s socket is ready for `mask` (libc::POLLIN, POLLOUT...) and returns the
-/// ready events. To end a wait early, shut the socket down: that wakes the poll.
-pub async fn poll_ready<T: AsRawFd + 'static>(owner: &Rc<T>, mask: u32) -> io::Result<u32> {
-    let fd = owner.as_raw_fd();
-    let sqe = opcode::PollAdd::new(types::Fd(fd), mask).build();
-    let data = PollData {
-        _fd_owner: owner.clone(),
-    };
-    // SAFETY: the SQE names only `fd`, which the `Rc` clone in the stored data keeps open
-    // until the completion; no memory of ours is passed.
-    unsafe { submit(data, PollDone(std::marker::PhantomData), sqe) }.await
-}
-
-/// Submits a raw SQE with its stored data.
-///
-/// # Safety
-/// Every fd and pointer in `sqe` must be owned by `data`, so that it stays valid until the
-/// completion arrives.
-unsafe fn submit<D: 'static, T: OneshotOutputTransform<StoredData = D>>(
-    data: D,
-    transform: T,
-    sqe: io_uring::squeue::Entry,
-) -> tokio_uring::InFlightOneshot<D, T> {
-    // The one place raw SQEs are submitted (clippy.toml disallows it elsewhere).
-    #[allow(clippy::disallowed_methods)]
-    UnsubmittedOneshot::new(data, transform, sqe).submit()
 }
 
 /// Makes `fds` survive `exec` in the child that `cmd` starts, and only there: the parent's

@@ -47,6 +47,10 @@ pub struct PoolStats {
     pub tails_in_use: AtomicUsize,
     /// A direction wanted a pipe and copied instead (pipe limit reached, or out of fds).
     pub pipe_unavailable_total: AtomicU64,
+    /// Buffers of the worker's io_uring buffer ring taken by a read and not yet given back.
+    pub ring_buffers_in_use: AtomicUsize,
+    /// A read found the worker's io_uring buffer ring empty and used a pooled buffer instead.
+    pub ring_empty_total: AtomicU64,
 }
 
 struct Pools {
@@ -91,6 +95,27 @@ pub fn init(stats: Arc<PoolStats>, pipe_limit: usize) {
         let mut p = p.borrow_mut();
         p.stats = stats;
         p.pipe_limit = pipe_limit;
+    });
+}
+
+/// Publishes how many buffers of the worker's io_uring buffer ring are taken (only the
+/// worker writes it: a plain store).
+pub fn note_ring_in_use(n: usize) {
+    let _ = POOLS.try_with(|p| {
+        p.borrow()
+            .stats
+            .ring_buffers_in_use
+            .store(n, Ordering::Relaxed)
+    });
+}
+
+/// Counts a read that found the io_uring buffer ring empty (see `relay::recv_op_once`).
+pub fn note_ring_empty() {
+    let _ = POOLS.try_with(|p| {
+        p.borrow()
+            .stats
+            .ring_empty_total
+            .fetch_add(1, Ordering::Relaxed)
     });
 }
 

@@ -1,4 +1,4 @@
-//! The two runtimes a worker can run on, behind one trait: io_uring (tokio-uring, the
+//! The two runtimes a worker can run on, behind one trait: io_uring (ringlb's own ring, the
 //! default) and the epoll fallback (plain tokio) for machines where io_uring is unavailable.
 //!
 //! The accept loop, the connection logic (`accept.rs`) and the relay are written once; a
@@ -13,6 +13,7 @@ use std::rc::Rc;
 use socket2::Socket;
 use tokio::io::Interest;
 
+use super::ring::{self, RecvOp, RingSocket};
 use crate::relay::ops::{self, ConnectError};
 use crate::relay::Conn;
 
@@ -37,11 +38,13 @@ pub trait Io: 'static {
     fn stream(s: Socket) -> io::Result<Self::Stream>;
 }
 
-/// io_uring through tokio-uring, with ringlb's own ops (`relay::ops`).
+/// io_uring: ringlb's own ring per worker (`worker::ring`), under tokio's current-thread
+/// executor and timers.
 pub struct Uring;
 
-impl Conn for Rc<Socket> {
-    async fn wait(&self, interest: Interest) -> io::Result<()> {
+impl Conn for Rc<RingSocket> {
+    /// Started at once (not when first polled): every caller polls it next.
+    fn wait(&self, interest: Interest) -> impl Future<Output = io::Result<()>> {
         let mut mask = 0;
         if interest.is_readable() {
             mask |= libc::POLLIN | libc::POLLRDHUP;
@@ -49,18 +52,23 @@ impl Conn for Rc<Socket> {
         if interest.is_writable() {
             mask |= libc::POLLOUT;
         }
-        ops::poll_ready(self, mask as u32).await.map(drop)
+        let op = ring::poll(self, mask as u32);
+        async { op.await.map(drop) }
     }
 
     fn attempt<R>(&self, _: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
         f()
     }
+
+    fn recv_op(&self) -> Option<RecvOp> {
+        ring::recv(self)
+    }
 }
 
 impl Io for Uring {
     type Listener = Rc<std::net::TcpListener>;
-    /// Shared so that a readiness poll in flight keeps the socket open (see `relay::ops`).
-    type Stream = Rc<Socket>;
+    /// Shared so that an op in flight keeps the socket open (see `worker::ring`).
+    type Stream = Rc<RingSocket>;
     const NAME: &'static str = "io_uring";
 
     fn listener(l: std::net::TcpListener) -> io::Result<Self::Listener> {
@@ -73,9 +81,9 @@ impl Io for Uring {
     async fn accept(l: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)> {
         loop {
             match ops::accept_now(l.as_raw_fd()) {
-                Ok((s, a)) => return Ok((Rc::new(s), a)),
+                Ok((s, a)) => return Ok((Rc::new(RingSocket::new(s)), a)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ops::poll_ready(l, libc::POLLIN as u32).await?;
+                    ring::poll(l, libc::POLLIN as u32).await?;
                 }
                 Err(e) => return Err(e),
             }
@@ -86,15 +94,15 @@ impl Io for Uring {
         addr: SocketAddr,
         source: Option<std::net::IpAddr>,
     ) -> Result<Self::Stream, ConnectError> {
-        ops::connect(addr, source).await.map(Rc::new)
+        ring::connect(addr, source).await
     }
 
     fn spawn(f: impl Future<Output = ()> + 'static) {
-        tokio_uring::spawn(f);
+        tokio::task::spawn_local(f);
     }
 
     fn stream(s: Socket) -> io::Result<Self::Stream> {
-        Ok(Rc::new(s))
+        Ok(Rc::new(RingSocket::new(s)))
     }
 }
 

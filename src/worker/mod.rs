@@ -1,4 +1,4 @@
-//! Workers: one thread per core, each with its own tokio-uring runtime (pinned to a CPU only
+//! Workers: one thread per core, each with its own executor and io_uring (pinned to a CPU only
 //! when `[global] cpu_affinity` asks).
 //!
 //! A worker owns its SO_REUSEPORT listeners and every connection it accepts for their whole
@@ -15,6 +15,7 @@ pub mod io;
 pub mod listener;
 pub mod local;
 pub mod queue;
+pub mod ring;
 pub mod route;
 pub mod sources;
 
@@ -149,7 +150,9 @@ impl Shared {
             t.pipes_in_use += p.pipes_in_use.load(Ordering::Relaxed);
             t.pipes_free += p.pipes_free.load(Ordering::Relaxed);
             t.pipe_unavailable_total += p.pipe_unavailable_total.load(Ordering::Relaxed);
+            t.ring_empty_total += p.ring_empty_total.load(Ordering::Relaxed);
             t.tails_in_use += p.tails_in_use.load(Ordering::Relaxed);
+            t.ring_buffers_in_use += p.ring_buffers_in_use.load(Ordering::Relaxed);
         }
         t
     }
@@ -162,7 +165,9 @@ pub struct PoolTotals {
     pub pipes_in_use: usize,
     pub pipes_free: usize,
     pub pipe_unavailable_total: u64,
+    pub ring_empty_total: u64,
     pub tails_in_use: usize,
+    pub ring_buffers_in_use: usize,
 }
 
 pub enum WorkerCommand {
@@ -264,29 +269,20 @@ pub fn spawn(
                     pin_to_cpu(index, cpu);
                 }
                 crate::backend::per_worker::set_slot(index);
-                if io_name == Uring::NAME {
-                    let rt = match uring_runtime() {
-                        Ok(rt) => rt,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    rt.block_on(run::<Uring>(index, rx, shared));
+                let uring = io_name == Uring::NAME;
+                let rt = match runtime(uring) {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                let local = tokio::task::LocalSet::new();
+                if uring {
+                    local.spawn_local(ring::reap_loop());
+                    rt.block_on(local.run_until(run::<Uring>(index, rx, shared)));
                 } else {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(rt) => rt,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    let local = tokio::task::LocalSet::new();
                     rt.block_on(local.run_until(run::<Epoll>(index, rx, shared)));
                 }
             })?;
@@ -302,21 +298,18 @@ pub fn spawn(
     Ok(out)
 }
 
-/// The worker's io_uring runtime. COOP_TASKRUN: a completion does not interrupt the worker
-/// with an IPI to run its task work; the work runs at the worker's next syscall, which the
-/// relay makes constantly. Measured on the keep-alive benchmark it is the difference between
-/// 0.6x and 1.0x HAProxy's requests per second (docs/performance.md). Kernels without it
-/// (before 5.19) get a plain ring.
-fn uring_runtime() -> std::io::Result<tokio_uring::Runtime> {
-    let mut tuned = tokio_uring::uring_builder();
-    tuned.setup_coop_taskrun();
-    let mut builder = tokio_uring::builder();
-    builder.entries(1024).uring_builder(&tuned);
-    tokio_uring::Runtime::new(&builder).or_else(|_| {
-        let mut plain = tokio_uring::builder();
-        plain.entries(1024);
-        tokio_uring::Runtime::new(&plain)
-    })
+/// The worker's executor: tokio's current-thread runtime. On io_uring the worker's own ring
+/// (`worker::ring`, set up with COOP_TASKRUN: a completion does not interrupt the worker with
+/// an IPI, measured as the difference between 0.6x and 1.0x HAProxy's keep-alive requests per
+/// second) is submitted and reaped each time the executor is about to park.
+fn runtime(uring: bool) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_current_thread();
+    b.enable_all();
+    if uring {
+        ring::init()?;
+        b.on_thread_park(ring::flush);
+    }
+    b.build()
 }
 
 /// The CPUs this process may run on, ascending (its affinity mask, which a cpuset or

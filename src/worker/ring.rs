@@ -1,0 +1,740 @@
+//! ringlb's own io_uring: one ring per worker thread, driven from the worker's tokio
+//! current-thread executor.
+//!
+//! tokio runs the tasks and the timers; this module runs the ring. SQEs pushed by the tasks
+//! are submitted in one `io_uring_enter` when the executor is about to park (its
+//! `on_thread_park` hook, [`flush`]), or at once when [`SUBMIT_BATCH`] are waiting; the
+//! completions are reaped in the same hook and by a task that waits for the ring's fd to
+//! turn readable ([`reap_loop`], through tokio's epoll). The ring is set up with
+//! COOP_TASKRUN (no IPI per completion) and SINGLE_ISSUER.
+//!
+//! What it has that tokio-uring 0.5 has not, and why ringlb runs its own:
+//! - **A provided buffer ring** (IORING_REGISTER_PBUF_RING) of [`RING_BUFS`] buffers per
+//!   worker. A [`recv`] names no buffer: the kernel picks one from the ring when the data
+//!   arrives, so an idle connection's pending read holds no memory, and the wait and the read
+//!   are one op (where a readiness poll is followed by a recv syscall).
+//! - **Cancellation.** A dropped op future cancels its op (IORING_OP_ASYNC_CANCEL); what the op
+//!   holds (its socket, its address) is released when the op's completion arrives.
+//! - **Close as an op.** A [`RingSocket`] is closed by an IORING_OP_CLOSE submitted with the
+//!   next batch, not by a close(2) of its own.
+//!
+//! All of the worker's `unsafe` for the ring lives here. The invariant every op keeps: each
+//! fd and pointer an SQE names is owned by the op's slot ([`Op`]) until the op's one
+//! completion has been reaped, whether or not its future is still there. A buffer of the ring
+//! is the kernel's from when it is published until a completion names it; then it is owned by
+//! one [`RingBuf`] (or given straight back), and published again only when that is dropped.
+
+#![allow(unsafe_code)]
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::task::{Context, Poll, Waker};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use slab::Slab;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::relay::ops::ConnectError;
+
+/// Submission queue entries per ring (the completion queue has four times as many).
+const ENTRIES: u32 = 1024;
+/// SQEs that may wait for the executor to park; one more and they are submitted at once, so
+/// a worker that never idles still submits.
+const SUBMIT_BATCH: u32 = 32;
+/// Buffers in each worker's provided buffer ring (a power of two). A buffer is held only from
+/// a recv's completion until its bytes are sent (or copied aside when the reader is slow), so
+/// this bounds the reads completed in one loop turn, not the connections.
+pub const RING_BUFS: u16 = 128;
+/// Size of one ring buffer: the pooled buffer's size, so both read paths move the same chunk.
+pub const RING_BUF_SIZE: usize = crate::relay::pool::BUF_SIZE;
+/// The buffer group of the ring.
+const BGID: u16 = 0;
+/// user_data of SQEs whose completion nobody waits for (a close, a cancel).
+const UNWATCHED: u64 = u64::MAX;
+
+enum State {
+    /// In flight; woken with this waker on completion.
+    Waiting(Option<Waker>),
+    /// Completed: the CQE's result and flags, not yet taken by the future.
+    Done(i32, u32),
+    /// The future was dropped while the op was in flight; its completion frees the slot.
+    Orphan,
+}
+
+/// One op in flight: its state and what the kernel may touch until it completes.
+struct Op {
+    state: State,
+    /// Tells this op's completion from that of an earlier op in the same slot (a cancel names
+    /// an op by slot and generation).
+    generation: u32,
+    /// Keeps what the SQE names alive: the op's socket or listener, and for a connect its
+    /// address (in the same allocation, so its pointer is stable).
+    _keep: Option<Rc<dyn Any>>,
+}
+
+struct Driver {
+    ring: IoUring,
+    ops: Slab<Op>,
+    bufs: Option<BufRing>,
+    /// SQEs pushed since the last submit.
+    queued: u32,
+    generation: u32,
+    /// A slot freed inside the driver whose contents must be dropped outside it.
+    leftover: Option<Op>,
+}
+
+thread_local! {
+    static DRIVER: RefCell<Option<Driver>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` on this thread's driver: `None` if the thread has none, or if it is in use (a
+/// drop from inside the driver; every caller has a fallback for that).
+fn with<R>(f: impl FnOnce(&mut Driver) -> R) -> Option<R> {
+    DRIVER
+        .try_with(|d| {
+            let mut d = d.try_borrow_mut().ok()?;
+            d.as_mut().map(f)
+        })
+        .ok()
+        .flatten()
+}
+
+/// Sets up this thread's ring and its buffer ring. Called once by a worker thread before its
+/// executor starts.
+pub fn init() -> io::Result<()> {
+    let ring = IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_single_issuer()
+        .setup_cqsize(ENTRIES * 4)
+        .build(ENTRIES)
+        .or_else(|_| IoUring::builder().setup_cqsize(ENTRIES * 4).build(ENTRIES))?;
+    // Kernels before 5.19 have no buffer rings: reads then wait for readiness and use the
+    // pooled buffers, as the epoll runtime does.
+    let bufs = BufRing::new(&ring).ok();
+    DRIVER.with(|d| {
+        *d.borrow_mut() = Some(Driver {
+            ring,
+            ops: Slab::with_capacity(256),
+            bufs,
+            queued: 0,
+            generation: 0,
+            leftover: None,
+        })
+    });
+    Ok(())
+}
+
+/// Whether reads on this thread go through the buffer ring ([`recv`]).
+pub fn has_buffer_ring() -> bool {
+    with(|d| d.bufs.is_some()).unwrap_or(false)
+}
+
+impl Driver {
+    /// Queues one SQE, submitting first if the queue is full.
+    ///
+    /// # Safety
+    /// Every fd and pointer `sqe` names must stay valid until its completion is reaped (owned
+    /// by its op's slot, or not the process's concern, as a close's fd).
+    unsafe fn push(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
+        // SAFETY: passed on from the caller.
+        if unsafe { self.ring.submission().push(sqe) }.is_err() {
+            self.submit();
+            // SAFETY: as above.
+            unsafe { self.ring.submission().push(sqe) }
+                .map_err(|_| io::Error::from_raw_os_error(libc::EBUSY))?;
+        }
+        self.queued += 1;
+        if self.queued > SUBMIT_BATCH {
+            self.submit();
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self) {
+        // EBUSY (completions to reap first) and EINTR leave the SQEs queued for the next try.
+        if self.ring.submit().is_ok() {
+            self.queued = 0;
+        }
+    }
+
+    /// Starts an op: a slot for it, then its SQE tagged with the slot.
+    ///
+    /// # Safety
+    /// As [`Driver::push`]: what `sqe` names is owned by `keep`.
+    unsafe fn start(
+        &mut self,
+        sqe: squeue::Entry,
+        keep: Option<Rc<dyn Any>>,
+    ) -> io::Result<(usize, u32)> {
+        self.generation = self.generation.wrapping_add(1);
+        let generation = self.generation;
+        let key = self.ops.insert(Op {
+            state: State::Waiting(None),
+            generation,
+            _keep: keep,
+        });
+        let sqe = sqe.user_data(tag(key, generation));
+        // SAFETY: the slot just filled owns what the SQE names until its completion.
+        match unsafe { self.push(&sqe) } {
+            Ok(()) => Ok((key, generation)),
+            Err(e) => {
+                // Never submitted: the slot goes at once. Its fd is dropped by the caller's
+                // `drop` outside the driver (see `OpFuture::start`).
+                let op = self.ops.remove(key);
+                self.leftover = Some(op);
+                Err(e)
+            }
+        }
+    }
+}
+
+fn tag(key: usize, generation: u32) -> u64 {
+    ((generation as u64) << 32) | key as u64
+}
+
+/// Submits what the tasks queued and reaps what completed. The executor's `on_thread_park`
+/// hook: if this wakes a task, the executor runs it instead of parking.
+pub fn flush() {
+    let _ = with(|d| {
+        if d.queued > 0 {
+            d.submit();
+        }
+    });
+    reap();
+}
+
+/// Hands every completion in the queue to its op: wakes its future, or frees the slot of an
+/// op whose future is gone. What a freed slot held is dropped outside the driver (a socket's
+/// drop submits its close through the driver).
+pub fn reap() {
+    loop {
+        let step = with(|d| {
+            let cqe = d.ring.completion().next()?;
+            Some(d.complete(cqe))
+        })
+        .flatten();
+        match step {
+            None => return,
+            Some(Reaped::Wake(w)) => w.wake(),
+            Some(Reaped::Free(op)) => drop(op),
+            Some(Reaped::Nothing) => {}
+        }
+    }
+}
+
+enum Reaped {
+    Wake(Waker),
+    Free(Op),
+    Nothing,
+}
+
+impl Driver {
+    fn complete(&mut self, cqe: cqueue::Entry) -> Reaped {
+        let ud = cqe.user_data();
+        let (res, flags) = (cqe.result(), cqe.flags());
+        if ud == UNWATCHED {
+            return Reaped::Nothing;
+        }
+        if let (Some(_), Some(bufs)) = (cqueue::buffer_select(flags), self.bufs.as_mut()) {
+            bufs.take();
+        }
+        let (key, generation) = ((ud & 0xffff_ffff) as usize, (ud >> 32) as u32);
+        let Some(op) = self
+            .ops
+            .get_mut(key)
+            .filter(|op| op.generation == generation)
+        else {
+            // No op waits for it (cannot happen: a slot lives until its one completion); a
+            // buffer it names goes straight back.
+            self.give_back_from(flags);
+            return Reaped::Nothing;
+        };
+        match std::mem::replace(&mut op.state, State::Done(res, flags)) {
+            State::Waiting(w) => w.map_or(Reaped::Nothing, Reaped::Wake),
+            State::Orphan => {
+                let op = self.ops.remove(key);
+                self.give_back_from(flags);
+                Reaped::Free(op)
+            }
+            // One completion per op: a second cannot come (its buffer would go back).
+            State::Done(..) => {
+                self.give_back_from(flags);
+                Reaped::Nothing
+            }
+        }
+    }
+
+    /// Returns the buffer a completion's flags name, if any, to the ring.
+    fn give_back_from(&mut self, flags: u32) {
+        if let (Some(bid), Some(bufs)) = (cqueue::buffer_select(flags), self.bufs.as_mut()) {
+            bufs.give_back(bid);
+        }
+    }
+}
+
+/// The task that reaps completions when the ring's fd turns readable (tokio's epoll watches
+/// it); [`flush`] reaps the rest before each park.
+pub async fn reap_loop() {
+    let Some(fd) = with(|d| d.ring.as_raw_fd()) else {
+        return;
+    };
+    // SAFETY: the ring's fd stays open, and the same ring, for the thread's life: the driver
+    // is never dropped (a worker thread lives as long as the process).
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(RingFd(fd), tokio::io::Interest::READABLE)
+    };
+    let afd = match registered {
+        Ok(afd) => afd,
+        Err(e) => {
+            crate::error!("worker cannot watch its io_uring: {e}");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut ready) = afd.readable().await else {
+            return;
+        };
+        reap();
+        ready.clear_ready();
+    }
+}
+
+/// The ring's fd, for tokio's reactor (not owned: the ring closes it).
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The future of one op: its result once the completion is reaped. Dropped before that, it
+/// cancels the op; the slot (and what it keeps open) is freed by the completion.
+struct OpFuture {
+    key: usize,
+    generation: u32,
+    done: bool,
+}
+
+impl OpFuture {
+    /// # Safety
+    /// As [`Driver::push`]: everything `sqe` names is owned by `keep`.
+    unsafe fn start(sqe: squeue::Entry, keep: Option<Rc<dyn Any>>) -> io::Result<OpFuture> {
+        // SAFETY: passed on from the caller.
+        let started = with(|d| unsafe { d.start(sqe, keep) });
+        // A slot freed without being submitted is dropped here, outside the driver.
+        drop(with(|d| d.leftover.take()));
+        match started {
+            Some(Ok((key, generation))) => Ok(OpFuture {
+                key,
+                generation,
+                done: false,
+            }),
+            Some(Err(e)) => Err(e),
+            None => Err(io::Error::other("no io_uring on this thread")),
+        }
+    }
+}
+
+impl Future for OpFuture {
+    /// The completion's result and flags.
+    type Output = (i32, u32);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(i32, u32)> {
+        let (key, generation) = (self.key, self.generation);
+        let out = with(|d| {
+            let op = d
+                .ops
+                .get_mut(key)
+                .filter(|op| op.generation == generation)?;
+            match &mut op.state {
+                State::Done(res, flags) => {
+                    let out = (*res, *flags);
+                    Some(Ok((out, d.ops.remove(key))))
+                }
+                State::Waiting(w) => {
+                    if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *w = Some(cx.waker().clone());
+                    }
+                    Some(Err(()))
+                }
+                State::Orphan => None,
+            }
+        })
+        .flatten();
+        match out {
+            Some(Ok((out, op))) => {
+                self.done = true;
+                drop(op);
+                Poll::Ready(out)
+            }
+            Some(Err(())) => Poll::Pending,
+            // The driver is gone or busy (never, on a worker): report it as an error.
+            None => {
+                self.done = true;
+                Poll::Ready((-libc::ECANCELED, 0))
+            }
+        }
+    }
+}
+
+impl Drop for OpFuture {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (key, generation) = (self.key, self.generation);
+        let freed = with(|d| {
+            let op = d
+                .ops
+                .get_mut(key)
+                .filter(|op| op.generation == generation)?;
+            match op.state {
+                State::Done(_, flags) => {
+                    // Completed but never read: free it now (and its buffer).
+                    let op = d.ops.remove(key);
+                    d.give_back_from(flags);
+                    Some(op)
+                }
+                State::Waiting(_) => {
+                    op.state = State::Orphan;
+                    let cancel = opcode::AsyncCancel::new(tag(key, generation))
+                        .build()
+                        .user_data(UNWATCHED);
+                    // SAFETY: a cancel names no fd or memory, only the op's tag. If it cannot
+                    // be queued the op stays in flight as an orphan until it completes by
+                    // itself (its socket's shutdown, which every connection's end does).
+                    let _ = unsafe { d.push(&cancel) };
+                    None
+                }
+                State::Orphan => None,
+            }
+        })
+        .flatten();
+        drop(freed);
+    }
+}
+
+fn result(res: i32) -> io::Result<u32> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else {
+        Ok(res as u32)
+    }
+}
+
+/// A socket of the ring's worker. Closed by a close op with the next batch of SQEs when
+/// dropped (by close(2) where no ring is at hand). Each op on it holds an `Rc` of it, so it
+/// is closed only once no op can touch its fd.
+pub struct RingSocket(Option<Socket>);
+
+impl RingSocket {
+    pub fn new(socket: Socket) -> RingSocket {
+        RingSocket(Some(socket))
+    }
+
+    fn socket(&self) -> &Socket {
+        // Always `Some` until `drop` takes it.
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a RingSocket is closed only by drop"))
+    }
+}
+
+impl AsRawFd for RingSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.socket().as_raw_fd()
+    }
+}
+
+impl AsFd for RingSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket().as_fd()
+    }
+}
+
+impl Drop for RingSocket {
+    fn drop(&mut self) {
+        let Some(socket) = self.0.take() else {
+            return;
+        };
+        let fd = socket.into_raw_fd();
+        let close = opcode::Close::new(types::Fd(fd))
+            .build()
+            .user_data(UNWATCHED);
+        // SAFETY: `fd` was just released by its owner and nothing else refers to it (every op
+        // on it held an `Rc` of this socket, and all are gone); the close op owns it now.
+        let queued = with(|d| unsafe { d.push(&close) }.is_ok()).unwrap_or(false);
+        if !queued {
+            // SAFETY: as above; the close op was not queued, so this is the one close.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// An op started at once, or the error that kept it from starting (reported when polled).
+struct Started(Result<OpFuture, Option<io::Error>>);
+
+impl Started {
+    /// # Safety
+    /// As [`Driver::push`]: everything `sqe` names is owned by `keep`.
+    unsafe fn new(sqe: squeue::Entry, keep: Option<Rc<dyn Any>>) -> Started {
+        // SAFETY: passed on from the caller.
+        Started(unsafe { OpFuture::start(sqe, keep) }.map_err(Some))
+    }
+
+    fn poll_op(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(i32, u32)>> {
+        match &mut self.0 {
+            Ok(op) => Pin::new(op).poll(cx).map(Ok),
+            Err(e) => Poll::Ready(Err(e.take().unwrap_or_else(|| io::ErrorKind::Other.into()))),
+        }
+    }
+}
+
+/// Starts waiting until `owner`'s fd is ready for `mask` (POLLIN, POLLOUT...); resolves to
+/// the ready events. Shutting the socket down ends the wait.
+pub fn poll<T: AsRawFd + 'static>(owner: &Rc<T>, mask: u32) -> PollOp {
+    let sqe = opcode::PollAdd::new(types::Fd(owner.as_raw_fd()), mask).build();
+    let keep: Rc<dyn Any> = owner.clone();
+    // SAFETY: the SQE names only the fd, which `keep` holds open until the completion.
+    PollOp(unsafe { Started::new(sqe, Some(keep)) })
+}
+
+/// A readiness wait in flight (from [`poll`]).
+pub struct PollOp(Started);
+
+impl Future for PollOp {
+    type Output = io::Result<u32>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u32>> {
+        self.0
+            .poll_op(cx)
+            .map(|r| r.and_then(|(res, _)| result(res)))
+    }
+}
+
+/// Connects to `addr`: a non-blocking, close-on-exec socket with TCP_NODELAY, from `source`
+/// when given. No timeout of its own: the caller races it against its timers and drops it to
+/// give up, which cancels the connect; the socket is closed when the cancel completes.
+pub async fn connect(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> Result<Rc<RingSocket>, ConnectError> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )
+    .map_err(ConnectError::Io)?;
+    socket.set_nodelay(true).map_err(ConnectError::Io)?;
+    if let Some(ip) = source {
+        crate::relay::sys::bind_source(&socket, ip).map_err(ConnectError::Io)?;
+    }
+    let socket = Rc::new(RingSocket::new(socket));
+    let keep = Rc::new(ConnectKeep {
+        _socket: socket.clone(),
+        addr: SockAddr::from(addr),
+    });
+    let sqe = opcode::Connect::new(
+        types::Fd(socket.as_raw_fd()),
+        keep.addr.as_ptr(),
+        keep.addr.len(),
+    )
+    .build();
+    // SAFETY: the SQE names the socket's fd and points at the address, both held by `keep`
+    // (one allocation: the pointer does not move) until the completion.
+    let op = unsafe { OpFuture::start(sqe, Some(keep)) }.map_err(ConnectError::Io)?;
+    let (res, _) = op.await;
+    result(res).map_err(ConnectError::Io)?;
+    Ok(socket)
+}
+
+/// What a connect op keeps alive: its socket and the address the SQE points at.
+struct ConnectKeep {
+    _socket: Rc<RingSocket>,
+    addr: SockAddr,
+}
+
+/// A buffer of the ring holding one read's bytes; back to the ring when dropped.
+pub struct RingBuf {
+    bid: u16,
+    len: usize,
+    ptr: *const u8,
+}
+
+impl std::ops::Deref for RingBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: buffer `bid` is this value's alone (a completion named it and it is not
+        // published again until this is dropped); the kernel wrote `len` <= its size bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for RingBuf {
+    fn drop(&mut self) {
+        let bid = self.bid;
+        // If the driver is in use (a drop from inside it), the buffer is lost to the ring;
+        // no caller drops one there.
+        let _ = with(|d| {
+            if let Some(bufs) = d.bufs.as_mut() {
+                bufs.give_back(bid);
+            }
+        });
+    }
+}
+
+/// Starts a read on `owner`: the op waits for bytes and reads them into a buffer the kernel
+/// takes from the ring when they arrive (see [`RecvOp`]). `None` where this thread has no
+/// buffer ring.
+pub fn recv<T: AsRawFd + 'static>(owner: &Rc<T>) -> Option<RecvOp> {
+    if !has_buffer_ring() {
+        return None;
+    }
+    let sqe = opcode::Recv::new(types::Fd(owner.as_raw_fd()), std::ptr::null_mut(), 0)
+        .buf_group(BGID)
+        .build()
+        .flags(squeue::Flags::BUFFER_SELECT);
+    let keep: Rc<dyn Any> = owner.clone();
+    // SAFETY: the SQE names the fd, held open by `keep`, and no memory of ours: the kernel
+    // writes into a ring buffer it owns until the completion names it.
+    Some(RecvOp(unsafe { Started::new(sqe, Some(keep)) }))
+}
+
+/// A read in flight (from [`recv`]): resolves to the bytes, in a ring buffer, or `None` at
+/// EOF; `ENOBUFS` when the ring was empty as they arrived (they stay in the socket, for the
+/// caller to read another way). Small, since every idle connection holds two.
+pub struct RecvOp(Started);
+
+impl Future for RecvOp {
+    type Output = io::Result<Option<RingBuf>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (res, flags) = match self.0.poll_op(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(out)) => out,
+        };
+        let buf = cqueue::buffer_select(flags).and_then(|bid| {
+            with(|d| d.bufs.as_ref().map(|b| b.buf(bid)))
+                .flatten()
+                .map(|ptr| RingBuf { bid, len: 0, ptr })
+        });
+        let n = match result(res) {
+            Ok(n) => n as usize,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        Poll::Ready(match buf {
+            Some(mut b) if n > 0 => {
+                b.len = n.min(RING_BUF_SIZE);
+                Ok(Some(b))
+            }
+            // EOF (a buffer named with it goes back as `b` drops).
+            _ if n == 0 => Ok(None),
+            _ => Err(io::Error::other(
+                "a buffer-select recv completed without a buffer",
+            )),
+        })
+    }
+}
+
+/// A worker's provided buffer ring (IORING_REGISTER_PBUF_RING) and its buffers, both mapped
+/// once and never unmapped: the worker thread lives as long as the process.
+struct BufRing {
+    ring: *mut types::BufRingEntry,
+    bufs: *mut u8,
+    mask: u16,
+    /// The tail as this thread has written it (published at once by `give_back`).
+    tail: u16,
+    /// Buffers a completion named that are not back yet (`ringlb_relay_ring_buffers_in_use`).
+    taken: usize,
+}
+
+impl BufRing {
+    fn new(uring: &IoUring) -> io::Result<BufRing> {
+        let entries = RING_BUFS;
+        let map = |bytes: usize| -> io::Result<*mut u8> {
+            // SAFETY: an anonymous private mapping; it names no existing memory.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(p.cast())
+            }
+        };
+        let n = entries as usize;
+        let ring = map(n * std::mem::size_of::<types::BufRingEntry>())?.cast();
+        let bufs = map(n * RING_BUF_SIZE)?;
+        // SAFETY: the ring's memory is page-aligned (mmap), `entries` entries long and never
+        // unmapped, so it outlives the registration.
+        unsafe {
+            uring
+                .submitter()
+                .register_buf_ring(ring as u64, entries, BGID)?
+        };
+        let mut b = BufRing {
+            ring,
+            bufs,
+            mask: entries - 1,
+            tail: 0,
+            taken: 0,
+        };
+        for bid in 0..entries {
+            b.publish(bid);
+        }
+        Ok(b)
+    }
+
+    fn buf(&self, bid: u16) -> *const u8 {
+        // SAFETY: bid < entries (the kernel names only ids this thread published), so the
+        // offset stays inside the buffers' mapping.
+        unsafe { self.bufs.add((bid & self.mask) as usize * RING_BUF_SIZE) }
+    }
+
+    /// Counts buffer `bid`, which a completion named, as taken.
+    fn take(&mut self) {
+        self.taken += 1;
+        crate::relay::pool::note_ring_in_use(self.taken);
+    }
+
+    /// Gives back a buffer that a completion named: published again.
+    fn give_back(&mut self, bid: u16) {
+        self.taken = self.taken.saturating_sub(1);
+        crate::relay::pool::note_ring_in_use(self.taken);
+        self.publish(bid);
+    }
+
+    /// Publishes buffer `bid` at the ring's tail: the kernel may fill it from now on.
+    fn publish(&mut self, bid: u16) {
+        let i = (self.tail & self.mask) as usize;
+        // SAFETY: `i` < entries. The entry at the tail is not the kernel's: it reads only
+        // entries between its head and the published tail, and at most `entries` are
+        // published and unconsumed, because only buffers it handed out come back.
+        let e = unsafe { &mut *self.ring.add(i) };
+        e.set_addr(self.buf(bid) as u64);
+        e.set_len(RING_BUF_SIZE as u32);
+        e.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+        // SAFETY: the ring's first entry holds the tail field the kernel reads with acquire
+        // semantics; a release store through it is the documented protocol.
+        let tail = unsafe { &*types::BufRingEntry::tail(self.ring).cast::<AtomicU16>() };
+        tail.store(self.tail, Ordering::Release);
+    }
+}
