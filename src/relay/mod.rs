@@ -283,10 +283,17 @@ async fn pump<S: Conn>(
 ) -> Result<(), Fault> {
     let mut splicing = mode == RelayMode::Splice;
     loop {
-        let op = if splicing { None } else { from.recv_op() };
+        // A direction that waits for bytes does it with the runtime's read op where it has one
+        // (an op that waits and reads: no readiness wait of its own, and all an idle direction
+        // holds). While a transfer is in full flow (the last read filled its buffer) it reads
+        // with plain syscalls instead, from the pool's hot buffers, without a loop turn per
+        // chunk; the first short read sends it back to the op.
+        let op = if splicing || readable {
+            None
+        } else {
+            from.recv_op()
+        };
         let step = match op {
-            // One op waits and reads (no readiness wait of its own); what it read is sent at
-            // once. The op is all this direction holds while the connection is idle.
             Some(op) => RingRead::new(from, to, op).await?,
             None => {
                 if !readable {
