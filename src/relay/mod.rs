@@ -1,10 +1,14 @@
 //! The relay: bytes both ways between a client and its backend until both directions end.
 //!
-//! One orchestration for every runtime and every mode. Each direction waits until its source
-//! socket is readable, then moves what is there with plain non-blocking syscalls, and goes
-//! back to waiting when the socket runs dry. Only the wait differs between runtimes (an
-//! io_uring POLL_ADD, or tokio's epoll readiness): that is the [`Conn`] trait. How a chunk
-//! moves is the mode:
+//! One orchestration for every runtime and every mode. Each direction waits for bytes on its
+//! source socket, moves what is there, and goes back to waiting when a short read says the
+//! socket ran dry. Only the wait differs between runtimes: that is the [`Conn`] trait. On
+//! io_uring the wait of a copying direction is a read op whose buffer the kernel takes from the
+//! worker's provided buffer ring when bytes arrive ([`Conn::recv_op`]); its bytes are sent at
+//! once and the buffer goes back. Elsewhere (a splicing direction, the epoll runtime) it is a
+//! readiness wait (an io_uring POLL_ADD, or tokio's epoll). After a read that filled its buffer,
+//! a direction reads on with plain non-blocking syscalls without waiting. How a chunk moves is
+//! the mode:
 //!
 //! - `copy`: recv into a buffer lent by the worker's pool, send it all, give the buffer back.
 //! - `splice`: splice the socket into a pooled pipe and the pipe into the other socket; the
@@ -13,13 +17,14 @@
 //!   filled the whole buffer); back to copy when chunks get small again.
 //!
 //! So an idle connection holds no buffer and no pipe, only its two sockets and two pending
-//! readiness waits. Splices are plain syscalls on the worker thread (never IORING_OP_SPLICE,
+//! waits. Splices are plain syscalls on the worker thread (never IORING_OP_SPLICE,
 //! which parks an io-wq kernel thread per waiting splice).
 //!
 //! At EOF a direction shuts the other side's write half, so a half-close travels end to end.
 //! A direction that fails shuts both sockets down, which ends the other direction too. The
 //! worker's connection table ends a connection early (idle timeout, kill switch) the same way:
-//! `shutdown(Both)` completes every pending wait, so no io_uring op is ever dropped in flight.
+//! `shutdown(Both)` completes every pending wait and read op (an op whose future is dropped
+//! anyway is cancelled by `worker::ring`).
 
 pub mod ops;
 pub mod pool;
