@@ -127,7 +127,7 @@ impl Server {
         let workers = worker::spawn(
             config.global.workers,
             io_name,
-            &config.global.cpu_affinity,
+            (&config.global.cpu_affinity, config.global.ring_buffers),
             shared.clone(),
         )
         .map_err(StartError::Workers)?;

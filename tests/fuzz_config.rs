@@ -194,6 +194,7 @@ const TOKENS: &[&str] = &[
     "io",
     "relay",
     "cpu_affinity",
+    "ring_buffers",
     "listen",
     "allow_public",
     "name",

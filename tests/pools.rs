@@ -131,3 +131,53 @@ fn the_epoll_fallback_returns_them_too() {
         scenario_on("epoll", relay, End::ClientReset);
     }
 }
+
+/// One buffer in each worker's io_uring buffer ring: reads that find it empty wait and read
+/// into a pooled buffer instead (counted), every byte still arrives in order, and when the
+/// clients are done every ring buffer and pooled buffer is back and the fds are at baseline.
+#[test]
+fn an_empty_buffer_ring_falls_back_to_pooled_buffers_and_loses_nothing() {
+    let b = Backend::start("echo", Behaviour::Echo);
+    let cfg = global_toml("io = \"io_uring\"\nring_buffers = 1")
+        + &frontend_toml("web", "", &[("echo", b.addr, "")]);
+    let lb = Ringlb::start(&cfg);
+    let baseline = lb.fd_count();
+    let addr = lb.addr("web");
+    // Many connections in lockstep: their reads complete together, more than one per loop
+    // turn of a worker, so most find the ring's one buffer taken.
+    let clients: Vec<_> = (0..32u8)
+        .map(|id| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(SOON)).unwrap();
+                for round in 0..200u32 {
+                    let msg = format!("client {id} round {round}\n");
+                    s.write_all(msg.as_bytes()).unwrap();
+                    let mut back = vec![0u8; msg.len()];
+                    std::io::Read::read_exact(&mut s, &mut back).unwrap();
+                    assert_eq!(back, msg.as_bytes(), "client {id} round {round}");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let empty = lb
+        .metric("ringlb_relay_ring_empty_total", &[])
+        .expect("the counter is exported");
+    assert!(
+        empty > 0.0,
+        "32 clients in lockstep never found the one-buffer ring empty"
+    );
+    assert!(
+        wait_until(SOON, || lent(&lb) == 0.0),
+        "every ring buffer and pooled buffer back, {} lent",
+        lent(&lb)
+    );
+    assert!(
+        wait_until(SOON, || lb.fd_count() <= baseline),
+        "fds {} against a baseline of {baseline}",
+        lb.fd_count()
+    );
+}

@@ -64,7 +64,7 @@ impl FrontendChange {
 }
 
 /// `[global]` keys that a running process cannot change: a reload warns and keeps them.
-pub const RESTART_ONLY: [&str; 4] = ["workers", "io", "relay", "cpu_affinity"];
+pub const RESTART_ONLY: [&str; 5] = ["workers", "io", "relay", "cpu_affinity", "ring_buffers"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConfigDiff {
@@ -226,6 +226,7 @@ fn restart_only(old: &Global, new: &Global) -> Vec<&'static str> {
         old.io != new.io,
         old.relay != new.relay,
         old.cpu_affinity != new.cpu_affinity,
+        old.ring_buffers != new.ring_buffers,
     ];
     RESTART_ONLY
         .iter()

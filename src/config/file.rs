@@ -37,6 +37,8 @@ pub struct FileGlobal {
     pub relay: Option<String>,
     /// `"off"`, `"auto"` or a CPU list like `"0-3,6"`.
     pub cpu_affinity: Option<String>,
+    /// Buffers in each worker's io_uring buffer ring (a power of two).
+    pub ring_buffers: Option<i64>,
     /// DNS servers for `discover` (`"127.0.0.1:5353"`); absent: /etc/resolv.conf.
     pub resolvers: Option<Vec<String>>,
 }

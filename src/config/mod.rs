@@ -52,6 +52,8 @@ pub struct Global {
     pub relay: RelayMode,
     /// Which CPU each worker thread runs on.
     pub cpu_affinity: CpuAffinity,
+    /// Buffers of 16 KiB in each worker's io_uring buffer ring (a power of two).
+    pub ring_buffers: u16,
     /// DNS servers that `discover` entries ask; empty: those of /etc/resolv.conf.
     pub resolvers: Vec<SocketAddr>,
 }

@@ -71,6 +71,7 @@ static GLOBAL: Table = Table {
         ("io", Kind::Str),
         ("relay", Kind::Str),
         ("cpu_affinity", Kind::Str),
+        ("ring_buffers", Kind::Int),
         ("resolvers", Kind::Strs),
     ],
 };

@@ -311,6 +311,24 @@ fn validate_global(file: &FileConfig, out: &mut Vec<Problem>) -> Global {
             }
         },
     };
+    let ring_buffers = p.int_in(
+        "ring_buffers",
+        g.and_then(|g| g.ring_buffers),
+        crate::worker::ring::RING_BUFS as i64,
+        1,
+        32_768,
+    );
+    if !(ring_buffers as u64).is_power_of_two() {
+        p.push(
+            "ring_buffers",
+            format!(
+                "{ring_buffers} is not a power of two (the kernel's buffer rings need one): \
+                 use {} or {}",
+                (ring_buffers as u64).next_power_of_two() / 2,
+                (ring_buffers as u64).next_power_of_two()
+            ),
+        );
+    }
     let mut resolvers = Vec::new();
     for (i, text) in g
         .and_then(|g| g.resolvers.as_ref())
@@ -340,6 +358,7 @@ fn validate_global(file: &FileConfig, out: &mut Vec<Problem>) -> Global {
         io,
         relay,
         cpu_affinity,
+        ring_buffers: ring_buffers as u16,
         resolvers,
     }
 }

@@ -56,9 +56,13 @@ pub trait Conn: AsRawFd + AsFd + 'static {
     /// Runs one non-blocking syscall on the socket. A runtime that tracks readiness itself
     /// (epoll) learns from a `WouldBlock` here that the socket is no longer ready.
     fn attempt<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
-    /// Starts the runtime's read that waits and reads in one op, into a buffer the kernel
-    /// picks when the bytes arrive (io_uring's provided buffer ring): `None` where there is
-    /// none (the epoll runtime, a kernel without buffer rings).
+    /// Whether the runtime has a read that waits and reads in one op, into a buffer the
+    /// kernel picks when the bytes arrive (io_uring's provided buffer ring): not on the epoll
+    /// runtime, nor on a kernel without buffer rings.
+    fn reads_by_op(&self) -> bool {
+        false
+    }
+    /// Starts that read ([`Conn::reads_by_op`]); `None` where there is none.
     fn recv_op(&self) -> Option<RecvOp> {
         None
     }
@@ -293,26 +297,20 @@ async fn pump<S: Conn>(
         // holds). While a transfer is in full flow (the last read filled its buffer) it reads
         // with plain syscalls instead, from the pool's hot buffers, without a loop turn per
         // chunk; the first short read sends it back to the op.
-        let op = if splicing || readable {
-            None
+        let step = if !splicing && !readable && from.reads_by_op() {
+            RingRead::new(from, to).await?
         } else {
-            from.recv_op()
-        };
-        let step = match op {
-            Some(op) => RingRead::new(from, to, op).await?,
-            None => {
-                if !readable {
-                    from.wait(Interest::READABLE)
-                        .await
-                        .map_err(|_| Fault::Src)?;
-                }
-                match splicing.then(Pipe::take) {
-                    // Boxed: a splice step is rare next to the idle wait, and keeping its state
-                    // out of line keeps every idle connection's future small.
-                    Some(Some(pipe)) => Box::pin(splice_once(from, to, pipe)).await?,
-                    // Copy mode, or no pipe to be had (limit or out of fds): copy this chunk.
-                    _ => copy_once(from, to).await?,
-                }
+            if !readable {
+                from.wait(Interest::READABLE)
+                    .await
+                    .map_err(|_| Fault::Src)?;
+            }
+            match splicing.then(Pipe::take) {
+                // Boxed: a splice step is rare next to the idle wait, and keeping its state out
+                // of line keeps every idle connection's future small.
+                Some(Some(pipe)) => Box::pin(splice_once(from, to, pipe)).await?,
+                // Copy mode, or no pipe to be had (limit or out of fds): copy this chunk.
+                _ => copy_once(from, to).await?,
             }
         };
         // Move what is there until the socket runs dry or a short read says it probably has.
@@ -324,7 +322,8 @@ async fn pump<S: Conn>(
                 bytes.set(bytes.get() + n as u64);
                 last.set(Instant::now());
                 if mode == RelayMode::SpliceAuto {
-                    splicing = if splicing { n >= SPLICE_BULK } else { more };
+                    // Bulk is a read that filled a pooled buffer (a ring buffer is smaller).
+                    splicing = n >= SPLICE_BULK && (splicing || more);
                 }
                 readable = more;
             }
@@ -342,16 +341,18 @@ struct RingRead<'a, S: Conn> {
 }
 
 enum RingState<'a> {
+    /// Not polled yet: the op starts at the first poll.
+    Start,
     Reading(RecvOp),
     Slow(Pin<Box<dyn Future<Output = Result<Step, Fault>> + 'a>>),
 }
 
 impl<'a, S: Conn> RingRead<'a, S> {
-    fn new(from: &'a S, to: &'a S, op: RecvOp) -> Self {
+    fn new(from: &'a S, to: &'a S) -> Self {
         RingRead {
             from,
             to,
-            state: RingState::Reading(op),
+            state: RingState::Start,
         }
     }
 }
@@ -363,6 +364,19 @@ impl<S: Conn> Future for RingRead<'_, S> {
         let (from, to) = (self.from, self.to);
         loop {
             let got = match &mut self.state {
+                RingState::Start => {
+                    // `reads_by_op` said there is one; without it, read by readiness.
+                    self.state = match from.recv_op() {
+                        Some(op) => RingState::Reading(op),
+                        None => RingState::Slow(Box::pin(async move {
+                            from.wait(Interest::READABLE)
+                                .await
+                                .map_err(|_| Fault::Src)?;
+                            copy_once(from, to).await
+                        })),
+                    };
+                    continue;
+                }
                 RingState::Slow(f) => return f.as_mut().poll(cx),
                 RingState::Reading(op) => match Pin::new(op).poll(cx) {
                     Poll::Pending => return Poll::Pending,

@@ -60,6 +60,10 @@ impl Conn for Rc<RingSocket> {
         f()
     }
 
+    fn reads_by_op(&self) -> bool {
+        ring::has_buffer_ring()
+    }
+
     fn recv_op(&self) -> Option<RecvOp> {
         ring::recv(self)
     }

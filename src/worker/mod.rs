@@ -248,11 +248,12 @@ pub fn choose_io(mode: IoMode) -> std::io::Result<&'static str> {
     }
 }
 
-/// Starts `count` workers on the runtime named by `io_name` (from [`choose_io`]).
+/// Starts `count` workers on the runtime named by `io_name` (from [`choose_io`]), where they
+/// run (`affinity`), and with `ring_buffers` in each io_uring buffer ring.
 pub fn spawn(
     count: usize,
     io_name: &'static str,
-    affinity: &CpuAffinity,
+    (affinity, ring_buffers): (&CpuAffinity, u16),
     shared: Arc<Shared>,
 ) -> std::io::Result<Vec<WorkerHandle>> {
     let allowed = allowed_cpus();
@@ -270,7 +271,7 @@ pub fn spawn(
                 }
                 crate::backend::per_worker::set_slot(index);
                 let uring = io_name == Uring::NAME;
-                let rt = match runtime(uring) {
+                let rt = match runtime(uring.then_some(ring_buffers)) {
                     Ok(rt) => rt,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -302,11 +303,12 @@ pub fn spawn(
 /// (`worker::ring`, set up with COOP_TASKRUN: a completion does not interrupt the worker with
 /// an IPI, measured as the difference between 0.6x and 1.0x HAProxy's keep-alive requests per
 /// second) is submitted and reaped each time the executor is about to park.
-fn runtime(uring: bool) -> std::io::Result<tokio::runtime::Runtime> {
+/// `ring_buffers` is given on io_uring.
+fn runtime(ring_buffers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
     let mut b = tokio::runtime::Builder::new_current_thread();
     b.enable_all();
-    if uring {
-        ring::init()?;
+    if let Some(bufs) = ring_buffers {
+        ring::init(bufs)?;
         b.on_thread_park(ring::flush);
     }
     b.build()

@@ -48,12 +48,17 @@ const ENTRIES: u32 = 1024;
 /// SQEs that may wait for the executor to park; one more and they are submitted at once, so
 /// a worker that never idles still submits.
 const SUBMIT_BATCH: u32 = 32;
-/// Buffers in each worker's provided buffer ring (a power of two). A buffer is held only from
-/// a recv's completion until its bytes are sent (or copied aside when the reader is slow), so
-/// this bounds the reads completed in one loop turn, not the connections.
+/// Buffers in each worker's provided buffer ring by default (`[global] ring_buffers`, a power
+/// of two). A buffer is held only from a recv's completion until its bytes are sent (or copied
+/// aside when the reader is slow), so this bounds the reads completed in one loop turn, not
+/// the connections.
 pub const RING_BUFS: u16 = 128;
-/// Size of one ring buffer: the pooled buffer's size, so both read paths move the same chunk.
-pub const RING_BUF_SIZE: usize = crate::relay::pool::BUF_SIZE;
+/// Size of one ring buffer. Small: a ring read is the first read after a wait, which is most
+/// often a whole small message (a request, a reply); a read that fills it says a transfer is
+/// flowing, and the relay reads on with syscalls into the pool's 16 KiB buffers. The whole
+/// ring (128 x 4 KiB by default) stays in a core's L2 cache, where 16 KiB buffers handed out
+/// in ring order (FIFO) did not.
+pub const RING_BUF_SIZE: usize = 4096;
 /// The buffer group of the ring.
 const BGID: u16 = 0;
 /// user_data of SQEs whose completion nobody waits for (a close, a cancel).
@@ -106,9 +111,9 @@ fn with<R>(f: impl FnOnce(&mut Driver) -> R) -> Option<R> {
         .flatten()
 }
 
-/// Sets up this thread's ring and its buffer ring. Called once by a worker thread before its
-/// executor starts.
-pub fn init() -> io::Result<()> {
+/// Sets up this thread's ring and its buffer ring of `bufs` buffers (a power of two). Called
+/// once by a worker thread before its executor starts.
+pub fn init(bufs: u16) -> io::Result<()> {
     let ring = IoUring::builder()
         .setup_coop_taskrun()
         .setup_single_issuer()
@@ -117,7 +122,7 @@ pub fn init() -> io::Result<()> {
         .or_else(|_| IoUring::builder().setup_cqsize(ENTRIES * 4).build(ENTRIES))?;
     // Kernels before 5.19 have no buffer rings: reads then wait for readiness and use the
     // pooled buffers, as the epoll runtime does.
-    let bufs = BufRing::new(&ring).ok();
+    let bufs = BufRing::new(&ring, bufs).ok();
     DRIVER.with(|d| {
         *d.borrow_mut() = Some(Driver {
             ring,
@@ -659,8 +664,10 @@ struct BufRing {
 }
 
 impl BufRing {
-    fn new(uring: &IoUring) -> io::Result<BufRing> {
-        let entries = RING_BUFS;
+    fn new(uring: &IoUring, entries: u16) -> io::Result<BufRing> {
+        if !entries.is_power_of_two() {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
         let map = |bytes: usize| -> io::Result<*mut u8> {
             // SAFETY: an anonymous private mapping; it names no existing memory.
             let p = unsafe {
