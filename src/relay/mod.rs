@@ -109,6 +109,8 @@ impl Default for Meter {
 /// A blocked send with at most this many bytes left copies them aside and returns the big
 /// buffer, so a slow reader holds a small allocation rather than a whole pooled buffer.
 const SMALL_TAIL: usize = 4096;
+// A ring buffer's unsent rest always fits a tail (`send_or_copy`).
+const _: () = assert!(RING_BUF_SIZE <= SMALL_TAIL);
 /// A splice that moved at least this much suggests more is waiting; in splice-auto a
 /// direction keeps splicing while its chunks are this large.
 const SPLICE_BULK: usize = 16 * 1024;
@@ -399,9 +401,12 @@ impl<S: Conn> Future for RingRead<'_, S> {
                 }
                 Ok(None) => return Poll::Ready(Ok(Step::Eof)),
                 // The ring was empty (every buffer between a read and its send): the bytes are
-                // still in the socket; read them into a pooled buffer instead.
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    pool::note_ring_empty();
+                // still in the socket; read them into a pooled buffer instead. The same if the
+                // op could not be queued (EBUSY: the submission queue full and the kernel busy).
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EBUSY)) => {
+                    if e.raw_os_error() == Some(libc::ENOBUFS) {
+                        pool::note_ring_empty();
+                    }
                     Box::pin(async move {
                         from.wait(Interest::READABLE)
                             .await
@@ -417,37 +422,11 @@ impl<S: Conn> Future for RingRead<'_, S> {
 }
 
 /// Sends what a ring buffer holds as far as the socket takes it now. If it does not take it
-/// all, what is left comes back as a copy (a small [`pool::Tail`], or a pooled buffer) and
-/// the ring buffer goes back to the ring: it is never held across a wait.
-fn send_or_copy<S: Conn>(to: &S, buf: RingBuf) -> io::Result<Option<Rest>> {
+/// all, what is left comes back as a copy ([`pool::Tail`]: a ring buffer is at most
+/// [`SMALL_TAIL`]) and the ring buffer goes back to the ring: it is never held across a wait.
+fn send_or_copy<S: Conn>(to: &S, buf: RingBuf) -> io::Result<Option<pool::Tail>> {
     let sent = send_now(to, &buf)?;
-    let rest = &buf[sent..];
-    Ok(if rest.is_empty() {
-        None
-    } else if rest.len() <= SMALL_TAIL {
-        Some(Rest::Tail(pool::Tail::new(rest)))
-    } else {
-        let mut copy = Buf::take();
-        copy[..rest.len()].copy_from_slice(rest);
-        Some(Rest::Buf(copy, rest.len()))
-    })
-}
-
-/// The unsent rest of a ring buffer, copied out of it.
-enum Rest {
-    Tail(pool::Tail),
-    Buf(Buf, usize),
-}
-
-impl std::ops::Deref for Rest {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            Rest::Tail(t) => t,
-            Rest::Buf(b, n) => &b[..*n],
-        }
-    }
+    Ok((sent < buf.len()).then(|| pool::Tail::new(&buf[sent..])))
 }
 
 /// Copy mode's step: one recv into a pooled buffer, then all of it out.
@@ -556,9 +535,9 @@ pub enum FirstMove {
 ///
 /// The client's first bytes, if they are already there (the common case for client-speaks-first
 /// protocols), are read at once: one recv, no peek. Otherwise both sockets are watched with
-/// waits that consume nothing. On io_uring the loser's poll stays in flight, holding its own
-/// `Rc` of the socket, until that socket becomes readable or is shut down, which every way a
-/// connection ends brings about; so nothing leaks.
+/// waits that consume nothing. On io_uring the loser's poll is cancelled when its future is
+/// dropped (`worker::ring`); it holds its own `Rc` of the socket until the cancel completes,
+/// so nothing leaks and no fd is reused under it.
 pub async fn first_move<S: Conn>(client: &S, server: &S, limit: Duration) -> FirstMove {
     if let Some(head) = read_head(client) {
         return FirstMove::Relay(head);

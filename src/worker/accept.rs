@@ -154,10 +154,10 @@ pub async fn accept_loop<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shared>) 
             return;
         }
         // A socket passed by the service manager (or handed to a new process by an upgrade)
-        // is not shut down to end a pending accept: the bell does. A readiness poll left in
-        // flight completes with the next connection, which stays queued for whoever accepts
-        // next. The accept itself is a readiness wait and a non-blocking accept4, so leaving
-        // it loses nothing. The bell goes first: once the listener is closed, not one more
+        // is not shut down to end a pending accept: the bell does, and the readiness wait it
+        // drops is cancelled (a connection that came meanwhile stays queued for whoever
+        // accepts next). The accept itself is a readiness wait and a non-blocking accept4, so
+        // leaving it loses nothing. The bell goes first: once the listener is closed, not one more
         // connection is taken (an upgrade's new process serves those).
         let accepted = tokio::select! {
             biased;

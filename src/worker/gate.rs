@@ -361,8 +361,8 @@ async fn read_proxy<S: Conn>(client: &S, timeout: Duration) -> Result<Declared, 
             Ok(0) => return Err(ProxyError::Bad("connection closed inside the PROXY header")),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // On timeout the wait is dropped; on io_uring its poll stays in flight until
-                // the caller's shutdown completes it (see `relay::ops`), so nothing leaks.
+                // On timeout the wait is dropped; on io_uring its poll is cancelled and keeps
+                // the socket open until the cancel completes (see `worker::ring`).
                 match tokio::time::timeout_at(deadline, client.wait(Interest::READABLE)).await {
                     Ok(Ok(())) => continue,
                     Ok(Err(_)) => return Err(ProxyError::Bad("socket error in the PROXY header")),

@@ -2,8 +2,8 @@
 //!
 //! A connect still pending after the hedge delay gets a second connect, in parallel, to the
 //! next pick (a different backend). The first to complete carries the client; the other is
-//! dropped, which aborts it and closes its fd at once (`Io::connect`'s contract; on io_uring
-//! see `relay::ops::Connecting`). No client byte has been read for the backend yet (the relay
+//! dropped, which aborts it and closes its fd promptly (`Io::connect`'s contract; on io_uring
+//! see `worker::ring::connect`). No client byte has been read for the backend yet (the relay
 //! starts only once a connection is up), so nothing is ever sent twice.
 //!
 //! The delay (`connect_hedge = "auto"`) is [`AUTO_MULTIPLE`] times the backend's observed

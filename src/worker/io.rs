@@ -27,7 +27,8 @@ pub trait Io: 'static {
     fn accept(l: &Self::Listener) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>>;
     /// Connects a non-blocking, close-on-exec socket with TCP_NODELAY. No timeout of its
     /// own: the caller races it against its timers. Dropping the future unfinished must
-    /// abort the connect and release its fd at once (a hedge's loser, a timed-out connect).
+    /// abort the connect and release its fd promptly (a hedge's loser, a timed-out connect:
+    /// on io_uring a shutdown and a cancel, and the close with the next submit).
     /// From the local address `source` when given (`source` in the config).
     fn connect(
         addr: SocketAddr,

@@ -282,6 +282,7 @@ pub fn spawn(
                 let local = tokio::task::LocalSet::new();
                 if uring {
                     local.spawn_local(ring::reap_loop());
+                    local.spawn_local(ring::submit_loop());
                     rt.block_on(local.run_until(run::<Uring>(index, rx, shared)));
                 } else {
                     rt.block_on(local.run_until(run::<Epoll>(index, rx, shared)));
@@ -387,7 +388,7 @@ async fn run<I: Io>(
 }
 
 /// Shuts a listening socket: stops the kernel queueing connections on it and completes a
-/// pending accept op (with EINVAL), so the accept loop ends without dropping an op in flight.
+/// pending readiness wait on it, so the accept loop ends.
 fn shutdown_listener(fd: RawFd) {
     let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
 }

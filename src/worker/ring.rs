@@ -93,6 +93,9 @@ struct Driver {
     generation: u32,
     /// A slot freed inside the driver whose contents must be dropped outside it.
     leftover: Option<Op>,
+    /// The task that submits what was queued ([`submit_loop`]), woken by the first SQE queued
+    /// after a submit: the executor does not always park between loop turns.
+    submitter: Option<Waker>,
 }
 
 thread_local! {
@@ -114,11 +117,18 @@ fn with<R>(f: impl FnOnce(&mut Driver) -> R) -> Option<R> {
 /// Sets up this thread's ring and its buffer ring of `bufs` buffers (a power of two). Called
 /// once by a worker thread before its executor starts.
 pub fn init(bufs: u16) -> io::Result<()> {
+    // SINGLE_ISSUER came in 6.0, COOP_TASKRUN in 5.19: each kernel gets what it has.
     let ring = IoUring::builder()
         .setup_coop_taskrun()
         .setup_single_issuer()
         .setup_cqsize(ENTRIES * 4)
         .build(ENTRIES)
+        .or_else(|_| {
+            IoUring::builder()
+                .setup_coop_taskrun()
+                .setup_cqsize(ENTRIES * 4)
+                .build(ENTRIES)
+        })
         .or_else(|_| IoUring::builder().setup_cqsize(ENTRIES * 4).build(ENTRIES))?;
     // Kernels before 5.19 have no buffer rings: reads then wait for readiness and use the
     // pooled buffers, as the epoll runtime does.
@@ -131,6 +141,7 @@ pub fn init(bufs: u16) -> io::Result<()> {
             queued: 0,
             generation: 0,
             leftover: None,
+            submitter: None,
         })
     });
     Ok(())
@@ -156,6 +167,13 @@ impl Driver {
                 .map_err(|_| io::Error::from_raw_os_error(libc::EBUSY))?;
         }
         self.queued += 1;
+        if self.queued == 1 {
+            // Waking only schedules the task (it runs after those already woken, so their SQEs
+            // go in the same submit); nothing is dropped here.
+            if let Some(w) = self.submitter.take() {
+                w.wake();
+            }
+        }
         if self.queued > SUBMIT_BATCH {
             self.submit();
         }
@@ -163,10 +181,10 @@ impl Driver {
     }
 
     fn submit(&mut self) {
-        // EBUSY (completions to reap first) and EINTR leave the SQEs queued for the next try.
-        if self.ring.submit().is_ok() {
-            self.queued = 0;
-        }
+        // EBUSY (completions to reap first) and EINTR leave the SQEs queued for the next try;
+        // what the kernel did not take stays counted.
+        let _ = self.ring.submit();
+        self.queued = self.ring.submission().len() as u32;
     }
 
     /// Starts an op: a slot for it, then its SQE tagged with the slot.
@@ -221,7 +239,18 @@ pub fn flush() {
 pub fn reap() {
     loop {
         let step = with(|d| {
-            let cqe = d.ring.completion().next()?;
+            let next = d.ring.completion().next();
+            let cqe = match next {
+                Some(cqe) => cqe,
+                // Completions that did not fit the queue wait in the kernel until an enter
+                // with GETEVENTS (which io-uring's submit adds when it sees the flag): the
+                // ring's fd will not signal them again.
+                None if d.ring.submission().cq_overflow() => {
+                    d.submit();
+                    d.ring.completion().next()?
+                }
+                None => return None,
+            };
             Some(d.complete(cqe))
         })
         .flatten();
@@ -282,6 +311,30 @@ impl Driver {
             bufs.give_back(bid);
         }
     }
+}
+
+/// The task that submits SQEs queued while the executor keeps running: tokio's current-thread
+/// executor skips its park (and [`flush`]) while tasks stay ready, so the SQEs would otherwise
+/// wait for [`SUBMIT_BATCH`] more. Woken by the first SQE after a submit.
+pub async fn submit_loop() {
+    std::future::poll_fn(|cx| {
+        let _ = with(|d| {
+            if d.queued > 0 {
+                d.submit();
+            }
+            if !d
+                .submitter
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                // The waker replaced, if any, is this task's own: dropping it frees nothing.
+                d.submitter = Some(cx.waker().clone());
+            }
+        });
+        reap();
+        Poll::<()>::Pending
+    })
+    .await
 }
 
 /// The task that reaps completions when the ring's fd turns readable (tokio's epoll watches
@@ -556,9 +609,25 @@ pub async fn connect(
     // SAFETY: the SQE names the socket's fd and points at the address, both held by `keep`
     // (one allocation: the pointer does not move) until the completion.
     let op = unsafe { OpFuture::start(sqe, Some(keep)) }.map_err(ConnectError::Io)?;
+    // Dropped unfinished (a timeout, a lost hedge), the connect is cancelled with the next
+    // submit; the shutdown makes sure a socket in SYN_SENT lets go at once even if the cancel
+    // could not be queued. The socket is open until then: the op holds it.
+    let mut abort = AbortConnect(Some(socket.as_raw_fd()));
     let (res, _) = op.await;
+    abort.0 = None;
     result(res).map_err(ConnectError::Io)?;
     Ok(socket)
+}
+
+/// Shuts down a socket whose connect was given up (see [`connect`]).
+struct AbortConnect(Option<RawFd>);
+
+impl Drop for AbortConnect {
+    fn drop(&mut self) {
+        if let Some(fd) = self.0 {
+            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+        }
+    }
 }
 
 /// What a connect op keeps alive: its socket and the address the SQE points at.
@@ -616,7 +685,12 @@ pub fn recv<T: AsRawFd + 'static>(owner: &Rc<T>) -> Option<RecvOp> {
 
 /// A read in flight (from [`recv`]): resolves to the bytes, in a ring buffer, or `None` at
 /// EOF; `ENOBUFS` when the ring was empty as they arrived (they stay in the socket, for the
-/// caller to read another way). Small, since every idle connection holds two.
+/// caller to read another way); `EBUSY` if it could not be queued. Small, since every idle
+/// connection holds two.
+///
+/// Unlike a readiness wait, dropping it unfinished may lose bytes: a read that completed
+/// (or won the race with its cancel) took them from the socket. Drop one only when the
+/// connection ends.
 pub struct RecvOp(Started);
 
 impl Future for RecvOp {

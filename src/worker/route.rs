@@ -126,8 +126,8 @@ async fn read<S: Conn>(client: &S, timeout: Duration) -> Result<(Buf, usize, Par
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // On timeout the wait is dropped; on io_uring its poll stays in flight until
-                // the caller's shutdown completes it (see `relay::ops`), so nothing leaks.
+                // On timeout the wait is dropped; on io_uring its poll is cancelled and keeps
+                // the socket open until the cancel completes (see `worker::ring`).
                 match tokio::time::timeout_at(deadline, client.wait(Interest::READABLE)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => {
