@@ -94,7 +94,7 @@ struct Driver {
     /// A slot freed inside the driver whose contents must be dropped outside it.
     leftover: Option<Op>,
     /// The task that submits what was queued ([`submit_loop`]), woken by the first SQE queued
-    /// after a submit: the executor does not always park between loop turns.
+    /// since it last ran: the executor does not always park between loop turns.
     submitter: Option<Waker>,
 }
 
@@ -167,12 +167,11 @@ impl Driver {
                 .map_err(|_| io::Error::from_raw_os_error(libc::EBUSY))?;
         }
         self.queued += 1;
-        if self.queued == 1 {
-            // Waking only schedules the task (it runs after those already woken, so their SQEs
-            // go in the same submit); nothing is dropped here.
-            if let Some(w) = self.submitter.take() {
-                w.wake();
-            }
+        // The first SQE since the submitter last ran wakes it. Waking only schedules the task
+        // (it runs after those already woken, so their SQEs go in the same submit); nothing is
+        // dropped here.
+        if let Some(w) = self.submitter.take() {
+            w.wake();
         }
         if self.queued > SUBMIT_BATCH {
             self.submit();
@@ -280,11 +279,7 @@ impl Driver {
             bufs.take();
         }
         let (key, generation) = ((ud & 0xffff_ffff) as usize, (ud >> 32) as u32);
-        let Some(op) = self
-            .ops
-            .get_mut(key)
-            .filter(|op| op.generation == generation)
-        else {
+        let Some(op) = self.op_mut(key, generation) else {
             // No op waits for it (cannot happen: a slot lives until its one completion); a
             // buffer it names goes straight back.
             self.give_back_from(flags);
@@ -305,6 +300,13 @@ impl Driver {
         }
     }
 
+    /// The op in slot `key` if it is the one of `generation` (not a later op in that slot).
+    fn op_mut(&mut self, key: usize, generation: u32) -> Option<&mut Op> {
+        self.ops
+            .get_mut(key)
+            .filter(|op| op.generation == generation)
+    }
+
     /// Returns the buffer a completion's flags name, if any, to the ring.
     fn give_back_from(&mut self, flags: u32) {
         if let (Some(bid), Some(bufs)) = (cqueue::buffer_select(flags), self.bufs.as_mut()) {
@@ -315,7 +317,7 @@ impl Driver {
 
 /// The task that submits SQEs queued while the executor keeps running: tokio's current-thread
 /// executor skips its park (and [`flush`]) while tasks stay ready, so the SQEs would otherwise
-/// wait for [`SUBMIT_BATCH`] more. Woken by the first SQE after a submit.
+/// wait for [`SUBMIT_BATCH`] more. Woken by the first SQE queued since it last ran.
 pub async fn submit_loop() {
     std::future::poll_fn(|cx| {
         let _ = with(|d| {
@@ -408,10 +410,7 @@ impl Future for OpFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(i32, u32)> {
         let (key, generation) = (self.key, self.generation);
         let out = with(|d| {
-            let op = d
-                .ops
-                .get_mut(key)
-                .filter(|op| op.generation == generation)?;
+            let op = d.op_mut(key, generation)?;
             match &mut op.state {
                 State::Done(res, flags) => {
                     let out = (*res, *flags);
@@ -450,10 +449,7 @@ impl Drop for OpFuture {
         }
         let (key, generation) = (self.key, self.generation);
         let freed = with(|d| {
-            let op = d
-                .ops
-                .get_mut(key)
-                .filter(|op| op.generation == generation)?;
+            let op = d.op_mut(key, generation)?;
             match op.state {
                 State::Done(_, flags) => {
                     // Completed but never read: free it now (and its buffer).
