@@ -55,7 +55,7 @@ pub fn push(sink: &Arc<Sink>, format: impl FnOnce(&mut Vec<u8>)) {
         }
     });
     if !FLUSHING.replace(true) {
-        tokio::task::spawn_local(flusher());
+        crate::worker::exec::spawn(flusher());
     }
 }
 
@@ -89,7 +89,7 @@ fn flush_all() -> bool {
 async fn flusher() {
     let mut quiet = 0;
     while quiet < QUIET_TICKS {
-        tokio::time::sleep(FLUSH_EVERY).await;
+        crate::worker::deadline::sleep(FLUSH_EVERY).await;
         if flush_all() {
             quiet = 0;
         } else {

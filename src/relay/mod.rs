@@ -559,7 +559,7 @@ pub async fn first_move<S: Conn>(client: &S, server: &S, limit: Duration) -> Fir
                 Err(e) => FirstMove::BackendFailed(e),
             },
         },
-        _ = tokio::time::sleep(limit) => FirstMove::Relay(Head::Nothing),
+        _ = crate::worker::deadline::sleep(limit) => FirstMove::Relay(Head::Nothing),
     }
 }
 

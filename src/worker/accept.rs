@@ -116,7 +116,7 @@ pub async fn close_gracefully<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shar
     }
     match super::listener::refuse_new_handshakes(&slot.listener) {
         // The accept loop goes on meanwhile.
-        Ok(()) => tokio::time::sleep(CLOSE_LINGER).await,
+        Ok(()) => super::deadline::sleep(CLOSE_LINGER).await,
         Err(e) => crate::warn!(
             "frontend {}: cannot stop new handshakes before closing a listener ({e}); \
              connections queued at the close may be reset",
@@ -190,7 +190,7 @@ pub async fn accept_loop<I: Io>(slot: Rc<ListenerSlot<I>>, shared: Arc<Shared>) 
                         if !local {
                             crate::warn!("frontend {}: accept failed: {e}", slot.frontend);
                         }
-                        tokio::time::sleep(RESOURCE_BACKOFF).await;
+                        super::deadline::sleep(RESOURCE_BACKOFF).await;
                     }
                 }
                 continue;
@@ -465,7 +465,7 @@ async fn serve<I: Io>(
             {
                 trace.failed(ConnectFailed::Local);
                 if Instant::now() + RESOURCE_BACKOFF < local_deadline {
-                    tokio::time::sleep(RESOURCE_BACKOFF).await;
+                    super::deadline::sleep(RESOURCE_BACKOFF).await;
                     continue;
                 }
                 fe.state

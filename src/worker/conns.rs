@@ -233,7 +233,7 @@ pub async fn sweeper(bell: Arc<Notify>) {
         });
         let tick = if pacing { tick.min(PACE_TICK) } else { tick };
         tokio::select! {
-            _ = tokio::time::sleep(tick) => {}
+            _ = super::deadline::sleep(tick) => {}
             _ = bell.notified() => {}
         }
         let now = Instant::now();

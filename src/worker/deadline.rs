@@ -1,3 +1,10 @@
+//! The worker's timers: connect deadlines, and on io_uring every sleep and timeout.
+//!
+//! On io_uring the worker's own executor (`worker::exec`) fires this wheel itself each loop
+//! turn ([`fire_due`]) and sleeps in the kernel until its earliest entry, so [`sleep`],
+//! [`sleep_until`] and [`timeout_at`] are entries here. Elsewhere (the epoll fallback, the
+//! control thread, tests) they are tokio's, and connect deadlines are driven as below.
+//!
 //! Connect deadlines: one tokio timer per worker, not one per connect.
 //!
 //! Every backend connect races a deadline (the hedge delay, then `connect_timeout`). Armed as
@@ -13,12 +20,13 @@
 //! [`Deadline`] and [`drive`] run on the same thread). A deadline fires no earlier than its
 //! instant, with tokio's millisecond granularity, as a `Sleep` would.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -46,6 +54,72 @@ struct Wheel {
 
 thread_local! {
     static WHEEL: RefCell<Wheel> = RefCell::new(Wheel::default());
+    /// The thread's executor fires the wheel itself ([`fire_due`]).
+    static FIRED_BY_EXECUTOR: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called by the io_uring worker's executor before its first task: it fires the wheel every
+/// loop turn, [`drive`] has nothing to do, and the sleeps below use the wheel.
+pub fn set_fired_by_executor() {
+    FIRED_BY_EXECUTOR.set(true);
+}
+
+fn fired_by_executor() -> bool {
+    FIRED_BY_EXECUTOR.try_with(Cell::get).unwrap_or(false)
+}
+
+/// Fires every entry due by now (its waker goes into `wake`) and returns the earliest live one
+/// left: the executor's next wake-up.
+pub fn fire_due(wake: &mut Vec<Waker>) -> Option<Instant> {
+    WHEEL.with(|w| {
+        let mut w = w.borrow_mut();
+        if w.heap.is_empty() {
+            return None;
+        }
+        let next = w.fire(Instant::now(), wake);
+        w.armed = next;
+        next
+    })
+}
+
+/// Completes once `at` has passed.
+pub async fn sleep_until(at: Instant) {
+    if fired_by_executor() {
+        Deadline::at(at).await
+    } else {
+        // Boxed: tokio's timer is large, and this path is the fallback's.
+        Box::pin(tokio::time::sleep_until(at)).await
+    }
+}
+
+/// Completes once `d` has passed.
+pub async fn sleep(d: Duration) {
+    sleep_until(Instant::now() + d).await
+}
+
+/// A [`timeout_at`] that ran out.
+#[derive(Debug)]
+pub struct Elapsed;
+
+/// `f`'s output, or [`Elapsed`] if `at` passes first (`f` is polled first, as tokio's).
+pub async fn timeout_at<F: Future>(at: Instant, f: F) -> Result<F::Output, Elapsed> {
+    let mut f = pin!(f);
+    let mut timer = pin!(sleep_until(at));
+    poll_fn(|cx| {
+        if let Poll::Ready(v) = f.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Elapsed)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// [`timeout_at`] `d` from now.
+pub async fn timeout<F: Future>(d: Duration, f: F) -> Result<F::Output, Elapsed> {
+    timeout_at(Instant::now() + d, f).await
 }
 
 impl Wheel {
@@ -175,6 +249,9 @@ impl Drop for Deadline {
 /// The worker's deadline task: sleeps until the earliest live deadline and fires what is due.
 /// Spawned once per worker, before any connection is served.
 pub async fn drive() {
+    if fired_by_executor() {
+        return;
+    }
     let mut sleep = pin!(tokio::time::sleep_until(Instant::now()));
     let mut due = Vec::new();
     poll_fn(|cx: &mut Context<'_>| loop {
@@ -207,7 +284,6 @@ pub async fn drive() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn local<F: Future>(f: F) -> F::Output {
         let rt = tokio::runtime::Builder::new_current_thread()

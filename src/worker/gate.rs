@@ -183,7 +183,8 @@ impl GateState {
         q.max.fetch_max(now, Ordering::Relaxed);
         q.queued_total.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let got = tokio::time::timeout(timeout, self.frontend_slots.clone().acquire_owned()).await;
+        let got =
+            super::deadline::timeout(timeout, self.frontend_slots.clone().acquire_owned()).await;
         q.current.fetch_sub(1, Ordering::Relaxed);
         let waited = started.elapsed();
         match got {
@@ -363,7 +364,7 @@ async fn read_proxy<S: Conn>(client: &S, timeout: Duration) -> Result<Declared, 
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // On timeout the wait is dropped; on io_uring its poll is cancelled and keeps
                 // the socket open until the cancel completes (see `worker::ring`).
-                match tokio::time::timeout_at(deadline, client.wait(Interest::READABLE)).await {
+                match super::deadline::timeout_at(deadline, client.wait(Interest::READABLE)).await {
                     Ok(Ok(())) => continue,
                     Ok(Err(_)) => return Err(ProxyError::Bad("socket error in the PROXY header")),
                     Err(_) => return Err(ProxyError::TimedOut),

@@ -39,8 +39,8 @@ pub trait Io: 'static {
     fn stream(s: Socket) -> io::Result<Self::Stream>;
 }
 
-/// io_uring: ringlb's own ring per worker (`worker::ring`), under tokio's current-thread
-/// executor and timers.
+/// io_uring: ringlb's own ring per worker (`worker::ring`), under its own executor
+/// (`worker::exec`) and timers (`worker::deadline`).
 pub struct Uring;
 
 impl Conn for Rc<RingSocket> {
@@ -103,7 +103,7 @@ impl Io for Uring {
     }
 
     fn spawn(f: impl Future<Output = ()> + 'static) {
-        tokio::task::spawn_local(f);
+        super::exec::spawn(f);
     }
 
     fn stream(s: Socket) -> io::Result<Self::Stream> {
@@ -168,5 +168,12 @@ impl Io for Epoll {
 
 /// Whether this kernel and process may use io_uring (it may be disabled by sysctl or seccomp).
 pub fn io_uring_available() -> Result<(), io::Error> {
-    io_uring::IoUring::new(4).map(drop)
+    let ring = io_uring::IoUring::new(4)?;
+    // The worker's executor waits with a timeout (`worker::exec`).
+    if !ring.params().is_feature_ext_arg() {
+        return Err(io::Error::other(
+            "this kernel's io_uring cannot wait with a timeout (IORING_FEAT_EXT_ARG, Linux 5.11)",
+        ));
+    }
+    Ok(())
 }

@@ -8,7 +8,8 @@
 mod accept;
 pub mod budget;
 pub mod conns;
-mod deadline;
+pub mod deadline;
+pub mod exec;
 pub mod gate;
 pub mod hedge;
 pub mod io;
@@ -271,7 +272,18 @@ pub fn spawn(
                 }
                 crate::backend::per_worker::set_slot(index);
                 let uring = io_name == Uring::NAME;
-                let rt = match runtime(uring.then_some(ring_buffers)) {
+                if uring {
+                    if let Err(e) = ring::init(ring_buffers) {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                    let _ = ready_tx.send(Ok(()));
+                    if let Err(e) = exec::block_on(run::<Uring>(index, rx, shared)) {
+                        crate::error!("worker {index} stopped: {e}");
+                    }
+                    return;
+                }
+                let rt = match runtime() {
                     Ok(rt) => rt,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -280,13 +292,7 @@ pub fn spawn(
                 };
                 let _ = ready_tx.send(Ok(()));
                 let local = tokio::task::LocalSet::new();
-                if uring {
-                    local.spawn_local(ring::reap_loop());
-                    local.spawn_local(ring::submit_loop());
-                    rt.block_on(local.run_until(run::<Uring>(index, rx, shared)));
-                } else {
-                    rt.block_on(local.run_until(run::<Epoll>(index, rx, shared)));
-                }
+                rt.block_on(local.run_until(run::<Epoll>(index, rx, shared)));
             })?;
         ready_rx
             .recv()
@@ -300,19 +306,14 @@ pub fn spawn(
     Ok(out)
 }
 
-/// The worker's executor: tokio's current-thread runtime. On io_uring the worker's own ring
-/// (`worker::ring`, set up with COOP_TASKRUN: a completion does not interrupt the worker with
-/// an IPI, measured as the difference between 0.6x and 1.0x HAProxy's keep-alive requests per
-/// second) is submitted and reaped each time the executor is about to park.
-/// `ring_buffers` is given on io_uring.
-fn runtime(ring_buffers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_current_thread();
-    b.enable_all();
-    if let Some(bufs) = ring_buffers {
-        ring::init(bufs)?;
-        b.on_thread_park(ring::flush);
-    }
-    b.build()
+/// The epoll fallback's executor: tokio's current-thread runtime. (On io_uring the worker runs
+/// its own, `worker::exec`, on a ring set up with COOP_TASKRUN: a completion does not interrupt
+/// the worker with an IPI, measured as the difference between 0.6x and 1.0x HAProxy's
+/// keep-alive requests per second.)
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 /// The CPUs this process may run on, ascending (its affinity mask, which a cpuset or

@@ -215,7 +215,7 @@ pub async fn pick(fe: &FrontendSnap, pool: usize, client: &SocketAddr, tried: &[
         let left = deadline.saturating_duration_since(Instant::now());
         tokio::select! {
             _ = me.bell.notified() => {}
-            _ = tokio::time::sleep(left.min(RECHECK)) => {}
+            _ = super::deadline::sleep(left.min(RECHECK)) => {}
         }
         let mut waiters = queue.waiters.lock().unwrap_or_else(|e| e.into_inner());
         let granted = me.grant.lock().unwrap_or_else(|e| e.into_inner()).take();

@@ -1,12 +1,11 @@
-//! ringlb's own io_uring: one ring per worker thread, driven from the worker's tokio
-//! current-thread executor.
+//! ringlb's own io_uring: one ring per worker thread, driven by the worker's executor
+//! (`worker::exec`).
 //!
-//! tokio runs the tasks and the timers; this module runs the ring. SQEs pushed by the tasks
-//! are submitted in one `io_uring_enter` when the executor is about to park (its
-//! `on_thread_park` hook, [`flush`]), or at once when [`SUBMIT_BATCH`] are waiting; the
-//! completions are reaped in the same hook and by a task that waits for the ring's fd to
-//! turn readable ([`reap_loop`], through tokio's epoll). The ring is set up with
-//! COOP_TASKRUN (no IPI per completion) and SINGLE_ISSUER.
+//! The executor runs the tasks and the timers; this module runs the ring. SQEs pushed by the
+//! tasks are submitted in one `io_uring_enter` per loop turn: the one the executor sleeps in
+//! ([`park`]: submit, then wait for a completion or the next timer), or, while tasks stay
+//! ready, [`flush`] (submit, reap, no wait); and at once when [`SUBMIT_BATCH`] are waiting.
+//! The ring is set up with COOP_TASKRUN (no IPI per completion) and SINGLE_ISSUER.
 //!
 //! What it has that tokio-uring 0.5 has not, and why ringlb runs its own:
 //! - **A provided buffer ring** (IORING_REGISTER_PBUF_RING) of [`RING_BUFS`] buffers per
@@ -45,8 +44,7 @@ use crate::relay::ops::ConnectError;
 
 /// Submission queue entries per ring (the completion queue has four times as many).
 const ENTRIES: u32 = 1024;
-/// SQEs that may wait for the executor to park; one more and they are submitted at once, so
-/// a worker that never idles still submits.
+/// SQEs that may wait for the executor's loop turn; one more and they are submitted at once.
 const SUBMIT_BATCH: u32 = 32;
 /// Buffers in each worker's provided buffer ring by default (`[global] ring_buffers`, a power
 /// of two). A buffer is held only from a recv's completion until its bytes are sent (or copied
@@ -93,9 +91,6 @@ struct Driver {
     generation: u32,
     /// A slot freed inside the driver whose contents must be dropped outside it.
     leftover: Option<Op>,
-    /// The task that submits what was queued ([`submit_loop`]), woken by the first SQE queued
-    /// since it last ran: the executor does not always park between loop turns.
-    submitter: Option<Waker>,
 }
 
 thread_local! {
@@ -141,7 +136,6 @@ pub fn init(bufs: u16) -> io::Result<()> {
             queued: 0,
             generation: 0,
             leftover: None,
-            submitter: None,
         })
     });
     Ok(())
@@ -167,12 +161,6 @@ impl Driver {
                 .map_err(|_| io::Error::from_raw_os_error(libc::EBUSY))?;
         }
         self.queued += 1;
-        // The first SQE since the submitter last ran wakes it. Waking only schedules the task
-        // (it runs after those already woken, so their SQEs go in the same submit); nothing is
-        // dropped here.
-        if let Some(w) = self.submitter.take() {
-            w.wake();
-        }
         if self.queued > SUBMIT_BATCH {
             self.submit();
         }
@@ -221,8 +209,8 @@ fn tag(key: usize, generation: u32) -> u64 {
     ((generation as u64) << 32) | key as u64
 }
 
-/// Submits what the tasks queued and reaps what completed. The executor's `on_thread_park`
-/// hook: if this wakes a task, the executor runs it instead of parking.
+/// Submits what the tasks queued and reaps what completed, without waiting: the executor's
+/// loop turn while tasks are still ready.
 pub fn flush() {
     let _ = with(|d| {
         if d.queued > 0 {
@@ -315,64 +303,31 @@ impl Driver {
     }
 }
 
-/// The task that submits SQEs queued while the executor keeps running: tokio's current-thread
-/// executor skips its park (and [`flush`]) while tasks stay ready, so the SQEs would otherwise
-/// wait for [`SUBMIT_BATCH`] more. Woken by the first SQE queued since it last ran.
-pub async fn submit_loop() {
-    std::future::poll_fn(|cx| {
-        let _ = with(|d| {
-            if d.queued > 0 {
-                d.submit();
+/// Submits what the tasks queued and waits in the kernel for the first completion, at most
+/// `wait` (no limit if `None`); the executor's sleep ([`super::exec`]). The caller reaps.
+/// A timeout, a signal, or completions to reap first (EBUSY) end the wait early; the loop
+/// looks again either way.
+pub fn park(wait: Option<std::time::Duration>) {
+    let _ = with(|d| {
+        let result = match wait {
+            Some(w) => {
+                let ts = types::Timespec::from(w);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                d.ring.submitter().submit_with_args(1, &args)
             }
-            if !d
-                .submitter
-                .as_ref()
-                .is_some_and(|w| w.will_wake(cx.waker()))
-            {
-                // The waker replaced, if any, is this task's own: dropping it frees nothing.
-                d.submitter = Some(cx.waker().clone());
-            }
-        });
-        reap();
-        Poll::<()>::Pending
-    })
-    .await
-}
-
-/// The task that reaps completions when the ring's fd turns readable (tokio's epoll watches
-/// it); [`flush`] reaps the rest before each park.
-pub async fn reap_loop() {
-    let Some(fd) = with(|d| d.ring.as_raw_fd()) else {
-        return;
-    };
-    // SAFETY: the ring's fd stays open, and the same ring, for the thread's life: the driver
-    // is never dropped (a worker thread lives as long as the process).
-    let registered = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(RingFd(fd), tokio::io::Interest::READABLE)
-    };
-    let afd = match registered {
-        Ok(afd) => afd,
-        Err(e) => {
-            crate::error!("worker cannot watch its io_uring: {e}");
-            return;
-        }
-    };
-    loop {
-        let Ok(mut ready) = afd.readable().await else {
-            return;
+            None => d.ring.submitter().submit_and_wait(1),
         };
-        reap();
-        ready.clear_ready();
-    }
+        // ETIME (the timer is due), EINTR and EBUSY leave nothing to do here: what the
+        // kernel did not take stays queued and counted.
+        let _ = result;
+        d.queued = d.ring.submission().len() as u32;
+    });
 }
 
-/// The ring's fd, for tokio's reactor (not owned: the ring closes it).
-struct RingFd(RawFd);
-
-impl AsRawFd for RingFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
-    }
+/// Whether this kernel's ring takes a timeout with its wait (IORING_FEAT_EXT_ARG, 5.11), which
+/// the executor's park needs.
+pub fn can_park() -> bool {
+    with(|d| d.ring.params().is_feature_ext_arg()).unwrap_or(false)
 }
 
 /// The future of one op: its result once the completion is reaped. Dropped before that, it

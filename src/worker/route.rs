@@ -128,7 +128,7 @@ async fn read<S: Conn>(client: &S, timeout: Duration) -> Result<(Buf, usize, Par
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // On timeout the wait is dropped; on io_uring its poll is cancelled and keeps
                 // the socket open until the cancel completes (see `worker::ring`).
-                match tokio::time::timeout_at(deadline, client.wait(Interest::READABLE)).await {
+                match super::deadline::timeout_at(deadline, client.wait(Interest::READABLE)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => {
                         return Err(Failed::Bad("socket error before a whole TLS ClientHello"))

@@ -1,0 +1,423 @@
+//! The io_uring worker's executor: one thread, its tasks, its timers and its ring, parked in
+//! one `io_uring_enter` that submits, waits and reaps.
+//!
+//! tokio's current-thread executor parked in `epoll_wait` on the ring's fd, with a second
+//! syscall (the submit) per loop turn and its scheduler's work around both. Here a loop turn
+//! is:
+//!
+//! 1. poll the tasks that were woken, in the order they were woken;
+//! 2. take the wakes that came from other threads (a channel's sender on the control thread);
+//! 3. fire the timers that are due (`worker::deadline`'s wheel, the worker's only timers);
+//! 4. with tasks still ready, submit and reap without waiting; otherwise submit and wait in
+//!    the kernel for the first completion, the next timer or a wake from another thread
+//!    ([`super::ring::park`]).
+//!
+//! A task is a boxed future in a slot of the thread's table. Its waker is an `Arc` shared with
+//! any thread: woken on its own thread it goes on the ready queue; woken from another one it
+//! goes on a locked queue, and an eventfd the ring polls wakes the worker if it sleeps. The
+//! executor has no `unsafe`: the futures never leave their thread, and a waker names its
+//! task by slot and generation, so a stale waker finds nothing.
+//!
+//! Tasks are only ever spawned ([`spawn`]), never joined: a worker's tasks are its accept
+//! loops, its connections and its housekeeping, none of which hands back a value.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Wake, Waker};
+
+use super::{deadline, ring};
+
+/// Tasks polled before the ring is submitted and reaped again, when tasks keep waking each
+/// other: what they queued goes in, and completions get their turn.
+const POLLS_PER_TURN: usize = 256;
+
+type Task = Pin<Box<dyn Future<Output = ()>>>;
+
+struct Slot {
+    generation: u32,
+    /// `None` while the task is being polled (or once it is done).
+    task: Option<Task>,
+    waker: Waker,
+    handle: Arc<Handle>,
+}
+
+/// What a waker holds: which task, and where to queue it.
+struct Handle {
+    slot: u32,
+    generation: u32,
+    /// On a ready queue: a second wake before the poll adds nothing.
+    queued: AtomicBool,
+    remote: Arc<Remote>,
+}
+
+/// The worker's side for other threads: wakes they queue, and the eventfd that rings.
+struct Remote {
+    woken: Mutex<Vec<(u32, u32)>>,
+    /// Something is in `woken`: the loop looks before it sleeps.
+    pending: AtomicBool,
+    /// The worker is (about to be) asleep in the kernel: a remote wake must ring.
+    sleeping: AtomicBool,
+    bell: OwnedFd,
+}
+
+impl Remote {
+    fn ring_bell(&self) {
+        let one: u64 = 1;
+        // A full counter (never, at one per sleep) or a closed worker: nothing to wake.
+        let _ = nix::unistd::write(self.bell.as_fd(), &one.to_ne_bytes());
+    }
+}
+
+struct Local {
+    slots: RefCell<Vec<Slot>>,
+    free: RefCell<Vec<u32>>,
+    ready: RefCell<VecDeque<(u32, u32)>>,
+    remote: Arc<Remote>,
+    live: Cell<usize>,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Option<Rc<Local>>> = const { RefCell::new(None) };
+}
+
+fn local() -> Option<Rc<Local>> {
+    LOCAL.try_with(|l| l.borrow().clone()).ok().flatten()
+}
+
+/// Whether this thread runs on this executor (its tasks spawn with [`spawn`]).
+pub fn running() -> bool {
+    LOCAL.try_with(|l| l.borrow().is_some()).unwrap_or(false)
+}
+
+impl Wake for Handle {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let id = (self.slot, self.generation);
+        let mine = LOCAL
+            .try_with(|l| {
+                let l = l.borrow();
+                match l.as_ref() {
+                    Some(l) if Arc::ptr_eq(&l.remote, &self.remote) => {
+                        l.ready.borrow_mut().push_back(id);
+                        true
+                    }
+                    _ => false,
+                }
+            })
+            .unwrap_or(false);
+        if mine {
+            return;
+        }
+        let r = &self.remote;
+        r.woken.lock().unwrap_or_else(|e| e.into_inner()).push(id);
+        r.pending.store(true, Ordering::SeqCst);
+        if r.sleeping.load(Ordering::SeqCst) {
+            r.ring_bell();
+        }
+    }
+}
+
+/// Spawns a task on this thread's executor. Outside one (a thread that runs tokio), it goes
+/// to tokio's `spawn_local`.
+pub fn spawn(f: impl Future<Output = ()> + 'static) {
+    match local() {
+        Some(l) => l.spawn(Box::pin(f)),
+        None => {
+            tokio::task::spawn_local(f);
+        }
+    }
+}
+
+impl Local {
+    fn spawn(&self, task: Task) {
+        let mut slots = self.slots.borrow_mut();
+        let index = match self.free.borrow_mut().pop() {
+            Some(i) => i,
+            None => {
+                let i = slots.len() as u32;
+                let handle = Arc::new(Handle {
+                    slot: i,
+                    generation: 0,
+                    queued: AtomicBool::new(false),
+                    remote: self.remote.clone(),
+                });
+                slots.push(Slot {
+                    generation: 0,
+                    task: None,
+                    waker: Waker::from(handle.clone()),
+                    handle,
+                });
+                i
+            }
+        };
+        let Some(slot) = slots.get_mut(index as usize) else {
+            return;
+        };
+        slot.generation = slot.generation.wrapping_add(1);
+        // A waker of the slot's last task may still be held somewhere: the new task gets a
+        // handle of its own generation, so that one can never wake (or un-queue) it.
+        let handle = Arc::new(Handle {
+            slot: index,
+            generation: slot.generation,
+            queued: AtomicBool::new(true),
+            remote: self.remote.clone(),
+        });
+        slot.waker = Waker::from(handle.clone());
+        slot.handle = handle;
+        slot.task = Some(task);
+        self.live.set(self.live.get() + 1);
+        self.ready.borrow_mut().push_back((index, slot.generation));
+    }
+
+    /// Polls one woken task; false when none is ready.
+    fn poll_one(&self) -> bool {
+        let Some((index, generation)) = self.ready.borrow_mut().pop_front() else {
+            return false;
+        };
+        let taken = {
+            let mut slots = self.slots.borrow_mut();
+            match slots.get_mut(index as usize) {
+                Some(s) if s.generation == generation => {
+                    s.handle.queued.store(false, Ordering::Release);
+                    s.task.take().map(|t| (t, s.waker.clone()))
+                }
+                _ => None,
+            }
+        };
+        let Some((mut task, waker)) = taken else {
+            return true;
+        };
+        let done = task
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_ready();
+        if done {
+            // Dropped outside the table's borrow: its drop may spawn or wake.
+            drop(task);
+            let mut slots = self.slots.borrow_mut();
+            if let Some(s) = slots.get_mut(index as usize) {
+                if s.generation == generation {
+                    s.generation = s.generation.wrapping_add(1);
+                    self.free.borrow_mut().push(index);
+                    self.live.set(self.live.get() - 1);
+                }
+            }
+        } else if let Some(s) = self.slots.borrow_mut().get_mut(index as usize) {
+            s.task = Some(task);
+        }
+        true
+    }
+
+    /// Moves the wakes from other threads onto the ready queue.
+    fn take_remote(&self) {
+        if !self.remote.pending.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let woken =
+            std::mem::take(&mut *self.remote.woken.lock().unwrap_or_else(|e| e.into_inner()));
+        self.ready.borrow_mut().extend(woken);
+    }
+}
+
+/// Runs `main` and the tasks it spawns on this thread until `main` returns; the tasks left
+/// are dropped then. The thread's ring (`ring::init`) must be set up first.
+pub fn block_on(main: impl Future<Output = ()> + 'static) -> std::io::Result<()> {
+    let bell = nix::sys::eventfd::EventFd::from_value_and_flags(
+        0,
+        nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+    )?;
+    let bell = OwnedFd::from(bell);
+    let remote = Arc::new(Remote {
+        woken: Mutex::new(Vec::new()),
+        pending: AtomicBool::new(false),
+        sleeping: AtomicBool::new(false),
+        bell,
+    });
+    let l = Rc::new(Local {
+        slots: RefCell::new(Vec::new()),
+        free: RefCell::new(Vec::new()),
+        ready: RefCell::new(VecDeque::new()),
+        remote: remote.clone(),
+        live: Cell::new(0),
+    });
+    LOCAL.with(|x| *x.borrow_mut() = Some(l.clone()));
+    deadline::set_fired_by_executor();
+    let done = Rc::new(Cell::new(false));
+    {
+        let done = done.clone();
+        l.spawn(Box::pin(async move {
+            main.await;
+            done.set(true);
+        }));
+    }
+    l.spawn(Box::pin(listen_for_bell(remote.clone())));
+    let mut due = Vec::new();
+    while !done.get() {
+        let mut polled = 0;
+        while polled < POLLS_PER_TURN && l.poll_one() {
+            polled += 1;
+            if done.get() {
+                break;
+            }
+        }
+        if done.get() {
+            break;
+        }
+        l.take_remote();
+        let next = deadline::fire_due(&mut due);
+        for w in due.drain(..) {
+            w.wake();
+        }
+        if !l.ready.borrow().is_empty() {
+            ring::flush();
+            continue;
+        }
+        remote.sleeping.store(true, Ordering::SeqCst);
+        if remote.pending.load(Ordering::SeqCst) {
+            remote.sleeping.store(false, Ordering::SeqCst);
+            continue;
+        }
+        let wait = next.map(|at| at.saturating_duration_since(tokio::time::Instant::now()));
+        ring::park(wait);
+        remote.sleeping.store(false, Ordering::SeqCst);
+        ring::reap();
+    }
+    // The tasks left go now, while the ring can still take their sockets' closes.
+    let tasks: Vec<Task> = l
+        .slots
+        .borrow_mut()
+        .iter_mut()
+        .filter_map(|s| s.task.take())
+        .collect();
+    drop(tasks);
+    ring::flush();
+    LOCAL.with(|x| *x.borrow_mut() = None);
+    Ok(())
+}
+
+/// The task that empties the bell: a read poll on the eventfd through the ring, so that a
+/// wake from another thread ends the worker's wait in the kernel. What was woken is taken by
+/// the loop.
+async fn listen_for_bell(remote: Arc<Remote>) {
+    let bell = Rc::new(Bell(remote));
+    loop {
+        if ring::poll(&bell, libc::POLLIN as u32).await.is_err() {
+            return;
+        }
+        let mut count = [0u8; 8];
+        let _ = nix::unistd::read(bell.as_raw_fd(), &mut count);
+    }
+}
+
+/// The eventfd, kept open by the poll op that names it.
+struct Bell(Arc<Remote>);
+
+impl AsRawFd for Bell {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.bell.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    /// Runs `f` on a thread of its own with a ring and this executor, as a worker does.
+    fn on_worker(f: impl FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send + 'static) {
+        std::thread::spawn(move || {
+            ring::init(4).expect("a ring");
+            block_on(f()).expect("the executor");
+        })
+        .join()
+        .expect("the worker thread");
+    }
+
+    #[test]
+    fn spawned_tasks_run_and_timers_fire_in_order_not_before_their_instant() {
+        on_worker(|| {
+            Box::pin(async {
+                let order = Rc::new(RefCell::new(Vec::new()));
+                let start = Instant::now();
+                for (name, ms) in [("late", 60), ("soon", 20)] {
+                    let order = order.clone();
+                    spawn(async move {
+                        deadline::sleep(Duration::from_millis(ms)).await;
+                        assert!(start.elapsed() >= Duration::from_millis(ms));
+                        order.borrow_mut().push(name);
+                    });
+                }
+                let got = deadline::timeout(Duration::from_millis(5), std::future::pending::<()>());
+                assert!(got.await.is_err(), "a pending future outlived its timeout");
+                while order.borrow().len() < 2 {
+                    deadline::sleep(Duration::from_millis(5)).await;
+                }
+                assert_eq!(*order.borrow(), ["soon", "late"]);
+            })
+        });
+    }
+
+    #[test]
+    fn a_wake_from_another_thread_ends_the_sleep_in_the_kernel() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+        let sender = std::thread::spawn(move || {
+            // Long enough for the worker to be asleep in io_uring_enter with no timer set.
+            std::thread::sleep(Duration::from_millis(50));
+            tx.send(7).expect("the worker waits");
+        });
+        on_worker(move || {
+            Box::pin(async move {
+                assert_eq!(rx.await.expect("a value"), 7);
+            })
+        });
+        sender.join().expect("the sender");
+    }
+
+    #[test]
+    fn finished_tasks_free_their_slots_and_those_left_when_main_returns_are_dropped() {
+        use std::sync::atomic::AtomicU32;
+        struct Count(Arc<AtomicU32>);
+        impl Drop for Count {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let dropped = Arc::new(AtomicU32::new(0));
+        let d = dropped.clone();
+        on_worker(move || {
+            Box::pin(async move {
+                for _ in 0..1000 {
+                    let c = Count(d.clone());
+                    spawn(async move {
+                        let _c = c;
+                    });
+                    // Each finishes at its first poll: one slot serves them all.
+                    deadline::sleep(Duration::from_millis(0)).await;
+                }
+                assert_eq!(d.load(Ordering::Relaxed), 1000);
+                let slots = local().map(|l| l.slots.borrow().len()).unwrap_or(0);
+                assert!(slots <= 3, "{slots} slots for 1000 short tasks");
+                // Never finishes: dropped when this task returns.
+                let c = Count(d.clone());
+                spawn(async move {
+                    let _c = c;
+                    std::future::pending::<()>().await;
+                });
+            })
+        });
+        assert_eq!(dropped.load(Ordering::Relaxed), 1001);
+    }
+}
