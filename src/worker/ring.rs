@@ -59,6 +59,8 @@ pub const RING_BUFS: u16 = 128;
 pub const RING_BUF_SIZE: usize = 4096;
 /// The buffer group of the ring.
 const BGID: u16 = 0;
+/// IORING_ENTER_GETEVENTS (io-uring keeps its constants private).
+const ENTER_GETEVENTS: u32 = 1;
 /// user_data of SQEs whose completion nobody waits for (a close, a cancel).
 const UNWATCHED: u64 = u64::MAX;
 
@@ -112,12 +114,20 @@ fn with<R>(f: impl FnOnce(&mut Driver) -> R) -> Option<R> {
 /// Sets up this thread's ring and its buffer ring of `bufs` buffers (a power of two). Called
 /// once by a worker thread before its executor starts.
 pub fn init(bufs: u16) -> io::Result<()> {
-    // SINGLE_ISSUER came in 6.0, COOP_TASKRUN in 5.19: each kernel gets what it has.
+    // DEFER_TASKRUN came in 6.1, SINGLE_ISSUER in 6.0, COOP_TASKRUN in 5.19: each kernel
+    // gets what it has.
     let ring = IoUring::builder()
-        .setup_coop_taskrun()
+        .setup_defer_taskrun()
         .setup_single_issuer()
         .setup_cqsize(ENTRIES * 4)
         .build(ENTRIES)
+        .or_else(|_| {
+            IoUring::builder()
+                .setup_coop_taskrun()
+                .setup_single_issuer()
+                .setup_cqsize(ENTRIES * 4)
+                .build(ENTRIES)
+        })
         .or_else(|_| {
             IoUring::builder()
                 .setup_coop_taskrun()
@@ -167,10 +177,20 @@ impl Driver {
         Ok(())
     }
 
+    /// Submits what is queued and posts what completed, without waiting: with
+    /// DEFER_TASKRUN the kernel runs completions only in an enter with GETEVENTS.
     fn submit(&mut self) {
+        let len = self.ring.submission().len() as u32;
+        // SAFETY: no argument is passed; the SQEs counted are the ones queued and published
+        // (the submission queue's tail is written when its handle above is dropped).
+        let entered = unsafe {
+            self.ring
+                .submitter()
+                .enter::<libc::sigset_t>(len, 0, ENTER_GETEVENTS, None)
+        };
         // EBUSY (completions to reap first) and EINTR leave the SQEs queued for the next try;
         // what the kernel did not take stays counted.
-        let _ = self.ring.submit();
+        let _ = entered;
         self.queued = self.ring.submission().len() as u32;
     }
 
@@ -212,11 +232,8 @@ fn tag(key: usize, generation: u32) -> u64 {
 /// Submits what the tasks queued and reaps what completed, without waiting: the executor's
 /// loop turn while tasks are still ready.
 pub fn flush() {
-    let _ = with(|d| {
-        if d.queued > 0 {
-            d.submit();
-        }
-    });
+    // Even with nothing queued: with DEFER_TASKRUN, completions are posted only by an enter.
+    let _ = with(|d| d.submit());
     reap();
 }
 
