@@ -12,14 +12,17 @@
 //!    the kernel for the first completion, the next timer or a wake from another thread
 //!    ([`super::ring::park`]).
 //!
-//! A task is a boxed future in a slot of the thread's table. Its waker is an `Arc` shared with
-//! any thread: woken on its own thread it goes on the ready queue; woken from another one it
-//! goes on a locked queue, and an eventfd the ring polls wakes the worker if it sleeps. The
-//! executor has no `unsafe`: the futures never leave their thread, and a waker names its
-//! task by slot and generation, so a stale waker finds nothing.
+//! A task is a boxed future in a slot of the thread's table. Its waker is the task's id
+//! (executor, slot, generation) packed in the waker's data word: no allocation and no
+//! reference count per task, and a stale waker (of a task that finished) finds nothing.
+//! Woken on its own thread, a task goes on the ready queue; woken from another one, on its
+//! executor's locked queue, and an eventfd the ring polls wakes the worker if it sleeps. The
+//! one `unsafe` is the waker's construction; the futures never leave their thread.
 //!
 //! Tasks are only ever spawned ([`spawn`]), never joined: a worker's tasks are its accept
 //! loops, its connections and its housekeeping, none of which hands back a value.
+
+#![allow(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -28,8 +31,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Wake, Waker};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, RawWaker, RawWakerVTable, Waker};
 
 use super::{deadline, ring};
 
@@ -39,26 +42,69 @@ const POLLS_PER_TURN: usize = 256;
 
 type Task = Pin<Box<dyn Future<Output = ()>>>;
 
-struct Slot {
-    generation: u32,
-    /// `None` while the task is being polled (or once it is done).
-    task: Option<Task>,
-    waker: Waker,
-    handle: Arc<Handle>,
-}
+// A waker is its task's id packed in the waker's data word, no allocation and no count:
+// executor (12 bits) | slot (24 bits) | generation (28 bits).
+const _: () = assert!(usize::BITS == 64, "task ids are packed in a 64-bit word");
+const SLOT_BITS: u32 = 24;
+const GEN_BITS: u32 = 28;
+const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
+const MAX_EXECUTORS: usize = 1 << (64 - SLOT_BITS - GEN_BITS);
 
-/// What a waker holds: which task, and where to queue it.
-struct Handle {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Id {
+    exec: u16,
     slot: u32,
     generation: u32,
-    /// On a ready queue: a second wake before the poll adds nothing.
-    queued: AtomicBool,
-    remote: Arc<Remote>,
+}
+
+impl Id {
+    fn pack(self) -> usize {
+        ((self.exec as usize) << (SLOT_BITS + GEN_BITS))
+            | ((self.slot as usize) << GEN_BITS)
+            | (self.generation & GEN_MASK) as usize
+    }
+
+    fn unpack(word: usize) -> Id {
+        Id {
+            exec: (word >> (SLOT_BITS + GEN_BITS)) as u16,
+            slot: ((word >> GEN_BITS) & ((1 << SLOT_BITS) - 1)) as u32,
+            generation: (word as u32) & GEN_MASK,
+        }
+    }
+
+    fn waker(self) -> Waker {
+        let raw = RawWaker::new(self.pack() as *const (), &VTABLE);
+        // SAFETY: the vtable's functions keep RawWaker's contract: the data word is a plain
+        // integer (cloned by copy, nothing to free), and waking from any thread is sound
+        // (`wake` touches only this thread's state or locked, shared state).
+        unsafe { Waker::from_raw(raw) }
+    }
+}
+
+static VTABLE: RawWakerVTable = RawWakerVTable::new(clone_raw, wake_raw, wake_raw, drop_raw);
+
+fn clone_raw(data: *const ()) -> RawWaker {
+    RawWaker::new(data, &VTABLE)
+}
+
+fn wake_raw(data: *const ()) {
+    wake(Id::unpack(data as usize));
+}
+
+fn drop_raw(_: *const ()) {}
+
+struct Slot {
+    /// Masked to GEN_BITS when compared.
+    generation: u32,
+    /// On the ready queue: a second local wake before the poll adds nothing.
+    queued: Cell<bool>,
+    /// `None` while the task is being polled (or once it is done).
+    task: Option<Task>,
 }
 
 /// The worker's side for other threads: wakes they queue, and the eventfd that rings.
 struct Remote {
-    woken: Mutex<Vec<(u32, u32)>>,
+    woken: Mutex<Vec<Id>>,
     /// Something is in `woken`: the loop looks before it sleeps.
     pending: AtomicBool,
     /// The worker is (about to be) asleep in the kernel: a remote wake must ring.
@@ -74,12 +120,15 @@ impl Remote {
     }
 }
 
+/// Every running executor's remote side, by its index in a task id (`None` once it ended).
+static REMOTES: RwLock<Vec<Option<Arc<Remote>>>> = RwLock::new(Vec::new());
+
 struct Local {
+    index: u16,
     slots: RefCell<Vec<Slot>>,
     free: RefCell<Vec<u32>>,
-    ready: RefCell<VecDeque<(u32, u32)>>,
+    ready: RefCell<VecDeque<Id>>,
     remote: Arc<Remote>,
-    live: Cell<usize>,
 }
 
 thread_local! {
@@ -95,37 +144,48 @@ pub fn running() -> bool {
     LOCAL.try_with(|l| l.borrow().is_some()).unwrap_or(false)
 }
 
-impl Wake for Handle {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if self.queued.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let id = (self.slot, self.generation);
-        let mine = LOCAL
-            .try_with(|l| {
-                let l = l.borrow();
-                match l.as_ref() {
-                    Some(l) if Arc::ptr_eq(&l.remote, &self.remote) => {
-                        l.ready.borrow_mut().push_back(id);
-                        true
+/// Queues a woken task: on its own thread on the ready queue, from elsewhere on its
+/// executor's locked queue (ringing the bell if the worker sleeps). A stale id (a task that
+/// finished) is dropped when it comes up.
+fn wake(id: Id) {
+    let mine = LOCAL
+        .try_with(|l| {
+            let l = l.borrow();
+            let Some(l) = l.as_ref().filter(|l| l.index == id.exec) else {
+                return false;
+            };
+            // The table is borrowed mutably only for moments that never wake; if it is, the
+            // wake goes in without the check (a spurious poll at worst).
+            if let Ok(slots) = l.slots.try_borrow() {
+                match slots.get(id.slot as usize) {
+                    Some(s) if s.generation & GEN_MASK == id.generation => {
+                        if s.queued.replace(true) {
+                            return true;
+                        }
                     }
-                    _ => false,
+                    _ => return true,
                 }
-            })
-            .unwrap_or(false);
-        if mine {
-            return;
-        }
-        let r = &self.remote;
-        r.woken.lock().unwrap_or_else(|e| e.into_inner()).push(id);
-        r.pending.store(true, Ordering::SeqCst);
-        if r.sleeping.load(Ordering::SeqCst) {
-            r.ring_bell();
-        }
+            }
+            l.ready.borrow_mut().push_back(id);
+            true
+        })
+        .unwrap_or(false);
+    if mine {
+        return;
+    }
+    let remote = REMOTES
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(id.exec as usize)
+        .cloned()
+        .flatten();
+    let Some(r) = remote else {
+        return;
+    };
+    r.woken.lock().unwrap_or_else(|e| e.into_inner()).push(id);
+    r.pending.store(true, Ordering::SeqCst);
+    if r.sleeping.load(Ordering::SeqCst) {
+        r.ring_bell();
     }
 }
 
@@ -145,60 +205,52 @@ impl Local {
         let mut slots = self.slots.borrow_mut();
         let index = match self.free.borrow_mut().pop() {
             Some(i) => i,
-            None => {
-                let i = slots.len() as u32;
-                let handle = Arc::new(Handle {
-                    slot: i,
-                    generation: 0,
-                    queued: AtomicBool::new(false),
-                    remote: self.remote.clone(),
-                });
+            None if slots.len() < 1 << SLOT_BITS => {
                 slots.push(Slot {
                     generation: 0,
+                    queued: Cell::new(false),
                     task: None,
-                    waker: Waker::from(handle.clone()),
-                    handle,
                 });
-                i
+                (slots.len() - 1) as u32
+            }
+            None => {
+                // 16.7 million tasks on one worker: far past any fd limit.
+                crate::error!("worker cannot spawn a task: {} are running", slots.len());
+                return;
             }
         };
         let Some(slot) = slots.get_mut(index as usize) else {
             return;
         };
         slot.generation = slot.generation.wrapping_add(1);
-        // A waker of the slot's last task may still be held somewhere: the new task gets a
-        // handle of its own generation, so that one can never wake (or un-queue) it.
-        let handle = Arc::new(Handle {
-            slot: index,
-            generation: slot.generation,
-            queued: AtomicBool::new(true),
-            remote: self.remote.clone(),
-        });
-        slot.waker = Waker::from(handle.clone());
-        slot.handle = handle;
+        slot.queued.set(true);
         slot.task = Some(task);
-        self.live.set(self.live.get() + 1);
-        self.ready.borrow_mut().push_back((index, slot.generation));
+        self.ready.borrow_mut().push_back(Id {
+            exec: self.index,
+            slot: index,
+            generation: slot.generation & GEN_MASK,
+        });
     }
 
     /// Polls one woken task; false when none is ready.
     fn poll_one(&self) -> bool {
-        let Some((index, generation)) = self.ready.borrow_mut().pop_front() else {
+        let Some(id) = self.ready.borrow_mut().pop_front() else {
             return false;
         };
         let taken = {
             let mut slots = self.slots.borrow_mut();
-            match slots.get_mut(index as usize) {
-                Some(s) if s.generation == generation => {
-                    s.handle.queued.store(false, Ordering::Release);
-                    s.task.take().map(|t| (t, s.waker.clone()))
+            match slots.get_mut(id.slot as usize) {
+                Some(s) if s.generation & GEN_MASK == id.generation => {
+                    s.queued.set(false);
+                    s.task.take()
                 }
                 _ => None,
             }
         };
-        let Some((mut task, waker)) = taken else {
+        let Some(mut task) = taken else {
             return true;
         };
+        let waker = id.waker();
         let done = task
             .as_mut()
             .poll(&mut Context::from_waker(&waker))
@@ -207,14 +259,12 @@ impl Local {
             // Dropped outside the table's borrow: its drop may spawn or wake.
             drop(task);
             let mut slots = self.slots.borrow_mut();
-            if let Some(s) = slots.get_mut(index as usize) {
-                if s.generation == generation {
-                    s.generation = s.generation.wrapping_add(1);
-                    self.free.borrow_mut().push(index);
-                    self.live.set(self.live.get() - 1);
-                }
+            if let Some(s) = slots.get_mut(id.slot as usize) {
+                s.generation = s.generation.wrapping_add(1);
+                s.queued.set(false);
+                self.free.borrow_mut().push(id.slot);
             }
-        } else if let Some(s) = self.slots.borrow_mut().get_mut(index as usize) {
+        } else if let Some(s) = self.slots.borrow_mut().get_mut(id.slot as usize) {
             s.task = Some(task);
         }
         true
@@ -227,7 +277,9 @@ impl Local {
         }
         let woken =
             std::mem::take(&mut *self.remote.woken.lock().unwrap_or_else(|e| e.into_inner()));
-        self.ready.borrow_mut().extend(woken);
+        for id in woken {
+            wake(id);
+        }
     }
 }
 
@@ -245,12 +297,26 @@ pub fn block_on(main: impl Future<Output = ()> + 'static) -> std::io::Result<()>
         sleeping: AtomicBool::new(false),
         bell,
     });
+    let index = {
+        let mut all = REMOTES.write().unwrap_or_else(|e| e.into_inner());
+        match all.iter().position(Option::is_none) {
+            Some(i) => {
+                all[i] = Some(remote.clone());
+                i as u16
+            }
+            None if all.len() < MAX_EXECUTORS => {
+                all.push(Some(remote.clone()));
+                (all.len() - 1) as u16
+            }
+            None => return Err(std::io::Error::other("too many executors in one process")),
+        }
+    };
     let l = Rc::new(Local {
+        index,
         slots: RefCell::new(Vec::new()),
         free: RefCell::new(Vec::new()),
         ready: RefCell::new(VecDeque::new()),
         remote: remote.clone(),
-        live: Cell::new(0),
     });
     LOCAL.with(|x| *x.borrow_mut() = Some(l.clone()));
     deadline::set_fired_by_executor();
@@ -304,6 +370,15 @@ pub fn block_on(main: impl Future<Output = ()> + 'static) -> std::io::Result<()>
     drop(tasks);
     ring::flush();
     LOCAL.with(|x| *x.borrow_mut() = None);
+    // The bell closes with the last reference (the poll op's, if still in flight, goes with
+    // the ring).
+    if let Some(r) = REMOTES
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_mut(index as usize)
+    {
+        *r = None;
+    }
     Ok(())
 }
 
