@@ -12,8 +12,9 @@
 //! - [`discovery`]: backend groups from DNS (`discover`): async lookups, re-resolution, the
 //!   expansion of the config with what they found.
 //! - [`health`]: active checks on a thread of their own, passive health, slow start, the logs.
-//! - [`worker`]: per-core threads (tokio's executor with the worker's own io_uring,
-//!   `worker::ring`, or the epoll fallback); SO_REUSEPORT listeners,
+//! - [`worker`]: per-core threads (on io_uring the worker's own executor, `worker::exec`,
+//!   parked in its own ring, `worker::ring`, with its timers in `worker::deadline`; or the
+//!   epoll fallback on tokio); SO_REUSEPORT listeners,
 //!   kept to ringlb's own sockets (`worker::listener`); accept -> pick -> connect -> relay;
 //!   each worker's connection table (idle timeout, kill switch, byte counts); the fd budget;
 //!   local errors (this host out of fds) kept apart; the accept-time gate (`worker::gate`:
