@@ -307,9 +307,9 @@ pub fn spawn(
 }
 
 /// The epoll fallback's executor: tokio's current-thread runtime. (On io_uring the worker runs
-/// its own, `worker::exec`, on a ring set up with COOP_TASKRUN: a completion does not interrupt
-/// the worker with an IPI, measured as the difference between 0.6x and 1.0x HAProxy's
-/// keep-alive requests per second.)
+/// its own, `worker::exec`, on a ring set up with DEFER_TASKRUN or COOP_TASKRUN: a completion
+/// does not interrupt the worker with an IPI, measured as the difference between 0.6x and
+/// 1.0x HAProxy's keep-alive requests per second.)
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -5,7 +5,9 @@
 //! tasks are submitted in one `io_uring_enter` per loop turn: the one the executor sleeps in
 //! ([`park`]: submit, then wait for a completion or the next timer), or, while tasks stay
 //! ready, [`flush`] (submit, reap, no wait); and at once when [`SUBMIT_BATCH`] are waiting.
-//! The ring is set up with COOP_TASKRUN (no IPI per completion) and SINGLE_ISSUER.
+//! The ring is set up with DEFER_TASKRUN and SINGLE_ISSUER (completions run only in the
+//! executor's enter: no IPI, and no task work at the exit of other syscalls), or COOP_TASKRUN
+//! on kernels before 6.1.
 //!
 //! What it has that tokio-uring 0.5 has not, and why ringlb runs its own:
 //! - **A provided buffer ring** (IORING_REGISTER_PBUF_RING) of [`RING_BUFS`] buffers per
@@ -116,25 +118,25 @@ fn with<R>(f: impl FnOnce(&mut Driver) -> R) -> Option<R> {
 pub fn init(bufs: u16) -> io::Result<()> {
     // DEFER_TASKRUN came in 6.1, SINGLE_ISSUER in 6.0, COOP_TASKRUN in 5.19: each kernel
     // gets what it has.
-    let ring = IoUring::builder()
-        .setup_defer_taskrun()
-        .setup_single_issuer()
-        .setup_cqsize(ENTRIES * 4)
-        .build(ENTRIES)
-        .or_else(|_| {
-            IoUring::builder()
-                .setup_coop_taskrun()
-                .setup_single_issuer()
-                .setup_cqsize(ENTRIES * 4)
-                .build(ENTRIES)
+    let build = |setup: fn(&mut io_uring::Builder)| {
+        let mut b = IoUring::builder();
+        setup(&mut b);
+        b.setup_cqsize(ENTRIES * 4).build(ENTRIES)
+    };
+    let ring = build(|b| {
+        b.setup_defer_taskrun().setup_single_issuer();
+    })
+    .or_else(|_| {
+        build(|b| {
+            b.setup_coop_taskrun().setup_single_issuer();
         })
-        .or_else(|_| {
-            IoUring::builder()
-                .setup_coop_taskrun()
-                .setup_cqsize(ENTRIES * 4)
-                .build(ENTRIES)
+    })
+    .or_else(|_| {
+        build(|b| {
+            b.setup_coop_taskrun();
         })
-        .or_else(|_| IoUring::builder().setup_cqsize(ENTRIES * 4).build(ENTRIES))?;
+    })
+    .or_else(|_| build(|_| {}))?;
     // Kernels before 5.19 have no buffer rings: reads then wait for readiness and use the
     // pooled buffers, as the epoll runtime does.
     let bufs = BufRing::new(&ring, bufs).ok();
