@@ -58,10 +58,11 @@ thread_local! {
     static FIRED_BY_EXECUTOR: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Called by the io_uring worker's executor before its first task: it fires the wheel every
-/// loop turn, [`drive`] has nothing to do, and the sleeps below use the wheel.
-pub fn set_fired_by_executor() {
-    FIRED_BY_EXECUTOR.set(true);
+/// Called by the io_uring worker's executor with `true` before its first task (it fires the
+/// wheel every loop turn, [`drive`] has nothing to do, and the sleeps below use the wheel),
+/// and with `false` when it ends.
+pub fn set_fired_by_executor(on: bool) {
+    FIRED_BY_EXECUTOR.set(on);
 }
 
 fn fired_by_executor() -> bool {

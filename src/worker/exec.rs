@@ -284,42 +284,34 @@ impl Local {
 }
 
 /// Runs `main` and the tasks it spawns on this thread until `main` returns; the tasks left
-/// are dropped then. The thread's ring (`ring::init`) must be set up first.
+/// are dropped then, and their sockets closed. The thread's ring (`ring::init`) must be set
+/// up first, and must take a timed wait (`ring::can_park`).
 pub fn block_on(main: impl Future<Output = ()> + 'static) -> std::io::Result<()> {
+    if !ring::can_park() {
+        return Err(std::io::Error::other(
+            "the executor needs this thread's io_uring, with timed waits (Linux 5.11)",
+        ));
+    }
     let bell = nix::sys::eventfd::EventFd::from_value_and_flags(
         0,
         nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
     )?;
-    let bell = OwnedFd::from(bell);
     let remote = Arc::new(Remote {
         woken: Mutex::new(Vec::new()),
         pending: AtomicBool::new(false),
         sleeping: AtomicBool::new(false),
-        bell,
+        bell: OwnedFd::from(bell),
     });
-    let index = {
-        let mut all = REMOTES.write().unwrap_or_else(|e| e.into_inner());
-        match all.iter().position(Option::is_none) {
-            Some(i) => {
-                all[i] = Some(remote.clone());
-                i as u16
-            }
-            None if all.len() < MAX_EXECUTORS => {
-                all.push(Some(remote.clone()));
-                (all.len() - 1) as u16
-            }
-            None => return Err(std::io::Error::other("too many executors in one process")),
-        }
-    };
+    let registered = Registered::new(remote.clone())?;
     let l = Rc::new(Local {
-        index,
+        index: registered.0,
         slots: RefCell::new(Vec::new()),
         free: RefCell::new(Vec::new()),
         ready: RefCell::new(VecDeque::new()),
         remote: remote.clone(),
     });
     LOCAL.with(|x| *x.borrow_mut() = Some(l.clone()));
-    deadline::set_fired_by_executor();
+    deadline::set_fired_by_executor(true);
     let done = Rc::new(Cell::new(false));
     {
         let done = done.clone();
@@ -360,26 +352,77 @@ pub fn block_on(main: impl Future<Output = ()> + 'static) -> std::io::Result<()>
         remote.sleeping.store(false, Ordering::SeqCst);
         ring::reap();
     }
-    // The tasks left go now, while the ring can still take their sockets' closes.
-    let tasks: Vec<Task> = l
-        .slots
-        .borrow_mut()
-        .iter_mut()
-        .filter_map(|s| s.task.take())
-        .collect();
-    drop(tasks);
-    ring::flush();
+    l.wind_down();
     LOCAL.with(|x| *x.borrow_mut() = None);
-    // The bell closes with the last reference (the poll op's, if still in flight, goes with
-    // the ring).
-    if let Some(r) = REMOTES
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .get_mut(index as usize)
-    {
-        *r = None;
-    }
+    deadline::set_fired_by_executor(false);
+    drop(registered);
     Ok(())
+}
+
+/// How long the executor's end waits for the ring to finish what the dropped tasks left (their
+/// cancels, then their sockets' closes).
+const WIND_DOWN: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Local {
+    /// Drops every task left, and drives the ring until what their drops queued (cancels, and
+    /// the closes that the cancels' completions release) has completed, or [`WIND_DOWN`] has
+    /// passed. Tasks spawned meanwhile are dropped too.
+    fn wind_down(&self) {
+        let until = std::time::Instant::now() + WIND_DOWN;
+        loop {
+            let tasks: Vec<Task> = self
+                .slots
+                .borrow_mut()
+                .iter_mut()
+                .filter_map(|s| s.task.take())
+                .collect();
+            let none = tasks.is_empty();
+            drop(tasks);
+            ring::flush();
+            if none && !ring::busy() {
+                return;
+            }
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                crate::warn!("worker ended with io_uring ops still in flight");
+                return;
+            }
+            ring::park(Some(left.min(std::time::Duration::from_millis(10))));
+            ring::reap();
+        }
+    }
+}
+
+/// An executor's place in [`REMOTES`], cleared when dropped (also when `block_on` unwinds).
+struct Registered(u16);
+
+impl Registered {
+    fn new(remote: Arc<Remote>) -> std::io::Result<Registered> {
+        let mut all = REMOTES.write().unwrap_or_else(|e| e.into_inner());
+        let index = match all.iter().position(Option::is_none) {
+            Some(i) => i,
+            None if all.len() < MAX_EXECUTORS => {
+                all.push(None);
+                all.len() - 1
+            }
+            None => return Err(std::io::Error::other("too many executors in one process")),
+        };
+        all[index] = Some(remote);
+        Ok(Registered(index as u16))
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        // The bell closes with the last reference (a poll op still in flight holds one).
+        if let Some(r) = REMOTES
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(self.0 as usize)
+        {
+            *r = None;
+        }
+    }
 }
 
 /// The task that empties the bell: a read poll on the eventfd through the ring, so that a
@@ -387,9 +430,19 @@ pub fn block_on(main: impl Future<Output = ()> + 'static) -> std::io::Result<()>
 /// the loop.
 async fn listen_for_bell(remote: Arc<Remote>) {
     let bell = Rc::new(Bell(remote));
+    let mut failed = false;
     loop {
-        if ring::poll(&bell, libc::POLLIN as u32).await.is_err() {
-            return;
+        match ring::poll(&bell, libc::POLLIN as u32).await {
+            Ok(_) => failed = false,
+            Err(e) => {
+                // Until the poll is back, a wake from another thread waits for the next
+                // completion or timer: try again soon rather than give up.
+                if !failed {
+                    crate::warn!("worker cannot watch its wake-up eventfd ({e}); retrying");
+                }
+                failed = true;
+                deadline::sleep(std::time::Duration::from_millis(10)).await;
+            }
         }
         let mut count = [0u8; 8];
         let _ = nix::unistd::read(bell.as_raw_fd(), &mut count);
@@ -494,5 +547,31 @@ mod tests {
             })
         });
         assert_eq!(dropped.load(Ordering::Relaxed), 1001);
+    }
+
+    #[test]
+    fn the_sockets_of_tasks_left_when_main_returns_are_closed() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a listener");
+        let mut client = std::net::TcpStream::connect(listener.local_addr().expect("its address"))
+            .expect("a connect");
+        let (server, _) = listener.accept().expect("an accept");
+        on_worker(move || {
+            Box::pin(async move {
+                let sock = Rc::new(ring::RingSocket::new(socket2::Socket::from(server)));
+                spawn(async move {
+                    // Bytes that never come: the poll is in flight when main returns.
+                    let _ = ring::poll(&sock, libc::POLLIN as u32).await;
+                });
+                // One loop turn, in which the task starts its poll.
+                deadline::sleep(Duration::ZERO).await;
+            })
+        });
+        // The poll's cancel, then the socket's close op, went in before the thread ended.
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("a timeout");
+        let mut byte = [0u8; 1];
+        assert_eq!(client.read(&mut byte).expect("EOF, not a timeout"), 0);
     }
 }

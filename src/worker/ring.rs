@@ -343,6 +343,11 @@ pub fn park(wait: Option<std::time::Duration>) {
     });
 }
 
+/// Whether ops are in flight or SQEs wait to be submitted (the executor's end waits for none).
+pub fn busy() -> bool {
+    with(|d| !d.ops.is_empty() || d.queued > 0 || !d.ring.submission().is_empty()).unwrap_or(false)
+}
+
 /// Whether this kernel's ring takes a timeout with its wait (IORING_FEAT_EXT_ARG, 5.11), which
 /// the executor's park needs.
 pub fn can_park() -> bool {
