@@ -315,7 +315,7 @@ async fn pump<S: Conn>(
                 _ => copy_once(from, to).await?,
             }
         };
-        // Move what is there until the socket runs dry or a short read says it probably has.
+        // A read that filled its buffer says more is probably there: read again at once.
         readable = false;
         match step {
             Step::Dry => {}
@@ -370,12 +370,7 @@ impl<S: Conn> Future for RingRead<'_, S> {
                     // `reads_by_op` said there is one; without it, read by readiness.
                     self.state = match from.recv_op() {
                         Some(op) => RingState::Reading(op),
-                        None => RingState::Slow(Box::pin(async move {
-                            from.wait(Interest::READABLE)
-                                .await
-                                .map_err(|_| Fault::Src)?;
-                            copy_once(from, to).await
-                        })),
+                        None => RingState::Slow(Box::pin(wait_then_copy(from, to))),
                     };
                     continue;
                 }
@@ -407,18 +402,21 @@ impl<S: Conn> Future for RingRead<'_, S> {
                     if e.raw_os_error() == Some(libc::ENOBUFS) {
                         pool::note_ring_empty();
                     }
-                    Box::pin(async move {
-                        from.wait(Interest::READABLE)
-                            .await
-                            .map_err(|_| Fault::Src)?;
-                        copy_once(from, to).await
-                    })
+                    Box::pin(wait_then_copy(from, to))
                 }
                 Err(_) => return Poll::Ready(Err(Fault::Src)),
             };
             self.state = RingState::Slow(slow);
         }
     }
+}
+
+/// A copy step by readiness: where a ring read is not to be had (no op, an empty ring).
+async fn wait_then_copy<S: Conn>(from: &S, to: &S) -> Result<Step, Fault> {
+    from.wait(Interest::READABLE)
+        .await
+        .map_err(|_| Fault::Src)?;
+    copy_once(from, to).await
 }
 
 /// Sends what a ring buffer holds as far as the socket takes it now. If it does not take it

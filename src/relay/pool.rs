@@ -109,7 +109,7 @@ pub fn note_ring_in_use(n: usize) {
     });
 }
 
-/// Counts a read that found the io_uring buffer ring empty (see `relay::recv_op_once`).
+/// Counts a read that found the io_uring buffer ring empty (see `relay::RingRead`).
 pub fn note_ring_empty() {
     let _ = POOLS.try_with(|p| {
         p.borrow()
