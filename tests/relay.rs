@@ -215,6 +215,83 @@ fn a_reply_and_close_in_one_go_through_the_epoll_fallback_and_splice_auto() {
     reply_then_close("io_uring", "splice-auto");
 }
 
+/// A backend that speaks first: on each connection it sends `greeting` and its FIN in one
+/// segment (MSG_MORE, then the shutdown), and waits for the client's close.
+fn greeting_and_fin_backend(greeting: &'static [u8]) -> std::net::SocketAddr {
+    use std::os::fd::AsRawFd;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut s) = conn else { break };
+            std::thread::spawn(move || {
+                // SAFETY: a valid socket and buffer; MSG_MORE holds the bytes for the FIN.
+                let sent = unsafe {
+                    libc::send(
+                        s.as_raw_fd(),
+                        greeting.as_ptr().cast(),
+                        greeting.len(),
+                        libc::MSG_MORE,
+                    )
+                };
+                assert_eq!(sent, greeting.len() as isize);
+                s.shutdown(Shutdown::Write).unwrap();
+                let _ = s.read_to_end(&mut Vec::new());
+            });
+        }
+    });
+    addr
+}
+
+/// Segments the socket has received so far (TCP_INFO's tcpi_segs_in).
+fn segments_in(s: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: as above; `info` and `len` outlive the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_segs_in
+}
+
+#[test]
+fn a_backends_last_bytes_and_its_fin_reach_the_client_in_one_segment() {
+    // The relay reads the bytes with the FIN already queued behind them (the kernel says so
+    // with the read's completion), sends them corked and then the shutdown: one segment, as
+    // HAProxy does, where a send and then a shutdown would be two (and two ACKs).
+    let backend = greeting_and_fin_backend(b"220 hello, then goodbye\r\n");
+    for relay in ["copy", "splice-auto"] {
+        let cfg = global_toml(&format!("io = \"io_uring\"\nrelay = \"{relay}\""))
+            + &frontend_toml("mail", "", &[("b", backend, "")]);
+        let lb = Ringlb::start(&cfg);
+        for round in 0..10 {
+            let mut s = TcpStream::connect(lb.addr("mail")).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            assert_eq!(
+                got, b"220 hello, then goodbye\r\n",
+                "{relay}, round {round}"
+            );
+            // The SYN-ACK, then the greeting with the FIN.
+            assert_eq!(
+                segments_in(&s),
+                2,
+                "{relay}, round {round}: the greeting and the FIN came in separate segments"
+            );
+        }
+    }
+}
+
 /// CPUs in a `Cpus_allowed_list` value ("0-1,4"), ascending.
 fn cpu_list(text: &str) -> Vec<usize> {
     let mut out = Vec::new();

@@ -127,6 +127,10 @@ enum Step {
     Dry,
     /// The source closed its write half.
     Eof,
+    /// Moved `n` bytes, and the source's FIN was already queued behind them: the bytes went
+    /// out corked, so that the shutdown (or close) that ends the direction now sends them and
+    /// the FIN in one segment (what HAProxy does, one packet and its ACK fewer per connection).
+    Last { n: usize },
 }
 
 /// Which socket of a connection.
@@ -320,6 +324,11 @@ async fn pump<S: Conn>(
         match step {
             Step::Dry => {}
             Step::Eof => return Ok(()),
+            Step::Last { n } => {
+                bytes.set(bytes.get() + n as u64);
+                last.set(Instant::now());
+                return Ok(());
+            }
             Step::Moved { n, more } => {
                 bytes.set(bytes.get() + n as u64);
                 last.set(Instant::now());
@@ -382,15 +391,27 @@ impl<S: Conn> Future for RingRead<'_, S> {
             };
             let slow: Pin<Box<dyn Future<Output = _>>> = match got {
                 Ok(Some(buf)) => {
-                    let (n, more) = (buf.len(), buf.len() == RING_BUF_SIZE);
-                    match send_or_copy(to, buf) {
+                    let n = buf.len();
+                    // Something is queued behind a short read: more bytes (read on at once),
+                    // or the FIN (then the bytes go out corked, to leave with it).
+                    let queued = buf.more_queued() && n < RING_BUF_SIZE;
+                    let fin_next = queued && matches!(sys::peek(from.as_raw_fd()), Ok(0));
+                    let step = if fin_next {
+                        Step::Last { n }
+                    } else {
+                        Step::Moved {
+                            n,
+                            more: n == RING_BUF_SIZE || queued,
+                        }
+                    };
+                    match send_or_copy(to, buf, fin_next) {
                         Err(_) => return Poll::Ready(Err(Fault::Dst)),
-                        Ok(None) => return Poll::Ready(Ok(Step::Moved { n, more })),
+                        Ok(None) => return Poll::Ready(Ok(step)),
                         // The reader is slow: wait with a copy of what is left (the ring
                         // buffer is back already).
                         Ok(Some(rest)) => Box::pin(async move {
                             send_all(to, &rest).await.map_err(|_| Fault::Dst)?;
-                            Ok(Step::Moved { n, more })
+                            Ok(step)
                         }),
                     }
                 }
@@ -419,12 +440,31 @@ async fn wait_then_copy<S: Conn>(from: &S, to: &S) -> Result<Step, Fault> {
     copy_once(from, to).await
 }
 
-/// Sends what a ring buffer holds as far as the socket takes it now. If it does not take it
-/// all, what is left comes back as a copy ([`pool::Tail`]: a ring buffer is at most
-/// [`SMALL_TAIL`]) and the ring buffer goes back to the ring: it is never held across a wait.
-fn send_or_copy<S: Conn>(to: &S, buf: RingBuf) -> io::Result<Option<pool::Tail>> {
-    let sent = send_now(to, &buf)?;
+/// Sends what a ring buffer holds as far as the socket takes it now, corked for the FIN if
+/// `fin_next` ([`sys::send_before_fin`]). If it does not take it all, what is left comes back
+/// as a copy ([`pool::Tail`]: a ring buffer is at most [`SMALL_TAIL`]) and the ring buffer goes
+/// back to the ring: it is never held across a wait.
+fn send_or_copy<S: Conn>(to: &S, buf: RingBuf, fin_next: bool) -> io::Result<Option<pool::Tail>> {
+    let sent = if fin_next {
+        send_once(to, &buf, sys::send_before_fin)?
+    } else {
+        send_now(to, &buf)?
+    };
     Ok((sent < buf.len()).then(|| pool::Tail::new(&buf[sent..])))
+}
+
+/// One send of `data` with `send` (a non-blocking send of [`sys`]); how much the socket took.
+fn send_once<S: Conn>(
+    to: &S,
+    data: &[u8],
+    send: fn(std::os::fd::RawFd, &[u8]) -> io::Result<usize>,
+) -> io::Result<usize> {
+    match to.attempt(Interest::WRITABLE, || send(to.as_raw_fd(), data)) {
+        Ok(0) if !data.is_empty() => Err(io::ErrorKind::WriteZero.into()),
+        Ok(m) => Ok(m),
+        Err(e) if would_block(&e) => Ok(0),
+        Err(e) => Err(e),
+    }
 }
 
 /// Copy mode's step: one recv into a pooled buffer, then all of it out.

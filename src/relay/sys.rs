@@ -18,10 +18,22 @@ pub fn recv(s: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 
 /// send(2) of `buf`, without SIGPIPE on a closed peer.
 pub fn send(s: RawFd, buf: &[u8]) -> io::Result<usize> {
+    send_flags(s, buf, MsgFlags::empty())
+}
+
+/// [`send`] with MSG_MORE: the bytes wait in the socket (corked, even with TCP_NODELAY) for
+/// what comes next. Used when the FIN comes next: the shutdown that follows sends both in
+/// one segment.
+pub fn send_before_fin(s: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // nix has no name for it.
+    send_flags(s, buf, MsgFlags::from_bits_retain(libc::MSG_MORE))
+}
+
+fn send_flags(s: RawFd, buf: &[u8], flags: MsgFlags) -> io::Result<usize> {
     Ok(socket::send(
         s,
         buf,
-        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL | flags,
     )?)
 }
 

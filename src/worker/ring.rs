@@ -616,6 +616,17 @@ pub struct RingBuf {
     bid: u16,
     len: usize,
     ptr: *const u8,
+    /// The kernel said more was queued on the socket behind these bytes.
+    queued: bool,
+}
+
+impl RingBuf {
+    /// Whether more was queued on the socket when these bytes were read: more bytes, or the
+    /// peer's FIN (IORING_CQE_F_SOCK_NONEMPTY, from the kernel's TCP_INQ hint, which counts a
+    /// FIN as one byte). `false` on kernels that do not report it.
+    pub fn more_queued(&self) -> bool {
+        self.queued
+    }
 }
 
 impl std::ops::Deref for RingBuf {
@@ -680,7 +691,12 @@ impl Future for RecvOp {
         let buf = cqueue::buffer_select(flags).and_then(|bid| {
             with(|d| d.bufs.as_ref().map(|b| b.buf(bid)))
                 .flatten()
-                .map(|ptr| RingBuf { bid, len: 0, ptr })
+                .map(|ptr| RingBuf {
+                    bid,
+                    len: 0,
+                    ptr,
+                    queued: cqueue::sock_nonempty(flags),
+                })
         });
         let n = match result(res) {
             Ok(n) => n as usize,
