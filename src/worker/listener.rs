@@ -14,6 +14,7 @@
 pub mod activation;
 pub mod owners;
 mod reuseport;
+mod sockdiag;
 
 use std::collections::HashSet;
 use std::io;

@@ -1,9 +1,10 @@
-//! Who else listens on an address: the kernel's TCP LISTEN entries (`/proc/net/tcp` and
-//! `/proc/net/tcp6`) that clash with one of ours, minus the sockets this process holds, each
-//! named by the processes whose `/proc/PID/fd` links point at its inode.
+//! Who else listens on an address: the kernel's TCP LISTEN entries (from sock_diag netlink,
+//! or `/proc/net/tcp` and `/proc/net/tcp6` where netlink is refused) that clash with one of
+//! ours, minus the sockets this process holds, each named by the processes whose
+//! `/proc/PID/fd` links point at its inode.
 //!
-//! Plain reads of procfs, which the kernel generates in memory: they do not wait on a disk,
-//! so the control thread may make them. Nothing here needs privileges beyond the caller's. Another
+//! A netlink dump and plain reads of procfs, which the kernel generates in memory: they do not
+//! wait on a disk, so the control thread may make them. Nothing here needs privileges beyond the caller's. Another
 //! user's processes may hide their fds: then the clash is still found (the LISTEN table is
 //! readable by everyone) and reported with its uid and inode instead of a pid.
 
@@ -117,8 +118,10 @@ fn parse_line(line: &str) -> Option<(SocketAddr, u8, u32, u64)> {
 
 /// The LISTEN entries of one table. Reading stops at the first entry in another state: the
 /// kernel writes the whole listening hash before the established one (`tcp_get_idx` in
-/// net/ipv4/tcp_ipv4.c walks TCP_SEQ_STATE_LISTENING, then TCP_SEQ_STATE_ESTABLISHED), so a
-/// busy machine with a million connections costs a few pages here, not a million lines.
+/// net/ipv4/tcp_ipv4.c walks TCP_SEQ_STATE_LISTENING, then TCP_SEQ_STATE_ESTABLISHED). That
+/// bounds the IPv4 table to a few pages; the IPv6 table of a machine whose connections are all
+/// IPv4 has no such entry to stop at, and its read walks every connection (the reason netlink
+/// comes first).
 fn read_table(path: &str, out: &mut Vec<Listening>) -> io::Result<()> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -138,8 +141,28 @@ fn read_table(path: &str, out: &mut Vec<Listening>) -> io::Result<()> {
     Ok(())
 }
 
-/// Every TCP listener of this network namespace, IPv4 and IPv6.
+/// Every TCP listener of this network namespace, IPv4 and IPv6: from the kernel's sock_diag
+/// netlink interface, which lists listeners only ([`super::sockdiag`]), or where that is
+/// refused (a sandbox without AF_NETLINK) from `/proc/net/tcp` and `/proc/net/tcp6`.
 pub fn tcp_listeners() -> io::Result<Vec<Listening>> {
+    static FELL_BACK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    match super::sockdiag::tcp_listeners() {
+        Ok(found) => return Ok(found),
+        Err(e) => {
+            if !FELL_BACK.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                crate::debug!(
+                    "sock_diag netlink refused ({e}): the TCP listener table is read from \
+                     /proc/net/tcp and /proc/net/tcp6, which walks every connection on IPv4-only \
+                     machines"
+                );
+            }
+        }
+    }
+    procfs_listeners()
+}
+
+/// [`tcp_listeners`] from procfs.
+fn procfs_listeners() -> io::Result<Vec<Listening>> {
     let mut out = Vec::new();
     read_table("/proc/net/tcp", &mut out)?;
     read_table("/proc/net/tcp6", &mut out)?;
@@ -345,6 +368,10 @@ mod tests {
             table.iter().any(|e| e.addr == addr),
             "{addr} not in {table:?}"
         );
+        // The fallback reads the same entry, with the same owner and inode.
+        let from_procfs = procfs_listeners().unwrap();
+        let entry = |t: &[Listening]| t.iter().find(|e| e.addr == addr).cloned();
+        assert_eq!(entry(&table), entry(&from_procfs));
         assert!(foreign_in(addr, &table, &own_inodes()).is_empty());
         refuse_if_taken(addr).unwrap();
         // Without our own inodes it is "another" listener, and it is named.
