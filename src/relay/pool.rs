@@ -22,17 +22,21 @@ use super::sys;
 /// Small reads use the same buffer, but only for one recv + send, so its size costs nothing
 /// while idle.
 pub const BUF_SIZE: usize = 16 * 1024;
-/// Bytes moved per splice, and the capacity each pooled pipe asks for (F_SETPIPE_SZ). Against
-/// the default 64 KiB pipe, one stream through splice-auto measured 17.8 against 14.3-14.8
-/// Gbit/s at 0.16 against 0.24-0.36 CPU s per GB. The pages are the kernel's and are used only
+/// Bytes moved per splice, and the capacity each pooled pipe asks for (F_SETPIPE_SZ): 1 MiB,
+/// the most fs.pipe-max-size lets an unprivileged process ask by default. Against the default
+/// 64 KiB pipe, one stream through splice-auto measured 17.8 against 14.3-14.8 Gbit/s at 0.16
+/// against 0.24-0.36 CPU s per GB with 256 KiB; 1 MiB against 256 KiB, two runs with the
+/// columns swapped: 0.25-0.26 against 0.38-0.50 CPU s per GB with one stream, 0.17-0.25 against
+/// 0.24-0.25 with four (see docs/performance.md). The pages are the kernel's and are used only
 /// while bytes sit in the pipe. An unprivileged user's pipes share fs.pipe-user-pages-soft
-/// (64 MiB by default); past it the kernel refuses the size and the pipe keeps its default.
-pub const PIPE_CHUNK: usize = 256 * 1024;
+/// (64 MiB by default); where the kernel refuses the size, the pipe keeps its 64 KiB and
+/// splices move at most that.
+pub const PIPE_CHUNK: usize = 1024 * 1024;
 /// Free buffers a worker keeps for the next reads; more are freed on return.
 const FREE_BUFFERS_MAX: usize = 16;
 /// Free pipes a worker keeps; more are closed on return.
 const FREE_PIPES_MAX: usize = 16;
-/// Default pipes a worker may lend at once (each is two fds and up to 256 KiB of kernel
+/// Default pipes a worker may lend at once (each is two fds and up to 1 MiB of kernel
 /// memory); past it splice falls back to copy.
 pub const PIPES_IN_USE_MAX: usize = 64;
 
