@@ -25,6 +25,9 @@ log-on / log-off ratio per figure.
 
 CPU is utime+stime from /proc/PID/stat of every process of the balancer (ringlb, HAProxy, the nginx
 master and workers), as a delta over the load run; RSS and fds are summed over the same processes.
+--on-cpu adds, for keepalive and close, the CPU counted by whole-machine sampling (`perf record -a`,
+samples with the balancer's threads running / rate), which does not depend on the scheduler's
+accounting (docs/performance.md, "CPU per connection: what /proc shows").
 Each figure starts a fresh balancer. ringlb runs once per `--relay` mode; a mode that
 `ringlb check` refuses is skipped. The report (date, machine, commit, a Markdown table) goes to
 stdout, progress to stderr. Everything started here is stopped by its pid, also on Ctrl-C.
@@ -48,6 +51,8 @@ import tempfile
 import time
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Samples per second per CPU of --on-cpu's `perf record -a`.
+ON_CPU_HZ = 1000
 STREAM_SO = "/usr/lib/nginx/modules/ngx_stream_module.so"
 HTTP_BODY = "hello from the benchmark backend\n"
 
@@ -414,6 +419,41 @@ WRK_ERR = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), ti
 WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 
 
+def on_cpu_start(args, tmp):
+    """With --on-cpu: a whole-machine `perf record` for one load run (see `on_cpu_seconds`)."""
+    if not args.on_cpu:
+        return None
+    out = os.path.join(tmp, "oncpu.data")
+    argv = ["perf", "record", "-a", "-F", str(ON_CPU_HZ), "-o", out, "--", "sleep", str(args.duration)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out
+
+
+def on_cpu_seconds(rec, sid):
+    """CPU seconds the processes of session `sid` were seen running on any CPU by the
+    whole-machine sampling `on_cpu_start` began: samples / rate. Unlike /proc's utime+stime,
+    this does not depend on how the scheduler accounts a thread's time (docs/performance.md,
+    "CPU per connection: what /proc shows")."""
+    if rec is None:
+        return None
+    p, out = rec
+    p.wait()
+    pids = set(session_pids(sid))
+    threads = set()
+    for pid in pids:
+        try:
+            threads.update(int(t) for t in os.listdir("/proc/%d/task" % pid))
+        except OSError:
+            pass
+    r = subprocess.run(["perf", "report", "-i", out, "--sort", "pid", "--stdio", "-n"],
+                       capture_output=True, text=True, timeout=120)
+    samples = 0
+    for line in r.stdout.splitlines():
+        m = re.match(r"\s*[\d.]+%\s+(\d+)\s+(\d+):", line)
+        if m and (int(m.group(2)) in threads or int(m.group(2)) in pids):
+            samples += int(m.group(1))
+    return samples / ON_CPU_HZ
+
+
 def fig_http(close):
     def run(col, args, procs, tmp, env):
         p, port = start_balancer(col, args, procs, tmp, env["http_port"], env["nofile"])
@@ -426,15 +466,18 @@ def fig_http(close):
             vals, notes = [], []
             for _ in range(args.repeat):
                 c0 = cpu_seconds(p.pid)
+                rec = on_cpu_start(args, tmp)
                 r = subprocess.run(argv + ["-d", "%ds" % args.duration, url], capture_output=True,
                                    text=True, timeout=args.duration + 60)
                 cpu = cpu_seconds(p.pid) - c0
+                on_cpu = on_cpu_seconds(rec, p.pid)
                 m = WRK_REQ.search(r.stdout)
                 if r.returncode != 0 or not m:
                     raise RuntimeError("wrk: " + (r.stdout + r.stderr).strip()[-300:])
                 reqs = int(m.group(1))
                 secs = float(m.group(2)) * {"ms": 1e-3, "s": 1, "m": 60}.get(m.group(3), 1)
-                vals.append((reqs / secs, cpu / reqs * 1e6 if reqs else None))
+                vals.append((reqs / secs, cpu / reqs * 1e6 if reqs else None,
+                             on_cpu / reqs * 1e6 if reqs and on_cpu is not None else None))
                 e, n = WRK_ERR.search(r.stdout), WRK_NON2XX.search(r.stdout)
                 if e and any(int(x) for x in e.groups()):
                     notes.append("wrk socket errors: connect %s, read %s, write %s, timeout %s" % e.groups())
@@ -524,9 +567,11 @@ FIGURES = collections.OrderedDict([
     ("bulk4", (fig_bulk(4), [("bulk, 4 streams (Gbit/s)", 0, True, "%.1f"),
                              ("CPU per GB, 4 streams (CPU s)", 1, False, "%.2f")])),
     ("keepalive", (fig_http(False), [("keep-alive req/s (wrk -c 64)", 0, True, "%.0f"),
-                                     ("CPU per request (us)", 1, False, "%.1f")])),
+                                     ("CPU per request (us)", 1, False, "%.1f"),
+                                     ("on-CPU per request (us, perf -a; --on-cpu)", 2, False, "%.1f")])),
     ("close", (fig_http(True), [("Connection: close conn/s (wrk -c 64)", 0, True, "%.0f"),
-                                ("CPU per connection (us)", 1, False, "%.1f")])),
+                                ("CPU per connection (us)", 1, False, "%.1f"),
+                                ("on-CPU per connection (us, perf -a; --on-cpu)", 2, False, "%.1f")])),
     ("idle", (fig_idle, [("RSS per idle connection (KiB)", 0, False, "%.1f"),
                          ("fds per idle connection", 1, False, "%.2f"),
                          ("idle connections failed", 2, None, "%d")])),
@@ -555,7 +600,9 @@ def table(cols, results, env):
             vals = {}
             for c in cols:
                 r = results.get((key, c.key))
-                vals[c.key] = r[0][idx] if r and r[0] is not None else None
+                vals[c.key] = r[0][idx] if r and r[0] is not None and idx < len(r[0]) else None
+            if all(v is None for v in vals.values()):
+                continue  # a row this run did not measure (--on-cpu)
             peer_vals = [vals[c.key] for c in cols if c.peer and vals[c.key] is not None]
             best = None
             if peer_vals and higher is not None:
@@ -630,6 +677,8 @@ def main():
                     help="RLIMIT_NOFILE of every balancer (default: %(default)s); if the hard limit is lower, "
                          "it is used and --idle is scaled down by the same factor")
     ap.add_argument("--json", metavar="FILE", help="also write the raw figures as JSON")
+    ap.add_argument("--on-cpu", action="store_true",
+                    help="also count the HTTP figures' CPU by whole-machine sampling (perf record -a)")
     ap.add_argument("--connlog", action="store_true",
                     help="each ringlb column also with a connection log to a private rsyslogd (+log), "
                          "HAProxy with option tcplog to the same one")
@@ -660,6 +709,8 @@ def main():
     missing = sorted(c for c in need if not have(c))
     if missing:
         sys.exit("missing: %s (apt-get install %s)" % (", ".join(missing), " ".join(missing)))
+    if args.on_cpu and not have("perf"):
+        sys.exit("--on-cpu needs perf (apt-get install linux-perf) and may need root")
 
     # The fd limit every balancer gets; this process holds the idle clients, so it raises its own.
     hard = raise_nofile()

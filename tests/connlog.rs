@@ -15,10 +15,12 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-/// The JSON lines of a log file so far.
+/// The JSON lines of a log file so far: the complete ones. A line the writer is still
+/// writing (no newline yet) is left for the next read.
 fn json_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()

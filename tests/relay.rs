@@ -162,21 +162,28 @@ fn ipv6_clients_reach_ipv4_backends_and_ipv6_backends() {
 /// data and its FIN reach ringlb together (often in one readiness wake-up), and the relay's
 /// last direction to end passes the close on by closing, not by a shutdown.
 fn reply_and_close_backend(reply: usize) -> std::net::SocketAddr {
+    thread_per_connection(move |mut s| {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while s.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        let body: Vec<u8> = (0..reply).map(|i| (i % 251) as u8).collect();
+        let _ = s.write_all(&body);
+        // Dropped here: close right after the write, FIN behind the data.
+    })
+}
+
+/// A backend on a port of its own that serves each connection with `serve` on a thread.
+fn thread_per_connection(
+    serve: impl Fn(TcpStream) + Send + Copy + 'static,
+) -> std::net::SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
         for conn in l.incoming() {
-            let Ok(mut s) = conn else { break };
-            std::thread::spawn(move || {
-                let mut line = Vec::new();
-                let mut byte = [0u8; 1];
-                while s.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
-                    line.push(byte[0]);
-                }
-                let body: Vec<u8> = (0..reply).map(|i| (i % 251) as u8).collect();
-                let _ = s.write_all(&body);
-                // Dropped here: close right after the write, FIN behind the data.
-            });
+            let Ok(s) = conn else { break };
+            std::thread::spawn(move || serve(s));
         }
     });
     addr
@@ -219,28 +226,20 @@ fn a_reply_and_close_in_one_go_through_the_epoll_fallback_and_splice_auto() {
 /// segment (MSG_MORE, then the shutdown), and waits for the client's close.
 fn greeting_and_fin_backend(greeting: &'static [u8]) -> std::net::SocketAddr {
     use std::os::fd::AsRawFd;
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut s) = conn else { break };
-            std::thread::spawn(move || {
-                // SAFETY: a valid socket and buffer; MSG_MORE holds the bytes for the FIN.
-                let sent = unsafe {
-                    libc::send(
-                        s.as_raw_fd(),
-                        greeting.as_ptr().cast(),
-                        greeting.len(),
-                        libc::MSG_MORE,
-                    )
-                };
-                assert_eq!(sent, greeting.len() as isize);
-                s.shutdown(Shutdown::Write).unwrap();
-                let _ = s.read_to_end(&mut Vec::new());
-            });
-        }
-    });
-    addr
+    thread_per_connection(move |mut s| {
+        // SAFETY: a valid socket and buffer; MSG_MORE holds the bytes for the FIN.
+        let sent = unsafe {
+            libc::send(
+                s.as_raw_fd(),
+                greeting.as_ptr().cast(),
+                greeting.len(),
+                libc::MSG_MORE,
+            )
+        };
+        assert_eq!(sent, greeting.len() as isize);
+        s.shutdown(Shutdown::Write).unwrap();
+        let _ = s.read_to_end(&mut Vec::new());
+    })
 }
 
 /// Segments the socket has received so far (TCP_INFO's tcpi_segs_in).
