@@ -476,7 +476,7 @@ impl Pool {
         // unmapped, so it outlives the registration (the io_uring lives as long as the thread).
         unsafe {
             ring.submitter()
-                .register_buf_ring(pool.ring as u64, entries, BGID)
+                .register_buf_ring_with_flags(pool.ring as u64, entries, BGID, 0)
                 .expect("IORING_REGISTER_PBUF_RING (kernel 5.19 or later)")
         };
         for bid in 0..entries {

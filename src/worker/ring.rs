@@ -63,6 +63,11 @@ pub const RING_BUF_SIZE: usize = 4096;
 const BGID: u16 = 0;
 /// IORING_ENTER_GETEVENTS (io-uring keeps its constants private).
 const ENTER_GETEVENTS: u32 = 1;
+/// IORING_RECVSEND_POLL_FIRST, in a recv's `ioprio`: arm the poll without trying the recv
+/// first. A ring read starts when its socket is most likely empty (right after a send, or on
+/// an idle connection), where that first attempt is a wasted recvmsg (Linux 5.19; earlier
+/// kernels have no buffer rings, so no ring reads).
+const RECV_POLL_FIRST: u16 = 1;
 /// user_data of SQEs whose completion nobody waits for (a close, a cancel).
 const UNWATCHED: u64 = u64::MAX;
 
@@ -661,6 +666,7 @@ pub fn recv<T: AsRawFd + 'static>(owner: &Rc<T>) -> Option<RecvOp> {
     }
     let sqe = opcode::Recv::new(types::Fd(owner.as_raw_fd()), std::ptr::null_mut(), 0)
         .buf_group(BGID)
+        .ioprio(RECV_POLL_FIRST)
         .build()
         .flags(squeue::Flags::BUFFER_SELECT);
     let keep: Rc<dyn Any> = owner.clone();
@@ -759,7 +765,7 @@ impl BufRing {
         unsafe {
             uring
                 .submitter()
-                .register_buf_ring(ring as u64, entries, BGID)?
+                .register_buf_ring_with_flags(ring as u64, entries, BGID, 0)?
         };
         let mut b = BufRing {
             ring,
