@@ -189,14 +189,18 @@ fn thread_per_connection(
     addr
 }
 
+/// ringlb on `io` with `relay`, one frontend "web" to the one backend at `backend`.
+fn lb_to(io: &str, relay: &str, backend: std::net::SocketAddr) -> Ringlb {
+    let cfg = global_toml(&format!("io = \"{io}\"\nrelay = \"{relay}\""))
+        + &frontend_toml("web", "", &[("b", backend, "")]);
+    Ringlb::start(&cfg)
+}
+
 fn reply_then_close(io: &str, relay: &str) {
     // Around the relay's 16 KiB buffer: a short read, exactly one buffer (a full read is not
     // the last one even when the FIN is in), one byte more, and many buffers.
     for reply in [1, 333, 16 * 1024, 16 * 1024 + 1, 300_000] {
-        let backend = reply_and_close_backend(reply);
-        let cfg = global_toml(&format!("io = \"{io}\"\nrelay = \"{relay}\""))
-            + &frontend_toml("web", "", &[("b", backend, "")]);
-        let lb = Ringlb::start(&cfg);
+        let lb = lb_to(io, relay, reply_and_close_backend(reply));
         for round in 0..20 {
             let mut s = TcpStream::connect(lb.addr("web")).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -269,11 +273,9 @@ fn a_backends_last_bytes_and_its_fin_reach_the_client_in_one_segment() {
     // HAProxy does, where a send and then a shutdown would be two (and two ACKs).
     let backend = greeting_and_fin_backend(b"220 hello, then goodbye\r\n");
     for relay in ["copy", "splice-auto"] {
-        let cfg = global_toml(&format!("io = \"io_uring\"\nrelay = \"{relay}\""))
-            + &frontend_toml("mail", "", &[("b", backend, "")]);
-        let lb = Ringlb::start(&cfg);
+        let lb = lb_to("io_uring", relay, backend);
         for round in 0..10 {
-            let mut s = TcpStream::connect(lb.addr("mail")).unwrap();
+            let mut s = TcpStream::connect(lb.addr("web")).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             let mut got = Vec::new();
             s.read_to_end(&mut got).unwrap();

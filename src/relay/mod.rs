@@ -445,26 +445,13 @@ async fn wait_then_copy<S: Conn>(from: &S, to: &S) -> Result<Step, Fault> {
 /// as a copy ([`pool::Tail`]: a ring buffer is at most [`SMALL_TAIL`]) and the ring buffer goes
 /// back to the ring: it is never held across a wait.
 fn send_or_copy<S: Conn>(to: &S, buf: RingBuf, fin_next: bool) -> io::Result<Option<pool::Tail>> {
-    let sent = if fin_next {
-        send_once(to, &buf, sys::send_before_fin)?
+    let send = if fin_next {
+        sys::send_before_fin
     } else {
-        send_now(to, &buf)?
+        sys::send
     };
+    let sent = send_with(to, &buf, send)?;
     Ok((sent < buf.len()).then(|| pool::Tail::new(&buf[sent..])))
-}
-
-/// One send of `data` with `send` (a non-blocking send of [`sys`]); how much the socket took.
-fn send_once<S: Conn>(
-    to: &S,
-    data: &[u8],
-    send: fn(std::os::fd::RawFd, &[u8]) -> io::Result<usize>,
-) -> io::Result<usize> {
-    match to.attempt(Interest::WRITABLE, || send(to.as_raw_fd(), data)) {
-        Ok(0) if !data.is_empty() => Err(io::ErrorKind::WriteZero.into()),
-        Ok(m) => Ok(m),
-        Err(e) if would_block(&e) => Ok(0),
-        Err(e) => Err(e),
-    }
 }
 
 /// Copy mode's step: one recv into a pooled buffer, then all of it out.
@@ -498,11 +485,18 @@ async fn copy_once<S: Conn>(from: &S, to: &S) -> Result<Step, Fault> {
 
 /// Sends as much of `data` as the socket takes now; returns how much that was.
 fn send_now<S: Conn>(to: &S, data: &[u8]) -> io::Result<usize> {
+    send_with(to, data, sys::send)
+}
+
+/// [`send_now`] with `send`, one of [`sys`]'s non-blocking sends.
+fn send_with<S: Conn>(
+    to: &S,
+    data: &[u8],
+    send: fn(std::os::fd::RawFd, &[u8]) -> io::Result<usize>,
+) -> io::Result<usize> {
     let mut sent = 0;
     while sent < data.len() {
-        match to.attempt(Interest::WRITABLE, || {
-            sys::send(to.as_raw_fd(), &data[sent..])
-        }) {
+        match to.attempt(Interest::WRITABLE, || send(to.as_raw_fd(), &data[sent..])) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(m) => sent += m,
             Err(e) if would_block(&e) => break,
