@@ -45,7 +45,7 @@ use nix::sys::socket::Shutdown;
 use tokio::io::Interest;
 
 use crate::config::RelayMode;
-use crate::worker::ring::{RecvOp, RingBuf, RING_BUF_SIZE};
+use crate::worker::ring::{RecvOp, RingBuf, SendOp, RING_BUF_SIZE};
 use pool::{Buf, Pipe};
 
 /// A connected, non-blocking socket as the relay sees it: plain syscalls on its fd, and a way
@@ -65,6 +65,12 @@ pub trait Conn: AsRawFd + AsFd + 'static {
     /// Starts that read ([`Conn::reads_by_op`]); `None` where there is none.
     fn recv_op(&self) -> Option<RecvOp> {
         None
+    }
+    /// Starts a send of a ring buffer's bytes as an op of the runtime, corked (MSG_MORE) if
+    /// `corked`; the buffer back where the runtime has no such op.
+    fn send_op(&self, buf: RingBuf, corked: bool) -> Result<SendOp, RingBuf> {
+        let _ = corked;
+        Err(buf)
     }
 }
 
@@ -120,6 +126,7 @@ fn would_block(e: &io::Error) -> bool {
 }
 
 /// What one step of a direction did.
+#[derive(Clone, Copy)]
 enum Step {
     /// Moved `n` bytes; `more` when the read filled its buffer (more is likely waiting).
     Moved { n: usize, more: bool },
@@ -343,8 +350,9 @@ async fn pump<S: Conn>(
 }
 
 /// Copy mode's step on a runtime with a read op ([`Conn::recv_op`]): the op, then a send of
-/// what it read. Written out by hand so that an idle direction's future is the op and two
-/// references: the rare cases (a slow reader, an empty ring) go on in a boxed future.
+/// what it read, as an op too where the runtime has one ([`Conn::send_op`]). Written out by
+/// hand so that an idle direction's future is the op and two references: the rare cases (a
+/// slow reader, an empty ring) go on in a boxed future.
 struct RingRead<'a, S: Conn> {
     from: &'a S,
     to: &'a S,
@@ -355,6 +363,8 @@ enum RingState<'a> {
     /// Not polled yet: the op starts at the first poll.
     Start,
     Reading(RecvOp),
+    /// The read's bytes on their way out; `step` is what the read made of them.
+    Sending(SendOp, Step),
     Slow(Pin<Box<dyn Future<Output = Result<Step, Fault>> + 'a>>),
 }
 
@@ -374,7 +384,7 @@ impl<S: Conn> Future for RingRead<'_, S> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let (from, to) = (self.from, self.to);
         loop {
-            let got = match &mut self.state {
+            let slow: Pin<Box<dyn Future<Output = _>>> = match &mut self.state {
                 RingState::Start => {
                     // `reads_by_op` said there is one; without it, read by readiness.
                     self.state = match from.recv_op() {
@@ -386,49 +396,99 @@ impl<S: Conn> Future for RingRead<'_, S> {
                 RingState::Slow(f) => return f.as_mut().poll(cx),
                 RingState::Reading(op) => match Pin::new(op).poll(cx) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(got) => got,
-                },
-            };
-            let slow: Pin<Box<dyn Future<Output = _>>> = match got {
-                Ok(Some(buf)) => {
-                    let n = buf.len();
-                    // Something is queued behind a short read: more bytes (read on at once),
-                    // or the FIN (then the bytes go out corked, to leave with it).
-                    let queued = buf.more_queued() && n < RING_BUF_SIZE;
-                    let fin_next = queued && matches!(sys::peek(from.as_raw_fd()), Ok(0));
-                    let step = if fin_next {
-                        Step::Last { n }
-                    } else {
-                        Step::Moved {
-                            n,
-                            more: n == RING_BUF_SIZE || queued,
+                    Poll::Ready(Ok(Some(buf))) => {
+                        let n = buf.len();
+                        // Something is queued behind a short read: more bytes (read on at
+                        // once), or the FIN (then the bytes go out corked, to leave with it).
+                        let queued = buf.more_queued() && n < RING_BUF_SIZE;
+                        let fin_next = queued && matches!(sys::peek(from.as_raw_fd()), Ok(0));
+                        let step = if fin_next {
+                            Step::Last { n }
+                        } else {
+                            Step::Moved {
+                                n,
+                                more: n == RING_BUF_SIZE || queued,
+                            }
+                        };
+                        match to.send_op(buf, fin_next) {
+                            Ok(op) => {
+                                self.state = RingState::Sending(op, step);
+                                continue;
+                            }
+                            Err(buf) => match send_rest(to, buf, 0, step) {
+                                Ok(None) => return Poll::Ready(Ok(step)),
+                                Ok(Some(slow)) => slow,
+                                Err(f) => return Poll::Ready(Err(f)),
+                            },
                         }
+                    }
+                    Poll::Ready(Ok(None)) => return Poll::Ready(Ok(Step::Eof)),
+                    // The ring was empty (every buffer between a read and its send): the bytes
+                    // are still in the socket; read them into a pooled buffer instead. The same
+                    // if the op could not be queued (EBUSY: the submission queue full and the
+                    // kernel busy).
+                    Poll::Ready(Err(e))
+                        if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EBUSY)) =>
+                    {
+                        if e.raw_os_error() == Some(libc::ENOBUFS) {
+                            pool::note_ring_empty();
+                        }
+                        Box::pin(wait_then_copy(from, to))
+                    }
+                    Poll::Ready(Err(_)) => return Poll::Ready(Err(Fault::Src)),
+                },
+                RingState::Sending(op, step) => {
+                    let step = *step;
+                    let sent = match Pin::new(op).poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        // The socket was full (EAGAIN), or the op could not be queued (EBUSY):
+                        // the syscall's send takes over.
+                        Poll::Ready((Err(e), Some(buf)))
+                            if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) =>
+                        {
+                            send_rest(to, buf, 0, step)
+                        }
+                        Poll::Ready((Ok(m), Some(buf))) => {
+                            if m >= buf.len() {
+                                return Poll::Ready(Ok(step));
+                            }
+                            send_rest(to, buf, m, step)
+                        }
+                        Poll::Ready(_) => return Poll::Ready(Err(Fault::Dst)),
                     };
-                    match send_or_copy(to, buf, fin_next) {
-                        Err(_) => return Poll::Ready(Err(Fault::Dst)),
+                    match sent {
                         Ok(None) => return Poll::Ready(Ok(step)),
-                        // The reader is slow: wait with a copy of what is left (the ring
-                        // buffer is back already).
-                        Ok(Some(rest)) => Box::pin(async move {
-                            send_all(to, &rest).await.map_err(|_| Fault::Dst)?;
-                            Ok(step)
-                        }),
+                        Ok(Some(slow)) => slow,
+                        Err(f) => return Poll::Ready(Err(f)),
                     }
                 }
-                Ok(None) => return Poll::Ready(Ok(Step::Eof)),
-                // The ring was empty (every buffer between a read and its send): the bytes are
-                // still in the socket; read them into a pooled buffer instead. The same if the
-                // op could not be queued (EBUSY: the submission queue full and the kernel busy).
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EBUSY)) => {
-                    if e.raw_os_error() == Some(libc::ENOBUFS) {
-                        pool::note_ring_empty();
-                    }
-                    Box::pin(wait_then_copy(from, to))
-                }
-                Err(_) => return Poll::Ready(Err(Fault::Src)),
             };
             self.state = RingState::Slow(slow);
         }
+    }
+}
+
+/// A boxed step that finishes what a ring read started (see [`RingRead`]).
+type SlowStep<'a> = Pin<Box<dyn Future<Output = Result<Step, Fault>> + 'a>>;
+
+/// Sends what a ring buffer holds from `from` on, by syscall ([`send_or_copy`]); if the socket
+/// does not take it all, the step goes on in a boxed future that sends a copy of the rest.
+fn send_rest<'a, S: Conn>(
+    to: &'a S,
+    buf: RingBuf,
+    from: usize,
+    step: Step,
+) -> Result<Option<SlowStep<'a>>, Fault> {
+    let fin_next = matches!(step, Step::Last { .. });
+    match send_or_copy(to, buf, from, fin_next) {
+        Err(_) => Err(Fault::Dst),
+        Ok(None) => Ok(None),
+        // The reader is slow: wait with a copy of what is left (the ring buffer is back
+        // already).
+        Ok(Some(rest)) => Ok(Some(Box::pin(async move {
+            send_all(to, &rest).await.map_err(|_| Fault::Dst)?;
+            Ok(step)
+        }))),
     }
 }
 
@@ -440,18 +500,24 @@ async fn wait_then_copy<S: Conn>(from: &S, to: &S) -> Result<Step, Fault> {
     copy_once(from, to).await
 }
 
-/// Sends what a ring buffer holds as far as the socket takes it now, corked for the FIN if
-/// `fin_next` ([`sys::send_before_fin`]). If it does not take it all, what is left comes back
-/// as a copy ([`pool::Tail`]: a ring buffer is at most [`SMALL_TAIL`]) and the ring buffer goes
-/// back to the ring: it is never held across a wait.
-fn send_or_copy<S: Conn>(to: &S, buf: RingBuf, fin_next: bool) -> io::Result<Option<pool::Tail>> {
+/// Sends what a ring buffer holds after its first `from` bytes as far as the socket takes it
+/// now, corked for the FIN if `fin_next` ([`sys::send_before_fin`]). If it does not take it
+/// all, what is left comes back as a copy ([`pool::Tail`]: a ring buffer is at most
+/// [`SMALL_TAIL`]) and the ring buffer goes back to the ring: it is never held across a wait.
+fn send_or_copy<S: Conn>(
+    to: &S,
+    buf: RingBuf,
+    from: usize,
+    fin_next: bool,
+) -> io::Result<Option<pool::Tail>> {
     let send = if fin_next {
         sys::send_before_fin
     } else {
         sys::send
     };
-    let sent = send_with(to, &buf, send)?;
-    Ok((sent < buf.len()).then(|| pool::Tail::new(&buf[sent..])))
+    let rest = buf.get(from..).unwrap_or_default();
+    let sent = send_with(to, rest, send)?;
+    Ok((sent < rest.len()).then(|| pool::Tail::new(&rest[sent..])))
 }
 
 /// Copy mode's step: one recv into a pooled buffer, then all of it out.

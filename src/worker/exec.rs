@@ -458,21 +458,23 @@ impl AsRawFd for Bell {
     }
 }
 
+/// Runs `f` on a thread of its own with a ring (of 4 buffers) and this executor, as a worker
+/// does; a panic in `f` fails the caller.
+#[cfg(test)]
+pub(crate) fn on_worker(f: impl FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send + 'static) {
+    std::thread::spawn(move || {
+        ring::init(4).expect("a ring");
+        block_on(f()).expect("the executor");
+    })
+    .join()
+    .expect("the worker thread");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
     use tokio::time::Instant;
-
-    /// Runs `f` on a thread of its own with a ring and this executor, as a worker does.
-    fn on_worker(f: impl FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send + 'static) {
-        std::thread::spawn(move || {
-            ring::init(4).expect("a ring");
-            block_on(f()).expect("the executor");
-        })
-        .join()
-        .expect("the worker thread");
-    }
 
     #[test]
     fn spawned_tasks_run_and_timers_fire_in_order_not_before_their_instant() {

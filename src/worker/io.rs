@@ -13,7 +13,7 @@ use std::rc::Rc;
 use socket2::Socket;
 use tokio::io::Interest;
 
-use super::ring::{self, RecvOp, RingSocket};
+use super::ring::{self, RecvOp, RingBuf, RingSocket, SendOp};
 use crate::relay::ops::{self, ConnectError};
 use crate::relay::Conn;
 
@@ -67,6 +67,10 @@ impl Conn for Rc<RingSocket> {
 
     fn recv_op(&self) -> Option<RecvOp> {
         ring::recv(self)
+    }
+
+    fn send_op(&self, buf: RingBuf, corked: bool) -> Result<SendOp, RingBuf> {
+        Ok(ring::send(self, buf, corked))
     }
 }
 

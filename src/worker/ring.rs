@@ -89,6 +89,9 @@ struct Op {
     /// Keeps what the SQE names alive: the op's socket or listener, and for a connect its
     /// address (in the same allocation, so its pointer is stable).
     _keep: Option<Rc<dyn Any>>,
+    /// The ring buffer a send op sends from: the kernel reads it until the completion, which
+    /// hands it back to the op's future (see [`send`]).
+    lent: Option<RingBuf>,
 }
 
 struct Driver {
@@ -209,6 +212,7 @@ impl Driver {
         &mut self,
         sqe: squeue::Entry,
         keep: Option<Rc<dyn Any>>,
+        lent: Option<RingBuf>,
     ) -> io::Result<(usize, u32)> {
         self.generation = self.generation.wrapping_add(1);
         let generation = self.generation;
@@ -216,6 +220,7 @@ impl Driver {
             state: State::Waiting(None),
             generation,
             _keep: keep,
+            lent,
         });
         let sqe = sqe.user_data(tag(key, generation));
         // SAFETY: the slot just filled owns what the SQE names until its completion.
@@ -372,26 +377,47 @@ impl OpFuture {
     /// As [`Driver::push`]: everything `sqe` names is owned by `keep`.
     unsafe fn start(sqe: squeue::Entry, keep: Option<Rc<dyn Any>>) -> io::Result<OpFuture> {
         // SAFETY: passed on from the caller.
-        let started = with(|d| unsafe { d.start(sqe, keep) });
-        // A slot freed without being submitted is dropped here, outside the driver.
-        drop(with(|d| d.leftover.take()));
+        unsafe { OpFuture::lend(sqe, keep, None) }.map_err(|(e, _)| e)
+    }
+
+    /// [`OpFuture::start`] of an op that reads from `lent` until it completes; if it cannot
+    /// start, the buffer comes back with the error.
+    ///
+    /// # Safety
+    /// As [`Driver::push`]: everything `sqe` names is owned by `keep` or is `lent`'s bytes.
+    unsafe fn lend(
+        sqe: squeue::Entry,
+        keep: Option<Rc<dyn Any>>,
+        lent: Option<RingBuf>,
+    ) -> Result<OpFuture, (io::Error, Option<RingBuf>)> {
+        let mut lent = Some(lent);
+        // SAFETY: passed on from the caller.
+        let started = with(|d| unsafe { d.start(sqe, keep, lent.take().flatten()) });
+        // A slot freed without being submitted is dropped here, outside the driver; its
+        // buffer goes back to the caller.
+        let back = with(|d| d.leftover.take())
+            .flatten()
+            .and_then(|mut op| op.lent.take());
         match started {
             Some(Ok((key, generation))) => Ok(OpFuture {
                 key,
                 generation,
                 done: false,
             }),
-            Some(Err(e)) => Err(e),
-            None => Err(io::Error::other("no io_uring on this thread")),
+            Some(Err(e)) => Err((e, back)),
+            None => Err((
+                io::Error::other("no io_uring on this thread"),
+                lent.flatten(),
+            )),
         }
     }
 }
 
 impl Future for OpFuture {
-    /// The completion's result and flags.
-    type Output = (i32, u32);
+    /// The completion's result and flags, and the buffer the op was lent, if any.
+    type Output = (i32, u32, Option<RingBuf>);
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(i32, u32)> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let (key, generation) = (self.key, self.generation);
         let out = with(|d| {
             let op = d.op_mut(key, generation)?;
@@ -411,16 +437,17 @@ impl Future for OpFuture {
         })
         .flatten();
         match out {
-            Some(Ok((out, op))) => {
+            Some(Ok(((res, flags), mut op))) => {
                 self.done = true;
+                let lent = op.lent.take();
                 drop(op);
-                Poll::Ready(out)
+                Poll::Ready((res, flags, lent))
             }
             Some(Err(())) => Poll::Pending,
             // The driver is gone or busy (never, on a worker): report it as an error.
             None => {
                 self.done = true;
-                Poll::Ready((-libc::ECANCELED, 0))
+                Poll::Ready((-libc::ECANCELED, 0, None))
             }
         }
     }
@@ -530,7 +557,9 @@ impl Started {
 
     fn poll_op(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(i32, u32)>> {
         match &mut self.0 {
-            Ok(op) => Pin::new(op).poll(cx).map(Ok),
+            Ok(op) => Pin::new(op)
+                .poll(cx)
+                .map(|(res, flags, _)| Ok((res, flags))),
             Err(e) => Poll::Ready(Err(e.take().unwrap_or_else(|| io::ErrorKind::Other.into()))),
         }
     }
@@ -593,7 +622,7 @@ pub async fn connect(
     // submit; the shutdown makes sure a socket in SYN_SENT lets go at once even if the cancel
     // could not be queued. The socket is open until then: the op holds it.
     let mut abort = AbortConnect(Some(socket.as_raw_fd()));
-    let (res, _) = op.await;
+    let (res, _, _) = op.await;
     abort.0 = None;
     result(res).map_err(ConnectError::Io)?;
     Ok(socket)
@@ -722,6 +751,50 @@ impl Future for RecvOp {
     }
 }
 
+/// Starts sending what `buf` holds on `owner`, with MSG_MORE when `corked` (see
+/// `relay::sys::send_before_fin`). The op never waits for room (MSG_DONTWAIT: a full socket
+/// completes it at once with `EAGAIN`), so a ring buffer is lent to the kernel for one loop
+/// turn at most, never for as long as a slow reader takes. Sent from the ring, the sends of
+/// one loop turn go out in the one `io_uring_enter` that submits the batch: each wakes its
+/// reader, and a woken reader that preempts this thread does so once per batch, at the
+/// enter's return, where each send(2) of its own was a chance to be preempted.
+pub fn send<T: AsRawFd + 'static>(owner: &Rc<T>, buf: RingBuf, corked: bool) -> SendOp {
+    let mut flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    if corked {
+        flags |= libc::MSG_MORE;
+    }
+    let sqe = opcode::Send::new(types::Fd(owner.as_raw_fd()), buf.ptr, buf.len as u32)
+        .flags(flags)
+        .build();
+    let keep: Rc<dyn Any> = owner.clone();
+    // SAFETY: the SQE names the fd, held open by `keep`, and the buffer's bytes: the op's slot
+    // owns the `RingBuf` (not published to the ring again while it lives) until the completion.
+    SendOp(unsafe { OpFuture::lend(sqe, Some(keep), Some(buf)) }.map_err(Some))
+}
+
+/// A send in flight (from [`send`]): resolves to the bytes the socket took (`EAGAIN` when it
+/// took none; `EBUSY` if the op could not be queued), and the buffer back, for what is left.
+pub struct SendOp(Result<OpFuture, Option<(io::Error, Option<RingBuf>)>>);
+
+impl Future for SendOp {
+    /// The buffer is `None` only if the driver lost it (it cannot, on a worker): then the
+    /// bytes are lost and the caller fails the connection.
+    type Output = (io::Result<usize>, Option<RingBuf>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(match &mut self.0 {
+            Ok(op) => match Pin::new(op).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready((res, _, buf)) => (result(res).map(|n| n as usize), buf),
+            },
+            Err(e) => match e.take() {
+                Some((e, buf)) => (Err(e), buf),
+                None => (Err(io::ErrorKind::Other.into()), None),
+            },
+        })
+    }
+}
+
 /// A worker's provided buffer ring (IORING_REGISTER_PBUF_RING) and its buffers, both mapped
 /// once and never unmapped: the worker thread lives as long as the process.
 struct BufRing {
@@ -814,5 +887,81 @@ impl BufRing {
         // semantics; a release store through it is the documented protocol.
         let tail = unsafe { &*types::BufRingEntry::tail(self.ring).cast::<AtomicU16>() };
         tail.store(self.tail, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::{deadline, exec};
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    /// A connected pair: ringlb's side as a ring socket, and the peer's.
+    fn pair(l: &TcpListener) -> (Rc<RingSocket>, TcpStream) {
+        let peer = TcpStream::connect(l.local_addr().expect("an address")).expect("a connect");
+        let (ours, _) = l.accept().expect("an accept");
+        ours.set_nonblocking(true).expect("non-blocking");
+        (Rc::new(RingSocket::new(Socket::from(ours))), peer)
+    }
+
+    /// A send op on a socket whose reader has stopped completes at once with EAGAIN and hands
+    /// its ring buffer back with the bytes in it (a slow reader never holds a ring buffer);
+    /// once the reader drains the socket, the same buffer goes out whole.
+    #[test]
+    fn a_send_op_on_a_full_socket_gives_its_buffer_back_at_once() {
+        exec::on_worker(|| {
+            Box::pin(async {
+                let l = TcpListener::bind("127.0.0.1:0").expect("a listener");
+                let (src, mut writer) = pair(&l);
+                let (dst, mut reader) = pair(&l);
+                // Fill dst until the kernel takes no more.
+                let chunk = [7u8; 65536];
+                let mut filled = 0usize;
+                loop {
+                    match crate::relay::sys::send(dst.as_raw_fd(), &chunk) {
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("filling the socket: {e}"),
+                    }
+                }
+                writer.write_all(b"hello").expect("a write");
+                let buf = recv(&src).expect("a buffer ring").await;
+                let buf = buf.expect("a read").expect("bytes, not EOF");
+                assert_eq!(&buf[..], b"hello");
+                let sent = deadline::timeout(Duration::from_secs(5), send(&dst, buf, false));
+                let (res, buf) = sent.await.expect("the send op waited for room");
+                assert_eq!(
+                    res.expect_err("a full socket takes nothing").raw_os_error(),
+                    Some(libc::EAGAIN)
+                );
+                let buf = buf.expect("the buffer back");
+                assert_eq!(&buf[..], b"hello", "the bytes are still in it");
+                // Drain what filled the socket, on another thread; then the send goes out.
+                let drained = std::thread::spawn(move || {
+                    let mut want = vec![0u8; filled + 5];
+                    reader.read_exact(&mut want).expect("everything sent");
+                    want
+                });
+                let mut buf = Some(buf);
+                while let Some(b) = buf.take() {
+                    dst.wait_writable().await;
+                    match send(&dst, b, false).await {
+                        (Ok(n), _) => assert_eq!(n, 5, "a 5-byte send went out whole"),
+                        (Err(e), b) if e.raw_os_error() == Some(libc::EAGAIN) => buf = b,
+                        (Err(e), _) => panic!("the send failed: {e}"),
+                    }
+                }
+                let got = drained.join().expect("the reader");
+                assert_eq!(&got[filled..], b"hello");
+            })
+        });
+    }
+
+    impl RingSocket {
+        async fn wait_writable(self: &Rc<Self>) {
+            poll(self, libc::POLLOUT as u32).await.expect("writable");
+        }
     }
 }
