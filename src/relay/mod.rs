@@ -45,7 +45,7 @@ use nix::sys::socket::Shutdown;
 use tokio::io::Interest;
 
 use crate::config::RelayMode;
-use crate::worker::ring::{RecvOp, RingBuf, SendOp, RING_BUF_SIZE};
+use crate::worker::ring::{Lent, RecvOp, SendOp, RING_BUF_SIZE};
 use pool::{Buf, Pipe};
 
 /// A connected, non-blocking socket as the relay sees it: plain syscalls on its fd, and a way
@@ -66,11 +66,11 @@ pub trait Conn: AsRawFd + AsFd + 'static {
     fn recv_op(&self) -> Option<RecvOp> {
         None
     }
-    /// Starts a send of a ring buffer's bytes as an op of the runtime, corked (MSG_MORE) if
-    /// `corked`; the buffer back where the runtime has no such op.
-    fn send_op(&self, buf: RingBuf, corked: bool) -> Result<SendOp, RingBuf> {
+    /// Starts a send of `bytes` as an op of the runtime, corked (MSG_MORE) if `corked`; the
+    /// bytes back where the runtime has no such op.
+    fn send_op(&self, bytes: Lent, corked: bool) -> Result<SendOp, Lent> {
         let _ = corked;
-        Err(buf)
+        Err(bytes)
     }
 }
 
@@ -191,7 +191,7 @@ pub async fn relay<S: Conn>(
                 meter.bytes_up.set(meter.bytes_up.get() + n as u64);
                 // A full read suggests more is waiting: read again at once.
                 let more = n == buf.len();
-                Box::pin(send_all(server, &buf[..n]))
+                Box::pin(send_head(server, buf, n))
                     .await
                     .map(|()| more)
                     .map_err(|_| Fault::Dst)
@@ -410,7 +410,7 @@ impl<S: Conn> Future for RingRead<'_, S> {
                                 more: n == RING_BUF_SIZE || queued,
                             }
                         };
-                        match to.send_op(buf, fin_next) {
+                        match to.send_op(Lent::Ring(buf), fin_next) {
                             Ok(op) => {
                                 self.state = RingState::Sending(op, step);
                                 continue;
@@ -475,7 +475,7 @@ type SlowStep<'a> = Pin<Box<dyn Future<Output = Result<Step, Fault>> + 'a>>;
 /// does not take it all, the step goes on in a boxed future that sends a copy of the rest.
 fn send_rest<'a, S: Conn>(
     to: &'a S,
-    buf: RingBuf,
+    buf: Lent,
     from: usize,
     step: Step,
 ) -> Result<Option<SlowStep<'a>>, Fault> {
@@ -506,7 +506,7 @@ async fn wait_then_copy<S: Conn>(from: &S, to: &S) -> Result<Step, Fault> {
 /// [`SMALL_TAIL`]) and the ring buffer goes back to the ring: it is never held across a wait.
 fn send_or_copy<S: Conn>(
     to: &S,
-    buf: RingBuf,
+    buf: Lent,
     from: usize,
     fin_next: bool,
 ) -> io::Result<Option<pool::Tail>> {
@@ -570,6 +570,26 @@ fn send_with<S: Conn>(
         }
     }
     Ok(sent)
+}
+
+/// Sends the first `n` bytes of `buf` (the client's first read), as an op where the runtime
+/// has one ([`Conn::send_op`]), then what is left by syscall and waits.
+async fn send_head<S: Conn>(to: &S, buf: Buf, n: usize) -> io::Result<()> {
+    let (bytes, sent) = match to.send_op(Lent::Pool(buf, n), false) {
+        Err(bytes) => (bytes, 0),
+        Ok(op) => match op.await {
+            (Ok(m), Some(bytes)) if m >= bytes.len() => return Ok(()),
+            (Ok(m), Some(bytes)) => (bytes, m),
+            (Err(e), Some(bytes))
+                if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) =>
+            {
+                (bytes, 0)
+            }
+            (Err(e), _) => return Err(e),
+            (Ok(_), None) => return Err(io::Error::other("a send op lost its bytes")),
+        },
+    };
+    send_all(to, bytes.get(sent..).unwrap_or_default()).await
 }
 
 /// Sends all of `data`, waiting for room when the socket is full.

@@ -13,7 +13,7 @@ use std::rc::Rc;
 use socket2::Socket;
 use tokio::io::Interest;
 
-use super::ring::{self, RecvOp, RingBuf, RingSocket, SendOp};
+use super::ring::{self, Lent, RecvOp, RingSocket, SendOp};
 use crate::relay::ops::{self, ConnectError};
 use crate::relay::Conn;
 
@@ -69,8 +69,8 @@ impl Conn for Rc<RingSocket> {
         ring::recv(self)
     }
 
-    fn send_op(&self, buf: RingBuf, corked: bool) -> Result<SendOp, RingBuf> {
-        Ok(ring::send(self, buf, corked))
+    fn send_op(&self, bytes: Lent, corked: bool) -> Result<SendOp, Lent> {
+        Ok(ring::send(self, bytes, corked))
     }
 }
 

@@ -43,6 +43,7 @@ use slab::Slab;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::relay::ops::ConnectError;
+use crate::relay::pool::Buf;
 
 /// Submission queue entries per ring (the completion queue has four times as many).
 const ENTRIES: u32 = 1024;
@@ -89,9 +90,9 @@ struct Op {
     /// Keeps what the SQE names alive: the op's socket or listener, and for a connect its
     /// address (in the same allocation, so its pointer is stable).
     _keep: Option<Rc<dyn Any>>,
-    /// The ring buffer a send op sends from: the kernel reads it until the completion, which
-    /// hands it back to the op's future (see [`send`]).
-    lent: Option<RingBuf>,
+    /// The bytes a send op sends: the kernel reads them until the completion, which hands
+    /// them back to the op's future (see [`send`]).
+    lent: Option<Lent>,
 }
 
 struct Driver {
@@ -212,7 +213,7 @@ impl Driver {
         &mut self,
         sqe: squeue::Entry,
         keep: Option<Rc<dyn Any>>,
-        lent: Option<RingBuf>,
+        lent: Option<Lent>,
     ) -> io::Result<(usize, u32)> {
         self.generation = self.generation.wrapping_add(1);
         let generation = self.generation;
@@ -381,15 +382,15 @@ impl OpFuture {
     }
 
     /// [`OpFuture::start`] of an op that reads from `lent` until it completes; if it cannot
-    /// start, the buffer comes back with the error.
+    /// start, the bytes come back with the error.
     ///
     /// # Safety
     /// As [`Driver::push`]: everything `sqe` names is owned by `keep` or is `lent`'s bytes.
     unsafe fn lend(
         sqe: squeue::Entry,
         keep: Option<Rc<dyn Any>>,
-        lent: Option<RingBuf>,
-    ) -> Result<OpFuture, (io::Error, Option<RingBuf>)> {
+        lent: Option<Lent>,
+    ) -> Result<OpFuture, (io::Error, Option<Lent>)> {
         let mut lent = Some(lent);
         // SAFETY: passed on from the caller.
         let started = with(|d| unsafe { d.start(sqe, keep, lent.take().flatten()) });
@@ -414,8 +415,8 @@ impl OpFuture {
 }
 
 impl Future for OpFuture {
-    /// The completion's result and flags, and the buffer the op was lent, if any.
-    type Output = (i32, u32, Option<RingBuf>);
+    /// The completion's result and flags, and the bytes the op was lent, if any.
+    type Output = (i32, u32, Option<Lent>);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let (key, generation) = (self.key, self.generation);
@@ -751,44 +752,64 @@ impl Future for RecvOp {
     }
 }
 
-/// Starts sending what `buf` holds on `owner`, with MSG_MORE when `corked` (see
+/// Bytes lent to a send op ([`send`]): a ring buffer, or the first `n` bytes of a pooled
+/// buffer. Their address does not move with the value (both live in their own allocation).
+pub enum Lent {
+    Ring(RingBuf),
+    Pool(Buf, usize),
+}
+
+impl std::ops::Deref for Lent {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Lent::Ring(b) => b,
+            Lent::Pool(b, n) => b.get(..*n).unwrap_or(b),
+        }
+    }
+}
+
+/// Starts sending `bytes` on `owner`, with MSG_MORE when `corked` (see
 /// `relay::sys::send_before_fin`). The op never waits for room (MSG_DONTWAIT: a full socket
 /// completes it at once with `EAGAIN`), so a ring buffer is lent to the kernel for one loop
 /// turn at most, never for as long as a slow reader takes. Sent from the ring, the sends of
 /// one loop turn go out in the one `io_uring_enter` that submits the batch: each wakes its
 /// reader, and a woken reader that preempts this thread does so once per batch, at the
 /// enter's return, where each send(2) of its own was a chance to be preempted.
-pub fn send<T: AsRawFd + 'static>(owner: &Rc<T>, buf: RingBuf, corked: bool) -> SendOp {
+pub fn send<T: AsRawFd + 'static>(owner: &Rc<T>, bytes: Lent, corked: bool) -> SendOp {
     let mut flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
     if corked {
         flags |= libc::MSG_MORE;
     }
-    let sqe = opcode::Send::new(types::Fd(owner.as_raw_fd()), buf.ptr, buf.len as u32)
+    let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+    let sqe = opcode::Send::new(types::Fd(owner.as_raw_fd()), bytes.as_ptr(), len)
         .flags(flags)
         .build();
     let keep: Rc<dyn Any> = owner.clone();
-    // SAFETY: the SQE names the fd, held open by `keep`, and the buffer's bytes: the op's slot
-    // owns the `RingBuf` (not published to the ring again while it lives) until the completion.
-    SendOp(unsafe { OpFuture::lend(sqe, Some(keep), Some(buf)) }.map_err(Some))
+    // SAFETY: the SQE names the fd, held open by `keep`, and the bytes, in an allocation of
+    // their own that the op's slot owns (a ring buffer is not published to the ring again
+    // while its `RingBuf` lives) until the completion.
+    SendOp(unsafe { OpFuture::lend(sqe, Some(keep), Some(bytes)) }.map_err(Some))
 }
 
 /// A send in flight (from [`send`]): resolves to the bytes the socket took (`EAGAIN` when it
-/// took none; `EBUSY` if the op could not be queued), and the buffer back, for what is left.
-pub struct SendOp(Result<OpFuture, Option<(io::Error, Option<RingBuf>)>>);
+/// took none; `EBUSY` if the op could not be queued), and the bytes back, for what is left.
+pub struct SendOp(Result<OpFuture, Option<(io::Error, Option<Lent>)>>);
 
 impl Future for SendOp {
-    /// The buffer is `None` only if the driver lost it (it cannot, on a worker): then the
-    /// bytes are lost and the caller fails the connection.
-    type Output = (io::Result<usize>, Option<RingBuf>);
+    /// The bytes are `None` only if the driver lost them (it cannot, on a worker): then they
+    /// are lost and the caller fails the connection.
+    type Output = (io::Result<usize>, Option<Lent>);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Poll::Ready(match &mut self.0 {
             Ok(op) => match Pin::new(op).poll(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready((res, _, buf)) => (result(res).map(|n| n as usize), buf),
+                Poll::Ready((res, _, bytes)) => (result(res).map(|n| n as usize), bytes),
             },
             Err(e) => match e.take() {
-                Some((e, buf)) => (Err(e), buf),
+                Some((e, bytes)) => (Err(e), bytes),
                 None => (Err(io::ErrorKind::Other.into()), None),
             },
         })
@@ -930,7 +951,8 @@ mod tests {
                 let buf = recv(&src).expect("a buffer ring").await;
                 let buf = buf.expect("a read").expect("bytes, not EOF");
                 assert_eq!(&buf[..], b"hello");
-                let sent = deadline::timeout(Duration::from_secs(5), send(&dst, buf, false));
+                let sent =
+                    deadline::timeout(Duration::from_secs(5), send(&dst, Lent::Ring(buf), false));
                 let (res, buf) = sent.await.expect("the send op waited for room");
                 assert_eq!(
                     res.expect_err("a full socket takes nothing").raw_os_error(),
