@@ -67,10 +67,11 @@ pub trait Conn: AsRawFd + AsFd + 'static {
         None
     }
     /// Starts a send of `bytes` as an op of the runtime, corked (MSG_MORE) if `corked`; the
-    /// bytes back where the runtime has no such op.
-    fn send_op(&self, bytes: Lent, corked: bool) -> Result<SendOp, Lent> {
+    /// bytes back where the runtime has no such op or it could not start (`None`: lost, which
+    /// the runtime never does).
+    fn send_op(&self, bytes: Lent, corked: bool) -> Result<SendOp, Option<Lent>> {
         let _ = corked;
-        Err(bytes)
+        Err(Some(bytes))
     }
 }
 
@@ -363,8 +364,8 @@ enum RingState<'a> {
     /// Not polled yet: the op starts at the first poll.
     Start,
     Reading(RecvOp),
-    /// The read's bytes on their way out; `step` is what the read made of them.
-    Sending(SendOp, Step),
+    /// The read's bytes on their way out, and what the read made of them.
+    Sending(SendOp, RingStep),
     Slow(Pin<Box<dyn Future<Output = Result<Step, Fault>> + 'a>>),
 }
 
@@ -384,7 +385,7 @@ impl<S: Conn> Future for RingRead<'_, S> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let (from, to) = (self.from, self.to);
         loop {
-            let slow: Pin<Box<dyn Future<Output = _>>> = match &mut self.state {
+            let slow: SlowStep<'_> = match &mut self.state {
                 RingState::Start => {
                     // `reads_by_op` said there is one; without it, read by readiness.
                     self.state = match from.recv_op() {
@@ -401,25 +402,19 @@ impl<S: Conn> Future for RingRead<'_, S> {
                         // Something is queued behind a short read: more bytes (read on at
                         // once), or the FIN (then the bytes go out corked, to leave with it).
                         let queued = buf.more_queued() && n < RING_BUF_SIZE;
-                        let fin_next = queued && matches!(sys::peek(from.as_raw_fd()), Ok(0));
-                        let step = if fin_next {
-                            Step::Last { n }
-                        } else {
-                            Step::Moved {
-                                n,
-                                more: n == RING_BUF_SIZE || queued,
-                            }
+                        let last = queued && matches!(sys::peek(from.as_raw_fd()), Ok(0));
+                        let step = RingStep {
+                            n: n as u16,
+                            more: n == RING_BUF_SIZE || queued,
+                            last,
                         };
-                        match to.send_op(Lent::Ring(buf), fin_next) {
+                        match to.send_op(Lent::Ring(buf), last) {
                             Ok(op) => {
                                 self.state = RingState::Sending(op, step);
                                 continue;
                             }
-                            Err(buf) => match send_rest(to, buf, 0, step) {
-                                Ok(None) => return Poll::Ready(Ok(step)),
-                                Ok(Some(slow)) => slow,
-                                Err(f) => return Poll::Ready(Err(f)),
-                            },
+                            Err(Some(bytes)) => send_rest(to, bytes, 0, step.into()),
+                            Err(None) => return Poll::Ready(Err(Fault::Dst)),
                         }
                     }
                     Poll::Ready(Ok(None)) => return Poll::Ready(Ok(Step::Eof)),
@@ -438,28 +433,21 @@ impl<S: Conn> Future for RingRead<'_, S> {
                     Poll::Ready(Err(_)) => return Poll::Ready(Err(Fault::Src)),
                 },
                 RingState::Sending(op, step) => {
-                    let step = *step;
-                    let sent = match Pin::new(op).poll(cx) {
+                    let step = Step::from(*step);
+                    match Pin::new(op).poll(cx) {
                         Poll::Pending => return Poll::Pending,
-                        // The socket was full (EAGAIN), or the op could not be queued (EBUSY):
-                        // the syscall's send takes over.
-                        Poll::Ready((Err(e), Some(buf)))
-                            if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) =>
-                        {
-                            send_rest(to, buf, 0, step)
+                        Poll::Ready((Ok(m), Some(bytes))) if m >= bytes.len() => {
+                            return Poll::Ready(Ok(step))
                         }
-                        Poll::Ready((Ok(m), Some(buf))) => {
-                            if m >= buf.len() {
-                                return Poll::Ready(Ok(step));
-                            }
-                            send_rest(to, buf, m, step)
+                        // The socket took part of it, or none (EAGAIN: full): the syscall's
+                        // send takes over with the rest.
+                        Poll::Ready((Ok(m), Some(bytes))) => send_rest(to, bytes, m, step),
+                        Poll::Ready((Err(e), Some(bytes)))
+                            if e.raw_os_error() == Some(libc::EAGAIN) =>
+                        {
+                            send_rest(to, bytes, 0, step)
                         }
                         Poll::Ready(_) => return Poll::Ready(Err(Fault::Dst)),
-                    };
-                    match sent {
-                        Ok(None) => return Poll::Ready(Ok(step)),
-                        Ok(Some(slow)) => slow,
-                        Err(f) => return Poll::Ready(Err(f)),
                     }
                 }
             };
@@ -468,28 +456,45 @@ impl<S: Conn> Future for RingRead<'_, S> {
     }
 }
 
+/// What a ring read made of its bytes ([`Step::Moved`] or [`Step::Last`]), in four bytes: it
+/// waits beside every send op in flight, inside the relay's future.
+#[derive(Clone, Copy)]
+struct RingStep {
+    n: u16,
+    more: bool,
+    last: bool,
+}
+
+// A ring read's length fits.
+const _: () = assert!(RING_BUF_SIZE <= u16::MAX as usize);
+
+impl From<RingStep> for Step {
+    fn from(s: RingStep) -> Step {
+        let n = s.n as usize;
+        if s.last {
+            Step::Last { n }
+        } else {
+            Step::Moved { n, more: s.more }
+        }
+    }
+}
+
 /// A boxed step that finishes what a ring read started (see [`RingRead`]).
 type SlowStep<'a> = Pin<Box<dyn Future<Output = Result<Step, Fault>> + 'a>>;
 
-/// Sends what a ring buffer holds from `from` on, by syscall ([`send_or_copy`]); if the socket
-/// does not take it all, the step goes on in a boxed future that sends a copy of the rest.
-fn send_rest<'a, S: Conn>(
-    to: &'a S,
-    buf: Lent,
-    from: usize,
-    step: Step,
-) -> Result<Option<SlowStep<'a>>, Fault> {
+/// Sends what a send op could not, from byte `from` of `bytes` on, by syscall
+/// ([`send_or_copy`]), and then, if the socket did not take it all, a copy of the rest as it
+/// makes room. The rare case of a ring read's step (boxed, like every rare case there).
+fn send_rest<'a, S: Conn>(to: &'a S, bytes: Lent, from: usize, step: Step) -> SlowStep<'a> {
     let fin_next = matches!(step, Step::Last { .. });
-    match send_or_copy(to, buf, from, fin_next) {
-        Err(_) => Err(Fault::Dst),
-        Ok(None) => Ok(None),
-        // The reader is slow: wait with a copy of what is left (the ring buffer is back
-        // already).
-        Ok(Some(rest)) => Ok(Some(Box::pin(async move {
+    let rest = send_or_copy(to, bytes, from, fin_next);
+    Box::pin(async move {
+        // The ring buffer is back already: a slow reader holds only the copy.
+        if let Some(rest) = rest.map_err(|_| Fault::Dst)? {
             send_all(to, &rest).await.map_err(|_| Fault::Dst)?;
-            Ok(step)
-        }))),
-    }
+        }
+        Ok(step)
+    })
 }
 
 /// A copy step by readiness: where a ring read is not to be had (no op, an empty ring).
@@ -573,21 +578,28 @@ fn send_with<S: Conn>(
 }
 
 /// Sends the first `n` bytes of `buf` (the client's first read), as an op where the runtime
-/// has one ([`Conn::send_op`]), then what is left by syscall and waits.
+/// has one ([`Conn::send_op`]), then what is left by syscall and waits. A small head goes out
+/// of a copy, and the pooled buffer back at once: the op holds its bytes until the loop
+/// turn's submit, and a burst of new connections would otherwise hold a 16 KiB buffer each
+/// until then (buffers the allocator keeps afterwards).
 async fn send_head<S: Conn>(to: &S, buf: Buf, n: usize) -> io::Result<()> {
-    let (bytes, sent) = match to.send_op(Lent::Pool(buf, n), false) {
-        Err(bytes) => (bytes, 0),
+    let head = if n <= SMALL_TAIL {
+        let copy = pool::Tail::new(buf.get(..n).unwrap_or_default());
+        drop(buf);
+        Lent::Copy(copy)
+    } else {
+        Lent::Pool(buf, n)
+    };
+    let (bytes, sent) = match to.send_op(head, false) {
+        Err(Some(bytes)) => (bytes, 0),
         Ok(op) => match op.await {
             (Ok(m), Some(bytes)) if m >= bytes.len() => return Ok(()),
             (Ok(m), Some(bytes)) => (bytes, m),
-            (Err(e), Some(bytes))
-                if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) =>
-            {
-                (bytes, 0)
-            }
+            (Err(e), Some(bytes)) if e.raw_os_error() == Some(libc::EAGAIN) => (bytes, 0),
             (Err(e), _) => return Err(e),
             (Ok(_), None) => return Err(io::Error::other("a send op lost its bytes")),
         },
+        Err(None) => return Err(io::Error::other("a send op lost its bytes")),
     };
     send_all(to, bytes.get(sent..).unwrap_or_default()).await
 }

@@ -69,8 +69,8 @@ impl Conn for Rc<RingSocket> {
         ring::recv(self)
     }
 
-    fn send_op(&self, bytes: Lent, corked: bool) -> Result<SendOp, Lent> {
-        Ok(ring::send(self, bytes, corked))
+    fn send_op(&self, bytes: Lent, corked: bool) -> Result<SendOp, Option<Lent>> {
+        ring::send(self, bytes, corked).map_err(|(_, bytes)| bytes)
     }
 }
 

@@ -43,7 +43,7 @@ use slab::Slab;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::relay::ops::ConnectError;
-use crate::relay::pool::Buf;
+use crate::relay::pool::{Buf, Tail};
 
 /// Submission queue entries per ring (the completion queue has four times as many).
 const ENTRIES: u32 = 1024;
@@ -91,8 +91,9 @@ struct Op {
     /// address (in the same allocation, so its pointer is stable).
     _keep: Option<Rc<dyn Any>>,
     /// The bytes a send op sends: the kernel reads them until the completion, which hands
-    /// them back to the op's future (see [`send`]).
-    lent: Option<Lent>,
+    /// them back to the op's future (see [`send`]). Boxed: every idle connection's two
+    /// pending reads have a slot each, and this keeps the slots small.
+    lent: Option<Box<Lent>>,
 }
 
 struct Driver {
@@ -102,8 +103,6 @@ struct Driver {
     /// SQEs pushed since the last submit.
     queued: u32,
     generation: u32,
-    /// A slot freed inside the driver whose contents must be dropped outside it.
-    leftover: Option<Op>,
 }
 
 thread_local! {
@@ -156,7 +155,6 @@ pub fn init(bufs: u16) -> io::Result<()> {
             bufs,
             queued: 0,
             generation: 0,
-            leftover: None,
         })
     });
     Ok(())
@@ -205,7 +203,9 @@ impl Driver {
         self.queued = self.ring.submission().len() as u32;
     }
 
-    /// Starts an op: a slot for it, then its SQE tagged with the slot.
+    /// Starts an op: a slot for it, then its SQE tagged with the slot. If the SQE cannot be
+    /// queued, the slot comes back with the error, for the caller to drop outside the driver
+    /// (what it keeps may be a socket, whose drop queues its close through the driver).
     ///
     /// # Safety
     /// As [`Driver::push`]: what `sqe` names is owned by `keep`.
@@ -213,8 +213,8 @@ impl Driver {
         &mut self,
         sqe: squeue::Entry,
         keep: Option<Rc<dyn Any>>,
-        lent: Option<Lent>,
-    ) -> io::Result<(usize, u32)> {
+        lent: Option<Box<Lent>>,
+    ) -> Result<(usize, u32), (io::Error, Op)> {
         self.generation = self.generation.wrapping_add(1);
         let generation = self.generation;
         let key = self.ops.insert(Op {
@@ -227,13 +227,8 @@ impl Driver {
         // SAFETY: the slot just filled owns what the SQE names until its completion.
         match unsafe { self.push(&sqe) } {
             Ok(()) => Ok((key, generation)),
-            Err(e) => {
-                // Never submitted: the slot goes at once. Its fd is dropped by the caller's
-                // `drop` outside the driver (see `OpFuture::start`).
-                let op = self.ops.remove(key);
-                self.leftover = Some(op);
-                Err(e)
-            }
+            // Never submitted: the slot goes at once.
+            Err(e) => Err((e, self.ops.remove(key))),
         }
     }
 }
@@ -389,23 +384,20 @@ impl OpFuture {
     unsafe fn lend(
         sqe: squeue::Entry,
         keep: Option<Rc<dyn Any>>,
-        lent: Option<Lent>,
-    ) -> Result<OpFuture, (io::Error, Option<Lent>)> {
+        lent: Option<Box<Lent>>,
+    ) -> Result<OpFuture, (io::Error, Option<Box<Lent>>)> {
         let mut lent = Some(lent);
         // SAFETY: passed on from the caller.
         let started = with(|d| unsafe { d.start(sqe, keep, lent.take().flatten()) });
-        // A slot freed without being submitted is dropped here, outside the driver; its
-        // buffer goes back to the caller.
-        let back = with(|d| d.leftover.take())
-            .flatten()
-            .and_then(|mut op| op.lent.take());
         match started {
             Some(Ok((key, generation))) => Ok(OpFuture {
                 key,
                 generation,
                 done: false,
             }),
-            Some(Err(e)) => Err((e, back)),
+            // A slot freed without being submitted is dropped here, outside the driver; its
+            // bytes go back to the caller.
+            Some(Err((e, mut op))) => Err((e, op.lent.take())),
             None => Err((
                 io::Error::other("no io_uring on this thread"),
                 lent.flatten(),
@@ -416,7 +408,7 @@ impl OpFuture {
 
 impl Future for OpFuture {
     /// The completion's result and flags, and the bytes the op was lent, if any.
-    type Output = (i32, u32, Option<Lent>);
+    type Output = (i32, u32, Option<Box<Lent>>);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let (key, generation) = (self.key, self.generation);
@@ -752,11 +744,13 @@ impl Future for RecvOp {
     }
 }
 
-/// Bytes lent to a send op ([`send`]): a ring buffer, or the first `n` bytes of a pooled
-/// buffer. Their address does not move with the value (both live in their own allocation).
+/// Bytes lent to a send op ([`send`]): a ring buffer, the first `n` bytes of a pooled buffer,
+/// or a small copy. Their address does not move with the value (each lives in an allocation
+/// of its own).
 pub enum Lent {
     Ring(RingBuf),
     Pool(Buf, usize),
+    Copy(Tail),
 }
 
 impl std::ops::Deref for Lent {
@@ -766,6 +760,7 @@ impl std::ops::Deref for Lent {
         match self {
             Lent::Ring(b) => b,
             Lent::Pool(b, n) => b.get(..*n).unwrap_or(b),
+            Lent::Copy(t) => t,
         }
     }
 }
@@ -777,11 +772,16 @@ impl std::ops::Deref for Lent {
 /// one loop turn go out in the one `io_uring_enter` that submits the batch: each wakes its
 /// reader, and a woken reader that preempts this thread does so once per batch, at the
 /// enter's return, where each send(2) of its own was a chance to be preempted.
-pub fn send<T: AsRawFd + 'static>(owner: &Rc<T>, bytes: Lent, corked: bool) -> SendOp {
+pub fn send<T: AsRawFd + 'static>(
+    owner: &Rc<T>,
+    bytes: Lent,
+    corked: bool,
+) -> Result<SendOp, (io::Error, Option<Lent>)> {
     let mut flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
     if corked {
         flags |= libc::MSG_MORE;
     }
+    let bytes = Box::new(bytes);
     let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
     let sqe = opcode::Send::new(types::Fd(owner.as_raw_fd()), bytes.as_ptr(), len)
         .flags(flags)
@@ -790,12 +790,16 @@ pub fn send<T: AsRawFd + 'static>(owner: &Rc<T>, bytes: Lent, corked: bool) -> S
     // SAFETY: the SQE names the fd, held open by `keep`, and the bytes, in an allocation of
     // their own that the op's slot owns (a ring buffer is not published to the ring again
     // while its `RingBuf` lives) until the completion.
-    SendOp(unsafe { OpFuture::lend(sqe, Some(keep), Some(bytes)) }.map_err(Some))
+    // If it could not start (`EBUSY`: the submission queue full and the kernel busy), the
+    // bytes come back (always, in fact: a slot keeps them only once queued).
+    unsafe { OpFuture::lend(sqe, Some(keep), Some(bytes)) }
+        .map(SendOp)
+        .map_err(|(e, bytes)| (e, bytes.map(|b| *b)))
 }
 
 /// A send in flight (from [`send`]): resolves to the bytes the socket took (`EAGAIN` when it
-/// took none; `EBUSY` if the op could not be queued), and the bytes back, for what is left.
-pub struct SendOp(Result<OpFuture, Option<(io::Error, Option<Lent>)>>);
+/// took none), and the bytes back, for what is left. Small: it is part of the relay's future.
+pub struct SendOp(OpFuture);
 
 impl Future for SendOp {
     /// The bytes are `None` only if the driver lost them (it cannot, on a worker): then they
@@ -803,16 +807,9 @@ impl Future for SendOp {
     type Output = (io::Result<usize>, Option<Lent>);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(match &mut self.0 {
-            Ok(op) => match Pin::new(op).poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready((res, _, bytes)) => (result(res).map(|n| n as usize), bytes),
-            },
-            Err(e) => match e.take() {
-                Some((e, bytes)) => (Err(e), bytes),
-                None => (Err(io::ErrorKind::Other.into()), None),
-            },
-        })
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|(res, _, bytes)| (result(res).map(|n| n as usize), bytes.map(|b| *b)))
     }
 }
 
@@ -951,8 +948,8 @@ mod tests {
                 let buf = recv(&src).expect("a buffer ring").await;
                 let buf = buf.expect("a read").expect("bytes, not EOF");
                 assert_eq!(&buf[..], b"hello");
-                let sent =
-                    deadline::timeout(Duration::from_secs(5), send(&dst, Lent::Ring(buf), false));
+                let op = send(&dst, Lent::Ring(buf), false).map_err(|(e, _)| e);
+                let sent = deadline::timeout(Duration::from_secs(5), op.expect("a send op"));
                 let (res, buf) = sent.await.expect("the send op waited for room");
                 assert_eq!(
                     res.expect_err("a full socket takes nothing").raw_os_error(),
@@ -969,7 +966,11 @@ mod tests {
                 let mut buf = Some(buf);
                 while let Some(b) = buf.take() {
                     dst.wait_writable().await;
-                    match send(&dst, b, false).await {
+                    match send(&dst, b, false)
+                        .map_err(|(e, _)| e)
+                        .expect("a send op")
+                        .await
+                    {
                         (Ok(n), _) => assert_eq!(n, 5, "a 5-byte send went out whole"),
                         (Err(e), b) if e.raw_os_error() == Some(libc::EAGAIN) => buf = b,
                         (Err(e), _) => panic!("the send failed: {e}"),
