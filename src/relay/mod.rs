@@ -4,8 +4,12 @@
 //! source socket, moves what is there, and goes back to waiting when a short read says the
 //! socket ran dry. Only the wait differs between runtimes: that is the [`Conn`] trait. On
 //! io_uring the wait of a copying direction is a read op whose buffer the kernel takes from the
-//! worker's provided buffer ring when bytes arrive ([`Conn::recv_op`]); its bytes are sent at
-//! once and the buffer goes back. Elsewhere (a splicing direction, the epoll runtime) it is a
+//! worker's provided buffer ring when bytes arrive ([`Conn::recv_op`]); its bytes go out as a
+//! send op ([`Conn::send_op`], as does the client's first read) and the buffer goes back when
+//! that completes, or at once if the socket is full (the rest is copied aside). Sends as ops go
+//! out together in the loop turn's one `io_uring_enter`, so the readers they wake preempt the
+//! worker once per batch instead of at the end of each send(2). Elsewhere (a splicing
+//! direction, the epoll runtime) it is a
 //! readiness wait (an io_uring POLL_ADD, or tokio's epoll). After a read that filled its buffer,
 //! a direction reads on with plain non-blocking syscalls without waiting. How a chunk moves is
 //! the mode:
