@@ -6,7 +6,8 @@
 //! io_uring the wait of a copying direction is a read op whose buffer the kernel takes from the
 //! worker's provided buffer ring when bytes arrive ([`Conn::recv_op`]); its bytes go out as a
 //! send op ([`Conn::send_op`], as does the client's first read) and the buffer goes back when
-//! that completes, or at once if the socket is full (the rest is copied aside). Sends as ops go
+//! that op's completion is reaped, the next loop turn (if the socket was full, after its rest
+//! is copied aside). Sends as ops go
 //! out together in the loop turn's one `io_uring_enter`, so the readers they wake preempt the
 //! worker once per batch instead of at the end of each send(2). Elsewhere (a splicing
 //! direction, the epoll runtime) it is a
@@ -70,6 +71,10 @@ pub trait Conn: AsRawFd + AsFd + 'static {
     fn recv_op(&self) -> Option<RecvOp> {
         None
     }
+    /// Whether the runtime has send ops ([`Conn::send_op`]).
+    fn sends_by_op(&self) -> bool {
+        false
+    }
     /// Starts a send of `bytes` as an op of the runtime, corked (MSG_MORE) if `corked`; the
     /// bytes back where the runtime has no such op or it could not start (`None`: lost, which
     /// the runtime never does).
@@ -118,7 +123,9 @@ impl Default for Meter {
 }
 
 /// A blocked send with at most this many bytes left copies them aside and returns the big
-/// buffer, so a slow reader holds a small allocation rather than a whole pooled buffer.
+/// buffer, so a slow reader holds a small allocation rather than a whole pooled buffer. A
+/// client's first read of at most this much goes to its send op as such a copy too
+/// ([`send_head`]).
 const SMALL_TAIL: usize = 4096;
 // A ring buffer's unsent rest always fits a tail (`send_or_copy`).
 const _: () = assert!(RING_BUF_SIZE <= SMALL_TAIL);
@@ -422,7 +429,8 @@ impl<S: Conn> Future for RingRead<'_, S> {
                         }
                     }
                     Poll::Ready(Ok(None)) => return Poll::Ready(Ok(Step::Eof)),
-                    // The ring was empty (every buffer between a read and its send): the bytes
+                    // The ring was empty (every buffer between a read and its send's completion):
+                    // the bytes
                     // are still in the socket; read them into a pooled buffer instead. The same
                     // if the op could not be queued (EBUSY: the submission queue full and the
                     // kernel busy).
@@ -587,6 +595,9 @@ fn send_with<S: Conn>(
 /// turn's submit, and a burst of new connections would otherwise hold a 16 KiB buffer each
 /// until then (buffers the allocator keeps afterwards).
 async fn send_head<S: Conn>(to: &S, buf: Buf, n: usize) -> io::Result<()> {
+    if !to.sends_by_op() {
+        return send_all(to, buf.get(..n).unwrap_or_default()).await;
+    }
     let head = if n <= SMALL_TAIL {
         let copy = pool::Tail::new(buf.get(..n).unwrap_or_default());
         drop(buf);

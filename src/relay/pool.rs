@@ -47,7 +47,8 @@ pub struct PoolStats {
     pub buffers_free: AtomicUsize,
     pub pipes_in_use: AtomicUsize,
     pub pipes_free: AtomicUsize,
-    /// Small copies of the unsent tail of a blocked send (see [`Tail`]).
+    /// Small copies: the unsent tail of a blocked send, or a client's first bytes on their way
+    /// out in a send op (see [`Tail`]).
     pub tails_in_use: AtomicUsize,
     /// A direction wanted a pipe and copied instead (pipe limit reached, or out of fds).
     pub pipe_unavailable_total: AtomicU64,
@@ -171,7 +172,9 @@ impl Drop for Buf {
 }
 
 /// The few unsent bytes of a send that would block, copied out of the pooled buffer so the
-/// buffer can go back while a slow reader catches up. Counted while alive, like a buffer.
+/// buffer can go back while a slow reader catches up; or a small first read from a client,
+/// held by its send op for a loop turn (`relay::send_head`). Counted while alive, like a
+/// buffer.
 pub struct Tail(Vec<u8>);
 
 impl Tail {

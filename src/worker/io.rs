@@ -69,6 +69,10 @@ impl Conn for Rc<RingSocket> {
         ring::recv(self)
     }
 
+    fn sends_by_op(&self) -> bool {
+        true
+    }
+
     fn send_op(&self, bytes: Lent, corked: bool) -> Result<SendOp, Option<Lent>> {
         ring::send(self, bytes, corked).map_err(|(_, bytes)| bytes)
     }

@@ -50,9 +50,9 @@ const ENTRIES: u32 = 1024;
 /// SQEs that may wait for the executor's loop turn; one more and they are submitted at once.
 const SUBMIT_BATCH: u32 = 32;
 /// Buffers in each worker's provided buffer ring by default (`[global] ring_buffers`, a power
-/// of two). A buffer is held only from a recv's completion until its bytes are sent (or copied
-/// aside when the reader is slow), so this bounds the reads completed in one loop turn, not
-/// the connections.
+/// of two). A buffer is held only from a recv's completion until the completion of the send
+/// op that sends its bytes is reaped (a loop turn; its rest is copied aside when the reader is
+/// slow), so this bounds the reads completed in about two loop turns, not the connections.
 pub const RING_BUFS: u16 = 128;
 /// Size of one ring buffer. Small: a ring read is the first read after a wait, which is most
 /// often a whole small message (a request, a reply); a read that fills it says a transfer is
@@ -399,7 +399,7 @@ impl OpFuture {
             // bytes go back to the caller.
             Some(Err((e, mut op))) => Err((e, op.lent.take())),
             None => Err((
-                io::Error::other("no io_uring on this thread"),
+                io::Error::other("no io_uring on this thread, or it is in use"),
                 lent.flatten(),
             )),
         }
@@ -437,11 +437,10 @@ impl Future for OpFuture {
                 Poll::Ready((res, flags, lent))
             }
             Some(Err(())) => Poll::Pending,
-            // The driver is gone or busy (never, on a worker): report it as an error.
-            None => {
-                self.done = true;
-                Poll::Ready((-libc::ECANCELED, 0, None))
-            }
+            // The driver is gone or busy (never, on a worker): report it as an error. `done`
+            // stays false, so that the drop still orphans the op if it is in flight, and its
+            // completion frees what it holds.
+            None => Poll::Ready((-libc::ECANCELED, 0, None)),
         }
     }
 }
