@@ -408,7 +408,7 @@ def fig_bulk(streams):
                 s = out["end"]["sum_received"]
                 gb = s["bytes"] / 1e9
                 vals.append((s["bits_per_second"] / 1e9, cpu / gb if gb else None))
-            return median_pairs(vals), ""
+            return vals, ""
         finally:
             procs.stop(p)
     return run
@@ -483,7 +483,7 @@ def fig_http(close):
                     notes.append("wrk socket errors: connect %s, read %s, write %s, timeout %s" % e.groups())
                 if n:
                     notes.append("%s non-2xx responses" % n.group(1))
-            return median_pairs(vals), "; ".join(notes)
+            return vals, "; ".join(notes)
         finally:
             procs.stop(p)
     return run
@@ -550,7 +550,7 @@ def fig_idle(col, args, procs, tmp, env):
             note += "; failed: " + ", ".join("%d %s" % (c, k) for k, c in fails.most_common())
         if limit != env["nofile"]:
             note += "; fd limit in effect %s" % limit
-        return ((rss1 - rss0) / n if n else None, (fd1 - fd0) / n if n else None, sum(fails.values())), note
+        return [((rss1 - rss0) / n if n else None, (fd1 - fd0) / n if n else None, sum(fails.values()))], note
     finally:
         procs.stop(p)
 
@@ -672,6 +672,11 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 s per figure, no warm-up: a smoke run")
     ap.add_argument("--duration", type=int, help="seconds per load run (default: 15, --quick 3)")
     ap.add_argument("--repeat", type=int, default=1, help="load runs per figure; the median is reported")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="go round the balancers this many times per figure, every other round in reverse "
+                         "(each round starts each balancer again and runs --repeat loads); the median is over "
+                         "all rounds. Interleaving spreads the machine's drift over every column, where "
+                         "--repeat runs one balancer's loads back to back (default: %(default)s)")
     ap.add_argument("--idle", type=int, default=10000, help="idle connections to hold (default: %(default)s)")
     ap.add_argument("--fd-limit", type=int, default=24000,
                     help="RLIMIT_NOFILE of every balancer (default: %(default)s); if the hard limit is lower, "
@@ -800,26 +805,41 @@ def main():
 
         log("%d balancers x %d figures, %d s per load run%s" % (
             len(cols), len(figures), args.duration, " (quick)" if args.quick else ""))
-        # Figure by figure, every balancer in turn, so slow drift of the machine hits all alike.
+        # Figure by figure, every balancer in turn, so slow drift of the machine hits all alike;
+        # with --rounds, the turn goes round that many times (every other one in reverse), and
+        # the median is over the samples of all rounds.
         for key in figures:
             fn, rows = FIGURES[key]
+            samples = collections.defaultdict(list)
+            seen = collections.defaultdict(list)
+            rounds = 1 if key == "idle" else args.rounds
+            for rnd in range(rounds):
+                for c in (cols if rnd % 2 == 0 else cols[::-1]):
+                    try:
+                        vals, note = fn(c, args, procs, tmp, env)
+                    except RuntimeError as e:
+                        vals, note = [], "error: %s" % e
+                    if c.kind == "ringloop" and c.logf:
+                        # Its counters (buffer ring exhausted, recvs paused, timeouts), printed
+                        # when stopped.
+                        stats = [l.strip() for l in open(c.logf, errors="replace") if "stopped by" in l]
+                        if stats:
+                            note = "; ".join(x for x in (note, stats[-1]) if x)
+                    samples[c.key].extend(vals)
+                    if note and note not in seen[c.key]:
+                        seen[c.key].append(note)
+                    shown = "-" if not vals else ", ".join(
+                        "%s %s" % (fmt_num(fmt, median_pairs(vals)[idx])
+                                   if median_pairs(vals)[idx] is not None else "-", label)
+                        for label, idx, _, fmt in rows)
+                    log("%-10s %-26s %s%s%s" % (key, c.title, shown,
+                                                ("   [" + note + "]") if note else "",
+                                                "   (round %d of %d)" % (rnd + 1, rounds) if rounds > 1 else ""))
             for c in cols:
-                try:
-                    vals, note = fn(c, args, procs, tmp, env)
-                except RuntimeError as e:
-                    vals, note = None, "error: %s" % e
-                if c.kind == "ringloop" and c.logf:
-                    # Its counters (buffer ring exhausted, recvs paused, timeouts), printed when stopped.
-                    stats = [l.strip() for l in open(c.logf, errors="replace") if "stopped by" in l]
-                    if stats:
-                        note = "; ".join(x for x in (note, stats[-1]) if x)
-                results[(key, c.key)] = (vals, note)
+                note = "; ".join(seen[c.key])
+                results[(key, c.key)] = (median_pairs(samples[c.key]) if samples[c.key] else None, note)
                 if note:
                     notes.append("%s, %s: %s" % (key, c.title, note))
-                shown = "-" if vals is None else ", ".join(
-                    "%s %s" % (fmt_num(fmt, vals[idx]) if vals[idx] is not None else "-", label)
-                    for label, idx, _, fmt in rows)
-                log("%-10s %-26s %s%s" % (key, c.title, shown, ("   [" + note + "]") if note else ""))
     except KeyboardInterrupt:
         log("interrupted; stopping everything")
         procs.stop_all()
@@ -838,9 +858,10 @@ def main():
     wrk = first_line(["wrk", "-v"]).split(" Copyright")[0] if have("wrk") else "wrk -"
     iperf = first_line(["iperf3", "--version"]).split(" (")[0] if have("iperf3") else "iperf3 -"
     print("- peers and tools: %s; %s; %s; %s" % (hv or "haproxy -", nv or "nginx -", wrk, iperf))
-    print("- %d s per load run%s, median of %d; 2 workers/threads each; fd limit %d; wall time %.0f s; "
+    print("- %d s per load run%s, median of %d%s; 2 workers/threads each; fd limit %d; wall time %.0f s; "
           "load average %.2f before, %.2f after\n"
-          % (args.duration, ", %d s warm-up" % args.warmup if args.warmup else "", args.repeat, nofile,
+          % (args.duration, ", %d s warm-up" % args.warmup if args.warmup else "", args.repeat * args.rounds,
+             " (%d interleaved rounds of %d)" % (args.rounds, args.repeat) if args.rounds > 1 else "", nofile,
              time.time() - started, load0, os.getloadavg()[0]))
     print(table(cols, results, env))
     print("\n↑ higher is better, ↓ lower is better; (N.NNx) = ringlb / best peer (%s)."
