@@ -49,7 +49,7 @@
 //! ```sh
 //! ringloop --workers 2 --listen 127.0.0.1:8000 --backend 127.0.0.1:8080 [--no-defer | --coop] \
 //!     [--shutdown-op | --pbuf [--bufs N] [--buf-size BYTES] [--dir-bufs N] [--idle-timeout-ms MS] \
-//!     [--connect-timeout-ms MS] [--tick-ms MS]]
+//!     [--connect-timeout-ms MS] [--tick-ms MS] [--oneshot]]
 //! ```
 //!
 //! The unsafe here is the io_uring contract: every fd and buffer an SQE names must stay valid
@@ -601,6 +601,8 @@ struct PWorker {
     backend: Box<SockAddr>,
     /// Buffers a direction may hold before its recv is paused.
     cap: u16,
+    /// `--oneshot` (see [`PbufOpts`]).
+    oneshot: bool,
     /// Directions waiting for buffers (ENOBUFS), oldest first.
     starved: VecDeque<(usize, usize)>,
     wheel: Wheel,
@@ -671,9 +673,18 @@ impl PWorker {
         let c = &mut self.conns[slot];
         c.inflight += 1;
         c.dirs[d].armed = true;
-        let sqe = opcode::RecvMulti::new(types::Fd(c.src(d)), BGID)
-            .build()
-            .user_data(tag(slot, OP_RECV + d as u64));
+        let sqe = if self.oneshot {
+            // IORING_RECVSEND_POLL_FIRST in ioprio; each completion then comes without F_MORE,
+            // which `on_recv` answers with a new arm, as for a multishot the kernel ended.
+            opcode::Recv::new(types::Fd(c.src(d)), std::ptr::null_mut(), 0)
+                .buf_group(BGID)
+                .ioprio(1)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+        } else {
+            opcode::RecvMulti::new(types::Fd(c.src(d)), BGID).build()
+        }
+        .user_data(tag(slot, OP_RECV + d as u64));
         // SAFETY: the op names no memory of ours but the ring's buffers (valid for the
         // thread's life); the fd stays open until the slot's close, which waits for the
         // recv's final completion (`inflight`).
@@ -1040,6 +1051,10 @@ struct PbufOpts {
     idle_ms: u64,
     connect_ms: u64,
     tick_ms: u64,
+    /// `--oneshot`: a one-shot recv per read (with buffer select and IORING_RECVSEND_POLL_FIRST,
+    /// as ringlb's), armed again after each completion, instead of one multishot recv per
+    /// direction: the A/B of the multishot alone.
+    oneshot: bool,
 }
 
 fn monotonic_now() -> Duration {
@@ -1055,7 +1070,7 @@ fn monotonic_now() -> Duration {
 const USAGE: &str =
     "usage: ringloop --workers N --listen ADDR --backend ADDR [--no-defer | --coop] \
 [--shutdown-op] [--pbuf [--bufs N] [--buf-size BYTES] [--dir-bufs N] [--idle-timeout-ms MS] \
-[--connect-timeout-ms MS] [--tick-ms MS]]";
+[--connect-timeout-ms MS] [--tick-ms MS] [--oneshot]]";
 
 fn main() {
     let mut workers = 2usize;
@@ -1074,6 +1089,7 @@ fn main() {
         idle_ms: 600_000,
         connect_ms: 2_000,
         tick_ms: 100,
+        oneshot: false,
     };
     let mut args = std::env::args().skip(1);
     fn num<T: std::str::FromStr>(args: &mut impl Iterator<Item = String>, flag: &str) -> T {
@@ -1096,6 +1112,7 @@ fn main() {
             "--idle-timeout-ms" => o.idle_ms = num(&mut args, &a),
             "--connect-timeout-ms" => o.connect_ms = num(&mut args, &a),
             "--tick-ms" => o.tick_ms = num(&mut args, &a),
+            "--oneshot" => o.oneshot = true,
             // `cargo bench` passes --bench.
             "--bench" => {}
             other => panic!("unknown argument {other:?}\n{USAGE}"),
@@ -1155,6 +1172,7 @@ fn main() {
                 listener: fd,
                 backend,
                 cap: o.dir_bufs,
+                oneshot: o.oneshot,
                 starved: VecDeque::new(),
                 wheel: Wheel {
                     tick_ns: if o.idle_ms == 0 {
