@@ -7,11 +7,10 @@
 //! worker's provided buffer ring when bytes arrive ([`Conn::recv_op`]); its bytes go out as a
 //! send op ([`Conn::send_op`], as does the client's first read) and the buffer goes back when
 //! that op's completion is reaped, the next loop turn (if the socket was full, after its rest
-//! is copied aside). Sends as ops go
-//! out together in the loop turn's one `io_uring_enter`, so the readers they wake preempt the
-//! worker once per batch instead of at the end of each send(2). Elsewhere (a splicing
-//! direction, the epoll runtime) it is a
-//! readiness wait (an io_uring POLL_ADD, or tokio's epoll). After a read that filled its buffer,
+//! is copied aside). Sends as ops go out together in the loop turn's one `io_uring_enter`, so
+//! the readers they wake preempt the worker once per batch instead of at the end of each
+//! send(2). Elsewhere (a splicing direction, the epoll runtime) the wait is a readiness wait
+//! (an io_uring POLL_ADD, or tokio's epoll). After a read that filled its buffer,
 //! a direction reads on with plain non-blocking syscalls without waiting. How a chunk moves is
 //! the mode:
 //!
@@ -429,11 +428,10 @@ impl<S: Conn> Future for RingRead<'_, S> {
                         }
                     }
                     Poll::Ready(Ok(None)) => return Poll::Ready(Ok(Step::Eof)),
-                    // The ring was empty (every buffer between a read and its send's completion):
-                    // the bytes
-                    // are still in the socket; read them into a pooled buffer instead. The same
-                    // if the op could not be queued (EBUSY: the submission queue full and the
-                    // kernel busy).
+                    // The ring was empty (every buffer between a read and its send's
+                    // completion): the bytes are still in the socket; read them into a pooled
+                    // buffer instead. The same if the op could not be queued (EBUSY: the
+                    // submission queue full and the kernel busy).
                     Poll::Ready(Err(e))
                         if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EBUSY)) =>
                     {
@@ -446,20 +444,11 @@ impl<S: Conn> Future for RingRead<'_, S> {
                 },
                 RingState::Sending(op, step) => {
                     let step = Step::from(*step);
-                    match Pin::new(op).poll(cx) {
+                    match Pin::new(op).poll(cx).map(unsent) {
                         Poll::Pending => return Poll::Pending,
-                        Poll::Ready((Ok(m), Some(bytes))) if m >= bytes.len() => {
-                            return Poll::Ready(Ok(step))
-                        }
-                        // The socket took part of it, or none (EAGAIN: full): the syscall's
-                        // send takes over with the rest.
-                        Poll::Ready((Ok(m), Some(bytes))) => send_rest(to, bytes, m, step),
-                        Poll::Ready((Err(e), Some(bytes)))
-                            if e.raw_os_error() == Some(libc::EAGAIN) =>
-                        {
-                            send_rest(to, bytes, 0, step)
-                        }
-                        Poll::Ready(_) => return Poll::Ready(Err(Fault::Dst)),
+                        Poll::Ready(Ok(None)) => return Poll::Ready(Ok(step)),
+                        Poll::Ready(Ok(Some((bytes, sent)))) => send_rest(to, bytes, sent, step),
+                        Poll::Ready(Err(_)) => return Poll::Ready(Err(Fault::Dst)),
                     }
                 }
             };
@@ -488,6 +477,19 @@ impl From<RingStep> for Step {
         } else {
             Step::Moved { n, more: s.more }
         }
+    }
+}
+
+/// What a send op left to send: `None` if it sent everything, or the bytes and how many of
+/// them went (none, if the socket was full: EAGAIN), for the syscall path to go on with; an
+/// error if the send failed.
+fn unsent((res, bytes): (io::Result<usize>, Option<Lent>)) -> io::Result<Option<(Lent, usize)>> {
+    let bytes = bytes.ok_or_else(|| io::Error::other("a send op lost its bytes"))?;
+    match res {
+        Ok(sent) if sent >= bytes.len() => Ok(None),
+        Ok(sent) => Ok(Some((bytes, sent))),
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(Some((bytes, 0))),
+        Err(e) => Err(e),
     }
 }
 
@@ -607,14 +609,11 @@ async fn send_head<S: Conn>(to: &S, buf: Buf, n: usize) -> io::Result<()> {
     };
     let (bytes, sent) = match to.send_op(head, false) {
         Err(Some(bytes)) => (bytes, 0),
-        Ok(op) => match op.await {
-            (Ok(m), Some(bytes)) if m >= bytes.len() => return Ok(()),
-            (Ok(m), Some(bytes)) => (bytes, m),
-            (Err(e), Some(bytes)) if e.raw_os_error() == Some(libc::EAGAIN) => (bytes, 0),
-            (Err(e), _) => return Err(e),
-            (Ok(_), None) => return Err(io::Error::other("a send op lost its bytes")),
-        },
         Err(None) => return Err(io::Error::other("a send op lost its bytes")),
+        Ok(op) => match unsent(op.await)? {
+            None => return Ok(()),
+            Some(rest) => rest,
+        },
     };
     send_all(to, bytes.get(sent..).unwrap_or_default()).await
 }

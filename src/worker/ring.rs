@@ -386,9 +386,9 @@ impl OpFuture {
         keep: Option<Rc<dyn Any>>,
         lent: Option<Box<Lent>>,
     ) -> Result<OpFuture, (io::Error, Option<Box<Lent>>)> {
-        let mut lent = Some(lent);
+        let mut lent = lent;
         // SAFETY: passed on from the caller.
-        let started = with(|d| unsafe { d.start(sqe, keep, lent.take().flatten()) });
+        let started = with(|d| unsafe { d.start(sqe, keep, lent.take()) });
         match started {
             Some(Ok((key, generation))) => Ok(OpFuture {
                 key,
@@ -398,9 +398,10 @@ impl OpFuture {
             // A slot freed without being submitted is dropped here, outside the driver; its
             // bytes go back to the caller.
             Some(Err((e, mut op))) => Err((e, op.lent.take())),
+            // The closure did not run: the bytes are still here.
             None => Err((
                 io::Error::other("no io_uring on this thread, or it is in use"),
-                lent.flatten(),
+                lent,
             )),
         }
     }
@@ -786,11 +787,11 @@ pub fn send<T: AsRawFd + 'static>(
         .flags(flags)
         .build();
     let keep: Rc<dyn Any> = owner.clone();
+    // If the op cannot start (`EBUSY`: the submission queue full and the kernel busy), the
+    // bytes come back with the error: a slot keeps them only once queued.
     // SAFETY: the SQE names the fd, held open by `keep`, and the bytes, in an allocation of
     // their own that the op's slot owns (a ring buffer is not published to the ring again
     // while its `RingBuf` lives) until the completion.
-    // If it could not start (`EBUSY`: the submission queue full and the kernel busy), the
-    // bytes come back (always, in fact: a slot keeps them only once queued).
     unsafe { OpFuture::lend(sqe, Some(keep), Some(bytes)) }
         .map(SendOp)
         .map_err(|(e, bytes)| (e, bytes.map(|b| *b)))

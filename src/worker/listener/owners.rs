@@ -4,9 +4,10 @@
 //! `/proc/PID/fd` links point at its inode.
 //!
 //! A netlink dump and plain reads of procfs, which the kernel generates in memory: they do not
-//! wait on a disk, so the control thread may make them. Nothing here needs privileges beyond the caller's. Another
-//! user's processes may hide their fds: then the clash is still found (the LISTEN table is
-//! readable by everyone) and reported with its uid and inode instead of a pid.
+//! wait on a disk, so the control thread may make them. Nothing here needs privileges beyond
+//! the caller's. Another user's processes may hide their fds: then the clash is still found
+//! (the LISTEN table is readable by everyone) and reported with its uid and inode instead of a
+//! pid.
 
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;
