@@ -828,10 +828,11 @@ def main():
                     samples[c.key].extend(vals)
                     if note and note not in seen[c.key]:
                         seen[c.key].append(note)
-                    shown = "-" if not vals else ", ".join(
-                        "%s %s" % (fmt_num(fmt, median_pairs(vals)[idx])
-                                   if median_pairs(vals)[idx] is not None else "-", label)
-                        for label, idx, _, fmt in rows)
+                    med = median_pairs(vals) if vals else None
+                    # Rows this run measures (the on-CPU ones only with --on-cpu).
+                    shown = "-" if med is None else ", ".join(
+                        "%s %s" % (fmt_num(fmt, med[idx]), label)
+                        for label, idx, _, fmt in rows if idx < len(med) and med[idx] is not None)
                     log("%-10s %-26s %s%s%s" % (key, c.title, shown,
                                                 ("   [" + note + "]") if note else "",
                                                 "   (round %d of %d)" % (rnd + 1, rounds) if rounds > 1 else ""))
