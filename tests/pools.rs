@@ -72,6 +72,14 @@ fn scenario_on(io: &str, relay: &str, end: End) {
         wait_until(SOON, || lent(&lb) > 0.0),
         "{relay}: a blocked transfer holds a buffer or a pipe with its bytes"
     );
+    // Not a ring buffer: a direction whose reader is slow has its read op cancelled, and what
+    // the op had read is copied aside with the unsent rest.
+    let ring = |lb: &Ringlb| lb.metrics().get("ringlb_relay_ring_buffers_in_use", &[]);
+    assert!(
+        wait_until(SOON, || ring(&lb) == Some(0.0)),
+        "{relay}: a blocked transfer holds no ring buffer, {:?} held",
+        ring(&lb)
+    );
     match end {
         End::ClientReset => {
             socket2::SockRef::from(&client)

@@ -3,11 +3,17 @@
 //! One orchestration for every runtime and every mode. Each direction waits for bytes on its
 //! source socket, moves what is there, and goes back to waiting when a short read says the
 //! socket ran dry. Only the wait differs between runtimes: that is the [`Conn`] trait. On
-//! io_uring the wait of a copying direction is a read op whose buffer the kernel takes from the
-//! worker's provided buffer ring when bytes arrive ([`Conn::recv_op`]); its bytes go out as a
-//! send op ([`Conn::send_op`], as does the client's first read) and the buffer goes back when
-//! that op's completion is reaped, the next loop turn (if the socket was full, after its rest
-//! is copied aside). Sends as ops go out together in the loop turn's one `io_uring_enter`, so
+//! io_uring the wait of a copying direction is a read op whose buffers the kernel takes from
+//! the worker's provided buffer ring when bytes arrive ([`Conn::read_op`]). The op is
+//! multishot: it stays armed from one message to the next, one completion per read, until it
+//! has read 16 KiB (then a burst goes on by syscall, and a stream of messages re-arms it).
+//! While it is armed every read of the direction comes from it, so no syscall read can
+//! overtake bytes it took. A read's bytes (with the reads queued behind it, gathered into one
+//! pooled buffer) go out as a send op ([`Conn::send_op`], as does the client's first read)
+//! and the buffer goes back when that op's completion is reaped, the next loop turn. If the
+//! socket was full, the rest is copied aside, the read op is cancelled (a slow reader stops
+//! the reading, as it would by syscall) and what it had read joins the copy, so a slow reader
+//! holds no ring buffer. Sends as ops go out together in the loop turn's one `io_uring_enter`, so
 //! the readers they wake preempt the worker once per batch instead of at the end of each
 //! send(2). Elsewhere (a splicing direction, the epoll runtime) the wait is a readiness wait
 //! (an io_uring POLL_ADD, or tokio's epoll). After a read that filled its buffer,
@@ -49,7 +55,7 @@ use nix::sys::socket::Shutdown;
 use tokio::io::Interest;
 
 use crate::config::RelayMode;
-use crate::worker::ring::{Lent, RecvOp, SendOp, RING_BUF_SIZE};
+use crate::worker::ring::{Lent, Reads, SendOp, RING_BUF_SIZE};
 use pool::{Buf, Pipe};
 
 /// A connected, non-blocking socket as the relay sees it: plain syscalls on its fd, and a way
@@ -66,9 +72,10 @@ pub trait Conn: AsRawFd + AsFd + 'static {
     fn reads_by_op(&self) -> bool {
         false
     }
-    /// Starts that read ([`Conn::reads_by_op`]); `None` where there is none.
-    fn recv_op(&self) -> Option<RecvOp> {
-        None
+    /// Starts that read ([`Conn::reads_by_op`]): one op for the direction's reads from here
+    /// on, until its last completion. An error where there is none.
+    fn read_op(&self) -> io::Result<Reads> {
+        Err(io::ErrorKind::Unsupported.into())
     }
     /// Whether the runtime has send ops ([`Conn::send_op`]).
     fn sends_by_op(&self) -> bool {
@@ -315,14 +322,18 @@ async fn pump<S: Conn>(
     mut readable: bool,
 ) -> Result<(), Fault> {
     let mut splicing = mode == RelayMode::Splice;
+    // The direction's read op while it is armed, or has completions left to take: every read
+    // goes through it until its last one (no syscall read may overtake bytes it took).
+    let mut reads: Option<Reads> = None;
     loop {
         // A direction that waits for bytes does it with the runtime's read op where it has one
         // (an op that waits and reads: no readiness wait of its own, and all an idle direction
-        // holds). While a transfer is in full flow (the last read filled its buffer) it reads
-        // with plain syscalls instead, from the pool's hot buffers, without a loop turn per
-        // chunk; the first short read sends it back to the op.
-        let step = if !splicing && !readable && from.reads_by_op() {
-            RingRead::new(from, to).await?
+        // holds). While a transfer is in full flow (the last read filled its buffer, or the op
+        // reached its byte cap with more queued) it reads with plain syscalls instead, from
+        // the pool's hot buffers, without a loop turn per chunk; the first short read sends it
+        // back to the op.
+        let step = if reads.is_some() || (!splicing && !readable && from.reads_by_op()) {
+            RingRead::new(from, to, &mut reads).await?
         } else {
             if !readable {
                 from.wait(Interest::READABLE)
@@ -347,6 +358,9 @@ async fn pump<S: Conn>(
                 last.set(Instant::now());
                 return Ok(());
             }
+            // The read op ended without bytes (cancelled for a slow reader): read on by
+            // syscall.
+            Step::Moved { n: 0, more } => readable = more,
             Step::Moved { n, more } => {
                 bytes.set(bytes.get() + n as u64);
                 last.set(Instant::now());
@@ -360,99 +374,190 @@ async fn pump<S: Conn>(
     }
 }
 
-/// Copy mode's step on a runtime with a read op ([`Conn::recv_op`]): the op, then a send of
-/// what it read, as an op too where the runtime has one ([`Conn::send_op`]). Written out by
-/// hand so that an idle direction's future is the op and two references: the rare cases (a
-/// slow reader, an empty ring) go on in a boxed future.
-struct RingRead<'a, S: Conn> {
+/// Copy mode's step on a runtime with a read op ([`Conn::read_op`]): the op's next completion,
+/// then a send of what it read, as an op too where the runtime has one ([`Conn::send_op`]).
+/// The op itself is the direction's (`reads`, kept by [`pump`] from one step to the next while
+/// it is armed). Written out by hand so that an idle direction's future is a few references:
+/// the rare cases (a slow reader, an empty ring) go on in a boxed future.
+struct RingRead<'a, 'r, S: Conn> {
     from: &'a S,
     to: &'a S,
+    reads: &'r mut Option<Reads>,
     state: RingState<'a>,
 }
 
 enum RingState<'a> {
-    /// Not polled yet: the op starts at the first poll.
-    Start,
-    Reading(RecvOp),
+    /// Waiting for the read op's next completion (the op is armed at the first poll if the
+    /// direction has none).
+    Reading,
     /// The read's bytes on their way out, and what the read made of them.
     Sending(SendOp, RingStep),
-    Slow(Pin<Box<dyn Future<Output = Result<Step, Fault>> + 'a>>),
+    Slow(SlowStep<'a>),
 }
 
-impl<'a, S: Conn> RingRead<'a, S> {
-    fn new(from: &'a S, to: &'a S) -> Self {
+impl<'a, 'r, S: Conn> RingRead<'a, 'r, S> {
+    fn new(from: &'a S, to: &'a S, reads: &'r mut Option<Reads>) -> Self {
         RingRead {
             from,
             to,
-            state: RingState::Start,
+            reads,
+            state: RingState::Reading,
         }
     }
 }
 
-impl<S: Conn> Future for RingRead<'_, S> {
+impl<S: Conn> Future for RingRead<'_, '_, S> {
     type Output = Result<Step, Fault>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (from, to) = (self.from, self.to);
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let RingRead {
+            from,
+            to,
+            reads,
+            state,
+        } = self.get_mut();
+        let (from, to, reads) = (*from, *to, &mut **reads);
         loop {
-            let slow: SlowStep<'_> = match &mut self.state {
-                RingState::Start => {
-                    // `reads_by_op` said there is one; without it, read by readiness.
-                    self.state = match from.recv_op() {
-                        Some(op) => RingState::Reading(op),
-                        None => RingState::Slow(Box::pin(wait_then_copy(from, to))),
-                    };
-                    continue;
-                }
+            let slow: SlowStep<'_> = match state {
                 RingState::Slow(f) => return f.as_mut().poll(cx),
-                RingState::Reading(op) => match Pin::new(op).poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(Some(buf))) => {
-                        let n = buf.len();
-                        // Something is queued behind a short read: more bytes (read on at
-                        // once), or the FIN (then the bytes go out corked, to leave with it).
-                        let queued = buf.more_queued() && n < RING_BUF_SIZE;
-                        let last = queued && matches!(sys::peek(from.as_raw_fd()), Ok(0));
-                        let step = RingStep {
-                            n: n as u16,
-                            more: n == RING_BUF_SIZE || queued,
-                            last,
-                        };
-                        match to.send_op(Lent::Ring(buf), last) {
-                            Ok(op) => {
-                                self.state = RingState::Sending(op, step);
+                RingState::Reading => {
+                    let op = match reads {
+                        Some(op) => op,
+                        None => match from.read_op() {
+                            Ok(op) => reads.insert(op),
+                            // Not queued (EBUSY: the submission queue full and the kernel
+                            // busy), or no ring: read by readiness instead.
+                            Err(_) => {
+                                *state = RingState::Slow(Box::pin(wait_then_copy(from, to)));
                                 continue;
                             }
-                            Err(Some(bytes)) => send_rest(to, bytes, 0, step.into()),
-                            Err(None) => return Poll::Ready(Err(Fault::Dst)),
-                        }
+                        },
+                    };
+                    let (read, armed) = match op.poll_read(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(r) => r,
+                    };
+                    if !armed {
+                        *reads = None;
                     }
-                    Poll::Ready(Ok(None)) => return Poll::Ready(Ok(Step::Eof)),
-                    // The ring was empty (every buffer between a read and its send's
-                    // completion): the bytes are still in the socket; read them into a pooled
-                    // buffer instead. The same if the op could not be queued (EBUSY: the
-                    // submission queue full and the kernel busy).
-                    Poll::Ready(Err(e))
-                        if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EBUSY)) =>
-                    {
-                        if e.raw_os_error() == Some(libc::ENOBUFS) {
-                            pool::note_ring_empty();
+                    match read {
+                        Ok(Some(buf)) => {
+                            let (bytes, step) = match gather(from, buf, reads) {
+                                Ok(out) => out,
+                                Err(()) => return Poll::Ready(Err(Fault::Src)),
+                            };
+                            match to.send_op(bytes, step.last) {
+                                Ok(op) => {
+                                    *state = RingState::Sending(op, step);
+                                    continue;
+                                }
+                                Err(Some(bytes)) => send_rest(to, bytes, 0, step.into(), reads),
+                                Err(None) => return Poll::Ready(Err(Fault::Dst)),
+                            }
                         }
-                        Box::pin(wait_then_copy(from, to))
+                        Ok(None) => return Poll::Ready(Ok(Step::Eof)),
+                        Err(e) => match e.raw_os_error() {
+                            // Cancelled for a slow reader that has caught up since: read on
+                            // by syscall.
+                            Some(libc::ECANCELED) => {
+                                return Poll::Ready(Ok(Step::Moved { n: 0, more: true }))
+                            }
+                            // The ring was empty (every buffer between a read and its send's
+                            // completion): the bytes are still in the socket; read them into
+                            // a pooled buffer instead.
+                            Some(libc::ENOBUFS) => {
+                                pool::note_ring_empty();
+                                Box::pin(wait_then_copy(from, to))
+                            }
+                            _ => return Poll::Ready(Err(Fault::Src)),
+                        },
                     }
-                    Poll::Ready(Err(_)) => return Poll::Ready(Err(Fault::Src)),
-                },
+                }
                 RingState::Sending(op, step) => {
                     let step = Step::from(*step);
                     match Pin::new(op).poll(cx).map(unsent) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Ok(None)) => return Poll::Ready(Ok(step)),
-                        Poll::Ready(Ok(Some((bytes, sent)))) => send_rest(to, bytes, sent, step),
+                        Poll::Ready(Ok(Some((bytes, sent)))) => {
+                            send_rest(to, bytes, sent, step, reads)
+                        }
                         Poll::Ready(Err(_)) => return Poll::Ready(Err(Fault::Dst)),
                     }
                 }
             };
-            self.state = RingState::Slow(slow);
+            *state = RingState::Slow(slow);
+        }
+    }
+}
+
+/// A ring read's bytes with the reads queued behind them on the op ([`Reads::next_queued`]):
+/// one buffer goes out as it is; several are copied into one pooled buffer, up to its size,
+/// for one send. Then what comes after them: the FIN (the bytes go out corked, to leave with
+/// it), more bytes, or nothing yet. `Err` if a completion broke the op's contract.
+fn gather(
+    from: &impl AsRawFd,
+    first: crate::worker::ring::RingBuf,
+    reads: &mut Option<Reads>,
+) -> Result<(Lent, RingStep), ()> {
+    let data_next = |reads: &Option<Reads>| {
+        reads
+            .as_ref()
+            .and_then(Reads::next_queued)
+            .filter(|&res| res > 0)
+    };
+    let (mut n, mut tail_len, mut tail_queued) = (first.len(), first.len(), first.more_queued());
+    let bytes = if data_next(reads).is_some() {
+        let mut buf = Buf::take();
+        buf[..n].copy_from_slice(&first);
+        drop(first);
+        while let Some(len) = data_next(reads) {
+            if n + len as usize > buf.len() {
+                break;
+            }
+            let Some((read, armed)) = reads.as_mut().and_then(Reads::try_read) else {
+                break;
+            };
+            if !armed {
+                *reads = None;
+            }
+            let b = read.ok().flatten().ok_or(())?;
+            buf[n..n + b.len()].copy_from_slice(&b);
+            n += b.len();
+            (tail_len, tail_queued) = (b.len(), b.more_queued());
+        }
+        Lent::Pool(buf, n)
+    } else {
+        Lent::Ring(first)
+    };
+    let (more, last) = match reads.as_ref().map(Reads::next_queued) {
+        // The op is armed: it brings what comes next; an EOF already queued is the FIN.
+        Some(Some(0)) => (false, true),
+        Some(Some(res)) => (res > 0, false),
+        Some(None) => (false, false),
+        // The op has ended (its byte cap, or a one-shot read): something queued behind the
+        // last read is more bytes (read on by syscall at once) or the FIN, which a peek tells.
+        None => {
+            let full = tail_len == RING_BUF_SIZE;
+            let queued = tail_queued && !full;
+            let last = queued && matches!(sys::peek(from.as_raw_fd()), Ok(0));
+            (full || queued, last)
+        }
+    };
+    let step = RingStep {
+        n: n as u16,
+        more,
+        last,
+    };
+    Ok((bytes, step))
+}
+
+impl Step {
+    /// The step with `extra` more bytes moved.
+    fn plus(self, extra: usize) -> Step {
+        match self {
+            Step::Moved { n, more } => Step::Moved { n: n + extra, more },
+            Step::Last { n } => Step::Last { n: n + extra },
+            other => other,
         }
     }
 }
@@ -466,8 +571,8 @@ struct RingStep {
     last: bool,
 }
 
-// A ring read's length fits.
-const _: () = assert!(RING_BUF_SIZE <= u16::MAX as usize);
+// A ring read's length fits, gathered into a pooled buffer too.
+const _: () = assert!(RING_BUF_SIZE <= pool::BUF_SIZE && pool::BUF_SIZE <= u16::MAX as usize);
 
 impl From<RingStep> for Step {
     fn from(s: RingStep) -> Step {
@@ -498,17 +603,58 @@ type SlowStep<'a> = Pin<Box<dyn Future<Output = Result<Step, Fault>> + 'a>>;
 
 /// Sends what a send op could not, from byte `from` of `bytes` on, by syscall
 /// ([`send_or_copy`]), and then, if the socket did not take it all, a copy of the rest as it
-/// makes room. The rare case of a ring read's step (boxed, like every rare case there).
-fn send_rest<'a, S: Conn>(to: &'a S, bytes: Lent, from: usize, step: Step) -> SlowStep<'a> {
+/// makes room. The reader is slow then: the direction's read op is cancelled (no more reads
+/// until it catches up, as a syscall relay would not read either), and what the op read
+/// already joins the copy ([`hold`]). The rare case of a ring read's step (boxed, like every
+/// rare case there).
+fn send_rest<'a, S: Conn>(
+    to: &'a S,
+    bytes: Lent,
+    from: usize,
+    step: Step,
+    reads: &mut Option<Reads>,
+) -> SlowStep<'a> {
     let fin_next = matches!(step, Step::Last { .. });
-    let rest = send_or_copy(to, bytes, from, fin_next);
+    let mut step = step;
+    let rest = send_or_copy(to, bytes, from, fin_next).map(|rest| {
+        rest.map(|mut tail| {
+            step = step.plus(hold(reads, &mut tail));
+            tail
+        })
+    });
     Box::pin(async move {
-        // The ring buffer is back already: a slow reader holds only the copy.
+        // The ring buffers are back already: a slow reader holds only the copy.
         if let Some(rest) = rest.map_err(|_| Fault::Dst)? {
             send_all(to, &rest).await.map_err(|_| Fault::Dst)?;
         }
         Ok(step)
     })
+}
+
+/// Stops a direction's reads for a slow reader: cancels its read op and appends the bytes of
+/// the reads it has queued to `tail`, giving their ring buffers back (the op's last
+/// completion, and any read that beat the cancel, are taken by the next step). Returns how
+/// many bytes it appended.
+fn hold(reads: &mut Option<Reads>, tail: &mut pool::Tail) -> usize {
+    let Some(op) = reads.as_mut() else {
+        return 0;
+    };
+    op.cancel();
+    let mut n = 0;
+    while op.next_queued().is_some_and(|res| res > 0) {
+        let Some((read, armed)) = op.try_read() else {
+            break;
+        };
+        if let Ok(Some(b)) = read {
+            tail.push(&b);
+            n += b.len();
+        }
+        if !armed {
+            *reads = None;
+            break;
+        }
+    }
+    n
 }
 
 /// A copy step by readiness: where a ring read is not to be had (no op, an empty ring).

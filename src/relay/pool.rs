@@ -188,6 +188,13 @@ impl Tail {
     }
 }
 
+impl Tail {
+    /// Appends `bytes` (what a cancelled read op had read behind the unsent rest).
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+}
+
 impl std::ops::Deref for Tail {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -13,7 +13,7 @@ use std::rc::Rc;
 use socket2::Socket;
 use tokio::io::Interest;
 
-use super::ring::{self, Lent, RecvOp, RingSocket, SendOp};
+use super::ring::{self, Lent, Reads, RingSocket, SendOp};
 use crate::relay::ops::{self, ConnectError};
 use crate::relay::Conn;
 
@@ -65,8 +65,8 @@ impl Conn for Rc<RingSocket> {
         ring::has_buffer_ring()
     }
 
-    fn recv_op(&self) -> Option<RecvOp> {
-        ring::recv(self)
+    fn read_op(&self) -> io::Result<Reads> {
+        ring::reads(self)
     }
 
     fn sends_by_op(&self) -> bool {

@@ -11,9 +11,12 @@
 //!
 //! What it has that tokio-uring 0.5 has not, and why ringlb runs its own:
 //! - **A provided buffer ring** (IORING_REGISTER_PBUF_RING) of [`RING_BUFS`] buffers per
-//!   worker. A [`recv`] names no buffer: the kernel picks one from the ring when the data
-//!   arrives, so an idle connection's pending read holds no memory, and the wait and the read
-//!   are one op (where a readiness poll is followed by a recv syscall).
+//!   worker. A read ([`reads`]) names no buffer: the kernel picks one from the ring when the
+//!   data arrives, so an idle connection's pending read holds no memory, and the wait and the
+//!   read are one op (where a readiness poll is followed by a recv syscall).
+//! - **Multishot reads.** One recv op per direction stays armed from message to message and
+//!   posts a completion per read, up to a byte cap ([`MULTISHOT_BYTES`]); its completions
+//!   queue in the op's slot until the relay takes them.
 //! - **Cancellation.** A dropped op future cancels its op (IORING_OP_ASYNC_CANCEL); what the op
 //!   holds (its socket, its address) is released when the op's completion arrives.
 //! - **Close as an op.** A [`RingSocket`] is closed by an IORING_OP_CLOSE submitted with the
@@ -29,6 +32,7 @@
 
 use std::any::Any;
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -69,6 +73,16 @@ const ENTER_GETEVENTS: u32 = 1;
 /// an idle connection), where that first attempt is a wasted recvmsg (Linux 5.19; earlier
 /// kernels have no buffer rings, so no ring reads).
 const RECV_POLL_FIRST: u16 = 1;
+/// IORING_RECV_MULTISHOT, in a recv's `ioprio`: the op stays armed and posts a completion per
+/// read, each with a buffer of the ring, until one comes without F_MORE.
+const RECV_MULTISHOT: u16 = 2;
+/// Bytes one multishot read op takes before it ends by itself (the SQE's `optlen`, Linux
+/// 6.17: the op's last completion is the read that reaches it). It bounds how far one
+/// direction reads ahead of its sends (16 KiB, and at most one ring buffer more) without a
+/// cancel, and makes the switch to syscall reads in bulk free: a burst ends the op after one
+/// pooled buffer's worth, and the relay reads on by syscall. A stream of smaller messages
+/// re-arms it once per 16 KiB, not once per message.
+pub const MULTISHOT_BYTES: u32 = crate::relay::pool::BUF_SIZE as u32;
 /// user_data of SQEs whose completion nobody waits for (a close, a cancel).
 const UNWATCHED: u64 = u64::MAX;
 
@@ -77,8 +91,45 @@ enum State {
     Waiting(Option<Waker>),
     /// Completed: the CQE's result and flags, not yet taken by the future.
     Done(i32, u32),
+    /// A multishot op ([`reads`]): its completions not yet taken, in order, and the waker of
+    /// the task waiting for the next. The first completion without F_MORE is its last.
+    Multi(Option<Waker>, Cqes),
     /// The future was dropped while the op was in flight; its completion frees the slot.
     Orphan,
+}
+
+/// The completions of a multishot op not yet taken, oldest first: the first in place (most
+/// often the only one), the rest in a deque that is allocated only when two wait at once.
+#[derive(Default)]
+struct Cqes {
+    first: Option<(i32, u32)>,
+    rest: VecDeque<(i32, u32)>,
+}
+
+impl Cqes {
+    fn push(&mut self, cqe: (i32, u32)) {
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(cqe);
+        } else {
+            self.rest.push_back(cqe);
+        }
+    }
+
+    fn pop(&mut self) -> Option<(i32, u32)> {
+        self.first.take().or_else(|| self.rest.pop_front())
+    }
+
+    fn front(&self) -> Option<(i32, u32)> {
+        self.first.or_else(|| self.rest.front().copied())
+    }
+
+    /// Whether the op's last completion (no F_MORE) is among them.
+    fn has_last(&self) -> bool {
+        self.rest
+            .back()
+            .or(self.first.as_ref())
+            .is_some_and(|&(_, flags)| !cqueue::more(flags))
+    }
 }
 
 /// One op in flight: its state and what the kernel may touch until it completes.
@@ -100,6 +151,9 @@ struct Driver {
     ring: IoUring,
     ops: Slab<Op>,
     bufs: Option<BufRing>,
+    /// Whether reads are multishot recvs capped at [`MULTISHOT_BYTES`] (Linux 6.17); one-shot
+    /// recvs on older kernels.
+    multishot: bool,
     /// SQEs pushed since the last submit.
     queued: u32,
     generation: u32,
@@ -153,6 +207,7 @@ pub fn init(bufs: u16) -> io::Result<()> {
             ring,
             ops: Slab::with_capacity(256),
             bufs,
+            multishot: kernel_at_least(6, 17),
             queued: 0,
             generation: 0,
         })
@@ -160,7 +215,7 @@ pub fn init(bufs: u16) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether reads on this thread go through the buffer ring ([`recv`]).
+/// Whether reads on this thread go through the buffer ring ([`reads`]).
 pub fn has_buffer_ring() -> bool {
     with(|d| d.bufs.is_some()).unwrap_or(false)
 }
@@ -214,11 +269,12 @@ impl Driver {
         sqe: squeue::Entry,
         keep: Option<Rc<dyn Any>>,
         lent: Option<Box<Lent>>,
+        state: State,
     ) -> Result<(usize, u32), (io::Error, Op)> {
         self.generation = self.generation.wrapping_add(1);
         let generation = self.generation;
         let key = self.ops.insert(Op {
-            state: State::Waiting(None),
+            state,
             generation,
             _keep: keep,
             lent,
@@ -293,11 +349,20 @@ impl Driver {
         }
         let (key, generation) = ((ud & 0xffff_ffff) as usize, (ud >> 32) as u32);
         let Some(op) = self.op_mut(key, generation) else {
-            // No op waits for it (cannot happen: a slot lives until its one completion); a
+            // No op waits for it (cannot happen: a slot lives until its last completion); a
             // buffer it names goes straight back.
             self.give_back_from(flags);
             return Reaped::Nothing;
         };
+        if let State::Multi(waker, cqes) = &mut op.state {
+            cqes.push((res, flags));
+            return waker.take().map_or(Reaped::Nothing, Reaped::Wake);
+        }
+        if matches!(op.state, State::Orphan) && cqueue::more(flags) {
+            // An orphaned multishot op: not its last completion yet, so the slot stays.
+            self.give_back_from(flags);
+            return Reaped::Nothing;
+        }
         match std::mem::replace(&mut op.state, State::Done(res, flags)) {
             State::Waiting(w) => w.map_or(Reaped::Nothing, Reaped::Wake),
             State::Orphan => {
@@ -305,8 +370,9 @@ impl Driver {
                 self.give_back_from(flags);
                 Reaped::Free(op)
             }
-            // One completion per op: a second cannot come (its buffer would go back).
-            State::Done(..) => {
+            // One completion per one-shot op: a second cannot come (its buffer would go
+            // back); a multishot op's state is never replaced.
+            State::Done(..) | State::Multi(..) => {
                 self.give_back_from(flags);
                 Reaped::Nothing
             }
@@ -388,7 +454,7 @@ impl OpFuture {
     ) -> Result<OpFuture, (io::Error, Option<Box<Lent>>)> {
         let mut lent = lent;
         // SAFETY: passed on from the caller.
-        let started = with(|d| unsafe { d.start(sqe, keep, lent.take()) });
+        let started = with(|d| unsafe { d.start(sqe, keep, lent.take(), State::Waiting(None)) });
         match started {
             Some(Ok((key, generation))) => Ok(OpFuture {
                 key,
@@ -426,7 +492,7 @@ impl Future for OpFuture {
                     }
                     Some(Err(()))
                 }
-                State::Orphan => None,
+                State::Orphan | State::Multi(..) => None,
             }
         })
         .flatten();
@@ -472,7 +538,7 @@ impl Drop for OpFuture {
                     let _ = unsafe { d.push(&cancel) };
                     None
                 }
-                State::Orphan => None,
+                State::Orphan | State::Multi(..) => None,
             }
         })
         .flatten();
@@ -679,68 +745,270 @@ impl Drop for RingBuf {
     }
 }
 
-/// Starts a read on `owner`: the op waits for bytes and reads them into a buffer the kernel
-/// takes from the ring when they arrive (see [`RecvOp`]). `None` where this thread has no
-/// buffer ring.
-pub fn recv<T: AsRawFd + 'static>(owner: &Rc<T>) -> Option<RecvOp> {
-    if !has_buffer_ring() {
-        return None;
-    }
+/// Starts the reads of one direction on `owner`: an op that waits for bytes and reads them
+/// into buffers the kernel takes from the ring as they arrive, one completion per read (see
+/// [`Reads`]). `ENOBUFS` where this thread has no buffer ring, `EBUSY` if the op could not be
+/// queued.
+///
+/// On Linux 6.17 and later it is a multishot recv, capped at [`MULTISHOT_BYTES`]: it stays
+/// armed from one message to the next, where a one-shot recv arms the socket's wait queue
+/// again for every read (the cost of a keep-alive request that nginx's persistent epoll
+/// registration does not pay). On older kernels, whose multishot recv has no cap, it is a
+/// one-shot recv, which ends with its first completion.
+pub fn reads<T: AsRawFd + 'static>(owner: &Rc<T>) -> io::Result<Reads> {
+    let Some(multishot) = with(|d| d.bufs.as_ref().map(|_| d.multishot)).flatten() else {
+        return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+    };
+    let prio = if multishot {
+        RECV_POLL_FIRST | RECV_MULTISHOT
+    } else {
+        RECV_POLL_FIRST
+    };
     let sqe = opcode::Recv::new(types::Fd(owner.as_raw_fd()), std::ptr::null_mut(), 0)
         .buf_group(BGID)
-        .ioprio(RECV_POLL_FIRST)
+        .ioprio(prio)
         .build()
         .flags(squeue::Flags::BUFFER_SELECT);
+    let sqe = if multishot {
+        with_optlen(sqe, MULTISHOT_BYTES)
+    } else {
+        sqe
+    };
     let keep: Rc<dyn Any> = owner.clone();
-    // SAFETY: the SQE names the fd, held open by `keep`, and no memory of ours: the kernel
-    // writes into a ring buffer it owns until the completion names it.
-    Some(RecvOp(unsafe { Started::new(sqe, Some(keep)) }))
+    let state = State::Multi(None, Cqes::default());
+    // SAFETY: the SQE names the fd, held open by `keep` until the op's last completion, and
+    // no memory of ours: the kernel writes into ring buffers it owns until a completion names
+    // them.
+    let started = with(|d| unsafe { d.start(sqe, Some(keep), None, state) });
+    match started {
+        Some(Ok((key, generation))) => Ok(Reads {
+            key,
+            generation,
+            ended: false,
+            cancelled: false,
+        }),
+        // The slot, and the socket it keeps, go here, outside the driver.
+        Some(Err((e, op))) => {
+            drop(op);
+            Err(e)
+        }
+        None => Err(io::Error::from_raw_os_error(libc::EBUSY)),
+    }
 }
 
-/// A read in flight (from [`recv`]): resolves to the bytes, in a ring buffer, or `None` at
-/// EOF; `ENOBUFS` when the ring was empty as they arrived (they stay in the socket, for the
-/// caller to read another way); `EBUSY` if it could not be queued. Small, since every idle
-/// connection holds two.
+/// Sets an SQE's `optlen` (its bytes 44 to 47, a union with `splice_fd_in` and `file_index`),
+/// which io-uring's recv builder has no setter for: a multishot recv's byte cap.
+fn with_optlen(sqe: squeue::Entry, optlen: u32) -> squeue::Entry {
+    const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
+    // SAFETY: `Entry` is `repr(C)` around the kernel's 64-byte `io_uring_sqe`, plain integers
+    // and unions of them: every bit pattern is a valid value, both ways.
+    let mut raw: [u8; 64] = unsafe { std::mem::transmute(sqe) };
+    raw[44..48].copy_from_slice(&optlen.to_ne_bytes());
+    // SAFETY: as above.
+    unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(raw) }
+}
+
+/// Whether the running kernel's release is at least `major.minor` (from uname(2)).
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    // SAFETY: uname fills the struct it is given; zeroed is a valid `utsname` (byte arrays).
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable utsname.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return false;
+    }
+    // SAFETY: uname NUL-terminates `release` within the array.
+    let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
+    release_at_least(&release.to_string_lossy(), major, minor)
+}
+
+/// Whether a kernel release string ("6.18.44-fc-v1045") names `major.minor` or later.
+fn release_at_least(release: &str, major: u32, minor: u32) -> bool {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let mut next = || parts.next().and_then(|p| p.parse::<u32>().ok());
+    match (next(), next()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => false,
+    }
+}
+
+/// One direction's reads in flight (from [`reads`]): each completion is the bytes of one read,
+/// in a ring buffer, or EOF; the last one (`armed` false) ends the op. `ENOBUFS` ends it when
+/// the ring was empty as bytes arrived (they stay in the socket, for the caller to read
+/// another way), `ECANCELED` after [`Reads::cancel`]. Small: every idle direction holds one.
 ///
-/// Unlike a readiness wait, dropping it unfinished may lose bytes: a read that completed
-/// (or won the race with its cancel) took them from the socket. Drop one only when the
-/// connection ends.
-pub struct RecvOp(Started);
+/// Dropping it unfinished may lose bytes: completions taken from the socket and not yet
+/// read here go back to the ring unread. Drop one only when the connection ends, or after its
+/// last completion.
+pub struct Reads {
+    key: usize,
+    generation: u32,
+    /// The last completion has been taken: the slot is gone.
+    ended: bool,
+    cancelled: bool,
+}
 
-impl Future for RecvOp {
-    type Output = io::Result<Option<RingBuf>>;
+/// One completion of [`Reads`]: the read's bytes (`None` at EOF) or its error, and whether the
+/// op is still armed (more completions will come).
+pub type Read = (io::Result<Option<RingBuf>>, bool);
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (res, flags) = match self.0.poll_op(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Ready(Ok(out)) => out,
-        };
-        let buf = cqueue::buffer_select(flags).and_then(|bid| {
-            with(|d| d.bufs.as_ref().map(|b| b.buf(bid)))
-                .flatten()
-                .map(|ptr| RingBuf {
-                    bid,
-                    len: 0,
-                    ptr,
-                    queued: cqueue::sock_nonempty(flags),
-                })
-        });
-        let n = match result(res) {
-            Ok(n) => n as usize,
-            Err(e) => return Poll::Ready(Err(e)),
-        };
-        Poll::Ready(match buf {
-            Some(mut b) if n > 0 => {
-                b.len = n.min(RING_BUF_SIZE);
-                Ok(Some(b))
-            }
-            // EOF (a buffer named with it goes back as `b` drops).
-            _ if n == 0 => Ok(None),
-            _ => Err(io::Error::other(
-                "a buffer-select recv completed without a buffer",
-            )),
+impl Reads {
+    /// The next completion, once there is one.
+    pub fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Read> {
+        match self.take(Some(cx)) {
+            Some(read) => Poll::Ready(read),
+            None => Poll::Pending,
+        }
+    }
+
+    /// The next completion if one is queued already; never waits.
+    pub fn try_read(&mut self) -> Option<Read> {
+        self.take(None)
+    }
+
+    /// The result of the next queued completion (bytes read, 0 at EOF, or `-errno`) without
+    /// taking it; `None` if none is queued.
+    pub fn next_queued(&self) -> Option<i32> {
+        if self.ended {
+            return None;
+        }
+        let (key, generation) = (self.key, self.generation);
+        with(|d| match &d.op_mut(key, generation)?.state {
+            State::Multi(_, cqes) => cqes.front().map(|(res, _)| res),
+            _ => None,
         })
+        .flatten()
+    }
+
+    /// Ends the op early: what it read already still comes, in order, then a last completion
+    /// with `ECANCELED` (or the one it ended with anyway).
+    pub fn cancel(&mut self) {
+        if self.ended || self.cancelled {
+            return;
+        }
+        self.cancelled = true;
+        let cancel = opcode::AsyncCancel::new(tag(self.key, self.generation))
+            .build()
+            .user_data(UNWATCHED);
+        // SAFETY: a cancel names no fd or memory, only the op's tag. If it cannot be queued,
+        // the op goes on until it ends by itself (its cap, EOF, or the connection's shutdown).
+        let _ = with(|d| unsafe { d.push(&cancel) });
+    }
+
+    fn take(&mut self, cx: Option<&mut Context<'_>>) -> Option<Read> {
+        if self.ended {
+            return Some((Err(io::Error::other("the reads have ended")), false));
+        }
+        let (key, generation) = (self.key, self.generation);
+        // The buffer is made into a `RingBuf` outside the driver: one dropped inside it (at
+        // EOF) could not go back to the ring.
+        let popped = with(|d| {
+            let op = d.op_mut(key, generation)?;
+            let State::Multi(waker, cqes) = &mut op.state else {
+                return Some(Err(()));
+            };
+            let Some((res, flags)) = cqes.pop() else {
+                if let Some(cx) = cx {
+                    if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *waker = Some(cx.waker().clone());
+                    }
+                }
+                return None;
+            };
+            let armed = cqueue::more(flags);
+            if !armed {
+                // Its last completion: the slot (and the socket it keeps) goes.
+                let op = d.ops.remove(key);
+                let ptr = buf_ptr(d, flags);
+                return Some(Ok((res, flags, armed, ptr, Some(op))));
+            }
+            let ptr = buf_ptr(d, flags);
+            Some(Ok((res, flags, armed, ptr, None)))
+        });
+        match popped {
+            Some(Some(Ok((res, flags, armed, ptr, op)))) => {
+                drop(op);
+                self.ended = !armed;
+                Some((ring_read(res, flags, ptr), armed))
+            }
+            Some(None) => None,
+            // The driver is gone or busy, or the slot is not this op's (never, on a worker).
+            Some(Some(Err(()))) | None => {
+                self.ended = true;
+                Some((Err(io::Error::other("the reads' op is gone")), false))
+            }
+        }
+    }
+}
+
+/// The address of the ring buffer a completion's flags name, if any.
+fn buf_ptr(d: &Driver, flags: u32) -> Option<*const u8> {
+    let bid = cqueue::buffer_select(flags)?;
+    d.bufs.as_ref().map(|b| b.buf(bid))
+}
+
+/// A read's completion as its bytes: a ring buffer (given back when dropped), `None` at EOF,
+/// or the error.
+fn ring_read(res: i32, flags: u32, ptr: Option<*const u8>) -> io::Result<Option<RingBuf>> {
+    let buf = cqueue::buffer_select(flags)
+        .zip(ptr)
+        .map(|(bid, ptr)| RingBuf {
+            bid,
+            len: 0,
+            ptr,
+            queued: cqueue::sock_nonempty(flags),
+        });
+    let n = result(res)? as usize;
+    match buf {
+        Some(mut b) if n > 0 => {
+            b.len = n.min(RING_BUF_SIZE);
+            Ok(Some(b))
+        }
+        // EOF (a buffer named with it goes back as `b` drops).
+        _ if n == 0 => Ok(None),
+        _ => Err(io::Error::other(
+            "a buffer-select recv completed without a buffer",
+        )),
+    }
+}
+
+impl Drop for Reads {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        let (key, generation, cancelled) = (self.key, self.generation, self.cancelled);
+        let freed = with(|d| {
+            let op = d.op_mut(key, generation)?;
+            let State::Multi(_, cqes) = &mut op.state else {
+                return None;
+            };
+            let ended = cqes.has_last();
+            let mut flags = Vec::new();
+            while let Some((_, f)) = cqes.pop() {
+                flags.push(f);
+            }
+            let op = if ended {
+                Some(d.ops.remove(key))
+            } else {
+                op.state = State::Orphan;
+                if !cancelled {
+                    let cancel = opcode::AsyncCancel::new(tag(key, generation))
+                        .build()
+                        .user_data(UNWATCHED);
+                    // SAFETY: as in `cancel`; an op not cancelled ends at the connection's
+                    // shutdown, and its completions free the slot then.
+                    let _ = unsafe { d.push(&cancel) };
+                }
+                None
+            };
+            // What it read and nobody will: back to the ring.
+            for f in flags {
+                d.give_back_from(f);
+            }
+            op
+        })
+        .flatten();
+        drop(freed);
     }
 }
 
@@ -945,7 +1213,8 @@ mod tests {
                     }
                 }
                 writer.write_all(b"hello").expect("a write");
-                let buf = recv(&src).expect("a buffer ring").await;
+                let mut op = reads(&src).expect("reads");
+                let (buf, _) = next(&mut op).await;
                 let buf = buf.expect("a read").expect("bytes, not EOF");
                 assert_eq!(&buf[..], b"hello");
                 let op = send(&dst, Lent::Ring(buf), false).map_err(|(e, _)| e);
@@ -978,6 +1247,155 @@ mod tests {
                 }
                 let got = drained.join().expect("the reader");
                 assert_eq!(&got[filled..], b"hello");
+            })
+        });
+    }
+
+    /// The next completion of `reads`, within 5 s.
+    async fn next(reads: &mut Reads) -> super::Read {
+        let read = std::future::poll_fn(|cx| reads.poll_read(cx));
+        deadline::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("a completion within 5 s")
+    }
+
+    /// Ring buffers taken by completions and not given back, and ops in flight.
+    fn held() -> (usize, usize) {
+        with(|d| (d.bufs.as_ref().map_or(0, |b| b.taken), d.ops.len())).expect("a driver")
+    }
+
+    /// [`held`] once the executor has run a few loop turns: its own ops (the wake-up bell's
+    /// poll) are in flight by then, the baseline of the tests.
+    async fn baseline() -> (usize, usize) {
+        let mut turns = 0;
+        turns_until(|| {
+            turns += 1;
+            turns > 3
+        })
+        .await;
+        held()
+    }
+
+    /// Lets the executor run a loop turn (submit, reap) until `done`, at most 5 s.
+    async fn turns_until(mut done: impl FnMut() -> bool) {
+        let wait = std::future::poll_fn(|cx| {
+            if done() {
+                Poll::Ready(())
+            } else {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        });
+        deadline::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("the condition within 5 s");
+    }
+
+    #[test]
+    fn the_kernel_release_is_read_as_major_and_minor() {
+        assert!(release_at_least("6.18.44-fc-v1045", 6, 17));
+        assert!(release_at_least("6.17.0", 6, 17));
+        assert!(release_at_least("7.0", 6, 17));
+        assert!(!release_at_least("6.16.9-arch1", 6, 17));
+        assert!(!release_at_least("5.19.17", 6, 17));
+        assert!(!release_at_least("garbage", 6, 17));
+    }
+
+    /// One op reads message after message, each in its own completion, and ends by itself at
+    /// its byte cap: what is behind the cap stays in the socket, for the syscall reads.
+    #[test]
+    fn reads_stay_armed_across_messages_and_end_at_their_byte_cap() {
+        exec::on_worker(|| {
+            Box::pin(async {
+                if !with(|d| d.multishot).expect("a driver") {
+                    // One-shot reads on kernels before 6.17: each ends with its completion.
+                    return;
+                }
+                let l = TcpListener::bind("127.0.0.1:0").expect("a listener");
+                let (src, mut writer) = pair(&l);
+                let base = baseline().await;
+                let mut reads = reads(&src).expect("reads");
+                for msg in [&b"first"[..], b"second"] {
+                    writer.write_all(msg).expect("a write");
+                    let (read, armed) = next(&mut reads).await;
+                    assert_eq!(&read.expect("a read").expect("bytes")[..], msg);
+                    assert!(armed, "the op stays armed after a message");
+                }
+                let sent = 11;
+                // Past the cap: 16 KiB less what came already, and 100 bytes more.
+                let rest = MULTISHOT_BYTES as usize - sent + 100;
+                writer.write_all(&vec![9u8; rest]).expect("a write");
+                let mut got = sent;
+                loop {
+                    let (read, armed) = next(&mut reads).await;
+                    got += read.expect("a read").expect("bytes").len();
+                    if !armed {
+                        break;
+                    }
+                }
+                // It ends with the read that reaches the cap.
+                let cap = MULTISHOT_BYTES as usize;
+                assert!(
+                    (cap..cap + RING_BUF_SIZE).contains(&got),
+                    "the op ends at its cap: {got} bytes"
+                );
+                let mut behind = [0u8; 200];
+                let n = crate::relay::sys::recv(src.as_raw_fd(), &mut behind).expect("a recv");
+                assert_eq!(
+                    n,
+                    sent + rest - got,
+                    "what is past the cap is still in the socket"
+                );
+                assert_eq!(held(), base, "every buffer back, no op left");
+            })
+        });
+    }
+
+    /// A cancelled op ends with ECANCELED after what it read; one dropped with reads queued
+    /// gives their buffers back and frees its slot once its last completion is in.
+    #[test]
+    fn cancelled_or_dropped_reads_give_every_buffer_back() {
+        exec::on_worker(|| {
+            Box::pin(async {
+                let l = TcpListener::bind("127.0.0.1:0").expect("a listener");
+                let (src, mut writer) = pair(&l);
+                let multishot = with(|d| d.multishot).expect("a driver");
+                let base = baseline().await;
+                let mut op = reads(&src).expect("reads");
+                writer.write_all(b"one").expect("a write");
+                let (read, armed) = next(&mut op).await;
+                assert_eq!(&read.expect("a read").expect("bytes")[..], b"one");
+                if multishot {
+                    assert!(armed);
+                    op.cancel();
+                    let (read, armed) = next(&mut op).await;
+                    let e = read.err().expect("the cancel's completion");
+                    assert_eq!(e.raw_os_error(), Some(libc::ECANCELED));
+                    assert!(!armed, "a cancel ends the op");
+                }
+                drop(op);
+                assert_eq!(held(), base);
+
+                // Dropped with a read queued and the op still armed.
+                let op = reads(&src).expect("reads");
+                writer.write_all(b"two").expect("a write");
+                turns_until(|| op.next_queued().is_some()).await;
+                assert_eq!(held().0, base.0 + 1, "the queued read holds its buffer");
+                drop(op);
+                assert_eq!(held().0, base.0, "the drop gives the queued buffer back");
+                // The cancel's completion frees the slot.
+                turns_until(|| held() == base).await;
+                // The bytes went with the dropped op; the socket still works.
+                writer.write_all(b"three").expect("a write");
+                let mut op = reads(&src).expect("reads");
+                let (read, _) = next(&mut op).await;
+                assert_eq!(&read.expect("a read").expect("bytes")[..], b"three");
+                drop(writer);
+                let (read, armed) = next(&mut op).await;
+                assert!(read.expect("EOF").is_none(), "EOF after the peer's close");
+                assert!(!armed, "EOF ends the op");
+                drop(op);
+                assert_eq!(held(), base);
             })
         });
     }
