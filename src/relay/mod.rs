@@ -635,7 +635,7 @@ fn send_rest<'a, S: Conn>(
 /// the reads it has queued to `tail`, giving their ring buffers back (the op's last
 /// completion, and any read that beat the cancel, are taken by the next step). Returns how
 /// many bytes it appended.
-fn hold(reads: &mut Option<Reads>, tail: &mut pool::Tail) -> usize {
+pub(crate) fn hold(reads: &mut Option<Reads>, tail: &mut pool::Tail) -> usize {
     let Some(op) = reads.as_mut() else {
         return 0;
     };

@@ -1327,6 +1327,41 @@ mod tests {
         );
     }
 
+    /// For a slow reader the relay cancels a direction's reads and copies what they had
+    /// queued behind the unsent rest, in order, giving their buffers back at once.
+    #[test]
+    fn a_slow_readers_queued_reads_join_its_copy_in_order() {
+        exec::on_worker(|| {
+            Box::pin(async {
+                let l = TcpListener::bind("127.0.0.1:0").expect("a listener");
+                let (src, mut writer) = pair(&l);
+                let base = baseline().await;
+                let mut op = Some(reads(&src).expect("reads"));
+                let multishot = with(|d| d.multishot).expect("a driver");
+                // Two reads queued (one on a one-shot kernel, whose op ends with it).
+                let want: &[u8] = if multishot { b"abcdef" } else { b"abc" };
+                writer.write_all(b"abc").expect("a write");
+                turns_until(|| held().0 == base.0 + 1).await;
+                if multishot {
+                    writer.write_all(b"def").expect("a write");
+                    turns_until(|| held().0 == base.0 + 2).await;
+                }
+                let mut tail = crate::relay::pool::Tail::new(b"rest:");
+                let n = crate::relay::hold(&mut op, &mut tail);
+                assert_eq!(n, want.len());
+                assert_eq!(&tail[5..], want, "after the rest, in order");
+                assert_eq!(held().0, base.0, "their buffers are back");
+                if let Some(mut op) = op {
+                    let (read, armed) = next(&mut op).await;
+                    let e = read.err().expect("the cancel's completion");
+                    assert_eq!(e.raw_os_error(), Some(libc::ECANCELED));
+                    assert!(!armed);
+                }
+                assert_eq!(held(), base, "no op left");
+            })
+        });
+    }
+
     #[test]
     fn op_slots_stay_small() {
         // Every idle connection's two pending reads hold one each.
