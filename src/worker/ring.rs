@@ -909,7 +909,9 @@ impl Reads {
         // The buffer is made into a `RingBuf` outside the driver: one dropped inside it (at
         // EOF) could not go back to the ring.
         let popped = with(|d| {
-            let op = d.op_mut(key, generation)?;
+            let Some(op) = d.op_mut(key, generation) else {
+                return Some(Err(()));
+            };
             let State::Multi(waker, cqes) = &mut op.state else {
                 return Some(Err(()));
             };
