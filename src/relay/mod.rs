@@ -13,7 +13,7 @@
 //! and the buffer goes back when that op's completion is reaped, the next loop turn. If the
 //! socket was full, the rest is copied aside, the read op is cancelled (a slow reader stops
 //! the reading, as it would by syscall) and what it had read joins the copy, so a slow reader
-//! holds no ring buffer. Sends as ops go out together in the loop turn's one `io_uring_enter`, so
+//! holds no ring buffer (but for reads that beat the cancel, at most the op's 16 KiB). Sends as ops go out together in the loop turn's one `io_uring_enter`, so
 //! the readers they wake preempt the worker once per batch instead of at the end of each
 //! send(2). Elsewhere (a splicing direction, the epoll runtime) the wait is a readiness wait
 //! (an io_uring POLL_ADD, or tokio's epoll). After a read that filled its buffer,
@@ -129,7 +129,8 @@ impl Default for Meter {
 }
 
 /// A blocked send with at most this many bytes left copies them aside and returns the big
-/// buffer, so a slow reader holds a small allocation rather than a whole pooled buffer. A
+/// buffer, so a slow reader holds a small allocation rather than a whole pooled buffer (a
+/// ring read's rest is copied whatever its size, with what its op had read ahead). A
 /// client's first read of at most this much goes to its send op as such a copy too
 /// ([`send_head`]).
 const SMALL_TAIL: usize = 4096;
@@ -433,6 +434,7 @@ impl<S: Conn> Future for RingRead<'_, '_, S> {
                             }
                         },
                     };
+                    let multishot = op.is_multishot();
                     let (read, armed) = match op.poll_read(cx) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(r) => r,
@@ -456,6 +458,9 @@ impl<S: Conn> Future for RingRead<'_, '_, S> {
                             }
                         }
                         Ok(None) => return Poll::Ready(Ok(Step::Eof)),
+                        // An error ends the op (the kernel's contract): read by syscall only
+                        // if it has, so that no syscall read overtakes the op's.
+                        Err(_) if reads.is_some() => return Poll::Ready(Err(Fault::Src)),
                         Err(e) => match e.raw_os_error() {
                             // Cancelled for a slow reader that has caught up since: read on
                             // by syscall.
@@ -467,6 +472,13 @@ impl<S: Conn> Future for RingRead<'_, '_, S> {
                             // a pooled buffer instead.
                             Some(libc::ENOBUFS) => {
                                 pool::note_ring_empty();
+                                Box::pin(wait_then_copy(from, to))
+                            }
+                            // A kernel that reports 6.17 or later but refuses the multishot
+                            // read's byte cap: nothing was read; one-shot reads from now on.
+                            Some(libc::EINVAL)
+                                if crate::worker::ring::multishot_refused(multishot) =>
+                            {
                                 Box::pin(wait_then_copy(from, to))
                             }
                             _ => return Poll::Ready(Err(Fault::Src)),
@@ -623,7 +635,9 @@ fn send_rest<'a, S: Conn>(
         })
     });
     Box::pin(async move {
-        // The ring buffers are back already: a slow reader holds only the copy.
+        // The ring buffers are back already: a slow reader holds the copy (at most 16 KiB
+        // unsent and the 16 KiB the read op had read ahead), and only the reads that
+        // completed in the loop turn of the cancel, after `hold`, wait in the op's slot.
         if let Some(rest) = rest.map_err(|_| Fault::Dst)? {
             send_all(to, &rest).await.map_err(|_| Fault::Dst)?;
         }
@@ -632,9 +646,11 @@ fn send_rest<'a, S: Conn>(
 }
 
 /// Stops a direction's reads for a slow reader: cancels its read op and appends the bytes of
-/// the reads it has queued to `tail`, giving their ring buffers back (the op's last
-/// completion, and any read that beat the cancel, are taken by the next step). Returns how
-/// many bytes it appended.
+/// the reads it has queued to `tail`, giving their ring buffers back. The op's last
+/// completion, and any read that beats the cancel (one posted by a submit later in this loop
+/// turn, or all up to the op's cap if the cancel cannot be queued), are taken in order by the
+/// next step, once the reader has caught up: they hold their ring buffers until then. Returns
+/// how many bytes it appended.
 pub(crate) fn hold(reads: &mut Option<Reads>, tail: &mut pool::Tail) -> usize {
     let Some(op) = reads.as_mut() else {
         return 0;
@@ -665,10 +681,11 @@ async fn wait_then_copy<S: Conn>(from: &S, to: &S) -> Result<Step, Fault> {
     copy_once(from, to).await
 }
 
-/// Sends what a ring buffer holds after its first `from` bytes as far as the socket takes it
-/// now, corked for the FIN if `fin_next` ([`sys::send_before_fin`]). If it does not take it
-/// all, what is left comes back as a copy ([`pool::Tail`]: a ring buffer is at most
-/// [`SMALL_TAIL`]) and the ring buffer goes back to the ring: it is never held across a wait.
+/// Sends what a ring read's bytes hold after their first `from` as far as the socket takes
+/// them now, corked for the FIN if `fin_next` ([`sys::send_before_fin`]). If it does not take
+/// them all, what is left comes back as a copy ([`pool::Tail`]: at most [`SMALL_TAIL`] from
+/// one ring buffer, at most a pooled buffer's 16 KiB from reads gathered into one) and the
+/// buffer goes back: it is never held across a wait.
 fn send_or_copy<S: Conn>(
     to: &S,
     buf: Lent,

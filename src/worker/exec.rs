@@ -458,12 +458,12 @@ impl AsRawFd for Bell {
     }
 }
 
-/// Runs `f` on a thread of its own with a ring (of 4 buffers) and this executor, as a worker
+/// Runs `f` on a thread of its own with a ring (of 8 buffers) and this executor, as a worker
 /// does; a panic in `f` fails the caller.
 #[cfg(test)]
 pub(crate) fn on_worker(f: impl FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send + 'static) {
     std::thread::spawn(move || {
-        ring::init(4).expect("a ring");
+        ring::init(8).expect("a ring");
         block_on(f()).expect("the executor");
     })
     .join()

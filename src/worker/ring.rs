@@ -793,6 +793,7 @@ pub fn reads<T: AsRawFd + 'static>(owner: &Rc<T>) -> io::Result<Reads> {
             generation,
             ended: false,
             cancelled: false,
+            multishot,
         }),
         // The slot, and the socket it keeps, go here, outside the driver.
         Some(Err((e, op))) => {
@@ -801,6 +802,26 @@ pub fn reads<T: AsRawFd + 'static>(owner: &Rc<T>) -> io::Result<Reads> {
         }
         None => Err(io::Error::from_raw_os_error(libc::EBUSY)),
     }
+}
+
+/// Called when a read op failed with EINVAL: if the op was multishot, this thread's reads are
+/// one-shot from now on (a kernel whose release says 6.17 or later but that refuses the byte
+/// cap: nothing was read) and the caller reads by readiness instead (`true`); `false` if it
+/// was one-shot (the EINVAL is the socket's).
+pub fn multishot_refused(op_was_multishot: bool) -> bool {
+    if !op_was_multishot {
+        return false;
+    }
+    let _ = with(|d| {
+        if d.multishot {
+            d.multishot = false;
+            crate::warn!(
+                "this kernel refuses multishot reads with a byte cap (EINVAL); this worker \
+                 reads with one-shot ops from now on"
+            );
+        }
+    });
+    true
 }
 
 /// Sets an SQE's `optlen` (its bytes 44 to 47, a union with `splice_fd_in` and `file_index`),
@@ -852,6 +873,7 @@ pub struct Reads {
     /// The last completion has been taken: the slot is gone.
     ended: bool,
     cancelled: bool,
+    multishot: bool,
 }
 
 /// One completion of [`Reads`]: the read's bytes (`None` at EOF) or its error, and whether the
@@ -859,6 +881,11 @@ pub struct Reads {
 pub type Read = (io::Result<Option<RingBuf>>, bool);
 
 impl Reads {
+    /// Whether the op is a multishot recv (a one-shot one on kernels before 6.17).
+    pub fn is_multishot(&self) -> bool {
+        self.multishot
+    }
+
     /// The next completion, once there is one.
     pub fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Read> {
         match self.take(Some(cx)) {
@@ -1423,6 +1450,7 @@ mod tests {
                     "the op ends at its cap: {got} bytes"
                 );
                 let mut behind = [0u8; 200];
+                poll(&src, libc::POLLIN as u32).await.expect("readable");
                 let n = crate::relay::sys::recv(src.as_raw_fd(), &mut behind).expect("a recv");
                 assert_eq!(
                     n,
@@ -1471,8 +1499,12 @@ mod tests {
                 // The bytes went with the dropped op; the socket still works.
                 writer.write_all(b"three").expect("a write");
                 let mut op = reads(&src).expect("reads");
-                let (read, _) = next(&mut op).await;
+                let (read, armed) = next(&mut op).await;
                 assert_eq!(&read.expect("a read").expect("bytes")[..], b"three");
+                if !armed {
+                    // A one-shot read ends with its completion.
+                    op = reads(&src).expect("reads");
+                }
                 drop(writer);
                 let (read, armed) = next(&mut op).await;
                 assert!(read.expect("EOF").is_none(), "EOF after the peer's close");
