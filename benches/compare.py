@@ -14,6 +14,7 @@ Python 3 standard library only. Every balancer gets 2 workers (ringlb `workers =
   bulk        iperf3 -c -> balancer -> iperf3 -s, 1 and 4 streams: Gbit/s and balancer CPU s per GB
   keepalive   wrk -t1 -c64 -> balancer -> nginx `return 200`: req/s and balancer CPU us per request
   close       the same with `-H 'Connection: close'`: conn/s and balancer CPU us per connection
+              (both also report how much of the machine was idle during the run)
   idle        N connections (default 10,000; fd limit 24,000), each after one echoed line, held
               open: RSS KiB and fds per connection over the balancer's idle baseline, and how many
               of the N failed
@@ -454,6 +455,20 @@ def on_cpu_seconds(rec, sid):
     return samples / ON_CPU_HZ
 
 
+def machine_idle(since=None):
+    """The machine's idle and iowait jiffies and all jiffies so far (/proc/stat); given an
+    earlier reading, the percentage of the time between the two that was idle. A closed-loop
+    load (wrk -c 64) on the balancer's own cores leaves CPU idle when the balancer's latency,
+    or the load generator, not CPU, is the limit."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    now = (v[3] + v[4], sum(v))
+    if since is None:
+        return now
+    total = now[1] - since[1]
+    return 100.0 * (now[0] - since[0]) / total if total else None
+
+
 def fig_http(close):
     def run(col, args, procs, tmp, env):
         p, port = start_balancer(col, args, procs, tmp, env["http_port"], env["nofile"])
@@ -467,9 +482,11 @@ def fig_http(close):
             for _ in range(args.repeat):
                 c0 = cpu_seconds(p.pid)
                 rec = on_cpu_start(args, tmp)
+                m0 = machine_idle()
                 r = subprocess.run(argv + ["-d", "%ds" % args.duration, url], capture_output=True,
                                    text=True, timeout=args.duration + 60)
                 cpu = cpu_seconds(p.pid) - c0
+                idle = machine_idle(m0)
                 on_cpu = on_cpu_seconds(rec, p.pid)
                 m = WRK_REQ.search(r.stdout)
                 if r.returncode != 0 or not m:
@@ -477,7 +494,7 @@ def fig_http(close):
                 reqs = int(m.group(1))
                 secs = float(m.group(2)) * {"ms": 1e-3, "s": 1, "m": 60}.get(m.group(3), 1)
                 vals.append((reqs / secs, cpu / reqs * 1e6 if reqs else None,
-                             on_cpu / reqs * 1e6 if reqs and on_cpu is not None else None))
+                             on_cpu / reqs * 1e6 if reqs and on_cpu is not None else None, idle))
                 e, n = WRK_ERR.search(r.stdout), WRK_NON2XX.search(r.stdout)
                 if e and any(int(x) for x in e.groups()):
                     notes.append("wrk socket errors: connect %s, read %s, write %s, timeout %s" % e.groups())
@@ -568,10 +585,12 @@ FIGURES = collections.OrderedDict([
                              ("CPU per GB, 4 streams (CPU s)", 1, False, "%.2f")])),
     ("keepalive", (fig_http(False), [("keep-alive req/s (wrk -c 64)", 0, True, "%.0f"),
                                      ("CPU per request (us)", 1, False, "%.1f"),
-                                     ("on-CPU per request (us, perf -a; --on-cpu)", 2, False, "%.1f")])),
+                                     ("on-CPU per request (us, perf -a; --on-cpu)", 2, False, "%.1f"),
+                                     ("machine idle, keep-alive run (%)", 3, None, "%.1f")])),
     ("close", (fig_http(True), [("Connection: close conn/s (wrk -c 64)", 0, True, "%.0f"),
                                 ("CPU per connection (us)", 1, False, "%.1f"),
-                                ("on-CPU per connection (us, perf -a; --on-cpu)", 2, False, "%.1f")])),
+                                ("on-CPU per connection (us, perf -a; --on-cpu)", 2, False, "%.1f"),
+                                ("machine idle, Connection: close run (%)", 3, None, "%.1f")])),
     ("idle", (fig_idle, [("RSS per idle connection (KiB)", 0, False, "%.1f"),
                          ("fds per idle connection", 1, False, "%.2f"),
                          ("idle connections failed", 2, None, "%d")])),
