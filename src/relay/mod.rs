@@ -502,53 +502,42 @@ impl<S: Conn> Future for RingRead<'_, '_, S> {
     }
 }
 
-/// A ring read's bytes with the reads queued behind them on the op ([`Reads::next_queued`]):
-/// one buffer goes out as it is; several are copied into one pooled buffer, up to its size,
-/// for one send. Then what comes after them: the FIN (the bytes go out corked, to leave with
-/// it), more bytes, or nothing yet. `Err` if a completion broke the op's contract.
+/// A ring read's bytes with the reads queued behind them on the op ([`take_queued`]): one
+/// buffer goes out as it is; several are copied into one pooled buffer, up to its size, for
+/// one send. Then what comes after them: the FIN (the bytes go out corked, to leave with it),
+/// more bytes, or nothing yet. `Err` if a completion broke the op's contract.
 fn gather(
     from: &impl AsRawFd,
     first: crate::worker::ring::RingBuf,
     reads: &mut Option<Reads>,
 ) -> Result<(Lent, RingStep), ()> {
-    let data_next = |reads: &Option<Reads>| {
-        reads
-            .as_ref()
-            .and_then(Reads::next_queued)
-            .filter(|&res| res > 0)
-    };
-    let (mut n, mut tail_len, mut tail_queued) = (first.len(), first.len(), first.more_queued());
-    let bytes = if data_next(reads).is_some() {
-        let mut buf = Buf::take();
-        buf[..n].copy_from_slice(&first);
-        drop(first);
-        while let Some(len) = data_next(reads) {
-            if n + len as usize > buf.len() {
-                break;
-            }
-            let Some((read, armed)) = reads.as_mut().and_then(Reads::try_read) else {
-                break;
-            };
-            if !armed {
-                *reads = None;
-            }
-            let b = read.ok().flatten().ok_or(())?;
-            buf[n..n + b.len()].copy_from_slice(&b);
-            n += b.len();
-            (tail_len, tail_queued) = (b.len(), b.more_queued());
+    // The pooled buffer is taken only when a second read is queued.
+    let mut pooled: Option<(Buf, usize)> = None;
+    let queued = take_queued(reads, pool::BUF_SIZE - first.len(), |b| {
+        let (buf, at) = pooled.get_or_insert_with(|| {
+            let mut buf = Buf::take();
+            buf[..first.len()].copy_from_slice(&first);
+            (buf, first.len())
+        });
+        buf[*at..*at + b.len()].copy_from_slice(b);
+        *at += b.len();
+    })?;
+    let (tail_len, tail_queued) = queued.last.unwrap_or((first.len(), first.more_queued()));
+    let (bytes, n) = match pooled {
+        Some((buf, n)) => (Lent::Pool(buf, n), n),
+        None => {
+            let n = first.len();
+            (Lent::Ring(first), n)
         }
-        Lent::Pool(buf, n)
-    } else {
-        Lent::Ring(first)
     };
-    let (more, last) = match reads.as_ref().map(Reads::next_queued) {
+    let (more, last) = match (reads.as_ref(), queued.next) {
         // The op is armed: it brings what comes next; an EOF already queued is the FIN.
-        Some(Some(0)) => (false, true),
-        Some(Some(res)) => (res > 0, false),
-        Some(None) => (false, false),
+        (Some(_), Some(0)) => (false, true),
+        (Some(_), Some(res)) => (res > 0, false),
+        (Some(_), None) => (false, false),
         // The op has ended (its byte cap, or a one-shot read): something queued behind the
         // last read is more bytes (read on by syscall at once) or the FIN, which a peek tells.
-        None => {
+        (None, _) => {
             let full = tail_len == RING_BUF_SIZE;
             let queued = tail_queued && !full;
             let last = queued && matches!(sys::peek(from.as_raw_fd()), Ok(0));
@@ -561,6 +550,54 @@ fn gather(
         last,
     };
     Ok((bytes, step))
+}
+
+/// What [`take_queued`] took from a direction's read op.
+struct Queued {
+    /// Bytes taken.
+    n: usize,
+    /// The length of the last read taken and whether the kernel said more was queued behind
+    /// it (`None` if none was taken).
+    last: Option<(usize, bool)>,
+    /// The result of the completion queued next, left in the op (`None` if none is, or the
+    /// op has ended).
+    next: Option<i32>,
+}
+
+/// Takes the reads already queued on a direction's read op, in order, while they fit in
+/// `room` bytes, and hands each one's bytes to `put` (its ring buffer goes back right after).
+/// Stops at a completion that is not bytes (EOF, an error), which stays queued; clears
+/// `reads` if a read taken was the op's last. `Err` if a completion of bytes had none.
+fn take_queued(
+    reads: &mut Option<Reads>,
+    mut room: usize,
+    mut put: impl FnMut(&[u8]),
+) -> Result<Queued, ()> {
+    let mut taken = Queued {
+        n: 0,
+        last: None,
+        next: None,
+    };
+    while let Some(op) = reads.as_mut() {
+        taken.next = op.next_queued();
+        let Some(len) = taken.next.filter(|&res| res > 0) else {
+            break;
+        };
+        if len as usize > room {
+            break;
+        }
+        let (read, armed) = op.try_read().ok_or(())?;
+        if !armed {
+            *reads = None;
+            taken.next = None;
+        }
+        let b = read.ok().flatten().ok_or(())?;
+        put(&b);
+        (taken.n, room) = (taken.n + b.len(), room - b.len());
+        taken.last = Some((b.len(), b.more_queued()));
+        taken.next = None;
+    }
+    Ok(taken)
 }
 
 impl Step {
@@ -628,17 +665,19 @@ fn send_rest<'a, S: Conn>(
 ) -> SlowStep<'a> {
     let fin_next = matches!(step, Step::Last { .. });
     let mut step = step;
-    let rest = send_or_copy(to, bytes, from, fin_next).map(|rest| {
-        rest.map(|mut tail| {
-            step = step.plus(hold(reads, &mut tail));
-            tail
-        })
+    let rest = send_or_copy(to, bytes, from, fin_next).map_err(|_| Fault::Dst);
+    let rest = rest.and_then(|rest| match rest {
+        Some(mut tail) => {
+            step = step.plus(hold(reads, &mut tail).map_err(|()| Fault::Src)?);
+            Ok(Some(tail))
+        }
+        None => Ok(None),
     });
     Box::pin(async move {
         // The ring buffers are back already: a slow reader holds the copy (at most 16 KiB
         // unsent and the 16 KiB the read op had read ahead), and only the reads that
         // completed in the loop turn of the cancel, after `hold`, wait in the op's slot.
-        if let Some(rest) = rest.map_err(|_| Fault::Dst)? {
+        if let Some(rest) = rest? {
             send_all(to, &rest).await.map_err(|_| Fault::Dst)?;
         }
         Ok(step)
@@ -650,27 +689,12 @@ fn send_rest<'a, S: Conn>(
 /// completion, and any read that beats the cancel (one posted by a submit later in this loop
 /// turn, or all up to the op's cap if the cancel cannot be queued), are taken in order by the
 /// next step, once the reader has caught up: they hold their ring buffers until then. Returns
-/// how many bytes it appended.
-pub(crate) fn hold(reads: &mut Option<Reads>, tail: &mut pool::Tail) -> usize {
-    let Some(op) = reads.as_mut() else {
-        return 0;
-    };
-    op.cancel();
-    let mut n = 0;
-    while op.next_queued().is_some_and(|res| res > 0) {
-        let Some((read, armed)) = op.try_read() else {
-            break;
-        };
-        if let Ok(Some(b)) = read {
-            tail.push(&b);
-            n += b.len();
-        }
-        if !armed {
-            *reads = None;
-            break;
-        }
+/// how many bytes it appended; `Err` if a completion broke the op's contract.
+pub(crate) fn hold(reads: &mut Option<Reads>, tail: &mut pool::Tail) -> Result<usize, ()> {
+    if let Some(op) = reads.as_mut() {
+        op.cancel();
     }
-    n
+    Ok(take_queued(reads, usize::MAX, |b| tail.push(b))?.n)
 }
 
 /// A copy step by readiness: where a ring read is not to be had (no op, an empty ring).

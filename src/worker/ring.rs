@@ -386,6 +386,17 @@ impl Driver {
         }
     }
 
+    /// Queues the cancel of the op in slot `key` of `generation`. If it cannot be queued, the
+    /// op goes on until it ends by itself (a multishot read at its cap or EOF; every op at the
+    /// connection's shutdown) and its completion frees the slot then.
+    fn cancel(&mut self, key: usize, generation: u32) {
+        let cancel = opcode::AsyncCancel::new(tag(key, generation))
+            .build()
+            .user_data(UNWATCHED);
+        // SAFETY: a cancel names no fd or memory, only the op's tag.
+        let _ = unsafe { self.push(&cancel) };
+    }
+
     /// The op in slot `key` if it is the one of `generation` (not a later op in that slot).
     fn op_mut(&mut self, key: usize, generation: u32) -> Option<&mut Op> {
         self.ops
@@ -535,14 +546,9 @@ impl Drop for OpFuture {
                     Some(op)
                 }
                 State::Waiting(_) => {
+                    // An orphan until its completion, which frees the slot.
                     op.state = State::Orphan;
-                    let cancel = opcode::AsyncCancel::new(tag(key, generation))
-                        .build()
-                        .user_data(UNWATCHED);
-                    // SAFETY: a cancel names no fd or memory, only the op's tag. If it cannot
-                    // be queued the op stays in flight as an orphan until it completes by
-                    // itself (its socket's shutdown, which every connection's end does).
-                    let _ = unsafe { d.push(&cancel) };
+                    d.cancel(key, generation);
                     None
                 }
                 State::Orphan | State::Multi(..) => None,
@@ -920,12 +926,8 @@ impl Reads {
             return;
         }
         self.cancelled = true;
-        let cancel = opcode::AsyncCancel::new(tag(self.key, self.generation))
-            .build()
-            .user_data(UNWATCHED);
-        // SAFETY: a cancel names no fd or memory, only the op's tag. If it cannot be queued,
-        // the op goes on until it ends by itself (its cap, EOF, or the connection's shutdown).
-        let _ = with(|d| unsafe { d.push(&cancel) });
+        let (key, generation) = (self.key, self.generation);
+        let _ = with(|d| d.cancel(key, generation));
     }
 
     fn take(&mut self, cx: Option<&mut Context<'_>>) -> Option<Read> {
@@ -951,14 +953,9 @@ impl Reads {
                 return None;
             };
             let armed = cqueue::more(flags);
-            if !armed {
-                // Its last completion: the slot (and the socket it keeps) goes.
-                let op = d.ops.remove(key);
-                let ptr = buf_ptr(d, flags);
-                return Some(Ok((res, flags, armed, ptr, Some(op))));
-            }
-            let ptr = buf_ptr(d, flags);
-            Some(Ok((res, flags, armed, ptr, None)))
+            // Its last completion: the slot (and the socket it keeps) goes.
+            let slot = (!armed).then(|| d.ops.remove(key));
+            Some(Ok((res, flags, armed, buf_ptr(d, flags), slot)))
         });
         match popped {
             Some(Some(Ok((res, flags, armed, ptr, op)))) => {
@@ -1018,28 +1015,20 @@ impl Drop for Reads {
             let State::Multi(_, cqes) = &mut op.state else {
                 return None;
             };
-            let ended = cqes.has_last();
-            let mut flags = Vec::new();
-            while let Some((_, f)) = cqes.pop() {
-                flags.push(f);
-            }
-            let op = if ended {
+            let mut cqes = std::mem::take(cqes);
+            let op = if cqes.has_last() {
                 Some(d.ops.remove(key))
             } else {
+                // An orphan until its last completion, which frees the slot.
                 op.state = State::Orphan;
                 if !cancelled {
-                    let cancel = opcode::AsyncCancel::new(tag(key, generation))
-                        .build()
-                        .user_data(UNWATCHED);
-                    // SAFETY: as in `cancel`; an op not cancelled ends at the connection's
-                    // shutdown, and its completions free the slot then.
-                    let _ = unsafe { d.push(&cancel) };
+                    d.cancel(key, generation);
                 }
                 None
             };
             // What it read and nobody will: back to the ring.
-            for f in flags {
-                d.give_back_from(f);
+            while let Some((_, flags)) = cqes.pop() {
+                d.give_back_from(flags);
             }
             op
         })
@@ -1376,7 +1365,7 @@ mod tests {
                     turns_until(|| held().0 == base.0 + 2).await;
                 }
                 let mut tail = crate::relay::pool::Tail::new(b"rest:");
-                let n = crate::relay::hold(&mut op, &mut tail);
+                let n = crate::relay::hold(&mut op, &mut tail).expect("the reads taken");
                 assert_eq!(n, want.len());
                 assert_eq!(&tail[5..], want, "after the rest, in order");
                 assert_eq!(held().0, base.0, "their buffers are back");
