@@ -12,9 +12,11 @@ Python 3 standard library only. Every balancer gets 2 workers (ringlb `workers =
 `nbthread 2`, nginx `worker_processes 2`) and the same fd limit, and talks to the same backends:
 
   bulk        iperf3 -c -> balancer -> iperf3 -s, 1 and 4 streams: Gbit/s and balancer CPU s per GB
-  keepalive   wrk -t1 -c64 -> balancer -> nginx `return 200`: req/s and balancer CPU us per request
+              (and how busy the receiving iperf3 was: near a whole core, it sets the rate)
+  keepalive   wrk -t2 -c64 -> balancer -> nginx `return 200`: req/s and balancer CPU us per request
+              (--wrk-threads N for another thread count)
   close       the same with `-H 'Connection: close'`: conn/s and balancer CPU us per connection
-              (both also report how much of the machine was idle during the run)
+              (both also report how much of the machine was idle and how busy wrk was)
   idle        N connections (default 10,000; fd limit 24,000), each after one echoed line, held
               open: RSS KiB and fds per connection over the balancer's idle baseline, and how many
               of the N failed
@@ -401,18 +403,28 @@ def fig_bulk(streams):
         try:
             vals = []
             for _ in range(args.repeat):
-                c0 = cpu_seconds(p.pid)
+                c0, r0, t0 = cpu_seconds(p.pid), cpu_seconds(env["iperf_pid"]), time.time()
                 out = run_iperf(port, streams, args.duration)
                 cpu = cpu_seconds(p.pid) - c0
+                # The receiving iperf3 (one thread in iperf3 before 3.16): when it is near a
+                # whole core, it and not the balancer sets the rate.
+                rcv, secs = cpu_seconds(env["iperf_pid"]) - r0, time.time() - t0
                 if "error" in out:
                     raise RuntimeError("iperf3: " + out["error"])
                 s = out["end"]["sum_received"]
                 gb = s["bytes"] / 1e9
-                vals.append((s["bits_per_second"] / 1e9, cpu / gb if gb else None))
+                vals.append((s["bits_per_second"] / 1e9, cpu / gb if gb else None,
+                             100.0 * rcv / secs if secs else None, rcv / gb if gb else None))
             return vals, ""
         finally:
             procs.stop(p)
     return run
+
+
+def children_cpu():
+    """CPU seconds of this process's children that have been waited for (getrusage)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 WRK_REQ = re.compile(r"(\d+) requests in ([\d.]+)(\w+)")
@@ -473,7 +485,7 @@ def fig_http(close):
     def run(col, args, procs, tmp, env):
         p, port = start_balancer(col, args, procs, tmp, env["http_port"], env["nofile"])
         url = "http://127.0.0.1:%d/" % port
-        argv = ["wrk", "-t", "1", "-c", "64"] + (["-H", "Connection: close"] if close else [])
+        argv = ["wrk", "-t", str(args.wrk_threads), "-c", "64"] + (["-H", "Connection: close"] if close else [])
         try:
             if args.warmup:
                 subprocess.run(argv + ["-d", "%ds" % args.warmup, url], capture_output=True,
@@ -482,11 +494,13 @@ def fig_http(close):
             for _ in range(args.repeat):
                 c0 = cpu_seconds(p.pid)
                 rec = on_cpu_start(args, tmp)
-                m0 = machine_idle()
+                m0, w0 = machine_idle(), children_cpu()
                 r = subprocess.run(argv + ["-d", "%ds" % args.duration, url], capture_output=True,
                                    text=True, timeout=args.duration + 60)
                 cpu = cpu_seconds(p.pid) - c0
                 idle = machine_idle(m0)
+                # wrk's own CPU (it is the only child waited for during the run).
+                wrk_cpu = 100.0 * (children_cpu() - w0) / args.duration
                 on_cpu = on_cpu_seconds(rec, p.pid)
                 m = WRK_REQ.search(r.stdout)
                 if r.returncode != 0 or not m:
@@ -494,7 +508,7 @@ def fig_http(close):
                 reqs = int(m.group(1))
                 secs = float(m.group(2)) * {"ms": 1e-3, "s": 1, "m": 60}.get(m.group(3), 1)
                 vals.append((reqs / secs, cpu / reqs * 1e6 if reqs else None,
-                             on_cpu / reqs * 1e6 if reqs and on_cpu is not None else None, idle))
+                             on_cpu / reqs * 1e6 if reqs and on_cpu is not None else None, idle, wrk_cpu))
                 e, n = WRK_ERR.search(r.stdout), WRK_NON2XX.search(r.stdout)
                 if e and any(int(x) for x in e.groups()):
                     notes.append("wrk socket errors: connect %s, read %s, write %s, timeout %s" % e.groups())
@@ -580,17 +594,23 @@ def median_pairs(vals):
 # figure key -> (function, [(row label, index in the figure's tuple, higher is better, format)])
 FIGURES = collections.OrderedDict([
     ("bulk1", (fig_bulk(1), [("bulk, 1 stream (Gbit/s)", 0, True, "%.1f"),
-                             ("CPU per GB, 1 stream (CPU s)", 1, False, "%.2f")])),
+                             ("CPU per GB, 1 stream (CPU s)", 1, False, "%.2f"),
+                             ("iperf3 receiver busy, 1 stream (% of a core)", 2, None, "%.0f"),
+                             ("iperf3 receiver CPU per GB, 1 stream (CPU s)", 3, None, "%.2f")])),
     ("bulk4", (fig_bulk(4), [("bulk, 4 streams (Gbit/s)", 0, True, "%.1f"),
-                             ("CPU per GB, 4 streams (CPU s)", 1, False, "%.2f")])),
+                             ("CPU per GB, 4 streams (CPU s)", 1, False, "%.2f"),
+                             ("iperf3 receiver busy, 4 streams (% of a core)", 2, None, "%.0f"),
+                             ("iperf3 receiver CPU per GB, 4 streams (CPU s)", 3, None, "%.2f")])),
     ("keepalive", (fig_http(False), [("keep-alive req/s (wrk -c 64)", 0, True, "%.0f"),
                                      ("CPU per request (us)", 1, False, "%.1f"),
                                      ("on-CPU per request (us, perf -a; --on-cpu)", 2, False, "%.1f"),
-                                     ("machine idle, keep-alive run (%)", 3, None, "%.1f")])),
+                                     ("machine idle, keep-alive run (%)", 3, None, "%.1f"),
+                                     ("wrk busy, keep-alive run (% of a core)", 4, None, "%.0f")])),
     ("close", (fig_http(True), [("Connection: close conn/s (wrk -c 64)", 0, True, "%.0f"),
                                 ("CPU per connection (us)", 1, False, "%.1f"),
                                 ("on-CPU per connection (us, perf -a; --on-cpu)", 2, False, "%.1f"),
-                                ("machine idle, Connection: close run (%)", 3, None, "%.1f")])),
+                                ("machine idle, Connection: close run (%)", 3, None, "%.1f"),
+                                ("wrk busy, Connection: close run (% of a core)", 4, None, "%.0f")])),
     ("idle", (fig_idle, [("RSS per idle connection (KiB)", 0, False, "%.1f"),
                          ("fds per idle connection", 1, False, "%.2f"),
                          ("idle connections failed", 2, None, "%d")])),
@@ -614,6 +634,8 @@ def table(cols, results, env):
         if key not in env["figures"]:
             continue
         for label, idx, higher, fmt in rows:
+            if key in ("keepalive", "close") and idx == 0:
+                label = label.replace("wrk -c", "wrk -t %d -c" % env["wrk_threads"])
             if key == "idle" and idx == 2:
                 label = "idle connections failed (of {:,}, fd limit {:,})".format(env["idle_n"], env["nofile"])
             vals = {}
@@ -689,6 +711,10 @@ def main():
     ap.add_argument("--figures", default=",".join(FIGURES),
                     help="figures to run, of %s (default: all)" % ", ".join(FIGURES))
     ap.add_argument("--quick", action="store_true", help="3 s per figure, no warm-up: a smoke run")
+    ap.add_argument("--wrk-threads", type=int, default=2,
+                    help="wrk threads of the keepalive and close figures (default: %(default)s, the cores of the "
+                         "machine these figures were taken on; with 1, wrk's one event loop is the critical "
+                         "path and the three balancers come out level, see docs/performance.md)")
     ap.add_argument("--duration", type=int, help="seconds per load run (default: 15, --quick 3)")
     ap.add_argument("--repeat", type=int, default=1, help="load runs per figure; the median is reported")
     ap.add_argument("--rounds", type=int, default=1,
@@ -808,11 +834,12 @@ def main():
         if not cols:
             sys.exit("nothing to measure")
 
-        env = {"nofile": nofile, "idle_n": idle_n, "figures": figures}
+        env = {"nofile": nofile, "idle_n": idle_n, "figures": figures, "wrk_threads": args.wrk_threads}
         if {"bulk1", "bulk4"} & set(figures):
             env["iperf_port"] = free_port()
             p = procs.start("iperf3-server", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(env["iperf_port"])])
             procs.wait_listen(p, env["iperf_port"])
+            env["iperf_pid"] = p.pid
         if {"keepalive", "close"} & set(figures):
             env["http_port"] = free_port()
             start_http_backend(procs, tmp, env["http_port"])
