@@ -777,6 +777,14 @@ pub fn reads<T: AsRawFd + 'static>(owner: &Rc<T>) -> io::Result<Reads> {
     } else {
         RECV_POLL_FIRST
     };
+    // A flag the kernel does not know: its recv refuses the op with EINVAL at prep, as a
+    // kernel without the byte cap refuses a nonzero optlen (the field it reads there).
+    #[cfg(test)]
+    let prio = if multishot && tests::REFUSE_CAP.get() {
+        prio | 0x80
+    } else {
+        prio
+    };
     let sqe = opcode::Recv::new(types::Fd(owner.as_raw_fd()), std::ptr::null_mut(), 0)
         .buf_group(BGID)
         .ioprio(prio)
@@ -787,6 +795,7 @@ pub fn reads<T: AsRawFd + 'static>(owner: &Rc<T>) -> io::Result<Reads> {
     } else {
         sqe
     };
+
     let keep: Rc<dyn Any> = owner.clone();
     let state = State::Multi(None, Cqes::default());
     // SAFETY: the SQE names the fd, held open by `keep` until the op's last completion, and
@@ -1502,6 +1511,87 @@ mod tests {
                 assert_eq!(held(), base);
             })
         });
+    }
+
+    thread_local! {
+        /// Makes this thread's multishot reads fail as a kernel that refuses the byte cap
+        /// fails them (see [`reads`]).
+        pub(super) static REFUSE_CAP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// A kernel that says 6.17 or later but refuses the multishot read's byte cap: the relay's
+    /// first reads fail with EINVAL having read nothing, the worker switches to one-shot reads
+    /// (no byte is lost or reordered, both ways), and every buffer and op slot is back at the
+    /// end.
+    #[test]
+    fn a_refused_byte_cap_switches_the_worker_to_one_shot_reads_and_loses_nothing() {
+        exec::on_worker(|| {
+            Box::pin(async {
+                if !with(|d| d.multishot).expect("a driver") {
+                    // A kernel before 6.17: reads are one-shot from the start.
+                    return;
+                }
+                REFUSE_CAP.set(true);
+                let l = TcpListener::bind("127.0.0.1:0").expect("a listener");
+                let (client, mut client_peer) = pair(&l);
+                let (server, mut server_peer) = pair(&l);
+                let base = baseline().await;
+                let done = Rc::new(std::cell::Cell::new(None));
+                let ended = done.clone();
+                exec::spawn(async move {
+                    let meter = crate::relay::Meter::new();
+                    let how = crate::relay::relay(
+                        &client,
+                        &server,
+                        &meter,
+                        crate::config::RelayMode::Copy,
+                        crate::relay::Head::Nothing,
+                    )
+                    .await;
+                    ended.set(Some((how, meter.bytes_up.get(), meter.bytes_down.get())));
+                });
+                let mut got = Vec::new();
+                for (i, msg) in [&b"first"[..], b"second", b"third"].iter().enumerate() {
+                    client_peer.write_all(msg).expect("a write");
+                    let mut buf = vec![0u8; msg.len()];
+                    read_exact_on_worker(&mut server_peer, &mut buf).await;
+                    assert_eq!(&buf[..], *msg, "message {i} up");
+                    server_peer.write_all(msg).expect("a write");
+                    let mut back = vec![0u8; msg.len()];
+                    read_exact_on_worker(&mut client_peer, &mut back).await;
+                    got.extend_from_slice(&back);
+                }
+                assert_eq!(got, b"firstsecondthird");
+                assert!(
+                    !with(|d| d.multishot).expect("a driver"),
+                    "the worker reads with one-shot ops from now on"
+                );
+                drop(client_peer);
+                drop(server_peer);
+                turns_until(|| done.get().is_some()).await;
+                let (_, up, down) = done.get().expect("the relay's end");
+                assert_eq!((up, down), (16, 16));
+                turns_until(|| held() == base).await;
+                REFUSE_CAP.set(false);
+            })
+        });
+    }
+
+    /// Reads exactly `buf.len()` bytes from a blocking std socket without blocking the worker:
+    /// non-blocking reads between loop turns.
+    async fn read_exact_on_worker(s: &mut TcpStream, buf: &mut [u8]) {
+        s.set_nonblocking(true).expect("non-blocking");
+        let mut at = 0;
+        turns_until(|| {
+            match s.read(&mut buf[at..]) {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("a read: {e}"),
+            }
+            at == buf.len()
+        })
+        .await;
+        s.set_nonblocking(false).expect("blocking");
     }
 
     impl RingSocket {
