@@ -13,6 +13,9 @@ Python 3 standard library only. Every balancer gets 2 workers (ringlb `workers =
 
   bulk        iperf3 -c -> balancer -> iperf3 -s, 1 and 4 streams: Gbit/s and balancer CPU s per GB
               (and how busy the receiving iperf3 was: near a whole core, it sets the rate)
+  lean        the same with lean load tools (compare.py itself): a sender per stream that sends
+              one 256 KiB buffer over and over, a receiver that discards with MSG_TRUNC, so
+              the balancer, not the tools, takes most of the machine: Gbit/s and CPU s per GB
   keepalive   wrk -t2 -c64 -> balancer -> nginx `return 200`: req/s and balancer CPU us per request
               (--wrk-threads N for another thread count)
   close       the same with `-H 'Connection: close'`: conn/s and balancer CPU us per connection
@@ -267,6 +270,53 @@ async def echo_server(port):
         await srv.serve_forever()
 
 
+def lean_server(port):
+    """The lean bulk backend: reads every connection to EOF with MSG_TRUNC, which discards
+    the bytes in the kernel without copying them out, one thread per connection."""
+    import threading
+    l = socket.socket()
+    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("127.0.0.1", port))
+    l.listen(256)
+    buf = bytearray(4 << 20)
+
+    def drain(c):
+        try:
+            while c.recv_into(buf, len(buf), socket.MSG_TRUNC) > 0:
+                pass
+        except OSError:
+            pass
+        c.close()
+
+    while True:
+        c, _ = l.accept()
+        threading.Thread(target=drain, args=(c,), daemon=True).start()
+
+
+def lean_client(port, streams, secs):
+    """The lean bulk sender: `streams` connections, one thread each, sending the same 256 KiB
+    buffer (in the cache: the kernel's copy of it is the only one) for `secs` seconds; prints
+    the bytes sent. Up to a few MB of them are still in socket buffers at the end, under 0.1%
+    of a run."""
+    import threading
+    data = memoryview(os.urandom(256 * 1024))
+    sent = [0] * streams
+    end = time.monotonic() + secs
+
+    def one(i):
+        s = socket.create_connection(("127.0.0.1", port))
+        while time.monotonic() < end:
+            sent[i] += s.send(data)
+        s.close()
+
+    ts = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    print(sum(sent))
+
+
 def raise_nofile():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -415,6 +465,30 @@ def fig_bulk(streams):
                 gb = s["bytes"] / 1e9
                 vals.append((s["bits_per_second"] / 1e9, cpu / gb if gb else None,
                              100.0 * rcv / secs if secs else None, rcv / gb if gb else None))
+            return vals, ""
+        finally:
+            procs.stop(p)
+    return run
+
+
+def fig_lean(streams):
+    """Bulk with load tools that cost a fraction of iperf3's (`lean_client`, `lean_server`):
+    the sender copies from one buffer in the cache, the receiver copies nothing, so the
+    balancer, not the tools, takes most of the machine."""
+    def run(col, args, procs, tmp, env):
+        p, port = start_balancer(col, args, procs, tmp, env["lean_port"], env["nofile"])
+        try:
+            vals = []
+            for _ in range(args.repeat):
+                c0 = cpu_seconds(p.pid)
+                r = subprocess.run([sys.executable, os.path.abspath(__file__), "--lean-client",
+                                    "%d,%d,%d" % (port, streams, args.duration)],
+                                   capture_output=True, text=True, timeout=args.duration + 60)
+                cpu = cpu_seconds(p.pid) - c0
+                if r.returncode != 0 or not r.stdout.strip().isdigit():
+                    raise RuntimeError("lean client: " + (r.stdout + r.stderr).strip()[-300:])
+                gb = int(r.stdout) / 1e9
+                vals.append((gb * 8 / args.duration, cpu / gb if gb else None))
             return vals, ""
         finally:
             procs.stop(p)
@@ -601,6 +675,10 @@ FIGURES = collections.OrderedDict([
                              ("CPU per GB, 4 streams (CPU s)", 1, False, "%.2f"),
                              ("iperf3 receiver busy, 4 streams (% of a core)", 2, None, "%.0f"),
                              ("iperf3 receiver CPU per GB, 4 streams (CPU s)", 3, None, "%.2f")])),
+    ("lean1", (fig_lean(1), [("bulk, lean load, 1 stream (Gbit/s)", 0, True, "%.1f"),
+                             ("CPU per GB, lean load, 1 stream (CPU s)", 1, False, "%.2f")])),
+    ("lean4", (fig_lean(4), [("bulk, lean load, 4 streams (Gbit/s)", 0, True, "%.1f"),
+                             ("CPU per GB, lean load, 4 streams (CPU s)", 1, False, "%.2f")])),
     ("keepalive", (fig_http(False), [("keep-alive req/s (wrk -c 64)", 0, True, "%.0f"),
                                      ("CPU per request (us)", 1, False, "%.1f"),
                                      ("on-CPU per request (us, perf -a; --on-cpu)", 2, False, "%.1f"),
@@ -733,8 +811,20 @@ def main():
                     help="each ringlb column also with a connection log to a private rsyslogd (+log), "
                          "HAProxy with option tcplog to the same one")
     ap.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)  # internal: the idle backend
+    ap.add_argument("--lean-server", type=int, help=argparse.SUPPRESS)  # internal: the lean bulk backend
+    ap.add_argument("--lean-client", help=argparse.SUPPRESS)  # internal: PORT,STREAMS,SECS
     args = ap.parse_args()
 
+    if args.lean_server:
+        try:
+            lean_server(args.lean_server)
+        except KeyboardInterrupt:
+            pass
+        return
+    if args.lean_client:
+        port, streams, secs = (int(x) for x in args.lean_client.split(","))
+        lean_client(port, streams, secs)
+        return
     if args.echo_server:
         raise_nofile()
         try:
@@ -843,6 +933,11 @@ def main():
         if {"keepalive", "close"} & set(figures):
             env["http_port"] = free_port()
             start_http_backend(procs, tmp, env["http_port"])
+        if {"lean1", "lean4"} & set(figures):
+            env["lean_port"] = free_port()
+            p = procs.start("lean-backend", [sys.executable, os.path.abspath(__file__),
+                                             "--lean-server", str(env["lean_port"])])
+            procs.wait_listen(p, env["lean_port"])
         if "idle" in figures:
             env["echo_port"] = free_port()
             p = procs.start("echo-backend", [sys.executable, os.path.abspath(__file__),
