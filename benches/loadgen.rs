@@ -215,13 +215,22 @@ fn spawn_proxy(name: &'static str, backend: SocketAddr) -> Option<Proxy> {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut cmd = match name {
-        "ringlb" | "ringlb-splice" => {
-            let relay = if name == "ringlb" { "copy" } else { "splice" };
+        "ringlb" | "ringlb-splice" | "ringlb-epoll" => {
+            let relay = if name == "ringlb-splice" {
+                "splice"
+            } else {
+                "copy"
+            };
+            let io = if name == "ringlb-epoll" {
+                "epoll"
+            } else {
+                "auto"
+            };
             let cfg = dir.join("ringlb.toml");
             std::fs::write(
                 &cfg,
                 format!(
-                    "[global]\nworkers = 1\nrelay = \"{relay}\"\n[admin]\nlisten = \"\"\n[[frontend]]\nname = \"bench\"\nlisten = [\"{addr}\"]\n\
+                    "[global]\nworkers = 1\nrelay = \"{relay}\"\nio = \"{io}\"\n[admin]\nlisten = \"\"\n[[frontend]]\nname = \"bench\"\nlisten = [\"{addr}\"]\n\
                      balance = \"round-robin\"\n[[frontend.backend]]\nname = \"b\"\naddress = \"{backend}\"\ncheck = false\n"
                 ),
             )
@@ -325,6 +334,7 @@ fn main() {
     let mut proxies = vec![
         spawn_proxy("ringlb", backend).expect("ringlb starts"),
         spawn_proxy("ringlb-splice", backend).expect("ringlb starts"),
+        spawn_proxy("ringlb-epoll", backend).expect("ringlb starts"),
     ];
     for other in ["haproxy", "nginx"] {
         if have(other) {
