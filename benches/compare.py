@@ -303,17 +303,23 @@ def lean_client(port, streams, secs):
     sent = [0] * streams
     end = time.monotonic() + secs
 
+    failed = []
+
     def one(i):
-        s = socket.create_connection(("127.0.0.1", port))
-        while time.monotonic() < end:
-            sent[i] += s.send(data)
-        s.close()
+        try:
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                while time.monotonic() < end:
+                    sent[i] += s.send(data)
+        except OSError as e:
+            failed.append("stream %d after %d bytes: %s" % (i, sent[i], e))
 
     ts = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
+    if failed:
+        sys.exit("; ".join(failed))
     print(sum(sent))
 
 
