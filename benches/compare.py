@@ -54,6 +54,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -273,7 +274,6 @@ async def echo_server(port):
 def lean_server(port):
     """The lean bulk backend: reads every connection to EOF with MSG_TRUNC, which discards
     the bytes in the kernel without copying them out, one thread per connection."""
-    import threading
     l = socket.socket()
     l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     l.bind(("127.0.0.1", port))
@@ -298,11 +298,9 @@ def lean_client(port, streams, secs):
     buffer (in the cache: the kernel's copy of it is the only one) for `secs` seconds; prints
     the bytes sent. Up to a few MB of them are still in socket buffers at the end, under 0.1%
     of a run."""
-    import threading
     data = memoryview(os.urandom(256 * 1024))
     sent = [0] * streams
     end = time.monotonic() + secs
-
     failed = []
 
     def one(i):
@@ -453,48 +451,45 @@ def run_iperf(port, streams, secs):
     return out
 
 
-def fig_bulk(streams):
-    def run(col, args, procs, tmp, env):
-        p, port = start_balancer(col, args, procs, tmp, env["iperf_port"], env["nofile"])
-        try:
-            vals = []
-            for _ in range(args.repeat):
-                c0, r0, t0 = cpu_seconds(p.pid), cpu_seconds(env["iperf_pid"]), time.time()
-                out = run_iperf(port, streams, args.duration)
-                cpu = cpu_seconds(p.pid) - c0
-                # The receiving iperf3 (one thread in iperf3 before 3.16): when it is near a
-                # whole core, it and not the balancer sets the rate.
-                rcv, secs = cpu_seconds(env["iperf_pid"]) - r0, time.time() - t0
-                if "error" in out:
-                    raise RuntimeError("iperf3: " + out["error"])
-                s = out["end"]["sum_received"]
-                gb = s["bytes"] / 1e9
-                vals.append((s["bits_per_second"] / 1e9, cpu / gb if gb else None,
-                             100.0 * rcv / secs if secs else None, rcv / gb if gb else None))
-            return vals, ""
-        finally:
-            procs.stop(p)
-    return run
+def iperf_load(port, streams, args, env):
+    """One iperf3 run: GB received, Gbit/s, and the receiving iperf3's CPU share (% of a core)
+    and CPU s per GB. iperf3 before 3.16 receives on one thread: near a whole core, it and
+    not the balancer sets the rate."""
+    r0, t0 = cpu_seconds(env["iperf_pid"]), time.time()
+    out = run_iperf(port, streams, args.duration)
+    rcv, secs = cpu_seconds(env["iperf_pid"]) - r0, time.time() - t0
+    if "error" in out:
+        raise RuntimeError("iperf3: " + out["error"])
+    s = out["end"]["sum_received"]
+    gb = s["bytes"] / 1e9
+    return gb, s["bits_per_second"] / 1e9, (100.0 * rcv / secs if secs else None,
+                                            rcv / gb if gb else None)
 
 
-def fig_lean(streams):
-    """Bulk with load tools that cost a fraction of iperf3's (`lean_client`, `lean_server`):
-    the sender copies from one buffer in the cache, the receiver copies nothing, so the
-    balancer, not the tools, takes most of the machine."""
+def lean_load(port, streams, args, env):
+    """One run of the lean load (`lean_client` to `lean_server`): GB sent, Gbit/s. The sender
+    copies from one buffer in the cache and the receiver copies nothing, so the balancer, not
+    the tools, takes most of the machine."""
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--lean-client",
+                        "%d,%d,%d" % (port, streams, args.duration)],
+                       capture_output=True, text=True, timeout=args.duration + 60)
+    if r.returncode != 0 or not r.stdout.strip().isdigit():
+        raise RuntimeError("lean client: " + (r.stdout + r.stderr).strip()[-300:])
+    gb = int(r.stdout) / 1e9
+    return gb, gb * 8 / args.duration, ()
+
+
+def fig_bulk(streams, load=iperf_load, backend="iperf_port"):
+    """Gbit/s and the balancer's CPU s per GB, then what `load` adds of its own."""
     def run(col, args, procs, tmp, env):
-        p, port = start_balancer(col, args, procs, tmp, env["lean_port"], env["nofile"])
+        p, port = start_balancer(col, args, procs, tmp, env[backend], env["nofile"])
         try:
             vals = []
             for _ in range(args.repeat):
                 c0 = cpu_seconds(p.pid)
-                r = subprocess.run([sys.executable, os.path.abspath(__file__), "--lean-client",
-                                    "%d,%d,%d" % (port, streams, args.duration)],
-                                   capture_output=True, text=True, timeout=args.duration + 60)
+                gb, rate, extra = load(port, streams, args, env)
                 cpu = cpu_seconds(p.pid) - c0
-                if r.returncode != 0 or not r.stdout.strip().isdigit():
-                    raise RuntimeError("lean client: " + (r.stdout + r.stderr).strip()[-300:])
-                gb = int(r.stdout) / 1e9
-                vals.append((gb * 8 / args.duration, cpu / gb if gb else None))
+                vals.append((rate, cpu / gb if gb else None) + tuple(extra))
             return vals, ""
         finally:
             procs.stop(p)
@@ -681,9 +676,9 @@ FIGURES = collections.OrderedDict([
                              ("CPU per GB, 4 streams (CPU s)", 1, False, "%.2f"),
                              ("iperf3 receiver busy, 4 streams (% of a core)", 2, None, "%.0f"),
                              ("iperf3 receiver CPU per GB, 4 streams (CPU s)", 3, None, "%.2f")])),
-    ("lean1", (fig_lean(1), [("bulk, lean load, 1 stream (Gbit/s)", 0, True, "%.1f"),
+    ("lean1", (fig_bulk(1, lean_load, "lean_port"), [("bulk, lean load, 1 stream (Gbit/s)", 0, True, "%.1f"),
                              ("CPU per GB, lean load, 1 stream (CPU s)", 1, False, "%.2f")])),
-    ("lean4", (fig_lean(4), [("bulk, lean load, 4 streams (Gbit/s)", 0, True, "%.1f"),
+    ("lean4", (fig_bulk(4, lean_load, "lean_port"), [("bulk, lean load, 4 streams (Gbit/s)", 0, True, "%.1f"),
                              ("CPU per GB, lean load, 4 streams (CPU s)", 1, False, "%.2f")])),
     ("keepalive", (fig_http(False), [("keep-alive req/s (wrk -c 64)", 0, True, "%.0f"),
                                      ("CPU per request (us)", 1, False, "%.1f"),
