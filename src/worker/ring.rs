@@ -795,7 +795,6 @@ pub fn reads<T: AsRawFd + 'static>(owner: &Rc<T>) -> io::Result<Reads> {
     } else {
         sqe
     };
-
     let keep: Rc<dyn Any> = owner.clone();
     let state = State::Multi(None, Cqes::default());
     // SAFETY: the SQE names the fd, held open by `keep` until the op's last completion, and
